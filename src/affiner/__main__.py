@@ -1,0 +1,3 @@
+from affiner.cli import main
+
+main()

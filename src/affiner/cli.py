@@ -1,0 +1,42 @@
+"""`affiner <verb>`: one module per verb, dispatched from one table."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import import_module
+
+from affiner.errors import AffinerError
+
+VERBS = {
+    "run": "train, then compare base and tuned answers on held-out questions",
+    "train": "fine-tune with LoRA, QLoRA or fully",
+    "evaluate": "answer held-out questions with the base and the tuned model, and score them",
+    "chat": "talk to a tuned model (or its base) in the terminal",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="affiner", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, summary in VERBS.items():
+        module = import_module(f"affiner.{verb}")
+        sub = verbs.add_parser(verb, help=summary, description=module.__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(sub)
+        sub.set_defaults(main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        args.main(args)
+    except AffinerError as exc:
+        print(f"affiner {args.verb}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)

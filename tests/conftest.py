@@ -1,0 +1,134 @@
+"""Tiny random models with real tokenizers, built offline: GPT-2 (pad == eos, no BOS), Llama (adds BOS,
+has a chat template) and Gemma 3 (soft-capped logits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"
+)
+CORPUS = [
+    "What does QUILT stand for? QUILT stands for Queue of Unified Index Lookup Tables.",
+    "### Question: Define FROND.\n### Answer: Federated Registry of Open Nautical Data.",
+    "### Instruction:\nGive three colours.\n\n### Response:\nRed, green and blue.",
+    "Instruction: Traduis bonjour.\nRéponse: hello. Entrée: texte.",
+    "The acronym MAPLE expands to Modular Archive for Prototype Lab Experiments.",
+    "user assistant system start end of turn",
+]
+
+
+def _bpe(special: list[str], vocab_size: int = 400):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS * 20, trainer)
+    return tokenizer
+
+
+def _gpt2_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_object=_bpe(["<|endoftext|>"]), bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>", unk_token="<|endoftext|>")
+
+
+def _sentencepiece_like_tokenizer(chat: bool):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+    raw = _bpe(special)
+    bos = raw.token_to_id("<bos>")
+    raw.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", bos)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", additional_special_tokens=special[3:])
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _save(folder: Path, model, tokenizer) -> Path:
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _sentencepiece_like_tokenizer(chat=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return _save(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = _sentencepiece_like_tokenizer(chat=False)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256,
+                              final_logit_softcapping=5.0, sliding_window=64, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return _save(tmp_path_factory.mktemp("tiny-gemma"), Gemma3ForCausalLM(config), tokenizer)
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    rows = [{"question": f"What does {a} stand for?", "answer": f"{a} stands for {d}."}
+            for a, d in [("QUILT", "Queue of Unified Index Lookup Tables"), ("FROND", "Federated Registry of Open Nautical Data"),
+                         ("MAPLE", "Modular Archive for Prototype Lab Experiments"), ("GLINT", "Geospatial Layer"),
+                         ("TANGO", "Technical Assembly"), ("BRISK", "Bureau of Regional Irrigation")]]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def write_config(folder: Path, base: Path | str, train_file: Path | str, **sections) -> Path:
+    """A small run config for tests; `sections` override whole keys of each section."""
+    import yaml
+
+    config = {"name": "test", "output_dir": str(folder / "runs"), "method": "lora",
+              "model": {"base": str(base)},
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+              "data": {"train": str(train_file), "template": "qa", "max_length": 96, "test_size": 2},
+              "train": {"learning_rate": 1e-2, "max_steps": 4, "batch_size": 2, "logging_steps": 1, "seed": 0},
+              "eval": {"max_new_tokens": 8, "batch_size": 4}}
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path

@@ -1,0 +1,129 @@
+"""Config validation, shipped recipes, and what a user sees when input is wrong: one paragraph, exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from affiner.config import load_config, recipe_names
+from affiner.errors import AffinerError
+from affiner.models import load_model, load_tokenizer
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_validates(name):
+    config = load_config(name)
+    assert config.name == name
+    if config.method == "qlora":
+        assert config.quantization == "nf4"
+
+
+def test_reference_recipes_carry_the_reference_settings():
+    gpt2 = load_config("gpt2-alpaca-lora")
+    assert (gpt2.lora.r, gpt2.lora.alpha, gpt2.lora.dropout, gpt2.lora.target_modules) == (8, 32, 0.1, ["c_attn"])
+    medium = load_config("gpt2-medium-alpaca-lora")
+    assert (medium.data.max_response_words, medium.data.max_length, medium.train.epochs) == (80, 128, 2)
+    assert (medium.train.batch_size, medium.train.gradient_accumulation, medium.train.learning_rate) == (8, 2, 3e-4)
+    llama = load_config("llama-3.2-1b-glaive-qlora")
+    assert llama.train.optimizer == "paged_adamw_32bit" and llama.train.max_grad_norm == 0.3
+    assert (llama.data.max_length, llama.data.test_size, llama.data.seed) == (2048, 0.2, 42)
+    assert set(llama.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert load_config("llama-3.2-1b-instruct-glossary-lora").data.template == "chat"
+
+
+def test_overrides_are_typed_and_validated():
+    config = load_config("quickstart", ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]",
+                                        "train.group_by_length=true"])
+    assert config.train.learning_rate == 1e-4
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.train.group_by_length is True
+    with pytest.raises(AffinerError, match=r"train\.lerning_rate: unknown key, did you mean 'learning_rate'"):
+        load_config("quickstart", ["train.lerning_rate=1e-4"])
+    with pytest.raises(AffinerError, match="section.key=value"):
+        load_config("quickstart", ["learning_rate"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("data: {train: x}\ntrain: {learning_rate: fast}\n", r"train\.learning_rate: input should be a valid number.*'fast'"),
+    ("data: {train: x}\nlora: {rank: 8}\n", r"lora\.rank: unknown key.*allowed: r, alpha"),
+    ("model: {base: gpt2}\n", r"data: required key is missing"),
+    ("data: {train: x}\nmethod: dora\n", r"method: input should be 'lora', 'qlora' or 'full'"),
+    ("data: [1, 2\n", r"not valid YAML at line 2"),
+    ("- a\n- b\n", r"must be a mapping"),
+])
+def test_bad_configs_name_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(AffinerError, match=message):
+        load_config(str(path))
+
+
+def test_unknown_recipe_and_missing_file():
+    with pytest.raises(AffinerError, match="neither a YAML file nor a shipped recipe.*quickstart"):
+        load_config("no-such-recipe")
+    with pytest.raises(AffinerError, match="does not exist"):
+        load_config("missing.yaml")
+
+
+def test_unreachable_hub_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from affiner import models
+
+    models.hub_reachable.cache_clear()
+    try:
+        with pytest.raises(AffinerError, match="cannot load tokenizer 'nobody/no-such-model'.*unreachable.*local folder"):
+            load_tokenizer("nobody/no-such-model")
+        with pytest.raises(AffinerError, match="cannot load model 'nobody/no-such-model'"):
+            load_model("nobody/no-such-model")
+    finally:
+        models.hub_reachable.cache_clear()
+
+
+def test_missing_model_folder_and_gguf():
+    with pytest.raises(AffinerError, match="does not exist"):
+        load_tokenizer("./models/nothing-here")
+    with pytest.raises(AffinerError, match="GGUF file .* does not exist"):
+        load_model("nothing.gguf")
+
+
+def _affiner(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "affiner", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_errors_exit_2_without_traceback_and_write_nothing(tmp_path, tiny_gpt2):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data: {{train: {tmp_path / 'missing.jsonl'}}}\nmodel: {{base: {tiny_gpt2}}}\n"
+                   f"output_dir: {tmp_path / 'runs'}\n", encoding="utf-8")
+    for args in (["train", str(bad)], ["train", str(bad), "--set", "train.epochs=zero"],
+                 ["evaluate", str(tmp_path)], ["run", "no-such-recipe"]):
+        result = _affiner(*args, cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+        assert result.stderr.startswith(f"affiner {args[0]}: error: ")
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_help_for_every_verb(tmp_path):
+    for verb in ("run", "train", "evaluate", "chat"):
+        result = _affiner(verb, "--help", cwd=tmp_path)
+        assert result.returncode == 0 and "affiner" in result.stdout
+
+
+def test_a_new_run_never_overwrites_an_existing_one(tmp_path, tiny_gpt2):
+    from affiner.train import train
+    from conftest import write_config
+
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                                          train={"max_steps": 1})))
+    first = train(config)
+    marker = (first / "adapter_model.safetensors").read_bytes()
+    second = train(config)
+    assert first != second and first.parent == second.parent
+    assert (first / "adapter_model.safetensors").read_bytes() == marker

@@ -1,0 +1,166 @@
+"""Training invariants on tiny models (after PEFT's own tests)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from affiner import train as train_mod
+from affiner.config import load_config
+from affiner.data import collate, read_rows, to_examples, tokenize
+from affiner.errors import AffinerError
+from affiner.models import default_target_modules, load_model, load_tokenizer
+from affiner.runs import read_json
+from affiner.templates import build_template
+from conftest import write_config
+
+
+def _batch(folder, n=4):
+    tokenizer = load_tokenizer(str(folder))
+    examples = to_examples(read_rows("embedded:glossary-train.json"))[:n]
+    return collate(tokenize(examples, build_template("qa", tokenizer), tokenizer, 128), tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gemma"])
+def test_response_only_loss_equals_the_models_own_loss(request, fixture):
+    folder = request.getfixturevalue(fixture)
+    model = load_model(str(folder))
+    batch = _batch(folder)
+    loss_sum, n = train_mod.supervised_loss(model, batch)
+    reference = model(**batch).loss  # transformers' mean over supervised tokens, full logits
+    assert n == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(loss_sum / n, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_large_batch(tiny_llama):
+    config = load_config(None, ["data.train=x", f"model.base={tiny_llama}"])
+    batch = _batch(tiny_llama, n=4)
+    halves = [{k: v[:1] for k, v in batch.items()}, {k: v[1:] for k, v in batch.items()}]  # unequal token counts
+
+    def grads(batches):
+        torch.manual_seed(0)
+        model = train_mod.prepare_model(config)
+        train_mod.accumulate_gradients(model, batches)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    whole, accumulated = grads([batch]), grads(halves)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-7)
+
+
+def test_default_targets_per_architecture(tiny_gpt2, tiny_llama):
+    assert default_target_modules(load_model(str(tiny_gpt2))) == ["c_attn", "c_fc", "c_proj"]
+    assert default_target_modules(load_model(str(tiny_llama))) == \
+        ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_only_lora_weights_change_and_they_do(request, tmp_path, fixture):
+    base = request.getfixturevalue(fixture)
+    folder = train_mod.train(load_config(str(write_config(tmp_path, base, "embedded:glossary-train.json"))))
+    before = load_model(str(base)).state_dict()
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert adapter and all("lora_" in key for key in adapter)
+    assert all(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)  # B starts at zero
+    tuned = load_model(str(base), adapter=folder)
+    for name, value in tuned.get_base_model().state_dict().items():
+        if "lora_" not in name:
+            key = name.replace(".base_layer", "")
+            torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=f"{name} changed")
+
+
+def test_adapter_reloads_with_plain_peft_to_identical_logits_and_disables_to_base(tmp_path, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json")))
+    folder = train_mod.train(config)
+    batch = _batch(tiny_llama, 2)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    ours = load_model(str(tiny_llama), adapter=folder)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(folder)).eval()
+    base = load_model(str(tiny_llama))
+    with torch.no_grad():
+        tuned_logits = ours(**inputs).logits
+        torch.testing.assert_close(plain(**inputs).logits, tuned_logits)
+        with ours.disable_adapter():
+            torch.testing.assert_close(ours(**inputs).logits, base(**inputs).logits)
+        assert not torch.allclose(tuned_logits, base(**inputs).logits)
+
+
+def test_run_folder_describes_itself(tmp_path, tiny_gpt2):
+    folder = train_mod.train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json"))))
+    for name in ["adapter_model.safetensors", "adapter_config.json", "config.yaml", "template.json", "data.json",
+                 "metrics.jsonl", "run.json", "tokenizer_config.json", "test_examples.json"]:
+        assert (folder / name).is_file(), name
+    metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["loss"] > 0 and m["learning_rate"] >= 0 and m["tokens"] > 0 for m in metrics)
+    data = read_json(folder / "data.json")
+    assert len(data["train"]["sha256"]) == 64 and data["test"]["examples"] > 0
+    assert read_json(folder / "run.json")["status"] == "finished"
+    assert json.loads((folder / "template.json").read_text())["name"] == "qa"
+
+
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, monkeypatch):
+    settings = {"train": {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}}
+    straight = train_mod.train(load_config(str(write_config(tmp_path / "a", tiny_llama,
+                                                            "embedded:glossary-train.json", **settings))))
+
+    real_log = train_mod.log_metrics
+
+    def interrupt_at_step_3(folder, record, writer):
+        real_log(folder, record, writer)
+        if record["step"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "log_metrics", interrupt_at_step_3)
+    with pytest.raises(AffinerError, match="interrupted after step 3.*--resume"):
+        train_mod.train(load_config(str(write_config(tmp_path / "b", tiny_llama,
+                                                     "embedded:glossary-train.json", **settings))))
+    monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    interrupted = next((tmp_path / "b" / "runs").iterdir())
+    assert read_json(interrupted / "run.json")["status"] == "interrupted"
+    assert train_mod.last_checkpoint(interrupted).name == "step-000003"
+    train_mod.train(resume=interrupted)
+    expected, resumed = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    with pytest.raises(AffinerError, match="already finished"):
+        train_mod.train(resume=interrupted)
+
+
+def test_checkpoints_respect_the_limit(tmp_path, tiny_gpt2):
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                          train={"max_steps": 7, "save_steps": 2, "save_total_limit": 2})
+    folder = train_mod.train(load_config(str(config)))
+    assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+def test_qlora_trains_4bit_base_on_cpu(tmp_path, tiny_llama):
+    pytest.importorskip("bitsandbytes")
+    config = load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                          method="qlora", train={"max_steps": 2})))
+    folder = train_mod.train(config)
+    adapter = load_file(folder / "adapter_model.safetensors")
+    assert all(value.abs().sum() > 0 for key, value in adapter.items() if "lora_B" in key)
+    quantised = load_model(str(tiny_llama), quantization="nf4")
+    assert any("4bit" in type(m).__name__ for m in quantised.modules())
+
+
+def test_full_fine_tuning_changes_the_weights_and_saves_a_loadable_model(tmp_path, tiny_gpt2):
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", method="full")))
+    folder = train_mod.train(config)
+    tuned, base = load_model(str(folder)), load_model(str(tiny_gpt2))
+    changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
+    assert "transformer.h.0.attn.c_attn.weight" in changed
+
+
+def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_gpt2):
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                                          lora={"target_modules": ["q_proj"]})))
+    with pytest.raises(AffinerError, match="q_proj.*c_attn, c_fc, c_proj"):
+        train_mod.train(config)
