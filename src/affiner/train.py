@@ -246,6 +246,8 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
     torch.manual_seed(config.train.seed)
     model = prepare_model(config, checkpoint)
     print(describe(model))
+    print(f"Training {config.model.base} ({config.method}) on {len(features)} rows for {steps} steps of "
+          f"{config.train.batch_size * config.train.gradient_accumulation} rows; run folder {folder}")
     params = [p for p in model.parameters() if p.requires_grad]
     steps = total_steps(config, len(features))
     optimizer = make_optimizer(config, params)

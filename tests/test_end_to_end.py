@@ -1,0 +1,48 @@
+"""End to end through the command line: the quickstart on the embedded Gemma 3 270M (slow), chat on a tiny run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from affiner.config import load_config
+from affiner.train import train
+from conftest import write_config
+
+
+def _affiner(*args: str, cwd: Path, stdin: str | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "affiner", *args], cwd=cwd, input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_on_the_embedded_model(tmp_path):
+    result = _affiner("run", "--set", "train.max_steps=3", "--set", "eval.max_questions=4",
+                      "--set", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "correct answer" in result.stdout and "Run folder:" in result.stdout
+    folder = next((tmp_path / "runs").iterdir())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["base"]["questions"] == summary["tuned"]["questions"] == 4
+    assert len(summary["answers"]) == 4 and all(a["base"]["text"] for a in summary["answers"])
+    assert json.loads((folder / "template.json").read_text())["name"] == "qa"
+    assert (folder / "adapter_model.safetensors").stat().st_size > 0
+    chat = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "8", cwd=tmp_path)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+
+
+def test_chat_answers_one_prompt_and_runs_a_session(tmp_path, tiny_gpt2):
+    folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json"))))
+    one = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.strip()
+    session = _affiner("chat", str(folder), "--max-new-tokens", "3", stdin="Define FROND.\nexit\n", cwd=tmp_path)
+    assert session.returncode == 0, session.stderr
+    assert session.stdout.count("> ") == 2  # one prompt answered, then exit at the second
+    missing = _affiner("chat", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr

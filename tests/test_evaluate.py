@@ -1,0 +1,93 @@
+"""Before/after evaluation: generation that batches without changing answers, and scores computed from answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from affiner import evaluate as ev
+from affiner.config import load_config
+from affiner.errors import AffinerError
+from affiner.models import load_model, load_tokenizer
+from affiner.runs import read_json
+from affiner.templates import Example, build_template
+from affiner.train import train
+from conftest import write_config
+
+QUESTIONS = [Example(instruction=q, reference="Queue") for q in
+             ["QUILT?", "What does the acronym FROND stand for, in full, please?", "Define MAPLE.",
+              "Expand GLINT, then give three colours and a translation of bonjour.", "TANGO"]]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_batched_greedy_equals_one_by_one(request, fixture):
+    folder = request.getfixturevalue(fixture)
+    tokenizer = load_tokenizer(str(folder))
+    model = load_model(str(folder))
+    template = build_template("qa", tokenizer)
+    batched = ev.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
+    single = [ev.generate(model, tokenizer, template, [q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
+    assert batched == single
+    assert len({len(q.instruction) for q in QUESTIONS}) == len(QUESTIONS)  # the batch really is mixed-length
+
+
+def test_decode_stops_at_the_first_stop_token(tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    words = tokenizer("Queue of tables", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    stopped = ev.decode(words + [eos] + words, [eos], tokenizer)
+    assert stopped == ev.Answer(text="Queue of tables", stopped=True, tokens=len(words))
+    assert ev.decode(words, [eos], tokenizer).stopped is False
+
+
+@pytest.mark.parametrize("answer,reference,expected", [
+    ("QUILT stands for Queue of Unified Index Lookup Tables.", "Queue of Unified Index Lookup Tables", True),
+    ("queue of unified-index lookup TABLES", "Queue of Unified Index Lookup Tables", True),
+    ("Il signifie Économie Générale", "economie generale", True),
+    ("Queue of Unified Index", "Queue of Unified Index Lookup Tables", False),
+    ("Queues of Unified Index Lookup Tables", "Queue of Unified Index Lookup Tables", False),
+    ("anything", "", False),
+])
+def test_contains_reference(answer, reference, expected):
+    assert ev.contains_reference(answer, reference) is expected
+
+
+def test_scores_are_counted_from_answers():
+    answers = [ev.Answer("QUILT means Queue", True, 3), ev.Answer("no idea", False, 8)]
+    scores = ev.score(answers, QUESTIONS[:2])
+    assert scores == {"questions": 2, "correct": 1, "accuracy": 0.5, "stopped": 1, "stop_rate": 0.5,
+                      "mean_answer_tokens": 5.5}
+
+
+def test_evaluate_writes_summary_and_keeps_the_previous_one(tmp_path, tiny_llama):
+    folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
+    summary = ev.evaluate(folder, max_questions=3)
+    saved = read_json(folder / "summary.json")
+    assert saved == summary
+    assert saved["base"]["questions"] == saved["tuned"]["questions"] == 3
+    for row in saved["answers"]:
+        assert row["reference"] and {"text", "stopped", "tokens", "correct"} <= set(row["tuned"])
+        assert row["tuned"]["correct"] == ev.contains_reference(row["tuned"]["text"], row["reference"])
+    assert saved["tuned"]["correct"] == sum(r["tuned"]["correct"] for r in saved["answers"])
+    ev.evaluate(folder, max_questions=2)
+    assert read_json(folder / "summary.1.json") == summary
+    assert read_json(folder / "summary.json")["base"]["questions"] == 2
+    assert "correct answer" in ev.format_table(summary)
+
+
+def test_tuned_generation_uses_the_adapter(tmp_path, tiny_gpt2):
+    folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                                                train={"max_steps": 6, "learning_rate": 5e-2}))))
+    config = load_config(str(folder / "config.yaml"))
+    merged = ev.tuned_model(folder, config)
+    unmerged = load_model(str(tiny_gpt2), adapter=folder)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_evaluate_refuses_unfinished_or_foreign_folders(tmp_path):
+    with pytest.raises(AffinerError, match="not an affiner run folder"):
+        ev.evaluate(tmp_path)
+    with pytest.raises(AffinerError, match="does not exist"):
+        ev.evaluate(tmp_path / "nope")
