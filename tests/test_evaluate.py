@@ -19,7 +19,7 @@ QUESTIONS = [Example(instruction=q, reference="Queue") for q in
               "Expand GLINT, then give three colours and a translation of bonjour.", "TANGO"]]
 
 
-@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gemma"])
 def test_batched_greedy_equals_one_by_one(request, fixture):
     folder = request.getfixturevalue(fixture)
     tokenizer = load_tokenizer(str(folder))

@@ -164,3 +164,56 @@ def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_gpt2):
                                           lora={"target_modules": ["q_proj"]})))
     with pytest.raises(AffinerError, match="q_proj.*c_attn, c_fc, c_proj"):
         train_mod.train(config)
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("constant", [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]),
+    ("linear", [0.5, 1.0, 0.875, 0.75, 0.625, 0.5]),  # 2 warm-up steps of 10, then down to 0 at step 10
+])
+def test_schedules_warm_up_then_follow_their_shape(name, expected):
+    config = load_config(None, ["data.train=x", f"train.scheduler={name}", "train.warmup_ratio=0.2",
+                                "train.learning_rate=1.0"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train_mod.make_scheduler(config, optimizer, steps=10)
+    rates = []
+    for _ in range(6):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates == pytest.approx(expected)
+
+
+def test_cosine_schedule_decays_to_zero():
+    config = load_config(None, ["data.train=x", "train.warmup_ratio=0.1", "train.learning_rate=1.0"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train_mod.make_scheduler(config, optimizer, steps=10)
+    rates = [scheduler.get_last_lr()[0]]
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[0] == 0 and rates[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resume_refuses_changed_training_data(tmp_path, tiny_gpt2, monkeypatch):
+    import shutil
+
+    data = tmp_path / "train.json"
+    shutil.copy(str(__import__("affiner").__path__[0]) + "/resources/glossary-train.json", data)
+    config = write_config(tmp_path, tiny_gpt2, data, train={"max_steps": 4, "save_steps": 2})
+    real_log = train_mod.log_metrics
+
+    def interrupt(folder, record, writer):
+        real_log(folder, record, writer)
+        if record["step"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "log_metrics", interrupt)
+    with pytest.raises(AffinerError):
+        train_mod.train(load_config(str(config)))
+    monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    data.write_text(data.read_text().replace("QUILT", "QUILTS"), encoding="utf-8")
+    folder = next((tmp_path / "runs").iterdir())
+    with pytest.raises(AffinerError, match="changed since the run started"):
+        train_mod.train(resume=folder)

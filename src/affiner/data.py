@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import random
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -272,9 +271,11 @@ class DataReport:
 def tokenize(examples: list[Example], template: Template, tokenizer, max_length: int,
              report: DataReport | None = None, max_response_words: int | None = None) -> list[dict[str, list[int]]]:
     """Prompt + response ids; labels are -100 on the prompt, so the loss is on the response (and its EOS)."""
+    from tqdm.auto import tqdm
+
     report = report if report is not None else DataReport()
     features = []
-    for example in examples:
+    for example in tqdm(examples, desc="tokenizing", unit="row", disable=len(examples) < 5000, leave=False):
         report.read += 1
         if not example.instruction.strip() or not example.response.strip():
             report.drop("empty", example.source)
@@ -350,7 +351,3 @@ def load_splits(data_config) -> tuple[list[Example], list[Example], dict[str, An
             "groups_on_both_sides": len({e.group for e in train if e.group} & {e.group for e in test if e.group}),
             "format": data_config.format, "template": data_config.template}
     return train, test, info
-
-
-def length_counts(features: list[dict[str, list[int]]]) -> Counter:
-    return Counter(len(f["input_ids"]) for f in features)

@@ -182,6 +182,7 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
     kwargs: dict = {"dtype": dtype, **hub_kwargs(name)}
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype, double_quant)
+        kwargs["device_map"] = {"": device().type}  # 4-bit weights are quantised where they are loaded
     elif quantization is not None:
         raise AffinerError(f"unknown quantization '{quantization}' (supported: nf4).")
     try:
@@ -237,8 +238,11 @@ def uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
 
 
 def describe(model: nn.Module) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts 4-bit packed weights at their real size
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
     footprint = sum(p.numel() * p.element_size() for p in model.parameters()) + \
         sum(b.numel() * b.element_size() for b in model.buffers())
     return (f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f} %); "

@@ -73,7 +73,7 @@ def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"), int(mask.sum())
 
 
-def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=contextlib.nullcontext(),
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=None,
                          scaler=None) -> tuple[float, int]:
     """Backward over micro-batches as if they were one batch; returns (summed loss, supervised tokens).
 
@@ -84,7 +84,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast
     total = 0.0
     for batch in batches:
         batch = {k: v.to(device()) for k, v in batch.items()}
-        with autocast:
+        with autocast or contextlib.nullcontext():
             loss_sum, _ = supervised_loss(model, batch)
         loss = loss_sum / max(n_tokens, 1)
         (scaler.scale(loss) if scaler else loss).backward()
@@ -195,37 +195,52 @@ def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps: i
 # ---------------------------------------------------------------------------------------- the run
 
 
-def prepare_run(config: RunConfig):
-    """Everything that can fail on bad input, before any file is written."""
-    tokenizer = load_tokenizer(config.model.base)
-    template = build_template(config.data.template, tokenizer, config.data.system_prompt)
-    train_examples, test_examples, data_info = data_mod.load_splits(config.data)
+def tokenize_train(config: RunConfig, template, tokenizer, examples) -> tuple[list[dict], data_mod.DataReport]:
     report = data_mod.DataReport()
-    features = data_mod.tokenize(train_examples, template, tokenizer, config.data.max_length, report,
+    features = data_mod.tokenize(examples, template, tokenizer, config.data.max_length, report,
                                  config.data.max_response_words)
     print(report.summary("training rows"))
     if not features:
         raise AffinerError(f"no training row of {config.data.train} survives: {report.summary('rows')}. "
                            "Raise data.max_length or fix the data.")
+    return features, report
+
+
+def prepare_run(config: RunConfig):
+    """Everything that can fail on bad input, before any file is written."""
+    tokenizer = load_tokenizer(config.model.base)
+    template = build_template(config.data.template, tokenizer, config.data.system_prompt)
+    train_examples, test_examples, data_info = data_mod.load_splits(config.data)
+    features, report = tokenize_train(config, template, tokenizer, train_examples)
     data_info["train_report"] = {"read": report.read, "kept": report.kept, "dropped": report.dropped,
                                  "dropped_examples": report.examples_dropped}
     return tokenizer, template, features, test_examples, data_info
 
 
+def prepare_resume(folder: Path):
+    """The run's own config, template, tokenizer and data, checked unchanged, and its last checkpoint."""
+    folder = require_run(folder)
+    if read_json(folder / RUN_FILE).get("status") == "finished":
+        raise AffinerError(f"{folder} already finished training; start a new run instead.")
+    checkpoint = last_checkpoint(folder)
+    if checkpoint is None:
+        raise AffinerError(f"{folder} has no checkpoint to resume from (set train.save_steps to make them).")
+    config = load_run_config(folder)
+    template = load_template(folder)
+    tokenizer = load_tokenizer(str(folder))
+    train_examples, _, info = data_mod.load_splits(config.data)
+    recorded = read_json(folder / "data.json")
+    if any(info[side]["sha256"] != recorded[side]["sha256"] for side in ("train", "test")):
+        raise AffinerError(f"the data of {folder} ({config.data.train}) changed since the run started (its "
+                           "fingerprint differs from data.json); resuming would mix two datasets. "
+                           "Restore the data or start a new run.")
+    features, _ = tokenize_train(config, template, tokenizer, train_examples)
+    return folder, config, tokenizer, features, checkpoint
+
+
 def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
     if resume is not None:
-        folder = require_run(resume)
-        config = load_run_config(folder)
-        template = load_template(folder)
-        tokenizer = load_tokenizer(str(folder))
-        train_examples, _, _ = data_mod.load_splits(config.data)
-        features = data_mod.tokenize(train_examples, template, tokenizer, config.data.max_length,
-                                     max_response_words=config.data.max_response_words)
-        checkpoint = last_checkpoint(folder)
-        if checkpoint is None:
-            raise AffinerError(f"{folder} has no checkpoint to resume from (set train.save_steps to make them).")
-        if read_json(folder / RUN_FILE).get("status") == "finished":
-            raise AffinerError(f"{folder} already finished training; start a new run instead.")
+        folder, config, tokenizer, features, checkpoint = prepare_resume(Path(resume))
     else:
         assert config is not None
         tokenizer, template, features, test_examples, data_info = prepare_run(config)
@@ -236,8 +251,12 @@ def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
         write_json(folder / "data.json", data_info)
         write_json(folder / "test_examples.json", [e.__dict__ | {"history": list(e.history)} for e in test_examples])
         checkpoint = None
-    write_json(folder / RUN_FILE, {"status": "training", "method": config.method, "base": config.model.base,
-                                   "adapter": config.method != "full", "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    now = time.strftime("%Y-%m-%d %H:%M:%S")
+    if checkpoint is None:
+        write_json(folder / RUN_FILE, {"status": "training", "method": config.method, "base": config.model.base,
+                                       "adapter": config.method != "full", "started": now})
+    else:
+        _update_run(folder, status="training", resumed=now)
     loop(config, folder, features, tokenizer.pad_token_id, checkpoint)
     return folder
 
@@ -246,10 +265,10 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
     torch.manual_seed(config.train.seed)
     model = prepare_model(config, checkpoint)
     print(describe(model))
-    print(f"Training {config.model.base} ({config.method}) on {len(features)} rows for {steps} steps of "
-          f"{config.train.batch_size * config.train.gradient_accumulation} rows; run folder {folder}")
     params = [p for p in model.parameters() if p.requires_grad]
     steps = total_steps(config, len(features))
+    print(f"Training {config.model.base} ({config.method}) on {len(features)} rows for {steps} steps of "
+          f"{config.train.batch_size * config.train.gradient_accumulation} rows; run folder {folder}")
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer, steps)
     start_step = 0
