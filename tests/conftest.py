@@ -132,3 +132,33 @@ def write_config(folder: Path, base: Path | str, train_file: Path | str, **secti
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hub as this machine sees it, whatever the machine: unreachable, so only the cache counts."""
+    from affiner import models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    models.hub_reachable.cache_clear()
+    yield
+    models.hub_reachable.cache_clear()
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch):
+    """Press Ctrl-C right after the given training step has been logged."""
+    from affiner import train as train_mod
+
+    real_log = train_mod.log_metrics
+
+    def arm(step: int) -> None:
+        def log_then_interrupt(folder, record, writer):
+            real_log(folder, record, writer)
+            if record["step"] == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train_mod, "log_metrics", log_then_interrupt)
+
+    arm.disarm = lambda: monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    return arm

@@ -69,18 +69,11 @@ def test_unknown_recipe_and_missing_file():
         load_config("missing.yaml")
 
 
-def test_unreachable_hub_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from affiner import models
-
-    models.hub_reachable.cache_clear()
-    try:
-        with pytest.raises(AffinerError, match="cannot load tokenizer 'nobody/no-such-model'.*unreachable.*local folder"):
-            load_tokenizer("nobody/no-such-model")
-        with pytest.raises(AffinerError, match="cannot load model 'nobody/no-such-model'"):
-            load_model("nobody/no-such-model")
-    finally:
-        models.hub_reachable.cache_clear()
+def test_unreachable_hub_is_a_clear_error(offline_hub):
+    with pytest.raises(AffinerError, match="cannot load tokenizer 'nobody/no-such-model'.*unreachable.*local folder"):
+        load_tokenizer("nobody/no-such-model")
+    with pytest.raises(AffinerError, match="cannot load model 'nobody/no-such-model'"):
+        load_model("nobody/no-such-model")
 
 
 def test_missing_model_folder_and_gguf():

@@ -144,13 +144,6 @@ def test_embedded_instruction_pairs_are_alpaca_shaped():
     assert all(e.instruction.strip() and e.response.strip() for e in examples)
 
 
-def test_unreachable_hub_dataset_is_a_clear_error(monkeypatch):
-    from affiner import models
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models.hub_reachable.cache_clear()
-    try:
-        with pytest.raises(AffinerError, match="cannot load dataset 'nobody/no-such-dataset'.*unreachable"):
-            read_rows("nobody/no-such-dataset")
-    finally:
-        models.hub_reachable.cache_clear()
+def test_unreachable_hub_dataset_is_a_clear_error(offline_hub):
+    with pytest.raises(AffinerError, match="cannot load dataset 'nobody/no-such-dataset'.*unreachable"):
+        read_rows("nobody/no-such-dataset")

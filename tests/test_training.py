@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,23 +106,15 @@ def test_run_folder_describes_itself(tmp_path, tiny_gpt2):
     assert json.loads((folder / "template.json").read_text())["name"] == "qa"
 
 
-def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, monkeypatch):
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, interrupt_training):
     settings = {"train": {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}}
     straight = train_mod.train(load_config(str(write_config(tmp_path / "a", tiny_llama,
                                                             "embedded:glossary-train.json", **settings))))
-
-    real_log = train_mod.log_metrics
-
-    def interrupt_at_step_3(folder, record, writer):
-        real_log(folder, record, writer)
-        if record["step"] == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "log_metrics", interrupt_at_step_3)
+    interrupt_training(3)
     with pytest.raises(AffinerError, match="interrupted after step 3.*--resume"):
         train_mod.train(load_config(str(write_config(tmp_path / "b", tiny_llama,
                                                      "embedded:glossary-train.json", **settings))))
-    monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    interrupt_training.disarm()
     interrupted = next((tmp_path / "b" / "runs").iterdir())
     assert read_json(interrupted / "run.json")["status"] == "interrupted"
     assert train_mod.last_checkpoint(interrupted).name == "step-000003"
@@ -196,23 +189,16 @@ def test_cosine_schedule_decays_to_zero():
     assert all(a >= b for a, b in zip(rates[1:], rates[2:])) and rates[-1] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_resume_refuses_changed_training_data(tmp_path, tiny_gpt2, monkeypatch):
+def test_resume_refuses_changed_training_data(tmp_path, tiny_gpt2, interrupt_training):
     import shutil
 
     data = tmp_path / "train.json"
-    shutil.copy(str(__import__("affiner").__path__[0]) + "/resources/glossary-train.json", data)
+    shutil.copy(Path(train_mod.__file__).parent / "resources" / "glossary-train.json", data)
     config = write_config(tmp_path, tiny_gpt2, data, train={"max_steps": 4, "save_steps": 2})
-    real_log = train_mod.log_metrics
-
-    def interrupt(folder, record, writer):
-        real_log(folder, record, writer)
-        if record["step"] == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "log_metrics", interrupt)
+    interrupt_training(2)
     with pytest.raises(AffinerError):
         train_mod.train(load_config(str(config)))
-    monkeypatch.setattr(train_mod, "log_metrics", real_log)
+    interrupt_training.disarm()
     data.write_text(data.read_text().replace("QUILT", "QUILTS"), encoding="utf-8")
     folder = next((tmp_path / "runs").iterdir())
     with pytest.raises(AffinerError, match="changed since the run started"):
