@@ -30,17 +30,22 @@ def main() -> int:
             return 1
         folder = next(Path(scratch, "runs").iterdir())
         summary = json.loads((folder / "summary.json").read_text())
+        perplexity = json.loads((folder / "metrics.json").read_text())["metrics"]["perplexity"]
+        summary["base_perplexity"], summary["tuned_perplexity"] = perplexity["base"]["mean"], perplexity["tuned"]["mean"]
         run = json.loads((folder / "run.json").read_text())
     base, tuned = summary["base"], summary["tuned"]
     checks = [
         ("wall time (min, cold cache)", minutes, minutes <= 15, "<= 15"),
+        ("tuned perplexity < base", summary["tuned_perplexity"], summary["tuned_perplexity"] < summary["base_perplexity"],
+         f"< {summary['base_perplexity']:.2f}"),
         ("tuned correct", tuned["accuracy"], tuned["accuracy"] >= 0.80, ">= 0.80"),
         ("base correct", base["accuracy"], base["accuracy"] <= 0.10, "<= 0.10"),
         ("tuned stop rate", tuned["stop_rate"], tuned["stop_rate"] >= 0.90, ">= 0.90"),
         ("base stop rate", base["stop_rate"], base["stop_rate"] <= 0.20, "<= 0.20"),
     ]
+    seconds = summary["generation_seconds"]
     print(f"questions: {tuned['questions']}, training: {run['train_seconds']:.0f} s, "
-          f"base answers: {base['seconds']:.0f} s, tuned answers: {tuned['seconds']:.0f} s")
+          f"base answers: {seconds['base']:.0f} s, tuned answers: {seconds['tuned']:.0f} s")
     for name, value, ok, target in checks:
         print(f"{name:28s} {value:8.2f}  target {target:8s} {'ok' if ok else 'MISSED'}")
     return 0 if all(ok for *_, ok, _ in checks) else 1

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from affiner import evaluate as ev
+from affiner import metrics
 from affiner.config import load_config
 from affiner.errors import AffinerError
 from affiner.models import load_model, load_tokenizer
@@ -49,30 +50,51 @@ def test_decode_stops_at_the_first_stop_token(tiny_gpt2):
     ("anything", "", False),
 ])
 def test_contains_reference(answer, reference, expected):
-    assert ev.contains_reference(answer, reference) is expected
+    assert metrics.contains_reference(answer, reference) is expected
 
 
-def test_scores_are_counted_from_answers():
+def test_headline_is_counted_from_answers():
     answers = [ev.Answer("QUILT means Queue", True, 3), ev.Answer("no idea", False, 8)]
-    scores = ev.score(answers, QUESTIONS[:2])
-    assert scores == {"questions": 2, "correct": 1, "accuracy": 0.5, "stopped": 1, "stop_rate": 0.5,
-                      "mean_answer_tokens": 5.5}
+    assert ev.headline(ev.score_answers(QUESTIONS[:2], answers)) == {
+        "questions": 2, "correct": 1, "accuracy": 0.5, "stopped": 1, "stop_rate": 0.5, "mean_answer_tokens": 5.5}
 
 
-def test_evaluate_writes_summary_and_keeps_the_previous_one(tmp_path, tiny_llama):
+def test_evaluate_writes_summary_and_report_and_keeps_the_previous_one(tmp_path, tiny_llama):
     folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
-    summary = ev.evaluate(folder, max_questions=3)
+    evaluation = ev.evaluate(folder, max_questions=3)
     saved = read_json(folder / "summary.json")
-    assert saved == summary
     assert saved["base"]["questions"] == saved["tuned"]["questions"] == 3
     for row in saved["answers"]:
         assert row["reference"] and {"text", "stopped", "tokens", "correct"} <= set(row["tuned"])
-        assert row["tuned"]["correct"] == ev.contains_reference(row["tuned"]["text"], row["reference"])
+        assert row["tuned"]["correct"] == metrics.contains_reference(row["tuned"]["text"], row["reference"])
     assert saved["tuned"]["correct"] == sum(r["tuned"]["correct"] for r in saved["answers"])
+    for name in ("report.md", "report.html", "answers.csv", "metrics.json", "metrics.png"):
+        assert (folder / name).is_file(), name
+    assert set(evaluation["metrics"]) >= {"contains", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
+                                          "repetition", "empty", "echo", "loss", "perplexity"}
     ev.evaluate(folder, max_questions=2)
-    assert read_json(folder / "summary.1.json") == summary
+    assert read_json(folder / "evaluations" / "1" / "summary.json") == saved
+    assert (folder / "evaluations" / "1" / "report.html").is_file()
     assert read_json(folder / "summary.json")["base"]["questions"] == 2
-    assert "correct answer" in ev.format_table(summary)
+    assert "contains the reference" in ev.format_table(evaluation)
+
+
+def test_held_out_loss_is_the_training_loss_of_each_reference_answer(tiny_gpt2):
+    from affiner.data import collate, tokenize
+    from affiner.train import supervised_loss
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = load_model(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    examples = [Example("What does QUILT stand for?", "Queue of Unified Index Lookup Tables."),
+                Example("Define FROND.", "Federated Registry of Open Nautical Data, a registry.")]
+    sums, counts = ev.held_out_losses(model, tokenizer, template, examples, batch_size=2)
+    for example, total, n in zip(examples, sums, counts):
+        alone = collate(tokenize([example], template, tokenizer, 256), tokenizer.pad_token_id)
+        with torch.no_grad():
+            expected, expected_n = supervised_loss(model, alone)
+        assert n == expected_n
+        assert total == pytest.approx(expected.item(), rel=1e-4)
 
 
 def test_tuned_generation_uses_the_adapter(tmp_path, tiny_gpt2):

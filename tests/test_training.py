@@ -203,3 +203,28 @@ def test_resume_refuses_changed_training_data(tmp_path, tiny_gpt2, interrupt_tra
     folder = next((tmp_path / "runs").iterdir())
     with pytest.raises(AffinerError, match="changed since the run started"):
         train_mod.train(resume=folder)
+
+
+def test_held_out_sample_is_scored_during_training(tmp_path, tiny_gpt2):
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", train={"max_steps": 4},
+                          eval={"every_steps": 2, "sample_size": 2, "max_new_tokens": 4})
+    folder = train_mod.train(load_config(str(config)))
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    probed = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in probed] == [2, 4]
+    for record in probed:
+        assert 0 <= record["eval_contains"] <= 1 and 0 <= record["eval_stop_rate"] <= 1 and record["eval_loss"] > 0
+    assert probed[1]["eval_loss"] != probed[0]["eval_loss"]  # scored on the model as it trains, not a copy
+
+
+def test_tensorboard_events_hold_train_and_eval_scalars(tmp_path, tiny_gpt2):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", train={"max_steps": 2, "tensorboard": True},
+                          eval={"every_steps": 2, "sample_size": 2, "max_new_tokens": 2})
+    folder = train_mod.train(load_config(str(config)))
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/learning_rate", "eval/loss", "eval/contains"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]

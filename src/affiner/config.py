@@ -79,10 +79,21 @@ class TrainConfig(_Section):
     tensorboard: bool = False
 
 
+class JudgeConfig(_Section):
+    url: str | None = None
+    model: str | None = None
+    api_key_env: str | None = None
+    mode: Literal["absolute", "pairwise", "both"] = "both"
+    concurrency: int = Field(4, ge=1)
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
     max_questions: int | None = Field(None, ge=1)
+    every_steps: int | None = Field(None, ge=1)
+    sample_size: int = Field(8, ge=1)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
 
 
 class RunConfig(_Section):

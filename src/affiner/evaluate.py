@@ -1,19 +1,22 @@
-"""Before/after evaluation: the base model and the tuned model answer the same held-out questions.
+"""Before/after evaluation: the base model and every tuned model answer the same held-out questions.
 
     affiner evaluate runs/quickstart-20261122-183000
-    affiner evaluate runs/quickstart-20261122-183000 --test my_questions.jsonl --max-new-tokens 48
+    affiner evaluate runs/a runs/b                        # several adapters of one base, side by side
+    affiner evaluate runs/a --test questions.jsonl --max-new-tokens 48
+    affiner evaluate runs/a --temperature 0.7 --top-p 0.95 --top-k 50 --seed 1
+    affiner evaluate runs/a --judge-url http://127.0.0.1:11434/v1 --judge-model gemma3:27b
 
-Both models see prompts rendered by the run's saved template and decode greedily with the same
-settings; they differ only by the adapter. Scores are computed here, per question, and written
-with every answer to `summary.json` in the run folder.
+All models see prompts rendered by the run's saved template and decode with the same settings;
+they differ only by the adapter. Every score is computed here, per question, and aggregated with a
+bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
+a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import shutil
 import time
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,28 +24,67 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner import data as data_mod
+from affiner import metrics
+from affiner.config import JudgeConfig, RunConfig
 from affiner.errors import AffinerError
 from affiner.models import device, load_model, load_tokenizer
-from affiner.runs import SUMMARY_FILE, keep_previous, load_run_config, read_json, require_run, write_json
+from affiner.runs import SUMMARY_FILE, load_run_config, read_json, require_run, write_json
 from affiner.templates import Example, Template, encode_prompt, load_template
+
+REPORT_FILES = ("summary.json", "metrics.json", "answers.csv", "report.md", "report.html", "metrics.png", "lengths.png")
+TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
+                "repetition", "empty", "echo")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder made by affiner train or affiner run")
+    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) of one base model")
     parser.add_argument("--test", help="held-out file to answer instead of the run's own test split")
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: eval.max_new_tokens)")
     parser.add_argument("--max-questions", type=int, help="answer only the first N questions")
     parser.add_argument("--batch-size", type=int, help="questions generated together (default: eval.batch_size)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:11434/v1")
+    parser.add_argument("--judge-model", help="model name the judge endpoint serves")
+    parser.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
+    parser.add_argument("--judge-mode", choices=["absolute", "pairwise", "both"])
 
 
 def main(args: argparse.Namespace) -> None:
-    summary = evaluate(Path(args.run), test=args.test, max_new_tokens=args.max_new_tokens,
-                       max_questions=args.max_questions, batch_size=args.batch_size)
-    print(format_table(summary))
-    print(f"Answers and scores: {Path(args.run) / SUMMARY_FILE}")
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    judge = JudgeConfig(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
+                        **({"mode": args.judge_mode} if args.judge_mode else {}))
+    evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
+                          max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
+                          judge=judge if judge.url else None)
+    print(format_table(evaluation))
+    print(f"Report: {Path(args.runs[0]) / 'report.html'}")
 
 
 # ---------------------------------------------------------------------------------------- generation
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def generate_kwargs(self) -> dict:
+        if self.greedy:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    def describe(self) -> str:
+        return "greedy" if self.greedy else \
+            f"sampling (temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}, seed {self.seed})"
 
 
 @dataclass(frozen=True)
@@ -54,18 +96,24 @@ class Answer:
 
 @torch.no_grad()
 def generate(model, tokenizer, template: Template, examples: list[Example], max_new_tokens: int,
-             batch_size: int = 16, desc: str = "generating") -> list[Answer]:
-    """Greedy answers, generated in left-padded batches of similar lengths, in the examples' order."""
+             batch_size: int = 16, sampling: Sampling = Sampling(), desc: str = "generating") -> list[Answer]:
+    """Answers generated in left-padded batches of similar lengths, returned in the examples' order.
+
+    Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked
+    and every stop token of the template ends a row.
+    """
     prompts = [encode_prompt(template, tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
+    if not sampling.greedy:
+        torch.manual_seed(sampling.seed)
     answers: dict[int, Answer] = {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         chunk = order[start:start + batch_size]
         input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
         output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
-                                max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                                pad_token_id=tokenizer.pad_token_id)
+                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
         for row, index in enumerate(chunk):
             answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer)
     return [answers[i] for i in range(len(examples))]
@@ -88,36 +136,77 @@ def decode(new_ids: list[int], stop_ids: list[int], tokenizer) -> Answer:
     return Answer(text=text, stopped=cut is not None, tokens=len(kept))
 
 
-# ---------------------------------------------------------------------------------------- scores
+# ---------------------------------------------------------------------------------------- held-out loss
 
 
-def normalise(text: str) -> str:
-    """Case, accents and punctuation do not make a definition wrong."""
-    text = unicodedata.normalize("NFKD", text.casefold())
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    return " ".join(re.findall(r"\w+", text))
+@torch.no_grad()
+def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
+                    batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced."""
+    from affiner.train import token_losses
+
+    features = data_mod.tokenize(examples, template, tokenizer, max_length=10**9)
+    if len(features) != len(examples):  # empty references cannot be scored
+        return [], []
+    sums, counts = [], []
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device()) for k, v in
+                 data_mod.collate(features[start:start + batch_size], tokenizer.pad_token_id).items()}
+        losses, rows = token_losses(model, batch)
+        n_rows = batch["input_ids"].shape[0]
+        sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
+        counts += torch.bincount(rows, minlength=n_rows).tolist()
+    return sums, counts
 
 
-def contains_reference(answer: str, reference: str) -> bool:
-    expected = normalise(reference)
-    return bool(expected) and f" {expected} " in f" {normalise(answer)} "
+# ---------------------------------------------------------------------------------------- scoring
 
 
-def score(answers: list[Answer], examples: list[Example]) -> dict:
-    n = len(answers)
-    correct = sum(contains_reference(a.text, e.expected) for a, e in zip(answers, examples))
-    stopped = sum(a.stopped for a in answers)
-    return {"questions": n, "correct": correct, "accuracy": correct / n if n else 0.0,
-            "stopped": stopped, "stop_rate": stopped / n if n else 0.0,
-            "mean_answer_tokens": sum(a.tokens for a in answers) / n if n else 0.0}
+def score_answers(examples: list[Example], answers: list[Answer]) -> list[dict[str, float]]:
+    scores = [metrics.per_example_scores(e.instruction, e.expected, a.text) | {"stopped": float(a.stopped),
+                                                                              "tokens": float(a.tokens)}
+              for e, a in zip(examples, answers)]
+    for row, similarity in zip(scores, metrics.embedding_similarity([a.text for a in answers],
+                                                                    [e.expected for e in examples])):
+        row["embedding"] = similarity
+    return scores
+
+
+def headline(scores: list[dict[str, float]]) -> dict:
+    """The two figures of the quickstart, as counts and rates."""
+    n = len(scores)
+    correct = int(sum(s["contains"] for s in scores))
+    stopped = int(sum(s["stopped"] for s in scores))
+    return {"questions": n, "correct": correct, "accuracy": correct / n if n else 0.0, "stopped": stopped,
+            "stop_rate": stopped / n if n else 0.0,
+            "mean_answer_tokens": sum(s["tokens"] for s in scores) / n if n else 0.0}
+
+
+def training_probe(template: Template, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int):
+    """Score a fixed held-out sample during training, so the log shows when the model learned."""
+
+    def probe(model) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        answers = generate(model, tokenizer, template, examples, max_new_tokens, batch_size, desc="held-out sample")
+        sums, counts = held_out_losses(model, tokenizer, template, examples, batch_size)
+        model.train(was_training)
+        n = len(examples)
+        result = {"eval_contains": sum(metrics.contains_reference(a.text, e.expected) for a, e in zip(answers, examples)) / n,
+                  "eval_stop_rate": sum(a.stopped for a in answers) / n,
+                  "eval_rouge_l": sum(metrics.rouge_l(a.text, e.expected) for a, e in zip(answers, examples)) / n}
+        if counts:
+            result["eval_loss"] = sum(sums) / max(sum(counts), 1)
+        return {k: round(v, 5) for k, v in result.items()}
+
+    return probe
 
 
 # ---------------------------------------------------------------------------------------- the command
 
 
-def held_out(folder: Path, test: str | None) -> list[Example]:
+def held_out(folder: Path, test: str | None, config: RunConfig) -> list[Example]:
     if test:
-        config = load_run_config(folder)
         return data_mod.to_examples(data_mod.read_rows(test), config.data.format, config.data.columns)
     path = folder / "test_examples.json"
     if not path.is_file():
@@ -125,7 +214,7 @@ def held_out(folder: Path, test: str | None) -> list[Example]:
     return [Example(**{**row, "history": tuple(tuple(t) for t in row["history"])}) for row in read_json(path)]
 
 
-def tuned_model(folder: Path, config):
+def tuned_model(folder: Path, config: RunConfig):
     """The run's model for generation; LoRA weights merged into the base (faster) unless it is 4-bit."""
     if config.method == "full":
         return load_model(str(folder))
@@ -134,62 +223,165 @@ def tuned_model(folder: Path, config):
     return model if config.quantization else model.merge_and_unload()
 
 
-def evaluate(folder: Path, test: str | None = None, max_new_tokens: int | None = None,
-             max_questions: int | None = None, batch_size: int | None = None) -> dict:
-    folder = require_run(folder)
-    run = read_json(folder / "run.json")
-    if run.get("status") != "finished":
-        raise AffinerError(f"{folder} has not finished training (status: {run.get('status')}); "
-                           f"resume it with: affiner train --resume {folder}")
-    config = load_run_config(folder)
+def base_model(config: RunConfig):
+    return load_model(config.model.base, quantization=config.quantization, precision=config.model.precision,
+                      double_quant=config.model.double_quant)
+
+
+def _check_runs(folders: list[Path]) -> list[tuple[Path, RunConfig]]:
+    runs = []
+    for folder in folders:
+        folder = require_run(folder)
+        status = read_json(folder / "run.json").get("status")
+        if status != "finished":
+            raise AffinerError(f"{folder} has not finished training (status: {status}); "
+                               f"resume it with: affiner train --resume {folder}")
+        runs.append((folder, load_run_config(folder)))
+    first = runs[0][1]
+    for folder, config in runs[1:]:
+        if (config.model.base, config.method == "qlora", config.data.template) != \
+                (first.model.base, first.method == "qlora", first.data.template):
+            raise AffinerError(f"{folder} does not share the base model, quantisation and template of {runs[0][0]}; "
+                               "only runs of one base can be compared on the same prompts.")
+    return runs
+
+
+def evaluate(folders: Path | list[Path], test: str | None = None, max_new_tokens: int | None = None,
+             max_questions: int | None = None, batch_size: int | None = None, sampling: Sampling = Sampling(),
+             judge: JudgeConfig | None = None) -> dict:
+    runs = _check_runs(folders if isinstance(folders, list) else [folders])
+    folder, config = runs[0]
+    judge = judge or (config.eval.judge if config.eval.judge.url else None)
+    judge_client = _judge_client(judge) if judge else None  # fail on a bad judge setting before hours of generation
     template = load_template(folder)
     tokenizer = load_tokenizer(str(folder))
-    examples = held_out(folder, test)[: max_questions or config.eval.max_questions]
+    examples = held_out(folder, test, config)[: max_questions or config.eval.max_questions]
     if not examples:
         raise AffinerError(f"no held-out question to answer for {folder}.")
     limit = max_new_tokens or config.eval.max_new_tokens
     size = batch_size or config.eval.batch_size
-    results, answers = {}, {}
-    for name in ("base", "tuned"):
+    loaders = {"base": lambda: base_model(config)}
+    for run_folder, run_config in runs:
+        name = "tuned" if len(runs) == 1 else run_folder.name
+        loaders[name] = lambda f=run_folder, c=run_config: tuned_model(f, c)
+    answers, losses, seconds = {}, {}, {}
+    for name, load in loaders.items():
+        model = load()
         started = time.time()
-        if name == "base":
-            model = load_model(config.model.base, quantization=config.quantization, precision=config.model.precision,
-                               double_quant=config.model.double_quant)
-        else:
-            model = tuned_model(folder, config)
-        answers[name] = generate(model, tokenizer, template, examples, limit, size, desc=f"{name} answers")
-        results[name] = score(answers[name], examples) | {"seconds": round(time.time() - started, 1)}
+        answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling, desc=f"{name} answers")
+        seconds[name] = round(time.time() - started, 1)
+        losses[name] = held_out_losses(model, tokenizer, template, examples, size)
         del model
-    summary = {
-        "run": str(folder), "decoding": "greedy", "max_new_tokens": limit, "template": template.name,
-        "test": test or "held-out split of the run", "base": results["base"], "tuned": results["tuned"],
-        "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
-                     "base": answers["base"][i].__dict__ | {"correct": contains_reference(answers["base"][i].text, e.expected)},
-                     "tuned": answers["tuned"][i].__dict__ | {"correct": contains_reference(answers["tuned"][i].text, e.expected)}}
-                    for i, e in enumerate(examples)],
-    }
-    keep_previous(folder / SUMMARY_FILE)
+    scores = {name: score_answers(examples, answers[name]) for name in loaders}
+    verdicts = _judge(judge_client, judge, examples, answers, scores) if judge_client else None
+    evaluation = build_evaluation(folder.name, examples, answers, scores, losses, verdicts, {
+        "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name,
+        "test": test or (config.data.test or "held-out split of the run"), "questions": len(examples),
+        "generation_seconds": seconds})
+    _archive_previous(folder)
+    summary = {"run": str(folder), **evaluation["settings"], **{name: headline(scores[name]) for name in loaders},
+               "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
+                            **{name: answers[name][i].__dict__ | {"correct": bool(scores[name][i]["contains"])}
+                               for name in loaders}} for i, e in enumerate(examples)]}
     write_json(folder / SUMMARY_FILE, summary)
-    return summary
+    from affiner.report import write_report
+
+    write_report(folder, evaluation)
+    return evaluation
 
 
-def format_table(summary: dict) -> str:
-    def cell(result: dict, key: str, count: str) -> str:
-        return f"{result[count]}/{result['questions']} ({100 * result[key]:.0f} %)"
+def build_evaluation(title: str, examples: list[Example], answers: dict, scores: dict, losses: dict,
+                     verdicts: dict | None, settings: dict) -> dict:
+    """The evaluation as the report reads it: aggregates with intervals, and every answer with its scores."""
+    models = list(answers)
+    info = {k: metrics.METRIC_INFO[k] for k in TEXT_METRICS}
+    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in TEXT_METRICS}
+    if all(losses[m][0] for m in models):
+        per_model = {m: metrics.aggregate_loss(*losses[m]) for m in models}
+        for key in ("loss", "perplexity"):
+            info[key] = metrics.METRIC_INFO[key]
+            aggregates[key] = {m: per_model[m][key] for m in models}
+    if verdicts:
+        info["judge"] = {"label": "LLM judge: correct", "higher_is_better": True, "kind": "rate"}
+        aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
+    return {
+        "title": title, "models": models, "primary_metric": "contains", "settings": settings,
+        "metric_info": info, "metrics": aggregates, "judge": verdicts,
+        "examples": [{"question": e.instruction, "input": e.input, "reference": e.expected,
+                      "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}
+                     for i, e in enumerate(examples)],
+    }
 
-    base, tuned = summary["base"], summary["tuned"]
-    rows = [("", "base", "tuned"),
-            ("correct answer", cell(base, "accuracy", "correct"), cell(tuned, "accuracy", "correct")),
-            (f"stops before {summary['max_new_tokens']} tokens", cell(base, "stop_rate", "stopped"),
-             cell(tuned, "stop_rate", "stopped")),
-            ("mean answer length (tokens)", f"{base['mean_answer_tokens']:.1f}", f"{tuned['mean_answer_tokens']:.1f}")]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+
+def _archive_previous(folder: Path) -> None:
+    """Move an earlier evaluation to evaluations/N/ so that a new one never overwrites it."""
+    existing = [folder / name for name in REPORT_FILES if (folder / name).exists()]
+    if not existing:
+        return
+    n = 1
+    while (folder / "evaluations" / str(n)).exists():
+        n += 1
+    target = folder / "evaluations" / str(n)
+    target.mkdir(parents=True)
+    for path in existing:
+        shutil.move(str(path), target / path.name)
+
+
+# ---------------------------------------------------------------------------------------- the judge
+
+
+def _judge_client(judge: JudgeConfig):
+    from affiner.judge import Judge, JudgeSettings
+
+    if not judge.model:
+        raise AffinerError("the judge needs a model name: --judge-model NAME (or eval.judge.model).")
+    return Judge(JudgeSettings(url=judge.url, model=judge.model, api_key_env=judge.api_key_env,
+                               concurrency=judge.concurrency))
+
+
+def _judge(client, judge: JudgeConfig, examples: list[Example], answers: dict, scores: dict) -> dict:
+    from affiner.judge import summarise_absolute, summarise_pairwise
+
+    result: dict = {"model": judge.model, "absolute": {}, "pairwise": {}}
+    models = list(answers)
+    if judge.mode in {"absolute", "both"}:
+        for m in models:
+            verdicts = client.absolute([(e.instruction, e.expected, a.text) for e, a in zip(examples, answers[m])])
+            for row, verdict in zip(scores[m], verdicts):
+                if verdict.score is not None:
+                    row["judge"] = float(verdict.score)
+            result["absolute"][m] = summarise_absolute(verdicts)
+    if judge.mode in {"pairwise", "both"}:
+        for m in models[1:]:
+            verdicts = client.pairwise([(e.instruction, e.expected, b.text, t.text)
+                                        for e, b, t in zip(examples, answers["base"], answers[m])])
+            result["pairwise"][m] = summarise_pairwise(verdicts)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+
+def format_table(evaluation: dict) -> str:
+    """A short before/after table for the terminal; the report has everything."""
+    models = evaluation["models"]
+    rows = [["", *models]]
+    for key, info in evaluation["metric_info"].items():
+        rows.append([info["label"], *(_cell(evaluation["metrics"][key][m]["mean"], info["kind"]) for m in models)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    example = next((a for a in summary["answers"] if a["tuned"]["correct"] and not a["base"]["correct"]),
-                   summary["answers"][0])
-    lines += ["", f"Q: {example['question']}", f"  base : {_short(example['base']['text'])}",
-              f"  tuned: {_short(example['tuned']['text'])}"]
+    tuned = models[1]
+    example = next((x for x in evaluation["examples"] if x["answers"][tuned]["scores"]["contains"]
+                    and not x["answers"]["base"]["scores"]["contains"]), evaluation["examples"][0])
+    lines += ["", f"Q: {example['question']}"] + \
+        [f"  {m:5s}: {_short(example['answers'][m]['text'])}" for m in models]
     return "\n".join(lines)
+
+
+def _cell(value: float | None, kind: str) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.0f} %" if kind == "rate" else f"{value:.1f}" if kind == "count" else f"{value:.3f}"
 
 
 def _short(text: str, width: int = 100) -> str:

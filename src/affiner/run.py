@@ -25,7 +25,8 @@ def main(args: argparse.Namespace) -> None:
         folder = train.train(resume=args.resume)
     else:
         folder = train.train(load_config(args.config, args.overrides))
-    summary = evaluate.evaluate(folder)
+    evaluation = evaluate.evaluate(folder)
     print()
-    print(evaluate.format_table(summary))
-    print(f"\nRun folder: {folder}  ({(time.time() - started) / 60:.1f} min)")
+    print(evaluate.format_table(evaluation))
+    print(f"\nReport: {folder / 'report.html'}")
+    print(f"Run folder: {folder}  ({(time.time() - started) / 60:.1f} min)")

@@ -53,8 +53,8 @@ def main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- loss
 
 
-def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over supervised tokens, and how many there are.
+def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every supervised token, and the batch row each belongs to.
 
     Logits are computed only where a label exists: with a 262k-token vocabulary (Gemma) the output
     head costs more than the whole transformer, and the prompt's logits are never used.
@@ -65,12 +65,18 @@ def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     labels = batch["labels"][:, 1:]
     mask = labels != data_mod.IGNORE_INDEX
     if body is None or head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
     else:
         hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         logits = _softcap(hf_model.config, head(hidden[:, :-1][mask]))
-        return F.cross_entropy(logits.float(), labels[mask], reduction="sum"), int(mask.sum())
-    return F.cross_entropy(logits[mask].float(), labels[mask], reduction="sum"), int(mask.sum())
+    losses = F.cross_entropy(logits.float(), labels[mask], reduction="none")
+    return losses, mask.nonzero()[:, 0]
+
+
+def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over supervised tokens, and how many there are."""
+    losses, _ = token_losses(model, batch)
+    return losses.sum(), losses.numel()
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=None,
@@ -235,12 +241,12 @@ def prepare_resume(folder: Path):
                            "fingerprint differs from data.json); resuming would mix two datasets. "
                            "Restore the data or start a new run.")
     features, _ = tokenize_train(config, template, tokenizer, train_examples)
-    return folder, config, tokenizer, features, checkpoint
+    return folder, config, tokenizer, template, features, checkpoint
 
 
 def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
     if resume is not None:
-        folder, config, tokenizer, features, checkpoint = prepare_resume(Path(resume))
+        folder, config, tokenizer, template, features, checkpoint = prepare_resume(Path(resume))
     else:
         assert config is not None
         tokenizer, template, features, test_examples, data_info = prepare_run(config)
@@ -257,11 +263,19 @@ def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
                                        "adapter": config.method != "full", "started": now})
     else:
         _update_run(folder, status="training", resumed=now)
-    loop(config, folder, features, tokenizer.pad_token_id, checkpoint)
+    probe = None
+    if config.eval.every_steps:
+        from affiner.evaluate import held_out, training_probe
+
+        sample = held_out(folder, None, config)[: config.eval.sample_size]
+        probe = training_probe(template, tokenizer, sample, config.eval.max_new_tokens, config.eval.batch_size)
+    loop(config, folder, features, tokenizer.pad_token_id, checkpoint, probe)
     return folder
 
 
-def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, checkpoint: Path | None) -> None:
+def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, checkpoint: Path | None,
+         probe=None) -> None:
+    """The training loop; `probe(model)`, when given, scores a held-out sample every eval.every_steps steps."""
     torch.manual_seed(config.train.seed)
     model = prepare_model(config, checkpoint)
     print(describe(model))
@@ -309,7 +323,10 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
                       "grad_norm": round(float(grad_norm), 4), "tokens": n_tokens,
                       "seconds": round(time.time() - started, 1)}
             progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
-            if done % config.train.logging_steps == 0 or done == steps:
+            probing = probe is not None and (done % config.eval.every_steps == 0 or done == steps)
+            if probing:
+                record.update(probe(model))
+            if probing or done % config.train.logging_steps == 0 or done == steps:
                 log_metrics(folder, record, writer)
             if config.train.save_steps and done % config.train.save_steps == 0 and done < steps:
                 save_checkpoint(model, optimizer, scheduler, folder, done, config.train.save_total_limit)
@@ -332,8 +349,10 @@ def log_metrics(folder: Path, record: dict, writer) -> None:
     with open(folder / "metrics.jsonl", "a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
     if writer:
-        for key in ("loss", "learning_rate", "grad_norm"):
-            writer.add_scalar(f"train/{key}", record[key], record["step"])
+        for key, value in record.items():
+            if key in {"loss", "learning_rate", "grad_norm"} or key.startswith("eval_"):
+                writer.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key.removeprefix('eval_')}",
+                                  value, record["step"])
 
 
 def _tensorboard(config: RunConfig, folder: Path):

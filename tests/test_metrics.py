@@ -1,0 +1,66 @@
+"""Metric functions against values computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from affiner import metrics
+
+
+def test_identical_strings_score_perfectly():
+    text = "QUILT stands for Queue of Unified Index Lookup Tables."
+    scores = metrics.per_example_scores("What is QUILT?", text, text)
+    assert scores["contains"] == scores["exact_match"] == 1.0
+    assert scores["rouge_l"] == pytest.approx(1.0)
+    assert scores["bleu"] == pytest.approx(1.0)
+    assert scores["chrf"] == pytest.approx(1.0)
+    assert metrics.embedding_similarity([text], [text])[0] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_disjoint_strings_score_zero():
+    scores = metrics.per_example_scores("q", "abc def ghi", "xyz uvw")
+    assert scores["contains"] == scores["exact_match"] == 0.0
+    assert scores["rouge_l"] == 0.0 and scores["bleu"] == 0.0 and scores["chrf"] == 0.0
+
+
+@pytest.mark.parametrize("answer,reference,expected", [
+    ("the cat on the mat", "the cat sat on the mat", 10 / 11),  # LCS 5: P 5/5, R 5/6
+    ("a c e", "a b c d", 4 / 7),                                # LCS 2: P 2/3, R 2/4
+    ("Économie générale", "economie generale", 1.0),           # accents do not break words
+])
+def test_rouge_l_known_cases(answer, reference, expected):
+    assert metrics.rouge_l(answer, reference) == pytest.approx(expected)
+
+
+def test_embedding_similarity_ranks_paraphrases_above_unrelated_text():
+    reference = "Queue of Unified Index Lookup Tables"
+    close, far = metrics.embedding_similarity(["a queue of unified lookup tables for indexes", "I like red apples"],
+                                              [reference, reference])
+    assert close > far + 0.3
+
+
+def test_behaviour_metrics():
+    assert metrics.repetition("the the the the") == pytest.approx(0.5)  # 2 trigrams, 1 distinct
+    assert metrics.repetition("a b c d") == 0.0 and metrics.repetition("too short") == 0.0
+    assert metrics.is_empty("  \n") and not metrics.is_empty("x")
+    assert metrics.echoes("What is QUILT? What is QUILT?", "What is QUILT?")
+    assert not metrics.echoes("QUILT is a queue.", "What is QUILT?")
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
+    low, high = metrics.bootstrap_interval(values)
+    assert low < 0.7 < high and 0 <= low and high <= 1
+    assert metrics.bootstrap_interval(values) == (low, high)
+    assert metrics.bootstrap_interval([0.5] * 8) == (0.5, 0.5)
+    assert metrics.aggregate([1, 0]) ["mean"] == 0.5
+    assert metrics.aggregate([]) == {"mean": None, "low": None, "high": None}
+
+
+def test_loss_is_token_weighted_and_perplexity_is_its_exponential():
+    result = metrics.aggregate_loss([2.0, 4.0], [1, 3])
+    assert result["loss"]["mean"] == pytest.approx(1.5)
+    assert result["perplexity"]["mean"] == pytest.approx(math.exp(1.5))
+    assert result["loss"]["low"] <= 1.5 <= result["loss"]["high"]
