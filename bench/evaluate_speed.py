@@ -10,6 +10,10 @@ generation. Both are timed in this one process, one after the other; the ratio i
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # per-batch progress bars would bury the figures
+
 import argparse
 import tempfile
 import time

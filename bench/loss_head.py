@@ -9,6 +9,10 @@ process on the same batches, alternating, so machine noise hits both; the ratio 
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # per-batch progress bars would bury the figures
+
 import statistics
 import time
 

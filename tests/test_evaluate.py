@@ -113,3 +113,30 @@ def test_evaluate_refuses_unfinished_or_foreign_folders(tmp_path):
         ev.evaluate(tmp_path)
     with pytest.raises(AffinerError, match="does not exist"):
         ev.evaluate(tmp_path / "nope")
+
+
+def test_base_with_adapters_trained_elsewhere_through_the_cli(tmp_path, tiny_gpt2, qa_file):
+    import subprocess
+    import sys
+
+    folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json"))))
+    adapter = tmp_path / "my-lora"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # a bare peft folder, no affiner files
+        (adapter / name).write_bytes((folder / name).read_bytes())
+
+    def affiner(*args):
+        return subprocess.run([sys.executable, "-m", "affiner", "evaluate", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=300)
+
+    out = tmp_path / "eval-1"
+    ok = affiner("--base", str(tiny_gpt2), "--adapter", str(adapter), "--test", str(qa_file), "--template", "qa",
+                 "--output", str(out), "--max-new-tokens", "4")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    summary = read_json(out / "summary.json")
+    assert summary["base"]["questions"] == summary["my-lora"]["questions"] == 6
+    assert (out / "report.html").is_file()
+    for args, message in [((), "either run folders"), (("--base", str(tiny_gpt2)), "at least one --adapter"),
+                          (("--base", str(tiny_gpt2), "--adapter", str(adapter)), "needs --test FILE")]:
+        bad = affiner(*args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr

@@ -2,6 +2,7 @@
 
     affiner evaluate runs/quickstart-20261122-183000
     affiner evaluate runs/a runs/b                        # several adapters of one base, side by side
+    affiner evaluate --base gpt2 --adapter my-lora --test questions.jsonl --template alpaca --output eval-1
     affiner evaluate runs/a --test questions.jsonl --max-new-tokens 48
     affiner evaluate runs/a --temperature 0.7 --top-p 0.95 --top-k 50 --seed 1
     affiner evaluate runs/a --judge-url http://127.0.0.1:11434/v1 --judge-model gemma3:27b
@@ -37,7 +38,13 @@ TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s) of one base model")
+    parser.add_argument("runs", nargs="*", metavar="RUN", help="run folder(s) of one base model")
+    parser.add_argument("--base", help="instead of runs: a base model (Hub id, folder, .gguf, embedded:...)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
+                        help="with --base: a LoRA adapter folder (plain peft format); repeatable")
+    parser.add_argument("--template", default="alpaca", choices=["alpaca", "instruction", "qa", "chat"],
+                        help="with --base: the prompt template the adapters were trained with")
+    parser.add_argument("--output", help="with --base: the folder that receives the report")
     parser.add_argument("--test", help="held-out file to answer instead of the run's own test split")
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: eval.max_new_tokens)")
     parser.add_argument("--max-questions", type=int, help="answer only the first N questions")
@@ -56,11 +63,19 @@ def main(args: argparse.Namespace) -> None:
     sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
     judge = JudgeConfig(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
                         **({"mode": args.judge_mode} if args.judge_mode else {}))
+    if bool(args.runs) == bool(args.base):
+        raise AffinerError("give either run folders (affiner evaluate RUN ...) or --base MODEL with --adapter DIR.")
+    plan = None
+    if args.base:
+        if not args.adapter:
+            raise AffinerError("--base needs at least one --adapter DIR to compare with.")
+        plan = plan_adapters(args.base, [Path(a) for a in args.adapter], args.test, args.template,
+                             Path(args.output) if args.output else None, args.max_questions)
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
-                          judge=judge if judge.url else None)
+                          judge=judge if judge.url else None, plan=plan)
     print(format_table(evaluation))
-    print(f"Report: {Path(args.runs[0]) / 'report.html'}")
+    print(f"Report: {(plan.output if plan else Path(args.runs[0])) / 'report.html'}")
 
 
 # ---------------------------------------------------------------------------------------- generation
@@ -220,7 +235,7 @@ def tuned_model(folder: Path, config: RunConfig):
         return load_model(str(folder))
     model = load_model(config.model.base, adapter=folder, quantization=config.quantization,
                        precision=config.model.precision, double_quant=config.model.double_quant)
-    return model if config.quantization else model.merge_and_unload()
+    return _merged(model, config.quantization)
 
 
 def base_model(config: RunConfig):
@@ -246,47 +261,100 @@ def _check_runs(folders: list[Path]) -> list[tuple[Path, RunConfig]]:
     return runs
 
 
-def evaluate(folders: Path | list[Path], test: str | None = None, max_new_tokens: int | None = None,
-             max_questions: int | None = None, batch_size: int | None = None, sampling: Sampling = Sampling(),
-             judge: JudgeConfig | None = None) -> dict:
-    runs = _check_runs(folders if isinstance(folders, list) else [folders])
+@dataclass
+class Plan:
+    """What to evaluate: which models, on which questions, with which prompt template, written where."""
+
+    output: Path
+    template: Template
+    tokenizer: object
+    examples: list[Example]
+    loaders: dict  # model name -> function loading it; "base" first
+    max_new_tokens: int
+    batch_size: int
+    test: str
+    judge: JudgeConfig | None
+
+
+def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) -> Plan:
+    runs = _check_runs(folders)
     folder, config = runs[0]
-    judge = judge or (config.eval.judge if config.eval.judge.url else None)
-    judge_client = _judge_client(judge) if judge else None  # fail on a bad judge setting before hours of generation
-    template = load_template(folder)
-    tokenizer = load_tokenizer(str(folder))
-    examples = held_out(folder, test, config)[: max_questions or config.eval.max_questions]
-    if not examples:
-        raise AffinerError(f"no held-out question to answer for {folder}.")
-    limit = max_new_tokens or config.eval.max_new_tokens
-    size = batch_size or config.eval.batch_size
     loaders = {"base": lambda: base_model(config)}
     for run_folder, run_config in runs:
         name = "tuned" if len(runs) == 1 else run_folder.name
         loaders[name] = lambda f=run_folder, c=run_config: tuned_model(f, c)
+    return Plan(output=folder, template=load_template(folder), tokenizer=load_tokenizer(str(folder)),
+                examples=held_out(folder, test, config)[: max_questions or config.eval.max_questions],
+                loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                test=test or (config.data.test or "held-out split of the run"),
+                judge=config.eval.judge if config.eval.judge.url else None)
+
+
+def plan_adapters(base: str, adapters: list[Path], test: str | None, template_name: str, output: Path | None,
+                  max_questions: int | None, quantization: str | None = None) -> Plan:
+    """A base model and LoRA adapters trained anywhere (plain peft folders), on a test file."""
+    from affiner.templates import build_template
+
+    if not test or output is None:
+        raise AffinerError("evaluating --adapter folders needs --test FILE (the held-out questions) and "
+                           "--output DIR (where the report goes).")
+    if output.exists() and any(output.iterdir()) and not (output / SUMMARY_FILE).exists():
+        raise AffinerError(f"--output {output} is a folder with other files in it; choose a new or empty folder.")
+    tokenizer = load_tokenizer(base)
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names) or "base" in names:
+        raise AffinerError("adapter folders must have distinct names, none called 'base': they name the columns.")
+    loaders = {"base": lambda: load_model(base, quantization=quantization)}
+    for adapter in adapters:
+        loaders[adapter.name] = lambda a=adapter: _merged(load_model(base, adapter=a, quantization=quantization),
+                                                         quantization)
+    examples = data_mod.to_examples(data_mod.read_rows(test))[:max_questions]
+    output.mkdir(parents=True, exist_ok=True)
+    return Plan(output=output, template=build_template(template_name, tokenizer), tokenizer=tokenizer,
+                examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None)
+
+
+def _merged(model, quantization: str | None):
+    return model if quantization else model.merge_and_unload()
+
+
+def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
+             max_questions: int | None = None, batch_size: int | None = None, sampling: Sampling = Sampling(),
+             judge: JudgeConfig | None = None, plan: Plan | None = None) -> dict:
+    """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run."""
+    if plan is None:
+        plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions)
+    judge = judge or plan.judge
+    judge_client = _judge_client(judge) if judge else None  # fail on a bad judge setting before hours of generation
+    if not plan.examples:
+        raise AffinerError(f"no held-out question to answer ({plan.test}).")
+    limit = max_new_tokens or plan.max_new_tokens
+    size = batch_size or plan.batch_size
+    examples, tokenizer, template = plan.examples, plan.tokenizer, plan.template
     answers, losses, seconds = {}, {}, {}
-    for name, load in loaders.items():
+    for name, load in plan.loaders.items():
         model = load()
         started = time.time()
         answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling, desc=f"{name} answers")
         seconds[name] = round(time.time() - started, 1)
         losses[name] = held_out_losses(model, tokenizer, template, examples, size)
         del model
-    scores = {name: score_answers(examples, answers[name]) for name in loaders}
+    scores = {name: score_answers(examples, answers[name]) for name in answers}
     verdicts = _judge(judge_client, judge, examples, answers, scores) if judge_client else None
-    evaluation = build_evaluation(folder.name, examples, answers, scores, losses, verdicts, {
-        "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name,
-        "test": test or (config.data.test or "held-out split of the run"), "questions": len(examples),
-        "generation_seconds": seconds})
-    _archive_previous(folder)
-    summary = {"run": str(folder), **evaluation["settings"], **{name: headline(scores[name]) for name in loaders},
+    evaluation = build_evaluation(plan.output.name, examples, answers, scores, losses, verdicts, {
+        "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
+        "questions": len(examples),
+        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())})
+    _archive_previous(plan.output)
+    summary = {"run": str(plan.output), **evaluation["settings"], "generation_seconds": seconds,
+               **{name: headline(scores[name]) for name in answers},
                "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
                             **{name: answers[name][i].__dict__ | {"correct": bool(scores[name][i]["contains"])}
-                               for name in loaders}} for i, e in enumerate(examples)]}
-    write_json(folder / SUMMARY_FILE, summary)
+                               for name in answers}} for i, e in enumerate(examples)]}
+    write_json(plan.output / SUMMARY_FILE, summary)
     from affiner.report import write_report
 
-    write_report(folder, evaluation)
+    write_report(plan.output, evaluation)
     return evaluation
 
 
