@@ -38,10 +38,12 @@ def test_quickstart_runs_end_to_end_on_the_embedded_model(tmp_path):
 
 def test_chat_answers_one_prompt_and_runs_a_session(tmp_path, tiny_gpt2):
     folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json"))))
-    one = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "5", cwd=tmp_path)
+    one = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "5", "--greedy",
+                   cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip()
-    session = _affiner("chat", str(folder), "--max-new-tokens", "3", stdin="Define FROND.\nexit\n", cwd=tmp_path)
+    session = _affiner("chat", str(folder), "--max-new-tokens", "3", "--greedy", stdin="Define FROND.\nexit\n",
+                       cwd=tmp_path)
     assert session.returncode == 0, session.stderr
     assert session.stdout.count("> ") == 2  # one prompt answered, then exit at the second
     missing = _affiner("chat", str(tmp_path / "nope"), cwd=tmp_path)

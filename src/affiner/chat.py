@@ -1,65 +1,151 @@
-"""Talk to a tuned model in the terminal, through the run's own prompt template.
+"""Talk to a tuned model in the terminal, through the run's own prompt template, with streaming.
 
+    affiner chat                                         # the latest run under runs/
     affiner chat runs/quickstart-20261122-183000
-    affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?"
-    affiner chat runs/quickstart-20261122-183000 --base     # the same prompt, without the adapter
+    affiner chat runs/quickstart-20261122-183000 --base  # the same prompts, without the adapter
+    affiner chat --model gpt2 --template alpaca           # any model, no run
+    affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?" --greedy
+
+In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/reset`
+forgets the conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
+not the program. Models with a chat template keep the conversation (oldest turns are dropped, with
+a notice, when it no longer fits the context window); text templates answer one question at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+import threading
+from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from affiner.evaluate import tuned_model
-from affiner.models import device, load_model, load_tokenizer
-from affiner.runs import latest_run, load_run_config, require_run
+from affiner.engine import BASE, Engine, Reply, Settings
 from affiner.errors import AffinerError
-from affiner.templates import Example, encode_prompt, load_template
+from affiner.runs import latest_run
+
+HELP = "commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, /reset, exit"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", nargs="?", help="run folder (default: the latest under runs/)")
+    parser.add_argument("--base", action="store_true", help="talk to the run's base model, without the adapter")
+    parser.add_argument("--model", help="instead of a run: any model (Hub id, folder, .gguf, embedded:gemma-3-270m)")
+    parser.add_argument("--template", choices=["alpaca", "instruction", "qa", "chat"],
+                        help="with --model: the prompt template (default: chat if the model has one, else alpaca)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--base", action="store_true", help="use the base model, without the adapter")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily")
+    parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
+    defaults = Settings()
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--seed", type=int)
 
 
 def main(args: argparse.Namespace) -> None:
+    engine, name, label = open_engine(args)
+    settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.prompt is not None:
+        answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
+        return
+    Session(engine, name, settings).run(label)
+
+
+def open_engine(args: argparse.Namespace) -> tuple[Engine, str, str]:
+    if args.model:
+        from affiner.models import load_model, load_tokenizer
+        from affiner.templates import build_template
+
+        tokenizer = load_tokenizer(args.model)
+        template_name = args.template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
+        engine = Engine.on_base(load_model(args.model), tokenizer, build_template(template_name, tokenizer), {})
+        return engine, BASE, f"{args.model} ({template_name} template)"
     folder = Path(args.run) if args.run else latest_run()
     if folder is None:
-        raise AffinerError("no run folder given and none found under runs/; train one with: affiner run")
-    folder = require_run(folder)
-    config = load_run_config(folder)
-    template = load_template(folder)
-    tokenizer = load_tokenizer(str(folder))
-    model = load_model(config.model.base, quantization=config.quantization) if args.base else tuned_model(folder, config)
-    from transformers import TextStreamer
+        raise AffinerError("no run folder given and none found under runs/; train one with: affiner run "
+                           "(or talk to any model with --model NAME).")
+    engine = Engine.from_runs([folder])
+    name = BASE if args.base else "tuned"
+    return engine, name, f"{'the base model of ' if args.base else ''}{folder}"
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
-    def answer(text: str) -> None:
-        ids = torch.tensor([encode_prompt(template, tokenizer, Example(instruction=text))], device=device())
-        sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.max_new_tokens,
-                       eos_token_id=list(template.stop_token_ids), pad_token_id=tokenizer.pad_token_id,
-                       streamer=streamer, **sampling)
+def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
+    """Stream one answer to stdout; Ctrl-C ends the answer early and keeps what was said."""
+    reply, stop = Reply(), threading.Event()
+    try:
+        started = False
+        for piece in engine.stream(name, messages, settings, stop=stop, reply=reply):
+            if not started:  # templates put a space between the prompt and the answer; the screen needs none
+                piece = piece.lstrip()
+                started = bool(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stop.set()
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return reply
 
-    if args.prompt is not None:
-        answer(args.prompt)
-        return
-    print(f"Chatting with {'the base of ' if args.base else ''}{folder} ('exit' or 'quit' to leave).")
-    while True:
-        try:
-            text = input("> ").strip()
-        except EOFError:
-            break
-        if text in {"exit", "quit"}:
-            break
-        if text:
+
+class Session:
+    def __init__(self, engine: Engine, name: str, settings: Settings):
+        self.engine, self.name, self.settings = engine, name, settings
+        self.messages: list[dict[str, str]] = []
+
+    def run(self, label: str) -> None:
+        mode = "multi-turn, chat template" if self.engine.template.is_chat else \
+            f"one question at a time, {self.engine.template.name} template"
+        print(f"Chatting with {label} ({mode}). {HELP}")
+        while True:
             try:
-                answer(text)
-            except KeyboardInterrupt:
+                text = input("> ").strip()
+            except EOFError:
                 print()
+                return
+            except KeyboardInterrupt:
+                print("\n(Ctrl-C stops an answer; type exit to leave)")
+                continue
+            if text in {"exit", "quit"}:
+                return
+            if text.startswith("/"):
+                self.command(text)
+            elif text:
+                self.ask(text)
+
+    def command(self, text: str) -> None:
+        verb, _, rest = text.partition(" ")
+        if verb == "/reset":
+            self.messages = []
+            print("(conversation cleared)")
+        elif verb == "/settings":
+            print(", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()))
+        elif verb == "/set" and rest.strip():
+            try:
+                for pair in rest.split():
+                    key, sep, value = pair.partition("=")
+                    if not sep:
+                        raise AffinerError(f"'{pair}' must look like key=value.")
+                    self.settings = self.settings.updated(key, value)
+            except AffinerError as exc:
+                print(f"(error: {exc})")
+                return
+            print("(" + ", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()) + ")")
+        else:
+            print(f"({HELP})")
+
+    def ask(self, text: str) -> None:
+        messages = [*self.messages, {"role": "user", "content": text}]
+        try:
+            reply = answer(self.engine, self.name, messages, self.settings)
+        except AffinerError as exc:
+            print(f"(error: {exc})")
+            return
+        if not self.engine.template.is_chat:
+            return  # text templates are single-turn: nothing to remember
+        if reply.dropped_turns:
+            print(f"(the {reply.dropped_turns} oldest messages no longer fit the context window and were left out)")
+            messages = messages[reply.dropped_turns:]
+        self.messages = [*messages, {"role": "assistant", "content": reply.text.strip()}]

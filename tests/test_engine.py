@@ -1,0 +1,97 @@
+"""The engine behind chat, app and serve: same prompts as training, adapters on one base, stoppable streams."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from affiner import evaluate as ev
+from affiner.config import load_config
+from affiner.engine import Engine, Reply, Settings
+from affiner.errors import AffinerError
+from affiner.models import load_model
+from affiner.templates import Example, load_template
+from affiner.train import train
+from conftest import write_config
+
+GREEDY = Settings(temperature=0, max_new_tokens=8)
+QUESTION = [{"role": "user", "content": "What does QUILT stand for?"}]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_llama):
+    root = tmp_path_factory.mktemp("engine")
+    return [train(load_config(str(write_config(root / name, tiny_llama, "embedded:glossary-train.json",
+                                               data={"template": "chat"},
+                                               train={"max_steps": 3, "learning_rate": lr, "seed": seed}))))
+            for name, lr, seed in [("a", 5e-2, 1), ("b", 5e-2, 2)]]
+
+
+@pytest.fixture(scope="module")
+def engine(runs):
+    return Engine.from_runs(runs, names=["a", "b"])
+
+
+def test_streamed_answers_are_evaluates_greedy_answers(engine, runs, tiny_llama):
+    tokenizer = engine.tokenizer
+    template = load_template(runs[0])
+    example = Example(instruction=QUESTION[0]["content"])
+    base = ev.generate(load_model(str(tiny_llama)), tokenizer, template, [example], 8)[0]
+    tuned = ev.generate(load_model(str(tiny_llama), adapter=runs[0]), tokenizer, template, [example], 8)[0]
+    for name, expected in (("base", base), ("a", tuned)):
+        reply = Reply()
+        pieces = list(engine.stream(name, QUESTION, GREEDY, reply=reply))
+        assert "".join(pieces).strip() == reply.text.strip() == expected.text
+        assert (reply.tokens, reply.stopped) == (expected.tokens, expected.stopped)
+        assert reply.first_token_seconds is not None and reply.prompt_tokens > 0
+
+
+def test_adapters_switch_on_one_base(engine):
+    answers = {name: engine.complete(name, QUESTION, GREEDY).text for name in engine.names}
+    assert engine.names == ["base", "a", "b"]
+    assert answers["a"] != answers["b"] or answers["a"] != answers["base"]
+    assert engine.complete("a", QUESTION, GREEDY).text == answers["a"]  # switching back gives the same answer
+    with pytest.raises(AffinerError, match="unknown model 'c'"):
+        engine.complete("c", QUESTION, GREEDY)
+
+
+def test_a_stop_request_ends_generation_early(engine):
+    stop, reply = threading.Event(), Reply()
+    settings = Settings(temperature=0, max_new_tokens=100)
+    for _ in engine.stream("base", QUESTION, settings, stop=stop, reply=reply):
+        stop.set()
+    assert reply.tokens < 100 and not reply.stopped
+
+
+def test_oldest_turns_are_dropped_to_fit_the_context_window(engine):
+    long_turn = "word " * 40
+    history = []
+    for _ in range(6):
+        history += [{"role": "user", "content": long_turn}, {"role": "assistant", "content": long_turn}]
+    example, dropped = engine.example([*history, *QUESTION], max_new_tokens=16)
+    assert dropped > 0 and dropped % 2 == 0
+    assert len(example.history) == len(history) - dropped
+    with pytest.raises(AffinerError, match="does not fit"):
+        engine.example([{"role": "user", "content": "word " * 400}], max_new_tokens=16)
+
+
+def test_concurrent_callers_are_served_one_at_a_time(engine):
+    expected = {name: engine.complete(name, QUESTION, GREEDY).text for name in engine.names}
+    results: list[tuple[str, str]] = []
+    threads = [threading.Thread(target=lambda n=name: results.append((n, engine.complete(n, QUESTION, GREEDY).text)))
+               for name in engine.names * 3]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 9 and all(text == expected[name] for name, text in results)
+
+
+def test_settings_parse_and_validate():
+    settings = Settings().updated("temperature", "0.5").updated("top_k", "7")
+    assert (settings.temperature, settings.top_k) == (0.5, 7)
+    for key, value, message in [("temperature", "hot", "must be a float"), ("top_p", "2", "out of range"),
+                                ("beams", "2", "unknown setting")]:
+        with pytest.raises(AffinerError, match=message):
+            Settings().updated(key, value)
