@@ -140,3 +140,20 @@ def test_base_with_adapters_trained_elsewhere_through_the_cli(tmp_path, tiny_gpt
                           (("--base", str(tiny_gpt2), "--adapter", str(adapter)), "needs --test FILE")]:
         bad = affiner(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_sampling_is_reproducible_with_its_seed(tiny_llama):
+    from affiner.engine import Settings
+
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = load_model(str(tiny_llama))
+    template = build_template("qa", tokenizer)
+
+    def sample(seed):
+        return ev.generate(model, tokenizer, template, QUESTIONS, 10, 5, Settings(temperature=1.5, top_k=0, top_p=1.0,
+                                                                                  seed=seed))
+
+    first = sample(1)
+    assert sample(1) == first
+    assert sample(2) != first
+    assert first != ev.generate(model, tokenizer, template, QUESTIONS, 10, 5)  # greedy by default

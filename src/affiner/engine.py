@@ -39,9 +39,17 @@ class Settings:
     seed: int | None = None
 
     def generate_kwargs(self) -> dict:
-        if self.temperature <= 0:
+        if self.greedy:
             return {"do_sample": False}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+    def describe(self) -> str:
+        return "greedy" if self.greedy else (f"sampling (temperature {self.temperature}, top_p {self.top_p}, "
+                                             f"top_k {self.top_k}, seed {self.seed})")
 
     def updated(self, key: str, value: str) -> "Settings":
         """A copy with one setting changed from text (`/set temperature=0.7`); unknown keys are errors."""

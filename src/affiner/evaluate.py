@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from affiner import data as data_mod
 from affiner import metrics
 from affiner.config import JudgeConfig, RunConfig
+from affiner.engine import Settings
 from affiner.errors import AffinerError
 from affiner.models import device, load_model, load_tokenizer
 from affiner.runs import SUMMARY_FILE, load_run_config, read_json, require_run, write_json
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.seed)
+    sampling = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     judge = JudgeConfig(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
                         **({"mode": args.judge_mode} if args.judge_mode else {}))
     if bool(args.runs) == bool(args.base):
@@ -81,25 +82,7 @@ def main(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------- generation
 
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0
-
-    def generate_kwargs(self) -> dict:
-        if self.greedy:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-
-    def describe(self) -> str:
-        return "greedy" if self.greedy else \
-            f"sampling (temperature {self.temperature}, top_p {self.top_p}, top_k {self.top_k}, seed {self.seed})"
+GREEDY = Settings(temperature=0.0)
 
 
 @dataclass(frozen=True)
@@ -111,7 +94,7 @@ class Answer:
 
 @torch.no_grad()
 def generate(model, tokenizer, template: Template, examples: list[Example], max_new_tokens: int,
-             batch_size: int = 16, sampling: Sampling = Sampling(), desc: str = "generating") -> list[Answer]:
+             batch_size: int = 16, sampling: Settings = GREEDY, desc: str = "generating") -> list[Answer]:
     """Answers generated in left-padded batches of similar lengths, returned in the examples' order.
 
     Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked
@@ -121,7 +104,7 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
     if not sampling.greedy:
-        torch.manual_seed(sampling.seed)
+        torch.manual_seed(sampling.seed or 0)
     answers: dict[int, Answer] = {}
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
         chunk = order[start:start + batch_size]
@@ -319,7 +302,7 @@ def _merged(model, quantization: str | None):
 
 
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
-             max_questions: int | None = None, batch_size: int | None = None, sampling: Sampling = Sampling(),
+             max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
              judge: JudgeConfig | None = None, plan: Plan | None = None) -> dict:
     """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run."""
     if plan is None:
