@@ -25,13 +25,16 @@ def test_quickstart_runs_end_to_end_on_the_embedded_model(tmp_path):
     result = _affiner("run", "--set", "train.max_steps=3", "--set", "eval.max_questions=4",
                       "--set", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "correct answer" in result.stdout and "Run folder:" in result.stdout
+    for line in ("contains the reference", "stops with EOS before the limit", "perplexity (held-out answers)",
+                 "Report:", "Run folder:"):
+        assert line in result.stdout
     folder = next((tmp_path / "runs").iterdir())
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["base"]["questions"] == summary["tuned"]["questions"] == 4
     assert len(summary["answers"]) == 4 and all(a["base"]["text"] for a in summary["answers"])
     assert json.loads((folder / "template.json").read_text())["name"] == "qa"
     assert (folder / "adapter_model.safetensors").stat().st_size > 0
+    assert (folder / "report.html").is_file() and (folder / "metrics.json").is_file()
     chat = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "8", cwd=tmp_path)
     assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
 
