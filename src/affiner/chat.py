@@ -100,20 +100,20 @@ class Session:
             f"one question at a time, {self.engine.template.name} template"
         print(f"Chatting with {label} ({mode}). {HELP}")
         while True:
+            # Ctrl-C can land anywhere (while typing, rendering, streaming): it never ends the session.
             try:
                 text = input("> ").strip()
+                if text in {"exit", "quit"}:
+                    return
+                if text.startswith("/"):
+                    self.command(text)
+                elif text:
+                    self.ask(text)
             except EOFError:
                 print()
                 return
             except KeyboardInterrupt:
                 print("\n(Ctrl-C stops an answer; type exit to leave)")
-                continue
-            if text in {"exit", "quit"}:
-                return
-            if text.startswith("/"):
-                self.command(text)
-            elif text:
-                self.ask(text)
 
     def command(self, text: str) -> None:
         verb, _, rest = text.partition(" ")

@@ -15,6 +15,7 @@ VERBS = {
     "train": "fine-tune with LoRA, QLoRA or fully",
     "evaluate": "answer held-out questions with the base and the tuned model, and score them",
     "chat": "talk to a tuned model (or its base) in the terminal",
+    "app": "compare base and tuned answers side by side in the browser",
 }
 
 

@@ -235,7 +235,7 @@ class Engine:
             worker.start()
             try:
                 for piece in streamer:
-                    if piece and reply.first_token_seconds is None:
+                    if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
                         reply.first_token_seconds = time.perf_counter() - started
                     reply.text += piece
                     yield piece
