@@ -16,6 +16,7 @@ VERBS = {
     "evaluate": "answer held-out questions with the base and the tuned model, and score them",
     "chat": "talk to a tuned model (or its base) in the terminal",
     "app": "compare base and tuned answers side by side in the browser",
+    "serve": "answer OpenAI-compatible API requests with the base and tuned models",
 }
 
 

@@ -173,10 +173,14 @@ class Engine:
                                f"the model's {self.context_window}-token context window.")
         return example, dropped if self.template.is_chat else len(messages) - 1 - len(system)
 
+    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> list[int]:
+        """The token ids the model is conditioned on for this conversation, as in training."""
+        example, _ = self.example(messages, max_new_tokens)
+        return encode_prompt(self._template(messages), self.tokenizer, example)
+
     def prompt_text(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> str:
         """The exact text the model sees for this conversation (for `show the prompt`)."""
-        example, _ = self.example(messages, max_new_tokens)
-        return self.tokenizer.decode(encode_prompt(self._template(messages), self.tokenizer, example))
+        return self.tokenizer.decode(self.prompt_ids(messages, max_new_tokens))
 
     def _template(self, messages: list[dict[str, str]]) -> Template:
         if messages and messages[0].get("role") == "system":

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import ipaddress
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from affiner.errors import AffinerError
+from affiner.net import is_loopback
 
 # ---------------------------------------------------------------------------------------- settings and results
 
@@ -269,15 +269,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _snippet(body: bytes | str, width: int = 200) -> str:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     text = " ".join(text.split())
@@ -317,7 +308,7 @@ class Judge:
         self._api_key = _api_key(settings.api_key_env)
         self._cache = _ReplyCache(settings.cache_dir or default_cache_dir())
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-        if _is_loopback(urllib.parse.urlsplit(self.endpoint).hostname or ""):
+        if is_loopback(urllib.parse.urlsplit(self.endpoint).hostname or ""):
             # A proxy from the environment cannot reach a server on this machine's loopback.
             handlers.append(urllib.request.ProxyHandler({}))
         self._opener = urllib.request.build_opener(*handlers)

@@ -1,0 +1,388 @@
+"""`affiner serve`: the OpenAI-compatible API over a tiny trained run, driven by the official openai client
+(chat, completions, streaming, concurrency), by raw HTTP (malformed requests, keys, hang-ups) and by the
+LLM judge client."""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from openai import AuthenticationError, OpenAI
+
+from affiner import serve
+from affiner.config import load_config
+from affiner.engine import Engine, Settings
+from affiner.errors import AffinerError
+from affiner.judge import Judge, JudgeSettings
+from affiner.train import train
+from conftest import _save, _sentencepiece_like_tokenizer, write_config
+
+QUESTION = [{"role": "user", "content": "What does QUILT stand for?"}]
+CONVERSATION = [{"role": "system", "content": "Answer briefly."},
+                {"role": "user", "content": "Define FROND."},
+                {"role": "assistant", "content": "Federated Registry of Open Nautical Data."},
+                {"role": "user", "content": "And MAPLE?"}]
+RAW_PROMPT = "### Question: What does QUILT stand for?\n### Answer:"
+KEY = "s3cret-key"
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """conftest's tiny Llama with a 1024-token window: the judge's prompts need about 500 tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _sentencepiece_like_tokenizer(chat=True)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return _save(tmp_path_factory.mktemp("wide-llama"), LlamaForCausalLM(config), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory, wide_llama):
+    folder = tmp_path_factory.mktemp("serve-run")
+    return train(load_config(str(write_config(folder, wide_llama, "embedded:glossary-train.json",
+                                              data={"template": "chat"}))))
+
+
+@pytest.fixture(scope="module")
+def engine(run_folder) -> Engine:
+    return Engine.from_runs([run_folder])
+
+
+def start(engine: Engine, api_key: str | None = None):
+    server = serve.make_server(engine, "127.0.0.1", 0, api_key)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def stop(server) -> None:
+    server.shutdown()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    server = start(engine)
+    yield server
+    stop(server)
+
+
+@pytest.fixture(scope="module")
+def port(server) -> int:
+    return server.server_address[1]
+
+
+@pytest.fixture(scope="module")
+def client(port) -> OpenAI:
+    return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def greedy(max_tokens: int) -> Settings:
+    return Settings(temperature=0, max_new_tokens=max_tokens)
+
+
+def raw_text(engine: Engine, model: str, prompt: str, max_tokens: int) -> str:
+    """What /v1/completions must answer: the raw continuation, unstripped."""
+    return "".join(engine.stream(model, None, greedy(max_tokens), raw_prompt=prompt))
+
+
+def request(port: int, method: str, path: str, body: bytes | dict | None = None,
+            headers: dict[str, str] | None = None, connection: http.client.HTTPConnection | None = None):
+    """(status, parsed JSON body, response headers) over a plain http.client connection."""
+    conn = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    payload = response.read()
+    if connection is None:
+        conn.close()
+    return response.status, json.loads(payload), dict(response.getheaders())
+
+
+def chat_body(**fields) -> dict:
+    return {"model": "tuned", "messages": QUESTION, "max_tokens": 4, "temperature": 0, **fields}
+
+
+# ---------------------------------------------------------------------------------------- the API
+
+
+def test_models_lists_base_and_tuned(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["base", "tuned"]
+    assert all(m.object == "model" and m.owned_by == "affiner" and m.created > 0 for m in models.data)
+    assert client.models.retrieve("tuned").id == "tuned"
+
+
+def test_chat_completion_has_the_openai_shape(client, engine):
+    reply = client.chat.completions.create(model="tuned", messages=QUESTION, max_tokens=12, temperature=0.7,
+                                           seed=3, top_p=0.9, extra_body={"top_k": 20})
+    assert reply.object == "chat.completion" and reply.model == "tuned" and reply.id.startswith("chatcmpl-")
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    usage = reply.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert 0 < usage.completion_tokens <= 12
+    assert usage.prompt_tokens == engine.complete("tuned", QUESTION, greedy(1)).prompt_tokens
+    assert (choice.finish_reason == "length") == (usage.completion_tokens == 12)
+
+
+@pytest.mark.parametrize("model", ["base", "tuned"])
+@pytest.mark.parametrize("messages", [QUESTION, CONVERSATION], ids=["question", "conversation"])
+def test_greedy_chat_answers_as_the_engine_does(client, engine, model, messages):
+    expected = engine.complete(model, messages, greedy(16))
+    reply = client.chat.completions.create(model=model, messages=messages, max_tokens=16, temperature=0)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.completion_tokens == expected.tokens
+    assert reply.choices[0].finish_reason == ("stop" if expected.stopped else "length")
+
+
+def test_streamed_chat_adds_up_to_the_whole_answer(client, engine):
+    whole = client.chat.completions.create(model="tuned", messages=CONVERSATION, max_tokens=24, temperature=0)
+    chunks = list(client.chat.completions.create(model="tuned", messages=CONVERSATION, max_tokens=24, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    with_choices = [c for c in chunks if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in with_choices][-1] == whole.choices[0].finish_reason
+    assert all(c.choices[0].finish_reason is None for c in with_choices[:-1])
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens  # the include_usage chunk
+
+
+def test_completions_continue_the_raw_prompt(client, engine):
+    expected = raw_text(engine, "tuned", RAW_PROMPT, 12)
+    whole = client.completions.create(model="tuned", prompt=RAW_PROMPT, max_tokens=12, temperature=0)
+    assert whole.object == "text_completion" and whole.choices[0].text == expected
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage.prompt_tokens == len(engine.tokenizer(RAW_PROMPT)["input_ids"])
+    chunks = list(client.completions.create(model="tuned", prompt=RAW_PROMPT, max_tokens=12, temperature=0,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_concurrent_requests_queue_without_mixing(client, engine):
+    jobs = [(model, messages, i % 3 == 0) for i, (model, messages) in
+            enumerate([("base", QUESTION), ("tuned", QUESTION), ("base", CONVERSATION), ("tuned", CONVERSATION)] * 5)]
+    expected = {(model, id(messages)): engine.complete(model, messages, greedy(10)).text
+                for model, messages, _ in jobs}
+
+    def ask(job):
+        model, messages, stream = job
+        if stream:
+            chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                                    stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return client.chat.completions.create(model=model, messages=messages, max_tokens=10,
+                                              temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        answers = list(pool.map(ask, jobs))
+    assert len(answers) == 20
+    assert answers == [expected[(model, id(messages))] for model, messages, _ in jobs]
+    assert len(set(expected.values())) > 1  # the models and prompts really answer differently
+
+
+def test_the_judge_client_gets_replies(port, tmp_path):
+    judge = Judge(JudgeSettings(url=f"http://127.0.0.1:{port}/v1", model="base", cache_dir=tmp_path, max_retries=0))
+    [verdict] = judge.absolute([("What does QUILT stand for?", "Queue of Unified Index Lookup Tables",
+                                 "QUILT stands for Queue of Unified Index Lookup Tables.")])
+    assert verdict.error is None
+    assert verdict.score in (None, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------- bad requests
+
+
+@pytest.mark.parametrize("method,path,body,status,param", [
+    ("POST", "/v1/chat/completions", b"{not json", 400, None),
+    ("POST", "/v1/chat/completions", b"[1, 2]", 400, None),
+    ("POST", "/v1/chat/completions", b'{"model": "tuned", "messages": [], "temperature": NaN}', 400, None),
+    ("POST", "/v1/chat/completions", {"model": "tuned"}, 400, "messages"),
+    ("POST", "/v1/chat/completions", {"messages": QUESTION}, 400, "model"),
+    ("POST", "/v1/chat/completions", chat_body(messages="hi"), 400, "messages"),
+    ("POST", "/v1/chat/completions", chat_body(messages=[{"role": "user"}]), 400, "messages[0].content"),
+    ("POST", "/v1/chat/completions", chat_body(messages=[{"role": ["user"], "content": "x"}]), 400,
+     "messages[0].role"),
+    ("POST", "/v1/chat/completions", chat_body(messages=CONVERSATION[:3]), 400, "messages"),
+    ("POST", "/v1/chat/completions", chat_body(temperature="hot"), 400, "temperature"),
+    ("POST", "/v1/chat/completions", chat_body(temperature=5), 400, "temperature"),
+    ("POST", "/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
+    ("POST", "/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
+    ("POST", "/v1/chat/completions", chat_body(max_tokens=True), 400, "max_tokens"),
+    ("POST", "/v1/chat/completions", chat_body(max_tokens=5000), 400, "max_tokens"),
+    ("POST", "/v1/chat/completions", chat_body(stream="yes"), 400, "stream"),
+    ("POST", "/v1/chat/completions", chat_body(n=2), 400, "n"),
+    ("POST", "/v1/chat/completions", chat_body(stop=["\n"]), 400, "stop"),
+    ("POST", "/v1/chat/completions", chat_body(model="gpt-4o"), 404, "model"),
+    ("POST", "/v1/completions", {"model": "tuned", "prompt": 5}, 400, "prompt"),
+    ("POST", "/v1/completions", {"model": "tuned", "prompt": ["a", "b"]}, 400, "prompt"),
+    ("POST", "/v1/embeddings", chat_body(), 404, None),
+    ("GET", "/v2/models", None, 404, None),
+    ("GET", "/v1/models/gpt-4o", None, 404, "model"),
+    ("GET", "/v1/chat/completions", None, 405, None),
+    ("POST", "/v1/models", chat_body(), 405, None),
+    ("DELETE", "/v1/completions", None, 405, None),
+])
+def test_bad_requests_get_an_openai_error_and_the_server_goes_on(port, client, method, path, body, status, param):
+    got, payload, headers = request(port, method, path, body)
+    assert got == status
+    error = payload["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+    if status == 404 and param == "model":
+        assert error["code"] == "model_not_found"
+    if status == 405:
+        assert headers["Allow"] in ("GET", "POST")
+    assert client.chat.completions.create(**chat_body()).choices[0].message.content is not None
+
+
+def test_a_huge_body_is_refused_with_413(port, client):
+    huge = json.dumps(chat_body(messages=[{"role": "user", "content": "x" * (2 << 20)}])).encode()
+    status, payload, _ = request(port, "POST", "/v1/chat/completions", huge)
+    assert status == 413 and payload["error"]["code"] == "request_too_large"
+    assert client.models.list().data
+
+
+def test_one_connection_survives_errors(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    assert request(port, "POST", "/v1/chat/completions", b"{oops", connection=conn)[0] == 400
+    assert request(port, "GET", "/nowhere", None, connection=conn)[0] == 404
+    assert request(port, "POST", "/v1/chat/completions", chat_body(n=3), connection=conn)[0] == 400
+    status, payload, _ = request(port, "POST", "/v1/chat/completions", chat_body(), connection=conn)
+    assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+    conn.close()
+
+
+# ---------------------------------------------------------------------------------------- keys and hosts
+
+
+def test_a_key_is_required_once_configured(engine):
+    server = start(engine, api_key=KEY)
+    port = server.server_address[1]
+    try:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {KEY}"},
+                        {"Authorization": f"Bearer {KEY}x"}):
+            status, payload, response_headers = request(port, "POST", "/v1/chat/completions", chat_body(), headers)
+            assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+            assert KEY not in json.dumps(payload)
+            assert response_headers["WWW-Authenticate"].startswith("Bearer")
+        assert request(port, "GET", "/unknown", None)[0] == 401  # nothing is revealed without the key
+        url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        keyed = OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        assert [m.id for m in keyed.models.list().data] == ["base", "tuned"]
+        assert keyed.chat.completions.create(**chat_body()).choices[0].message.content is not None
+    finally:
+        stop(server)
+
+
+def test_other_hosts_need_a_key(engine, monkeypatch, run_folder):
+    with pytest.raises(AffinerError, match="API key"):
+        serve.make_server(engine, "0.0.0.0", 0, None)
+    with pytest.raises(AffinerError, match="API key"):
+        serve.make_server(engine, "", 0, None)
+    monkeypatch.delenv("AFFINER_TEST_KEY", raising=False)
+    args = argparse.Namespace(runs=[str(run_folder)], host="0.0.0.0", port=0, api_key_env=None)
+    with pytest.raises(AffinerError, match="API key"):
+        serve.main(args)  # refused before the model is loaded
+    with pytest.raises(AffinerError, match="AFFINER_TEST_KEY"):
+        serve.main(argparse.Namespace(**{**vars(args), "api_key_env": "AFFINER_TEST_KEY"}))
+    server = serve.make_server(engine, "0.0.0.0", 0, KEY)
+    server.server_close()
+
+
+def test_main_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(AffinerError, match="no run folder"):
+        serve.main(argparse.Namespace(runs=[], host="127.0.0.1", port=0, api_key_env=None))
+
+
+def test_main_serves_until_ctrl_c(run_folder, monkeypatch, capsys):
+    def interrupt(self, poll_interval=0.5):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(serve._Server, "serve_forever", interrupt)
+    serve.main(argparse.Namespace(runs=[str(run_folder)], host="127.0.0.1", port=0, api_key_env=None))
+    out = capsys.readouterr().out
+    assert "base, tuned" in out and "http://127.0.0.1:" in out
+
+
+# ---------------------------------------------------------------------------------------- hang-ups
+
+
+@pytest.fixture
+def spied(engine, monkeypatch):
+    """Counts the pieces each generation yields, to see when one stops early."""
+    counts: list[int] = []
+    real = engine.stream
+
+    def stream(*args, **kwargs):
+        counts.append(0)
+        index = len(counts) - 1
+        for piece in real(*args, **kwargs):
+            counts[index] += 1
+            yield piece
+
+    monkeypatch.setattr(engine, "stream", stream)
+    return counts
+
+
+def wait_until_free(engine: Engine, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while engine.lock.locked() or not engine.lock.acquire(timeout=0.05):
+        assert time.monotonic() < deadline, "the model was not freed"
+        time.sleep(0.02)
+    engine.lock.release()
+
+
+LONG = 600  # tokens: seconds of generation on the tiny model
+
+
+@pytest.fixture(scope="module")
+def full_pieces(engine) -> int:
+    """How many pieces the long answer has when nobody hangs up."""
+    return sum(1 for _ in engine.stream("tuned", QUESTION, greedy(LONG)))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_frees_the_model(port, engine, full_pieces, spied, stream):
+    body = json.dumps(chat_body(max_tokens=LONG, stream=stream)).encode()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        if stream:
+            received = b""
+            while b'"content"' not in received:  # hang up once the answer is under way
+                data = sock.recv(4096)
+                assert data, "the stream ended early"
+                received += data
+            assert received.startswith(b"HTTP/1.1 200")
+        else:
+            deadline = time.monotonic() + 10
+            while not (spied and spied[0]):
+                assert time.monotonic() < deadline, "the answer never started"
+                time.sleep(0.01)
+    wait_until_free(engine)
+    assert len(spied) == 1 and spied[0] < full_pieces / 2
+
+
+def test_trim_streams_what_strip_gives():
+    pieces = ["\n", " Hello", " ", "", "wor", "ld \n", "\t", "!", "  \n"]
+    trim = serve._Trim()
+    assert "".join(trim.feed(p) for p in pieces) == "".join(pieces).strip()
