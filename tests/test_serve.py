@@ -13,7 +13,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from openai import AuthenticationError, OpenAI
 
 from affiner import serve
@@ -22,7 +21,7 @@ from affiner.engine import Engine, Settings
 from affiner.errors import AffinerError
 from affiner.judge import Judge, JudgeSettings
 from affiner.train import train
-from conftest import _save, _sentencepiece_like_tokenizer, write_config
+from conftest import make_tiny_llama, write_config
 
 QUESTION = [{"role": "user", "content": "What does QUILT stand for?"}]
 CONVERSATION = [{"role": "system", "content": "Answer briefly."},
@@ -39,15 +38,7 @@ KEY = "s3cret-key"
 @pytest.fixture(scope="module")
 def wide_llama(tmp_path_factory):
     """conftest's tiny Llama with a 1024-token window: the judge's prompts need about 500 tokens."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = _sentencepiece_like_tokenizer(chat=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    return _save(tmp_path_factory.mktemp("wide-llama"), LlamaForCausalLM(config), tokenizer)
+    return make_tiny_llama(tmp_path_factory.mktemp("wide-llama"), context_window=1024)
 
 
 @pytest.fixture(scope="module")
