@@ -157,3 +157,42 @@ def test_sampling_is_reproducible_with_its_seed(tiny_llama):
     assert sample(1) == first
     assert sample(2) != first
     assert first != ev.generate(model, tokenizer, template, QUESTIONS, 10, 5)  # greedy by default
+
+
+def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama):
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from affiner.config import JudgeConfig
+
+    class Judge(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            pairwise = "answer_A" in body["messages"][-1]["content"]  # the judge labels the two answers so
+            verdict = "<result>B</result><explain>B is closer.</explain>" if pairwise else \
+                "<result>1</result><explain>It matches.</explain>"
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": verdict}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
+        judge = JudgeConfig(url=f"http://127.0.0.1:{server.server_port}/v1", model="stand-in")
+        evaluation = ev.evaluate(folder, max_questions=2, judge=judge)
+    finally:
+        server.shutdown()
+    assert evaluation["judge"]["absolute"]["tuned"]["accuracy"] == 1.0
+    assert evaluation["metrics"]["judge"]["base"]["mean"] == 1.0
+    assert all(x["answers"]["tuned"]["scores"]["judge"] == 1.0 for x in evaluation["examples"])
+    pairwise = evaluation["judge"]["pairwise"]["tuned"]
+    assert pairwise["ties"] == 2 and pairwise["win_rate"] == 0.5  # "B" in both orders: position bias cancels out
+    assert "Judge" in (folder / "report.md").read_text()
