@@ -84,6 +84,18 @@ class Reply:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def _join_through_interrupts(worker: threading.Thread) -> None:
+    """Wait for the generation thread even if Ctrl-C arrives meanwhile (it already asked it to stop)."""
+    if worker.ident is None:  # interrupted before it started: nothing runs
+        return
+    while True:
+        try:
+            worker.join()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
 class _StopOnEvent:
     """Stopping criterion: ends generation at the next token once the event is set (Ctrl-C, a client gone)."""
 
@@ -235,9 +247,10 @@ class Engine:
                     streamer.end()
 
             started = time.perf_counter()
-            worker = threading.Thread(target=run, daemon=True)
-            worker.start()
+            # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
+            worker = threading.Thread(target=run, daemon=False)
             try:
+                worker.start()
                 for piece in streamer:
                     if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
                         reply.first_token_seconds = time.perf_counter() - started
@@ -245,7 +258,7 @@ class Engine:
                     yield piece
             finally:
                 stop.set()  # a caller that stops iterating (client gone, Ctrl-C) ends the generation too
-                worker.join()
+                _join_through_interrupts(worker)  # the lock must not be released while the model still runs
                 reply.seconds = time.perf_counter() - started
             if "error" in output:
                 raise output["error"]
