@@ -298,7 +298,8 @@ def _stop(process: subprocess.Popen | None) -> None:
 
 READY = """(() => {
   const text = (kind) => [...document.querySelectorAll(`[data-testid="answer-${kind}"]`)].map(e => e.innerText.trim());
-  const timings = (document.body.innerText.match(/first token [0-9.]+ s/g) || []).length;
+  const page = document.body ? document.body.innerText : "";  // polled from before the page has a body
+  const timings = (page.match(/first token [0-9.]+ s/g) || []).length;
   return JSON.stringify({base: text("base"), tuned: text("tuned"), timings});
 })()"""
 
@@ -347,8 +348,10 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
 
             deadline, shown = time.time() + 60, {}
             while time.time() < deadline:
-                shown = json.loads(call("Runtime.evaluate", expression=READY, returnByValue=True)["result"]["value"])
-                if shown["timings"] >= 2:
+                # While the page is still loading the script can throw: no value yet, keep polling.
+                value = call("Runtime.evaluate", expression=READY, returnByValue=True)["result"].get("value")
+                shown = json.loads(value) if value else {}
+                if shown.get("timings", 0) >= 2:
                     break
                 time.sleep(0.5)
             assert shown.get("timings", 0) >= 2, f"no answers in the page: {shown}\n{log.read_text()[-3000:]}"
