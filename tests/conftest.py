@@ -4,6 +4,8 @@ has a chat template) and Gemma 3 (soft-capped logits)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -166,3 +168,25 @@ def interrupt_training(monkeypatch):
 
     arm.disarm = lambda: monkeypatch.setattr(train_mod, "log_metrics", real_log)
     return arm
+
+
+_EXIT_STATUS: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus):
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's teardown once pytest has reported, keeping its exit status.
+
+    Workaround, to be investigated: after a full run (servers, Streamlit, torch and tokenizer thread
+    pools in one process) native teardown sometimes aborts with "terminate called without an active
+    exception" (exit 134) after every test passed. The affiner commands themselves exit 0 in the tests
+    that run them as processes (chat in tmux, `affiner run`).
+    """
+    if _EXIT_STATUS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_EXIT_STATUS[0])
