@@ -65,12 +65,3 @@ def latest_run(output_dir: str = "runs") -> Path | None:
     runs = [p for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()]
     return max(runs, key=lambda p: p.stat().st_mtime) if runs else None
 
-
-def keep_previous(path: Path) -> None:
-    """Move an existing result aside (summary.json -> summary.1.json) instead of overwriting it."""
-    if not path.exists():
-        return
-    n = 1
-    while (older := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-        n += 1
-    path.rename(older)
