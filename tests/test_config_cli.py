@@ -22,6 +22,21 @@ def test_every_shipped_recipe_validates(name):
         assert config.quantization == "nf4"
 
 
+@pytest.mark.parametrize("name", recipe_names())
+def test_recipes_naming_a_hub_dataset_say_how_to_prepare_it(name):
+    """A 52k-row Hub dataset should be looked at (data card) before hours of training, with a command that works."""
+    from importlib import resources
+
+    config = load_config(name)
+    if config.data.train.startswith("embedded:"):
+        return
+    text = (resources.files("affiner") / "recipes" / f"{name}.yaml").read_text(encoding="utf-8")
+    prepare = next(line for line in text.splitlines() if line.startswith("#   affiner prepare"))
+    output = prepare.split("--output ")[1].strip()
+    assert prepare == f"#   affiner prepare {name} --output {output}"
+    assert f"--set data.train={output}" in text
+
+
 def test_reference_recipes_carry_the_reference_settings():
     gpt2 = load_config("gpt2-alpaca-lora")
     assert (gpt2.lora.r, gpt2.lora.alpha, gpt2.lora.dropout, gpt2.lora.target_modules) == (8, 32, 0.1, ["c_attn"])

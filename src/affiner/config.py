@@ -7,12 +7,13 @@ a silently ignored knob. Shipped recipes live in `affiner/recipes/` and are load
 from __future__ import annotations
 
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from affiner.errors import AffinerError
 
@@ -51,6 +52,21 @@ class DataConfig(_Section):
     seed: int = 42
     split: str = "train"
     max_rows: int | None = Field(None, ge=1)
+    # Cleaning, shared by `affiner prepare` and `affiner train` so both see the same rows.
+    dedupe: Literal["none", "exact", "normalized"] = "normalized"  # normalized also drops case/space/punctuation twins
+    keep_matching: str | None = None  # regex: keep only rows whose text (question, input, answer) matches
+    drop_matching: str | None = None  # regex: drop rows whose text matches ("As an AI language model")
+    languages: list[str] | None = None  # keep rows detected in these languages ([en, fr]); ~0.1 ms per row
+
+    @field_validator("keep_matching", "drop_matching")
+    @classmethod
+    def _compiles(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression ({exc})") from None
+        return pattern
 
     @model_validator(mode="after")
     def _test_size_is_a_fraction_or_a_count(self) -> "DataConfig":
@@ -198,7 +214,8 @@ def _describe(err: dict[str, Any]) -> str:
         return f"{path}: required key is missing"
     given = err.get("input")
     shown = "" if isinstance(given, dict) else f" (got {given!r})"
-    return f"{path}: {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
+    message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
+    return f"{path}: {message[0].lower()}{message[1:]}{shown}"
 
 
 def _suggestion(loc: tuple) -> str:

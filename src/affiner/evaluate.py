@@ -205,7 +205,7 @@ def training_probe(template: Template, tokenizer, examples: list[Example], max_n
 
 def held_out(folder: Path, test: str | None, config: RunConfig) -> list[Example]:
     if test:
-        return data_mod.to_examples(data_mod.read_rows(test), config.data.format, config.data.columns)
+        return data_mod.to_examples(data_mod.read_test_rows(test), config.data.format, config.data.columns)
     path = folder / "test_examples.json"
     if not path.is_file():
         raise AffinerError(f"{folder} has no held-out examples; pass --test FILE.")
@@ -291,7 +291,7 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
     for adapter in adapters:
         loaders[adapter.name] = lambda a=adapter: _merged(load_model(base, adapter=a, quantization=quantization),
                                                          quantization)
-    examples = data_mod.to_examples(data_mod.read_rows(test))[:max_questions]
+    examples = data_mod.to_examples(data_mod.read_test_rows(test))[:max_questions]
     output.mkdir(parents=True, exist_ok=True)
     return Plan(output=output, template=build_template(template_name, tokenizer), tokenizer=tokenizer,
                 examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None)

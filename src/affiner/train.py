@@ -28,6 +28,7 @@ from affiner.config import RunConfig, load_config
 from affiner.errors import AffinerError
 from affiner.models import (compute_dtype, default_target_modules, describe, device, load_model, load_tokenizer,
                             uses_conv1d)
+from affiner.prepare import build
 from affiner.runs import (RUN_FILE, create_run_folder, load_run_config, read_json, require_run, save_config,
                           write_json)
 from affiner.templates import build_template, load_template, save_template
@@ -216,8 +217,10 @@ def prepare_run(config: RunConfig):
     """Everything that can fail on bad input, before any file is written."""
     tokenizer = load_tokenizer(config.model.base)
     template = build_template(config.data.template, tokenizer, config.data.system_prompt)
-    train_examples, test_examples, data_info = data_mod.load_splits(config.data)
-    features, report = tokenize_train(config, template, tokenizer, train_examples)
+    prepared = build(config.data, tokenizer, template)
+    print(prepared.ledger.summary())
+    test_examples, data_info = prepared.test, prepared.info
+    features, report = tokenize_train(config, template, tokenizer, prepared.train)
     data_info["train_report"] = {"read": report.read, "kept": report.kept, "dropped": report.dropped,
                                  "dropped_examples": report.examples_dropped}
     return tokenizer, template, features, test_examples, data_info
@@ -234,7 +237,8 @@ def prepare_resume(folder: Path):
     config = load_run_config(folder)
     template = load_template(folder)
     tokenizer = load_tokenizer(str(folder))
-    train_examples, _, info = data_mod.load_splits(config.data)
+    prepared = build(config.data, tokenizer, template)
+    train_examples, info = prepared.train, prepared.info
     recorded = read_json(folder / "data.json")
     if any(info[side]["sha256"] != recorded[side]["sha256"] for side in ("train", "test")):
         raise AffinerError(f"the data of {folder} ({config.data.train}) changed since the run started (its "
