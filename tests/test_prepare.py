@@ -209,6 +209,8 @@ def test_train_and_evaluate_read_a_prepared_folder_and_refuse_an_edited_one(tiny
     data = json.loads((run / "data.json").read_text())
     assert data["train"]["examples"] == 9 and data["test"]["examples"] == 3
     assert data["test"]["source"] == str(output)  # the prepared test split, not a new split of train
+    manifest = json.loads((output / "prepared.json").read_text())
+    assert data["train"]["prepared"]["sha256"] == manifest["files"]["train.jsonl"]["sha256"]
     held_out = json.loads((run / "test_examples.json").read_text())
     assert [e["instruction"] for e in held_out] == [r["instruction"] for r in lines(output / "test.jsonl")]
     assert len(to_examples(read_rows(str(output), "test"))) == 3

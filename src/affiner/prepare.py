@@ -249,6 +249,10 @@ def build(data: DataConfig, tokenizer, template: Template) -> Prepared:
                        "test": len({e.group for e in test if e.group}),
                        "on_both_sides": len({e.group for e in train if e.group} & {e.group for e in test if e.group})},
             "format": data.format, "template": data.template, "steps": ledger.steps}
+    for side, source in (("train", data.train), ("test", test_source)):
+        if data_mod.is_prepared(source):  # the prepared files' own fingerprints, as their data card shows them
+            manifest = json.loads((Path(source).expanduser() / data_mod.PREPARED_FILE).read_text(encoding="utf-8"))
+            info[side]["prepared"] = {"folder": source, **manifest["files"].get(f"{side}.jsonl", {})}
     # Lengths are measured before any split: with a split, they describe both sides together.
     lengths = {"train": train_lengths, "test": test_lengths} if test_source else {"all": train_lengths}
     return Prepared(train, test, ledger, lengths, info)
