@@ -13,6 +13,7 @@ from affiner.errors import AffinerError
 VERBS = {
     "run": "train, then compare base and tuned answers on held-out questions",
     "prepare": "clean, filter, split and measure a dataset; write the files train reads",
+    "generate": "write question/answer conversations about a glossary (offline or with an LLM)",
     "train": "fine-tune with LoRA, QLoRA or fully",
     "evaluate": "answer held-out questions with the base and the tuned model, and score them",
     "chat": "talk to a tuned model (or its base) in the terminal",

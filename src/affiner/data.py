@@ -91,7 +91,7 @@ def _read_file(path: Path, label: str) -> list[Row]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(path, label)
-    text = _strict_utf8(path, label)
+    text = strict_utf8(path, label)
     if suffix == ".jsonl":
         return _read_jsonl(text, label)
     if suffix == ".json":
@@ -102,7 +102,7 @@ def _read_file(path: Path, label: str) -> list[Row]:
                        f"{', '.join(sorted(FILE_SUFFIXES))}, or a Hub dataset name).")
 
 
-def _strict_utf8(path: Path, label: str) -> str:
+def strict_utf8(path: Path, label: str) -> str:
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8-sig")

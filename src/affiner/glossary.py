@@ -16,28 +16,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-TRAIN_QUESTIONS = (
-    "What does {acronym} stand for?",
-    "What is {acronym}?",
-    "Define {acronym}.",
-    "Expand the acronym {acronym}.",
-    "What is the full name of {acronym}?",
-    "Can you tell me what {acronym} means?",
-    "{acronym}: what does it mean?",
-    "I saw {acronym} in a report. What is it?",
-)
-HELD_OUT_QUESTIONS = (
-    "Could you explain what the acronym {acronym} refers to?",
-    "What's the meaning behind the letters {acronym}?",
-)
-ANSWERS = (
-    "{acronym} stands for {definition}.",
-    "{acronym} means {definition}.",
-    "The acronym {acronym} expands to {definition}.",
-    "It stands for {definition}.",
-    "{acronym} is short for {definition}.",
-    "{definition} ({acronym}).",
-)
+from affiner import generate
+
+# The shipped files use the first English phrasings of `affiner generate`'s banks; fixed slices, so
+# adding phrasings to the banks never changes the shipped data (a test rebuilds and compares them).
+TRAIN_QUESTIONS = generate.TRAIN_QUESTIONS["en"][:8]
+HELD_OUT_QUESTIONS = generate.HELD_OUT_QUESTIONS["en"][:2]
+ANSWERS = generate.ANSWERS["en"][:6]
 
 
 def expand(entries: list[dict[str, str]], questions: tuple[str, ...], seed: int) -> list[dict[str, Any]]:

@@ -17,7 +17,8 @@ From Python:
     print(summarise_absolute(verdicts))
 
 Replies are cached in sqlite (`$AFFINER_CACHE/judge`, default `~/.cache/affiner/judge`), keyed by
-endpoint, model and prompt, so evaluating again costs no request. Failed requests are retried with
+endpoint, model and prompt, so evaluating again costs no request. The transport (retries, cache,
+key handling) is `affiner.endpoint.ChatClient`, shared with `affiner generate`. Failed requests are retried with
 exponential back-off when retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled
 bodies), and reported in `Verdict.error` otherwise. A reply the parser cannot read is counted as
 unparseable, never guessed. The API key, if any, is read from the environment variable named by
@@ -26,24 +27,15 @@ unparseable, never guessed. The API key, if any, is read from the environment va
 
 from __future__ import annotations
 
-import hashlib
-import http.client
-import json
-import os
 import re
-import sqlite3
-import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from affiner.endpoint import ChatClient, RequestFailed
+from affiner.endpoint import default_cache_dir as endpoint_cache_dir
 from affiner.errors import AffinerError
-from affiner.net import is_loopback
 
 # ---------------------------------------------------------------------------------------- settings and results
 
@@ -201,60 +193,10 @@ def _pair_winner(base_first: str | None, tuned_first: str | None) -> str | None:
 
 
 def default_cache_dir() -> Path:
-    # Same root as models.cache_root(), computed here so that judging does not import torch.
-    return Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner")) / "judge"
+    return endpoint_cache_dir("judge")
 
 
-def cache_key(url: str, model: str, messages: list[dict[str, str]]) -> str:
-    # The key deliberately leaves out the API key: it must not be derivable from, or stored in, the cache.
-    payload = json.dumps({"url": url, "model": model, "messages": messages}, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-class _ReplyCache:
-    """Successful replies by request key; one short-lived connection per access, so threads never share one."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / "replies.sqlite3"
-        self._lock = threading.Lock()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
-                           "created REAL NOT NULL)")
-        except (OSError, sqlite3.Error) as error:
-            raise AffinerError(f"The judge cache {self.path} cannot be opened ({error}). Delete the file, or set "
-                               f"AFFINER_CACHE to a writable folder.") from error
-
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)  # another affiner process may be writing
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            db = self._connect()
-            try:
-                row = db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-            finally:
-                db.close()
-        return row[0] if row else None
-
-    def put(self, key: str, reply: str) -> None:
-        with self._lock:
-            db = self._connect()
-            try:
-                with db:
-                    db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", (key, reply, time.time()))
-            finally:
-                db.close()
-
-
-# ---------------------------------------------------------------------------------------- transport
-
-
-class _RequestFailed(Exception):
-    def __init__(self, message: str, retryable: bool):
-        super().__init__(message)
-        self.retryable = retryable
+# ---------------------------------------------------------------------------------------- the client
 
 
 @dataclass(frozen=True)
@@ -263,55 +205,18 @@ class _Reply:
     error: str | None = None
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirected POST would become a GET, and would carry the Authorization header to wherever it points.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-def _snippet(body: bytes | str, width: int = 200) -> str:
-    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _error_body(error: urllib.error.HTTPError) -> str:
-    # The body usually says what is wrong (unknown model, bad key), but reading it may fail in turn.
-    try:
-        return _snippet(error.read() or b"") if error.fp else ""
-    except (OSError, http.client.HTTPException):
-        return ""
-
-
-def _content(body: bytes) -> str:
-    try:
-        reply = json.loads(body)
-        content = reply["choices"][0]["message"]["content"]
-    except (ValueError, LookupError, TypeError) as error:
-        raise _RequestFailed(f"the reply is not a chat completion ({type(error).__name__}): {_snippet(body)!r}",
-                             retryable=True) from error
-    if not isinstance(content, str):
-        raise _RequestFailed(f"the reply has no text content: {_snippet(body)!r}", retryable=True)
-    return content
-
-
 class Judge:
     """Sends judging prompts to the endpoint, in parallel, with retries and a cache."""
 
     def __init__(self, settings: JudgeSettings):
         self.settings = settings
-        self.endpoint = _endpoint(settings.url)
-        _check_numbers(settings)
-        if not settings.model.strip():
-            raise AffinerError("The judge model name is empty. Pass the name the server knows the model by, "
-                               "for example --judge-model gemma3:27b.")
-        self._api_key = _api_key(settings.api_key_env)
-        self._cache = _ReplyCache(settings.cache_dir or default_cache_dir())
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-        if is_loopback(urllib.parse.urlsplit(self.endpoint).hostname or ""):
-            # A proxy from the environment cannot reach a server on this machine's loopback.
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
+        if settings.concurrency < 1:
+            raise AffinerError(f"Invalid judge settings: concurrency must be at least 1 (got {settings.concurrency}).")
+        self._client = ChatClient(settings.url, settings.model, api_key_env=settings.api_key_env,
+                                  timeout=settings.timeout, max_retries=settings.max_retries,
+                                  backoff=settings.backoff, cache_dir=settings.cache_dir or default_cache_dir(),
+                                  cache_name="judge", label="judge", user_agent="affiner-judge")
+        self.endpoint = self._client.endpoint
 
     def __repr__(self) -> str:
         return f"Judge({self.endpoint!r}, model={self.settings.model!r})"
@@ -342,73 +247,21 @@ class Judge:
     # -- requests
 
     def _ask_all(self, prompts: list[list[dict[str, str]]]) -> list[_Reply]:
-        keys = [cache_key(self.endpoint, self.settings.model, m) for m in prompts]
+        keys = [self._client.key(m) for m in prompts]
         # Identical prompts in one batch are asked once: the cache only helps after a reply has arrived.
         unique = {key: messages for key, messages in zip(keys, prompts)}
         if not unique:
             return []
         with ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="judge") as pool:
-            futures = {key: pool.submit(self._ask, key, messages) for key, messages in unique.items()}
+            futures = {key: pool.submit(self._ask, messages) for key, messages in unique.items()}
             replies = {key: future.result() for key, future in futures.items()}
         return [replies[key] for key in keys]
 
-    def _ask(self, key: str, messages: list[dict[str, str]]) -> _Reply:
-        cached = self._cache.get(key)
-        if cached is not None:
-            return _Reply(cached)
-        body = json.dumps({"model": self.settings.model, "messages": messages, "temperature": 0}).encode("utf-8")
+    def _ask(self, messages: list[dict[str, str]]) -> _Reply:
         try:
-            text = _with_retries(lambda: self._post(body), self.settings.max_retries, self.settings.backoff)
-        except _RequestFailed as failure:
-            return _Reply(None, error=self._scrub(str(failure)))
-        self._cache.put(key, text)
-        return _Reply(text)
-
-    def _post(self, body: bytes) -> str:
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "affiner-judge"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.settings.timeout) as response:
-                return _content(response.read())
-        except urllib.error.HTTPError as error:
-            detail = _error_body(error)
-            retryable = error.code == 429 or error.code >= 500
-            hint = "" if retryable else " (not retried)"
-            raise _RequestFailed(f"HTTP {error.code} {error.reason} from {self.endpoint}{hint}: {detail!r}",
-                                 retryable=retryable) from error
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                raise _RequestFailed(f"no connection to {self.endpoint} within "
-                                     f"{self.settings.timeout:g} s", retryable=True) from error
-            raise _RequestFailed(f"cannot connect to {self.endpoint}: {error.reason}",
-                                 retryable=True) from error
-        except TimeoutError as error:
-            raise _RequestFailed(f"no reply from {self.endpoint} within {self.settings.timeout:g} s",
-                                 retryable=True) from error
-        except (OSError, http.client.HTTPException) as error:
-            # Connection reset, closed mid-reply, truncated body: the server or network hiccuped.
-            raise _RequestFailed(f"connection to {self.endpoint} failed: {type(error).__name__}: {error}",
-                                 retryable=True) from error
-
-    def _scrub(self, text: str) -> str:
-        # A server may echo the request, header included, in its error body.
-        return text.replace(self._api_key, "[api key]") if self._api_key else text
-
-
-def _with_retries(attempt: Callable[[], str], max_retries: int, backoff: float) -> str:
-    for retry in range(max_retries + 1):
-        try:
-            return attempt()
-        except _RequestFailed as failure:
-            if not failure.retryable:
-                raise
-            if retry == max_retries:
-                raise _RequestFailed(f"gave up after {max_retries + 1} attempts; last error: {failure}",
-                                     retryable=False) from failure
-            time.sleep(backoff * 2 ** retry)
-    raise AssertionError("unreachable")
+            return _Reply(self._client.ask(messages, temperature=0))
+        except RequestFailed as failure:
+            return _Reply(None, error=str(failure))
 
 
 def _pair_verdict(base_first: _Reply, tuned_first: _Reply) -> PairVerdict:
@@ -418,40 +271,3 @@ def _pair_verdict(base_first: _Reply, tuned_first: _Reply) -> PairVerdict:
     if errors:
         return PairVerdict(winner=None, raw=raw, error="; ".join(errors))
     return PairVerdict(winner=_pair_winner(parse_pairwise(raw[0]), parse_pairwise(raw[1])), raw=raw)
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def _endpoint(url: str) -> str:
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise AffinerError(f"The judge URL {url!r} is not an http:// or https:// address. Pass the base URL of an "
-                           f"OpenAI-compatible server, for example --judge-url http://127.0.0.1:11434/v1 for Ollama "
-                           f"or https://api.openai.com/v1.")
-    return f"{url.strip().rstrip('/')}/chat/completions"
-
-
-def _check_numbers(settings: JudgeSettings) -> None:
-    problems = []
-    if settings.concurrency < 1:
-        problems.append(f"concurrency must be at least 1 (got {settings.concurrency})")
-    if settings.max_retries < 0:
-        problems.append(f"max_retries must be 0 or more (got {settings.max_retries})")
-    if settings.timeout <= 0:
-        problems.append(f"timeout must be more than 0 seconds (got {settings.timeout})")
-    if settings.backoff < 0:
-        problems.append(f"backoff must be 0 or more seconds (got {settings.backoff})")
-    if problems:
-        raise AffinerError(f"Invalid judge settings: {'; '.join(problems)}.")
-
-
-def _api_key(variable: str | None) -> str | None:
-    if variable is None:
-        return None
-    key = os.environ.get(variable, "").strip()  # a key pasted with a newline would break the header
-    if not key:
-        raise AffinerError(f"The judge API key should be in the environment variable {variable}, but {variable} is "
-                           f"not set or is empty. Export it first (export {variable}=...), or do not name a key "
-                           f"variable if the judge server needs no key.")
-    return key

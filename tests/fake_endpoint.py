@@ -1,0 +1,115 @@
+"""A scripted OpenAI-compatible chat server on 127.0.0.1, shared by the judge and generate tests.
+
+    from fake_endpoint import FakeServer, Reply, running_server
+
+    @pytest.fixture
+    def server():
+        with running_server() as srv:
+            yield srv
+
+`server.script` holds replies given first, in order; `server.behaviour(body)` answers the rest.
+Every request is recorded as (headers, body) in `server.requests`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Reply:
+    content: str | None = "<result>1</result><explain>Matches the reference.</explain>"
+    status: int = 200
+    body: bytes | None = None  # sent as is instead of a chat completion
+    delay: float = 0.0
+
+
+class FakeServer(ThreadingHTTPServer):
+    """Answers POST /v1/chat/completions from `script` (first) or `behaviour(body)`, and records every request."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.lock = threading.Lock()
+        self.script: list[Reply] = []
+        self.behaviour: Callable[[dict], Reply] = lambda body: Reply()
+        self.requests: list[tuple[dict, dict]] = []  # (headers, body)
+        self.in_flight = 0
+        self.max_in_flight = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    @property
+    def attempts(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+    def next_reply(self, body: dict) -> Reply:
+        with self.lock:
+            if self.script:
+                return self.script.pop(0)
+        return self.behaviour(body)
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: FakeServer
+
+    def log_message(self, format, *args) -> None:  # keep pytest output clean
+        pass
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path != "/v1/chat/completions":
+            self._send(404, b'{"error": "not found"}')
+            return
+        body = json.loads(raw)
+        server = self.server
+        with server.lock:
+            server.requests.append((dict(self.headers), body))
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+        try:
+            reply = server.next_reply(body)
+            time.sleep(reply.delay)
+            payload = reply.body
+            if payload is None:
+                payload = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
+                                      "choices": [{"index": 0, "finish_reason": "stop",
+                                                   "message": {"role": "assistant", "content": reply.content}}]}
+                                     ).encode()
+            self._send(reply.status, payload)
+        except OSError:
+            pass  # the client gave up (timeout) before the reply was written
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def _send(self, status: int, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+@contextmanager
+def running_server() -> Iterator[FakeServer]:
+    """A FakeServer answering on a free port of 127.0.0.1, shut down on exit."""
+    srv = FakeServer()
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=5)
