@@ -159,8 +159,8 @@ def interrupt_training(monkeypatch):
     real_log = train_mod.log_metrics
 
     def arm(step: int) -> None:
-        def log_then_interrupt(folder, record, writer):
-            real_log(folder, record, writer)
+        def log_then_interrupt(folder, record, trackers):
+            real_log(folder, record, trackers)
             if record["step"] == step:
                 raise KeyboardInterrupt
 

@@ -221,7 +221,7 @@ def test_tensorboard_events_hold_train_and_eval_scalars(tmp_path, tiny_gpt2):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", train={"max_steps": 2, "tensorboard": True},
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", train={"max_steps": 2, "tracking": ["tensorboard"]},
                           eval={"every_steps": 2, "sample_size": 2, "max_new_tokens": 2})
     folder = train_mod.train(load_config(str(config)))
     events = EventAccumulator(str(folder / "tensorboard"))

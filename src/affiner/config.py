@@ -92,7 +92,8 @@ class TrainConfig(_Section):
     save_total_limit: int = Field(2, ge=1)
     group_by_length: bool = False
     gradient_checkpointing: bool = False
-    tensorboard: bool = False
+    tracking: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])  # several at once
+    mlflow_uri: str | None = None  # null: a local store, sqlite in <output_dir>/mlflow.db; or a server's URL
 
 
 class JudgeConfig(_Section):
@@ -198,7 +199,17 @@ def load_config(config: str | None = None, overrides: list[str] | None = None) -
     return validate_config(raw, label)
 
 
+def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """Configs written before `train.tracking` existed (run folders included) still load."""
+    train = raw.get("train")
+    if isinstance(train, dict) and isinstance(train.get("tensorboard"), bool):
+        enabled = train.pop("tensorboard")
+        train.setdefault("tracking", ["csv", "tensorboard"] if enabled else ["csv"])
+    return raw
+
+
 def validate_config(raw: dict[str, Any], label: str) -> RunConfig:
+    raw = _migrate(raw)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -30,7 +30,7 @@ from affiner.config import JudgeConfig, RunConfig
 from affiner.engine import Settings
 from affiner.errors import AffinerError
 from affiner.models import device, load_model, load_tokenizer
-from affiner.runs import SUMMARY_FILE, load_run_config, read_json, require_run, write_json
+from affiner.runs import RUN_FILE, SUMMARY_FILE, load_run_config, read_json, require_run, write_json
 from affiner.templates import Example, Template, encode_prompt, load_template
 
 REPORT_FILES = ("summary.json", "metrics.json", "answers.csv", "report.md", "report.html", "metrics.png", "lengths.png")
@@ -338,7 +338,19 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     from affiner.report import write_report
 
     write_report(plan.output, evaluation)
+    _track(plan.output, evaluation)
     return evaluation
+
+
+def _track(folder: Path, evaluation: dict) -> None:
+    """A run tracked in MLflow gets its evaluation there too: headline numbers and the report."""
+    if not (folder / RUN_FILE).is_file():
+        return
+    from affiner.tracking import log_evaluation
+
+    scores = {f"{model}_{metric}": value["mean"] for metric, by_model in evaluation["metrics"].items()
+              for model, value in by_model.items() if value.get("mean") is not None}
+    log_evaluation(folder, load_run_config(folder), read_json(folder / RUN_FILE), scores)
 
 
 def build_evaluation(title: str, examples: list[Example], answers: dict, scores: dict, losses: dict,

@@ -32,6 +32,7 @@ from affiner.prepare import build
 from affiner.runs import (RUN_FILE, create_run_folder, load_run_config, read_json, require_run, save_config,
                           write_json)
 from affiner.templates import build_template, load_template, save_template
+from affiner.tracking import Trackers
 
 CHECKPOINTS = "checkpoints"
 
@@ -301,7 +302,8 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
     batches = micro_batches(lengths, config.train.batch_size, config.train.seed, config.train.group_by_length)
     for _ in range(start_step * config.train.gradient_accumulation):
         next(batches)
-    writer = _tensorboard(config, folder)
+    trackers = Trackers(config, folder, read_json(folder / RUN_FILE))
+    _update_run(folder, **trackers.run_info)
     per_epoch = math.ceil(len(features) / config.train.batch_size)
     started = time.time()
     progress = tqdm(range(start_step, steps), initial=start_step, total=steps, desc="training", unit="step")
@@ -331,7 +333,7 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
             if probing:
                 record.update(probe(model))
             if probing or done % config.train.logging_steps == 0 or done == steps:
-                log_metrics(folder, record, writer)
+                log_metrics(folder, record, trackers)
             if config.train.save_steps and done % config.train.save_steps == 0 and done < steps:
                 save_checkpoint(model, optimizer, scheduler, folder, done, config.train.save_total_limit)
     except KeyboardInterrupt:
@@ -339,35 +341,21 @@ def loop(config: RunConfig, folder: Path, features: list[dict], pad_id: int, che
         if completed > start_step:
             save_checkpoint(model, optimizer, scheduler, folder, completed, config.train.save_total_limit)
         _update_run(folder, status="interrupted", step=completed)
+        trackers.close(folder, "interrupted")
         raise AffinerError(f"training interrupted after step {completed}; continue with: "
                            f"affiner train --resume {folder}") from None
     progress.close()
-    if writer:
-        writer.close()
     model.save_pretrained(folder)  # adapter_model.safetensors + adapter_config.json, or the full model
     _update_run(folder, status="finished", steps=steps, train_seconds=round(time.time() - started, 1),
                 finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+    trackers.close(folder, "finished")  # the curves, then the artifacts: the adapter and the finished run.json
 
 
-def log_metrics(folder: Path, record: dict, writer) -> None:
+def log_metrics(folder: Path, record: dict, trackers: Trackers | None) -> None:
     with open(folder / "metrics.jsonl", "a", encoding="utf-8") as out:
         out.write(json.dumps(record) + "\n")
-    if writer:
-        for key, value in record.items():
-            if key in {"loss", "learning_rate", "grad_norm"} or key.startswith("eval_"):
-                writer.add_scalar(f"{'eval' if key.startswith('eval_') else 'train'}/{key.removeprefix('eval_')}",
-                                  value, record["step"])
-
-
-def _tensorboard(config: RunConfig, folder: Path):
-    if not config.train.tensorboard:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise AffinerError("train.tensorboard is true but tensorboard is not installed: "
-                           "pip install 'affiner[tensorboard]'.") from None
-    return SummaryWriter(str(folder / "tensorboard"))
+    if trackers:
+        trackers.log(record)
 
 
 def _update_run(folder: Path, **fields) -> None:
