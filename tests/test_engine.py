@@ -95,3 +95,39 @@ def test_settings_parse_and_validate():
                                 ("beams", "2", "unknown setting")]:
         with pytest.raises(AffinerError, match=message):
             Settings().updated(key, value)
+
+
+def test_chat_session_switches_between_adapters_of_one_base(engine, capsys):
+    """`affiner chat RUN_A RUN_B`: /use switches model, and each answers as that adapter alone would."""
+    from affiner.chat import Session, answer
+
+    expected = {name: answer(engine, name, QUESTION, GREEDY).text for name in ("base", "a", "b")}
+    assert expected["a"] != expected["base"]
+    session = Session(engine, "a", GREEDY)
+    capsys.readouterr()
+    session.command("/models")
+    assert "base, [a], b" in capsys.readouterr().out
+    for name in ("b", "base", "a"):
+        session.command(f"/use {name}")
+        assert f"now talking to {name}" in capsys.readouterr().out
+        session.messages = []
+        session.ask(QUESTION[0]["content"])
+        assert capsys.readouterr().out.strip().endswith(expected[name].strip())
+    session.command("/use nobody")
+    assert "no model named 'nobody'" in capsys.readouterr().out and session.name == "a"
+
+
+def test_chat_loads_adapters_trained_anywhere_on_a_model(runs, tiny_llama, capsys):
+    from affiner import cli
+
+    capsys.readouterr()
+    cli.main(["chat", "--model", str(tiny_llama), "--adapter", str(runs[1]), "--adapter", str(runs[0]),
+              "--template", "chat", "--greedy", "--max-new-tokens", "8", "--prompt", QUESTION[0]["content"]])
+    with_adapter = capsys.readouterr().out.strip()
+    engine = Engine.from_runs([runs[1]], names=["b"])
+    from affiner.chat import answer
+
+    assert with_adapter == answer(engine, "b", QUESTION, GREEDY).text.strip()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", str(runs[0]), "--adapter", str(runs[1])])
+    assert exit_info.value.code == 2

@@ -5,9 +5,12 @@
     affiner chat runs/quickstart-20261122-183000 --base  # the same prompts, without the adapter
     affiner chat --model gpt2 --template alpaca           # any model, no run
     affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?" --greedy
+    affiner chat runs/lr-1e-4 runs/lr-3e-4                # two adapters on one base: /use lr-3e-4
+    affiner chat --model gpt2 --adapter my-lora --template alpaca   # adapters trained anywhere
 
-In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/reset`
-forgets the conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
+In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/use NAME`
+switches to another adapter of the same base (or `base`), `/models` lists them, `/reset` forgets the
+conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
 not the program. Models with a chat template keep the conversation (oldest turns are dropped, with
 a notice, when it no longer fits the context window); text templates answer one question at a time.
 """
@@ -24,13 +27,18 @@ from affiner.engine import BASE, Engine, Reply, Settings
 from affiner.errors import AffinerError
 from affiner.runs import latest_run
 
-HELP = "commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, /reset, exit"
+HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, "
+        "/use NAME, /models, /reset, exit")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", nargs="?", help="run folder (default: the latest under runs/)")
-    parser.add_argument("--base", action="store_true", help="talk to the run's base model, without the adapter")
+    parser.add_argument("runs", nargs="*", metavar="RUN",
+                        help="run folders sharing one base (default: the latest under runs/); /use switches")
+    parser.add_argument("--base", action="store_true", help="start with the base model, without adapter")
     parser.add_argument("--model", help="instead of a run: any model (Hub id, folder, .gguf, embedded:gemma-3-270m)")
+    parser.add_argument("--adapter", action="append", default=[], type=Path, metavar="DIR",
+                        help="with --model: a LoRA adapter folder (plain peft) to load on it, named by its folder "
+                             "(repeatable)")
     parser.add_argument("--template", choices=["alpaca", "instruction", "qa", "chat"],
                         help="with --model: the prompt template (default: chat if the model has one, else alpaca)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
@@ -58,17 +66,27 @@ def open_engine(args: argparse.Namespace) -> tuple[Engine, str, str]:
         from affiner.models import load_model, load_tokenizer
         from affiner.templates import build_template
 
+        if args.runs:
+            raise AffinerError("pass either run folders or --model (with --adapter folders), not both.")
         tokenizer = load_tokenizer(args.model)
         template_name = args.template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
-        engine = Engine.on_base(load_model(args.model), tokenizer, build_template(template_name, tokenizer), {})
-        return engine, BASE, f"{args.model} ({template_name} template)"
-    folder = Path(args.run) if args.run else latest_run()
-    if folder is None:
+        adapters = {folder.name: folder for folder in args.adapter}
+        for folder in args.adapter:
+            if not (folder / "adapter_config.json").is_file():
+                raise AffinerError(f"--adapter {folder} is not a LoRA adapter folder (no adapter_config.json).")
+        engine = Engine.on_base(load_model(args.model), tokenizer, build_template(template_name, tokenizer), adapters)
+        name = BASE if args.base or not adapters else engine.adapters[0]
+        return engine, name, f"{args.model} ({template_name} template)"
+    if args.adapter:
+        raise AffinerError("--adapter goes with --model (a base model); run folders carry their own adapter.")
+    folders = [Path(f) for f in args.runs] or [latest_run()]
+    if folders[0] is None:
         raise AffinerError("no run folder given and none found under runs/; train one with: affiner run "
                            "(or talk to any model with --model NAME).")
-    engine = Engine.from_runs([folder])
-    name = BASE if args.base else "tuned"
-    return engine, name, f"{'the base model of ' if args.base else ''}{folder}"
+    engine = Engine.from_runs(folders)
+    name = BASE if args.base else engine.adapters[0]
+    label = ", ".join(str(f) for f in folders) + (" (starting with the base model)" if args.base else "")
+    return engine, name, label
 
 
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
@@ -99,6 +117,8 @@ class Session:
         mode = "multi-turn, chat template" if self.engine.template.is_chat else \
             f"one question at a time, {self.engine.template.name} template"
         print(f"Chatting with {label} ({mode}). {HELP}")
+        if len(self.engine.names) > 2:
+            print(f"(models: {self.models()}; /use NAME to switch)")
         while True:
             # Ctrl-C can land anywhere (while typing, rendering, streaming): it never ends the session.
             try:
@@ -120,6 +140,14 @@ class Session:
         if verb == "/reset":
             self.messages = []
             print("(conversation cleared)")
+        elif verb == "/models":
+            print(f"({self.models()})")
+        elif verb == "/use" and rest.strip():
+            if rest.strip() not in self.engine.names:
+                print(f"(error: no model named '{rest.strip()}'; models: {self.models()})")
+                return
+            self.name = rest.strip()
+            print(f"(now talking to {self.name}; the conversation so far is kept)")
         elif verb == "/settings":
             print(", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()))
         elif verb == "/set" and rest.strip():
@@ -135,6 +163,9 @@ class Session:
             print("(" + ", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()) + ")")
         else:
             print(f"({HELP})")
+
+    def models(self) -> str:
+        return ", ".join(f"[{n}]" if n == self.name else n for n in self.engine.names)
 
     def ask(self, text: str) -> None:
         messages = [*self.messages, {"role": "user", "content": text}]
