@@ -16,6 +16,8 @@ VERBS = {
     "generate": "write question/answer conversations about a glossary (offline or with an LLM)",
     "train": "fine-tune with LoRA, QLoRA or fully",
     "evaluate": "answer held-out questions with the base and the tuned model, and score them",
+    "sweep": "train and evaluate one run per point of a grid of config values, then compare them",
+    "runs": "list runs with their scores, or compare several side by side",
     "chat": "talk to a tuned model (or its base) in the terminal",
     "app": "compare base and tuned answers side by side in the browser",
     "serve": "answer OpenAI-compatible API requests with the base and tuned models",
