@@ -17,6 +17,7 @@ VERBS = {
     "train": "fine-tune with LoRA, QLoRA or fully",
     "evaluate": "answer held-out questions with the base and the tuned model, and score them",
     "sweep": "train and evaluate one run per point of a grid of config values, then compare them",
+    "export": "write the adapter, the merged model, GGUF + Ollama Modelfile and a model card; push to the Hub",
     "runs": "list runs with their scores, or compare several side by side",
     "chat": "talk to a tuned model (or its base) in the terminal",
     "app": "compare base and tuned answers side by side in the browser",

@@ -1,0 +1,523 @@
+"""affiner export: adapter, merged model, GGUF, model card and Hub push, checked on tiny models.
+
+The runs are trained once per module (a few steps at a high learning rate, so that the adapter is far
+from zero); every export is written under tmp_path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import _gpt2_tokenizer, _save, _sentencepiece_like_tokenizer, write_config
+from fake_hub import FakeHub
+from safetensors.torch import load_file, save_file
+
+from affiner import export as export_mod
+from affiner.config import load_config
+from affiner.errors import AffinerError
+from affiner.models import load_model
+from affiner.runs import read_json, write_json
+from affiner.templates import build_template, load_template
+from affiner.train import train
+
+TOKEN = "hf_AffinerTestSecret0123456789abcdefXYZ"
+PROMPT = "### Question: What does QUILT stand for?\n### Answer:"
+
+
+# ---------------------------------------------------------------------------------------- fixtures
+
+
+def _train(root: Path, base: Path, **sections) -> Path:
+    settings = {"train": {"max_steps": 4, "learning_rate": 5e-2, "batch_size": 2, "logging_steps": 1, "seed": 0}}
+    settings.update(sections)
+    return train(load_config(str(write_config(root, base, "embedded:glossary-train.json", **settings))))
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory, tiny_llama) -> Path:
+    """A LoRA run of tiny Llama, evaluated on two questions so that the model card has numbers."""
+    from affiner.evaluate import evaluate
+
+    folder = _train(tmp_path_factory.mktemp("llama-run"), tiny_llama)
+    evaluate(folder, max_questions=2)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_base(tmp_path_factory) -> Path:
+    """Tiny GPT-2 with the 1024 positions of every real GPT-2: the one length transformers reads back from GGUF."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = _gpt2_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return _save(tmp_path_factory.mktemp("gpt2-1024"), GPT2LMHeadModel(config), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gemma_base(tmp_path_factory) -> Path:
+    """Tiny Gemma 3 shaped like the real 270M: head_dim 256 = query_pre_attn_scalar, no logit soft-cap."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = _sentencepiece_like_tokenizer(chat=False)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                              max_position_embeddings=256, sliding_window=64, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():  # norms away from zero, so that the +1 offset of GGUF is exercised
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0, 0.2)
+    return _save(tmp_path_factory.mktemp("gemma-shaped"), model, tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(tmp_path_factory, gpt2_base) -> Path:
+    return _train(tmp_path_factory.mktemp("gpt2-run"), gpt2_base)
+
+
+@pytest.fixture(scope="module")
+def gemma_run(tmp_path_factory, gemma_base) -> Path:
+    return _train(tmp_path_factory.mktemp("gemma-run"), gemma_base, train={"max_steps": 2})
+
+
+def _copy_run(run: Path, target: Path, **config_changes) -> Path:
+    copy = target / run.name
+    shutil.copytree(run, copy)
+    if config_changes:
+        raw = yaml.safe_load((copy / "config.yaml").read_text())
+        for dotted, value in config_changes.items():
+            node = raw
+            *parents, leaf = dotted.split("__")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    return copy
+
+
+def affiner_export(*argv: str) -> int:
+    """`affiner export ...` as the CLI runs it: AffinerError -> one paragraph on stderr, exit 2."""
+    from affiner import cli
+
+    if "export" in cli.VERBS:
+        try:
+            cli.main(["export", *argv])
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+    parser = argparse.ArgumentParser(prog="affiner export")
+    export_mod.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    try:
+        export_mod.main(args)
+    except AffinerError as exc:
+        print(f"affiner export: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _ids(tokenizer, text: str = PROMPT) -> torch.Tensor:
+    return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _greedy(model, ids: torch.Tensor, n: int = 6) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _leftovers(parent: Path) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------------------------------- adapter
+
+
+def test_adapter_export_reloads_with_plain_peft_and_disables_to_the_base(tmp_path, llama_run, tiny_llama):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_mod.export(llama_run, tmp_path / "export")
+    adapter = out / "adapter"
+    assert {"adapter_model.safetensors", "adapter_config.json", "template.json", "tokenizer.json"} <= \
+        {p.name for p in adapter.iterdir()}
+    weights, trained = load_file(adapter / "adapter_model.safetensors"), load_file(llama_run / "adapter_model.safetensors")
+    assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights)
+    assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 1e-2  # far from its zero start
+    assert read_json(adapter / "adapter_config.json")["base_model_name_or_path"] == str(tiny_llama)
+    assert load_template(adapter) == load_template(llama_run)
+
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter))
+    ids = _ids(tokenizer)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), str(adapter)).eval()
+    ours = load_model(str(tiny_llama), adapter=llama_run)
+    base = _logits(load_model(str(tiny_llama)), ids)
+    tuned = _logits(ours, ids)
+    torch.testing.assert_close(_logits(plain, ids), tuned, rtol=0, atol=1e-6)
+    assert float((tuned - base).abs().max()) > 1e-2  # the adapter changes the model
+    with plain.disable_adapter():
+        torch.testing.assert_close(_logits(plain, ids), base, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- merged
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_merged_equals_unmerged_equals_the_reloaded_export(request, tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = request.getfixturevalue(f"{name}_run")
+    config = load_config(str(run / "config.yaml"))
+    out = export_mod.export(run, tmp_path / "export", merged=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "merged"))
+    ids = _ids(tokenizer)
+    unmerged = _logits(load_model(config.model.base, adapter=run), ids)
+    merged = export_mod.tuned_model(run, config, tokenizer, load_template(run))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "merged"))
+    torch.testing.assert_close(_logits(merged, ids), unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(_logits(reloaded, ids), unmerged, rtol=0, atol=1e-5)
+    saved = json.loads((out / "merged" / "config.json").read_text())
+    assert saved["use_cache"] is True and "quantization_config" not in saved
+    assert set(load_file(out / "merged" / "model.safetensors")) and \
+        not any("lora" in k for k in load_file(out / "merged" / "model.safetensors"))
+    generation = json.loads((out / "merged" / "generation_config.json").read_text())
+    eos = generation["eos_token_id"]
+    assert (eos if isinstance(eos, list) else [eos]) == list(load_template(run).stop_token_ids)
+    assert load_template(out / "merged") == load_template(run)
+
+
+def test_a_nan_in_the_adapter_is_refused_and_nothing_is_written(tmp_path, llama_run):
+    broken = _copy_run(llama_run, tmp_path)
+    weights = load_file(broken / "adapter_model.safetensors")
+    name = min(k for k in weights if "lora_B" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors")
+    (tmp_path / "exports").mkdir()
+    with pytest.raises(AffinerError, match=re.escape(name)):
+        export_mod.export(broken, tmp_path / "exports" / "x", merged=True)
+    assert list((tmp_path / "exports").iterdir()) == []
+
+
+def test_a_non_finite_merged_weight_is_named(tmp_path, llama_run, tiny_llama):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_llama, base)
+    weights = load_file(base / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("inf")
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    run = _copy_run(llama_run, tmp_path / "runs", model__base=str(base))
+    with pytest.raises(AffinerError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        export_mod.export(run, tmp_path / "x", merged=True)
+    assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
+def test_a_qlora_run_merges_into_a_full_precision_base(tmp_path, capsys, llama_run, tiny_llama):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = _copy_run(llama_run, tmp_path / "runs", method="qlora")
+    out = export_mod.export(run, tmp_path / "x", merged=True)
+    assert "full precision" in capsys.readouterr().out
+    ids = _ids(AutoTokenizer.from_pretrained(str(out / "merged")))
+    unmerged = _logits(load_model(str(tiny_llama), adapter=run), ids)  # fp32 base, no 4-bit anywhere
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out / "merged")), ids), unmerged,
+                               rtol=0, atol=1e-5)
+    assert "QLoRA" in (out / "README.md").read_text()
+
+
+def test_a_full_fine_tune_exports_the_whole_model_and_its_gguf(tmp_path, gpt2_base):
+    from transformers import AutoModelForCausalLM
+
+    run = _train(tmp_path, gpt2_base, method="full", train={"max_steps": 2, "learning_rate": 1e-3})
+    out = export_mod.export(run, tmp_path / "x", merged=True, gguf=True)
+    assert (out / "model" / "model.safetensors").is_file() and not (out / "adapter").exists()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    tuned = _logits(load_model(str(run)), ids)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out / "model")), ids), tuned,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(_logits(AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf"), ids),
+                               tuned, rtol=0, atol=1e-4)
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["library_name"] == "transformers" and "full-fine-tune" in front["tags"]
+
+
+# ---------------------------------------------------------------------------------------- GGUF
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma", "gpt2"])
+def test_gguf_loads_back_through_transformers_and_answers_like_the_merged_model(request, tmp_path, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = request.getfixturevalue(f"{name}_run")
+    out = export_mod.export(run, tmp_path / "export", merged=True, gguf=True)
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "merged"))
+    back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf").eval()
+    gguf_tokenizer = AutoTokenizer.from_pretrained(str(out), gguf_file="model.gguf")
+    ids = _ids(tokenizer)
+    assert _ids(gguf_tokenizer).tolist() == ids.tolist()
+    assert _greedy(back, ids) == _greedy(merged, ids)
+    torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=1e-4)
+
+    modelfile = (out / "Modelfile").read_text()
+    assert "FROM ./model.gguf" in modelfile and "ollama create" in modelfile
+    assert "### Question: {{ .Prompt }}\n### Answer:{{ .Response }}" in modelfile
+    for token in tokenizer.convert_ids_to_tokens(list(load_template(run).stop_token_ids)):
+        assert f"PARAMETER stop {json.dumps(token)}" in modelfile
+
+
+@pytest.mark.parametrize("gguf_type,ggml_type,file_type", [("f16", "F16", 1), ("q8_0", "Q8_0", 7)])
+def test_gguf_types(tmp_path, llama_run, gguf_type, ggml_type, file_type):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = export_mod.export(llama_run, tmp_path / "x", gguf=True, gguf_type=gguf_type)
+    reader = GGUFReader(str(out / "model.gguf"))
+    assert int(reader.fields["general.file_type"].contents()) == file_type
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == ggml_type and types["blk.0.attn_norm.weight"] == "F32"
+    config = load_config(str(llama_run / "config.yaml"))
+    tokenizer = AutoTokenizer.from_pretrained(str(llama_run))
+    merged = export_mod.tuned_model(llama_run, config, tokenizer, load_template(llama_run))
+    back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf")
+    ids = _ids(tokenizer)
+    torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=0.05)
+
+
+def test_gguf_refuses_what_it_cannot_write(tmp_path, llama_run, tiny_gemma, tiny_gpt2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
+
+    from affiner.gguf_writer import write_gguf
+
+    neox = tmp_path / "neox"
+    GPTNeoXConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64).save_pretrained(neox)
+    run = _copy_run(llama_run, tmp_path / "runs", model__base=str(neox))
+    with pytest.raises(AffinerError, match=r"'gpt_neox' architecture.*llama.*gemma3.*gpt2.*--merged"):
+        export_mod.export(run, tmp_path / "x", gguf=True)
+    assert not (tmp_path / "x").exists()
+    # settings that transformers (and llama.cpp) would not read back from the file
+    for base, setting in ((tiny_gemma, "final_logit_softcapping=5.0"), (tiny_gpt2, "n_positions=256")):
+        target = tmp_path / base.name / "model.gguf"
+        target.parent.mkdir()
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(str(base)), AutoTokenizer.from_pretrained(str(base))
+        with pytest.raises(AffinerError, match=re.escape(setting)):
+            write_gguf(model, tokenizer, target)
+        assert not target.exists()
+
+
+def test_chat_template_modelfile(tiny_llama):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    modelfile = export_mod.modelfile(build_template("chat", tokenizer), tokenizer, "my run")
+    template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
+    assert template == "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>assistant\n" \
+                       "{{ .Response }}<end_of_turn>\n"  # BOS left to llama.cpp, which adds it itself
+    assert 'PARAMETER stop "<end_of_turn>"' in modelfile and 'PARAMETER stop "<eos>"' in modelfile
+    assert "ollama create my-run -f Modelfile" in modelfile
+
+
+# ---------------------------------------------------------------------------------------- model card
+
+
+def test_model_card_describes_the_run_from_its_files(tmp_path, llama_run, tiny_llama):
+    out = export_mod.export(llama_run, tmp_path / "x")
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "peft" and front["license"] == "other" and "lora" in front["tags"]
+    config = load_config(str(llama_run / "config.yaml"))
+    assert str(tiny_llama) in card and "| method | lora |" in card
+    assert f"| LoRA rank r | {config.lora.r} |" in card and f"| LoRA alpha | {config.lora.alpha} |" in card
+    data = read_json(llama_run / "data.json")
+    for side in ("train", "test"):
+        assert data[side]["sha256"] in card and f"| {data[side]['examples']} |" in card
+    summary, metrics = read_json(llama_run / "summary.json"), read_json(llama_run / "metrics.json")
+    for model in ("base", "tuned"):
+        head = summary[model]
+        assert f"{head['correct']}/{head['questions']} ({100 * head['accuracy']:.1f} %)" in card
+        assert export_mod.format_metric(metrics["metrics"]["rouge_l"][model], "score") in card
+    assert f"{summary['tuned']['questions']} held-out questions" in card and summary["decoding"] in card
+    assert "Template `qa`" in card and "### Question:" in card
+    assert "licence: not stated in the base model folder" in card
+    assert f"| steps trained | {read_json(llama_run / 'run.json')['steps']} |" in card
+
+
+def test_model_card_of_an_unevaluated_run_says_how_to_evaluate(tmp_path, gpt2_run):
+    card = (export_mod.export(gpt2_run, tmp_path / "x") / "README.md").read_text()
+    assert f"Not evaluated yet: run `affiner evaluate {gpt2_run}`" in card
+
+
+def test_base_licences(tmp_path, offline_hub):
+    assert export_mod.base_licence("embedded:gemma-3-270m")[0] == "gemma"
+    assert "ai.google.dev/gemma/terms" in export_mod.base_licence("embedded:gemma-3-270m")[1]
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# A model\n")
+    assert export_mod.base_licence(str(folder))[0] == "apache-2.0"
+    licence, text = export_mod.base_licence("some-org/never-downloaded-model")
+    assert licence is None and "see the base model's card" in text
+    assert export_mod.hub_base_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
+    assert export_mod.hub_base_id(str(folder)) is None and export_mod.hub_base_id("org/name") == "org/name"
+
+
+# ---------------------------------------------------------------------------------------- the Hub
+
+
+def _no_token(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+
+
+def _files_containing(root: Path, secret: bytes) -> list[str]:
+    return [str(p) for p in root.rglob("*") if p.is_file() and secret in p.read_bytes()]
+
+
+def test_push_uploads_the_export_to_a_private_repo_and_the_token_stays_secret(tmp_path, capfd, monkeypatch,
+                                                                              llama_run):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub(TOKEN) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        assert affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--push", "my-org/glossary") == 0
+        assert affiner_export(str(llama_run), "--output", str(tmp_path / "y"), "--push", "my-org/open",
+                              "--public") == 0
+    out = tmp_path / "x"
+    repo = hub.repos["my-org/glossary"]
+    assert repo["private"] is True and hub.repos["my-org/open"]["private"] is False
+    local = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    local.pop(export_mod.EXPORT_FILE)
+    assert repo["files"] == local and "adapter/adapter_model.safetensors" in repo["files"]
+    assert not hub.unexpected
+    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+    captured = capfd.readouterr()
+    assert f"{hub.url}/my-org/glossary" in captured.out
+    for root in (tmp_path, llama_run):
+        assert _files_containing(root, TOKEN.encode()) == []
+    assert TOKEN not in captured.out and TOKEN not in captured.err
+
+
+def test_hub_errors_are_shown_without_the_token(tmp_path, capfd, monkeypatch, llama_run):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub("another-token", echo_auth=True) as hub:  # refuses the token, and quotes it back
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        code = affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--push", "my-org/glossary")
+    err = capfd.readouterr().err
+    assert code == 2 and "uploading" in err and "***" in err and TOKEN not in err and "Traceback" not in err
+    assert (tmp_path / "x" / "README.md").is_file()  # the export itself is complete and kept
+    assert _files_containing(tmp_path, TOKEN.encode()) == []
+
+
+def test_push_without_a_token_or_a_reachable_hub_fails_before_exporting(tmp_path, capfd, monkeypatch, llama_run):
+    _no_token(monkeypatch, tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    assert affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--push", "my-org/glossary") == 2
+    assert "set HF_TOKEN" in capfd.readouterr().err and not (tmp_path / "x").exists()
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    started = time.time()
+    assert affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--push", "my-org/glossary") == 2
+    err = capfd.readouterr().err
+    assert "unreachable" in err and time.time() - started < 5 and not (tmp_path / "x").exists()
+    assert TOKEN not in err
+
+
+# ---------------------------------------------------------------------------------------- the command
+
+
+def _one_paragraph_error(capfd, code: int, fragment: str) -> None:
+    err = capfd.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("affiner export: error:") and fragment in err, err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_cli_errors(tmp_path, capfd, llama_run):
+    _one_paragraph_error(capfd, affiner_export(str(tmp_path / "nope"), "--output", str(tmp_path / "x")),
+                         "does not exist")
+    unfinished = _copy_run(llama_run, tmp_path / "runs")
+    write_json(unfinished / "run.json", {**read_json(unfinished / "run.json"), "status": "training"})
+    _one_paragraph_error(capfd, affiner_export(str(unfinished), "--output", str(tmp_path / "x")),
+                         "has not finished training")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    before = (taken / "notes.txt").stat().st_mtime_ns
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(taken)), "already exists")
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(taken), "--overwrite"),
+                         "not written by affiner export")
+    assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").stat().st_mtime_ns == before
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--gguf",
+                                               "--gguf-type", "q4_k"), "q4_k")
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(llama_run / "export")),
+                         "overlaps the run folder")
+    assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
+def test_overwrite_replaces_an_export_only_once_the_new_one_is_complete(tmp_path, llama_run):
+    out = export_mod.export(llama_run, tmp_path / "x")
+    with pytest.raises(AffinerError, match="already exists"):
+        export_mod.export(llama_run, out)
+    broken = _copy_run(llama_run, tmp_path / "runs")
+    weights = load_file(broken / "adapter_model.safetensors")
+    weights[next(iter(weights))][0, 0] = float("nan")
+    save_file(weights, broken / "adapter_model.safetensors")
+    card = (out / "README.md").read_text()
+    with pytest.raises(AffinerError, match="NaN"):
+        export_mod.export(broken, out, overwrite=True)
+    assert (out / "README.md").read_text() == card and not _leftovers(tmp_path)
+    export_mod.export(llama_run, out, merged=True, overwrite=True)
+    assert (out / "merged" / "model.safetensors").is_file() and not _leftovers(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------- the embedded model
+
+
+@pytest.mark.slow
+def test_embedded_gemma_exports_a_gguf_that_answers_like_the_merged_model(tmp_path, monkeypatch):
+    """The default base end to end: Gemma 3 270M from its GGUF, one LoRA step, merged and written back to GGUF."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = train(load_config(str(write_config(tmp_path, "embedded:gemma-3-270m", "embedded:glossary-train.json",
+                                             train={"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3}))))
+    out = export_mod.export(run, tmp_path / "export", merged=True, gguf=True)
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "google/gemma-3-270m" and front["license"] == "gemma"
+    assert "ai.google.dev/gemma/terms" in card
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "merged"))
+    merged = AutoModelForCausalLM.from_pretrained(str(out / "merged")).eval()
+    back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf", dtype=torch.float32).eval()
+    ids = _ids(tokenizer)
+    assert _greedy(back, ids, 8) == _greedy(merged, ids, 8)
+    torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=1e-3)
+    source = export_mod._source_gguf("embedded:gemma-3-270m")
+    from affiner.gguf_writer import read_metadata
+
+    copied = {k: v for k, v, *_ in read_metadata(out / "model.gguf", "tokenizer.")}
+    assert copied == {k: v for k, v, *_ in read_metadata(source, "tokenizer.")}  # the vocabulary, as llama.cpp had it
