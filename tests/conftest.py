@@ -67,15 +67,19 @@ def _save(folder: Path, model, tokenizer) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_gpt2(tmp_path_factory) -> Path:
+def make_tiny_gpt2(folder: Path, positions: int = 256) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = _gpt2_tokenizer()
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=positions,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return _save(tmp_path_factory.mktemp("tiny-gpt2"), GPT2LMHeadModel(config), tokenizer)
+    return _save(folder, GPT2LMHeadModel(config), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 def make_tiny_llama(folder: Path, context_window: int = 256) -> Path:
@@ -138,6 +142,17 @@ def write_config(folder: Path, base: Path | str, train_file: Path | str, **secti
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     return path
+
+
+def run_cli(*argv: str) -> int:
+    """`affiner ARGV` in this process, as a user runs it; returns the exit code (0, 2 for bad input, 130)."""
+    from affiner import cli
+
+    try:
+        cli.main(list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
 
 
 @pytest.fixture

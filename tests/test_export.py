@@ -6,19 +6,17 @@ from zero); every export is written under tmp_path.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import _gpt2_tokenizer, _save, _sentencepiece_like_tokenizer, write_config
+from conftest import _save, _sentencepiece_like_tokenizer, make_tiny_gpt2, run_cli, write_config
 from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
@@ -56,13 +54,7 @@ def llama_run(tmp_path_factory, tiny_llama) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_base(tmp_path_factory) -> Path:
     """Tiny GPT-2 with the 1024 positions of every real GPT-2: the one length transformers reads back from GGUF."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    tokenizer = _gpt2_tokenizer()
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=1024,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return _save(tmp_path_factory.mktemp("gpt2-1024"), GPT2LMHeadModel(config), tokenizer)
+    return make_tiny_gpt2(tmp_path_factory.mktemp("gpt2-1024"), positions=1024)
 
 
 @pytest.fixture(scope="module")
@@ -110,24 +102,7 @@ def _copy_run(run: Path, target: Path, **config_changes) -> Path:
 
 
 def affiner_export(*argv: str) -> int:
-    """`affiner export ...` as the CLI runs it: AffinerError -> one paragraph on stderr, exit 2."""
-    from affiner import cli
-
-    if "export" in cli.VERBS:
-        try:
-            cli.main(["export", *argv])
-        except SystemExit as exc:
-            return int(exc.code or 0)
-        return 0
-    parser = argparse.ArgumentParser(prog="affiner export")
-    export_mod.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    try:
-        export_mod.main(args)
-    except AffinerError as exc:
-        print(f"affiner export: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    return 0
+    return run_cli("export", *argv)
 
 
 def _ids(tokenizer, text: str = PROMPT) -> torch.Tensor:

@@ -3,16 +3,14 @@ failed points."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_config
+from conftest import run_cli, write_config
 
 from affiner import sweep
 from affiner import train as train_mod
@@ -23,27 +21,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def affiner_sweep(*argv: str) -> int:
-    """`affiner sweep ARGV` through cli.main once the verb is registered, else the same handling by hand."""
-    from affiner import cli
-
-    if "sweep" in cli.VERBS:
-        try:
-            cli.main(["sweep", *argv])
-        except SystemExit as exc:
-            return int(exc.code)
-        return 0
-    parser = argparse.ArgumentParser(prog="affiner sweep")
-    sweep.add_arguments(parser)
-    args = parser.parse_args(list(argv))
-    try:
-        sweep.main(args)
-    except AffinerError as exc:
-        print(f"affiner sweep: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_cli("sweep", *argv)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
