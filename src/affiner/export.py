@@ -26,15 +26,14 @@ import json
 import os
 import re
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 
 from affiner.errors import AffinerError
+from affiner.models import endpoint_reachable, hub_endpoint
 from affiner.runs import (
     RUN_FILE,
     SUMMARY_FILE,
@@ -411,10 +410,6 @@ def _slug(name: str) -> str:
 # ---------------------------------------------------------------------------------------- the Hub
 
 
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
 def check_push(repo_id: str) -> None:
     """Fail before any work: a malformed name, no token, or a Hub that cannot be reached."""
     from huggingface_hub import get_token
@@ -425,22 +420,10 @@ def check_push(repo_id: str) -> None:
         raise AffinerError("--push needs a Hugging Face token with write access: set HF_TOKEN (or run `hf auth login`, "
                            "formerly `huggingface-cli login`). affiner never prints or saves it.")
     endpoint = hub_endpoint()
-    if not _reachable(endpoint):
+    if not endpoint_reachable(endpoint, PROBE_SECONDS):
         raise AffinerError(f"the Hugging Face Hub ({endpoint}) is unreachable from this machine, so --push cannot "
                            "work; nothing was exported. Export without --push, and upload the folder later from a "
                            "connected machine with `hf upload ORG/NAME DIR`.")
-
-
-def _reachable(endpoint: str) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
-        return False
-    url = urlparse(endpoint)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        with socket.create_connection((url.hostname, port), timeout=PROBE_SECONDS):
-            return True
-    except (OSError, TypeError):
-        return False
 
 
 def push_folder(folder: Path, repo_id: str, private: bool = True) -> str:

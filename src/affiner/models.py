@@ -120,16 +120,26 @@ def _drop_gguf_quantizer(model: nn.Module) -> None:
 # ---------------------------------------------------------------------------------------- the Hub
 
 
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A TCP connection within `timeout`: seconds instead of a minute of HTTP retries when offline."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
         return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    url = urlparse(endpoint)
     try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
+                                      timeout=timeout):
             return True
-    except OSError:
+    except (OSError, TypeError):
         return False
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    return endpoint_reachable(hub_endpoint(), timeout)
 
 
 def hub_kwargs(name: str) -> dict:
