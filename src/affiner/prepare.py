@@ -128,7 +128,7 @@ def drop_by_pattern(examples: list[Example], keep: str | None, drop: str | None)
     keep_re, drop_re = (re.compile(p) if p else None for p in (keep, drop))
     kept, dropped = [], []
     for e in examples:
-        text = "\n".join((e.instruction, e.input, e.response))
+        text = f"{e.instruction}\n{e.input}\n{e.response}"
         if keep_re and not keep_re.search(text):
             dropped.append((e, f"does not match keep_matching {keep!r}"))
         elif drop_re and drop_re.search(text):
@@ -267,7 +267,7 @@ def percentiles(lengths: list[int]) -> dict[str, int]:
     import numpy as np
 
     values = np.percentile(np.asarray(lengths), PERCENTILES)
-    return {**{f"p{p}": int(round(v)) for p, v in zip(PERCENTILES, values)}, "max": int(max(lengths))}
+    return {**{f"p{p}": round(float(v)) for p, v in zip(PERCENTILES, values)}, "max": int(max(lengths))}
 
 
 def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> None:
@@ -311,8 +311,7 @@ def canonical_record(example: Example) -> dict[str, Any]:
 
 def write_jsonl(records: list[dict[str, Any]], path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        handle.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 def check_output(output: Path, overwrite: bool) -> None:

@@ -110,7 +110,7 @@ def mlflow_client(config: RunConfig):
     uri = config.train.mlflow_uri or local_store(Path(config.output_dir))
     try:
         return MlflowClient(tracking_uri=uri), uri
-    except Exception as exc:  # MLflow raises its own types for a bad URI, a locked or foreign database
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own types for a bad URI, a locked or foreign database
         raise AffinerError(f"train.mlflow_uri {uri}: MLflow cannot open it ({exc}).") from None
 
 
