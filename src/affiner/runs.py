@@ -87,7 +87,8 @@ def find_runs(root: Path) -> list[Path]:
     if not root.is_dir():
         raise AffinerError(f"{root} does not exist: no run has been written there yet (see --dir).")
     folders = [p for p in root.iterdir() if (p / RUN_FILE).is_file()]
-    return sorted(folders, key=lambda p: read_json(p / RUN_FILE).get("started", ""))
+    # Runs started in the same second share a stamp; create_run_folder suffixes the later ones (-1, -2, ...).
+    return sorted(folders, key=lambda p: (read_json(p / RUN_FILE).get("started", ""), len(p.name), p.name))
 
 
 def describe_run(folder: Path) -> dict[str, Any]:
