@@ -131,3 +131,13 @@ def test_chat_loads_adapters_trained_anywhere_on_a_model(runs, tiny_llama, capsy
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["chat", str(runs[0]), "--adapter", str(runs[1])])
     assert exit_info.value.code == 2
+
+
+def test_adapters_with_the_same_folder_name_get_distinct_names(tmp_path):
+    """Two exports both have an adapter/ folder: chat, app and serve must still tell them apart."""
+    from affiner.engine import adapter_names
+
+    a, b = tmp_path / "exp-a" / "adapter", tmp_path / "exp-b" / "adapter"
+    assert adapter_names([a]) == ["tuned"]
+    assert adapter_names([a, b]) == ["exp-a/adapter", "exp-b/adapter"]
+    assert adapter_names([tmp_path / "x" / "run", tmp_path / "y" / "other"]) == ["run", "other"]

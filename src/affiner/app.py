@@ -33,8 +33,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
+from affiner.engine import adapter_names
 from affiner.errors import AffinerError
-from affiner.runs import CONFIG_FILE, RUN_FILE, latest_run, load_run_config, read_json, require_run
+from affiner.runs import (
+    CONFIG_FILE,
+    RUN_FILE,
+    latest_run,
+    load_run_config,
+    read_json,
+    require_run,
+)
 
 RUNS_ENV = "AFFINER_APP_RUNS"  # the run folders the page serves, joined with os.pathsep
 PAGE_SCRIPT = Path(__file__).with_name("app_page.py")
@@ -164,18 +172,6 @@ def runs_from_environment(argv: list[str] | None = None) -> list[Path]:
     if argv and Path(argv[0]).resolve() == PAGE_SCRIPT.resolve() and argv[1:]:
         return resolve_runs([Path(p) for p in argv[1:]])
     return resolve_runs([])
-
-
-def adapter_names(folders: list[Path]) -> list[str]:
-    """"tuned" for one run, else each run folder's name (with its parent's when two names collide)."""
-    if len(folders) == 1:
-        return ["tuned"]
-    names = [f.name for f in folders]
-    if len(set(names)) < len(names):
-        names = [f"{f.parent.name}/{f.name}" for f in folders]
-    if len(set(names)) < len(names):
-        names = [str(f) for f in folders]
-    return names
 
 
 # ---------------------------------------------------------------------------------------- generation

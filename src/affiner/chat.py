@@ -23,7 +23,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from affiner.engine import BASE, Engine, Reply, Settings
+from affiner.engine import BASE, Engine, Reply, Settings, adapter_names
 from affiner.errors import AffinerError
 from affiner.runs import latest_run
 
@@ -70,7 +70,7 @@ def open_engine(args: argparse.Namespace) -> tuple[Engine, str, str]:
             raise AffinerError("pass either run folders or --model (with --adapter folders), not both.")
         tokenizer = load_tokenizer(args.model)
         template_name = args.template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
-        adapters = {folder.name: folder for folder in args.adapter}
+        adapters = dict(zip(adapter_names(args.adapter), args.adapter))  # two adapter/ folders get distinct names
         for folder in args.adapter:
             if not (folder / "adapter_config.json").is_file():
                 raise AffinerError(f"--adapter {folder} is not a LoRA adapter folder (no adapter_config.json).")

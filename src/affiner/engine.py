@@ -28,6 +28,18 @@ from affiner.templates import Example, Template, encode_prompt, load_template
 BASE = "base"
 
 
+def adapter_names(folders: list[Path]) -> list[str]:
+    """"tuned" for one run, else each run folder's name (with its parent's when two names collide)."""
+    if len(folders) == 1:
+        return ["tuned"]
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        names = [f"{f.parent.name}/{f.name}" for f in folders]
+    if len(set(names)) < len(names):
+        names = [str(f) for f in folders]
+    return names
+
+
 @dataclass(frozen=True)
 class Settings:
     """Decoding settings; temperature 0 decodes greedily."""
@@ -130,7 +142,7 @@ class Engine:
         if first.method == "full":
             raise AffinerError(f"{folders[0]} is a full fine-tune: there is no adapter to put on a base; "
                                "pass its folder as the base model instead.")
-        names = names or (["tuned"] if len(folders) == 1 else [f.name for f in folders])
+        names = names or adapter_names(folders)
         base = load_model(first.model.base, quantization=first.quantization, precision=first.model.precision,
                           double_quant=first.model.double_quant)
         return cls.on_base(base, load_tokenizer(str(folders[0])), load_template(folders[0]), dict(zip(names, folders)))
