@@ -22,7 +22,6 @@ import argparse
 import csv
 import html
 import io
-import json
 import os
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from affiner.runs import (
     latest_run,
     load_run_config,
     read_json,
+    read_log,
     require_run,
 )
 
@@ -269,17 +269,7 @@ def read_metrics(folder: Path):
     """metrics.jsonl as a DataFrame indexed by step (None when the run logged nothing)."""
     import pandas as pd
 
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by an interrupted write
+    rows = read_log(folder)
     if not rows:
         return None
     frame = pd.DataFrame(rows)

@@ -39,6 +39,7 @@ from affiner.runs import (
     SUMMARY_FILE,
     load_run_config,
     read_json,
+    replace_folder,
     require_run,
     write_json,
 )
@@ -111,7 +112,7 @@ def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gg
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to this user
     try:
         written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push)
-        _swap_into_place(staging, output)
+        replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     print(f"Export: {output} ({', '.join(written)})")
@@ -140,20 +141,6 @@ def _check_output(output: Path, run: Path, overwrite: bool) -> None:
     if output.exists() and not (output / EXPORT_FILE).is_file():
         raise AffinerError(f"{output} exists and was not written by affiner export (no {EXPORT_FILE}); --overwrite "
                            "only replaces earlier exports. Pass another --output.")
-
-
-def _swap_into_place(staging: Path, output: Path) -> None:
-    if not output.exists():
-        staging.rename(output)
-        return
-    retired = output.with_name(f".{output.name}-old-{os.getpid()}")
-    output.rename(retired)
-    try:
-        staging.rename(output)
-    except OSError:
-        retired.rename(output)  # the earlier export stays as it was
-        raise
-    shutil.rmtree(retired)
 
 
 def _write_export(target: Path, output: Path, folder: Path, config, template: Template, merged: bool, gguf: bool,

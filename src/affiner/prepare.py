@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import string
@@ -36,6 +35,7 @@ from typing import Any
 from affiner import data as data_mod
 from affiner.config import DataConfig, RunConfig, dump_config, load_config
 from affiner.errors import AffinerError
+from affiner.runs import replace_folder
 from affiner.templates import Example, Template, build_template, render_prompt
 
 PERCENTILES = (50, 90, 95, 99)
@@ -330,13 +330,7 @@ def write_prepared(prepared: Prepared, config: RunConfig, output: Path, overwrit
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
     try:
         _write_into(staging, prepared, config)
-        if output.exists():
-            retired = output.with_name(f".{output.name}-old-{os.getpid()}")
-            output.rename(retired)
-            staging.rename(output)
-            shutil.rmtree(retired)
-        else:
-            staging.rename(output)
+        replace_folder(staging, output)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,36 @@ def require_run(folder: str | Path) -> Path:
     if not (path / RUN_FILE).is_file():
         raise AffinerError(f"{folder} is not an affiner run folder (no {RUN_FILE}).")
     return path
+
+
+def read_log(folder: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl, in order; a line cut by an interrupted write is skipped."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def replace_folder(staging: Path, output: Path) -> None:
+    """Move a completely written folder into place; an earlier one is removed only once the new one is there."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    retired = output.with_name(f".{output.name}-old-{os.getpid()}")
+    output.rename(retired)
+    try:
+        staging.rename(output)
+    except OSError:
+        retired.rename(output)  # the earlier folder stays as it was
+        raise
+    shutil.rmtree(retired)
 
 
 def latest_run(output_dir: str = "runs") -> Path | None:

@@ -50,7 +50,7 @@ from affiner.config import (
 )
 from affiner.errors import AffinerError
 from affiner.metrics import METRIC_INFO
-from affiner.runs import RUN_FILE, read_json, write_json
+from affiner.runs import RUN_FILE, read_json, read_log, write_json
 
 SWEEP_FILE = "sweep.json"
 TABLE_MD = "sweep.md"
@@ -439,12 +439,7 @@ def read_metrics(run: Path) -> dict:
     tuned = models[1] if len(models) > 1 else models[0]
     means = {role: {key: values.get(model, {}).get("mean") for key, values in report["metrics"].items()}
              for role, model in (("base", models[0]), ("tuned", tuned))}
-    train_loss = None
-    log = run / "metrics.jsonl"
-    if log.is_file():
-        for line in log.read_text(encoding="utf-8").splitlines():
-            if line.strip() and "loss" in (record := json.loads(line)):
-                train_loss = record["loss"]
+    train_loss = next((r["loss"] for r in reversed(read_log(run)) if "loss" in r), None)
     return {**means, "train_loss": train_loss, "steps": read_json(run / RUN_FILE).get("steps")}
 
 

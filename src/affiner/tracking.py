@@ -22,7 +22,7 @@ from typing import Any
 
 from affiner.config import RunConfig
 from affiner.errors import AffinerError
-from affiner.runs import flat_config
+from affiner.runs import flat_config, read_log
 
 CSV_FILE = "metrics.csv"
 SCALARS = ("loss", "learning_rate", "grad_norm")
@@ -188,16 +188,9 @@ def log_evaluation(folder: Path, config: RunConfig, run_info: dict[str, Any], sc
 # ---------------------------------------------------------------------------------------- curves
 
 
-def read_metrics(folder: Path) -> list[dict[str, Any]]:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def plot_training(folder: Path) -> list[Path]:
     """loss.png (train and held-out loss) and learning_rate.png, from metrics.jsonl."""
-    records = read_metrics(folder)
+    records = read_log(folder)
     if not records:
         return []
     import matplotlib
