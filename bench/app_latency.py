@@ -26,9 +26,10 @@ import threading  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from affiner import app  # noqa: E402
-from affiner.engine import BASE, Settings  # noqa: E402
-from affiner.runs import latest_run  # noqa: E402
+from affiner.interfaces import app  # noqa: E402
+from affiner.core.settings import Settings  # noqa: E402
+from affiner.interfaces.engine import BASE  # noqa: E402
+from affiner.core.runfolder import RunFolder  # noqa: E402
 
 PROMPT = "What does QUILT stand for?"
 TARGET_SECONDS = 1.0
@@ -66,7 +67,8 @@ def main() -> None:
     parser.add_argument("run", nargs="?", help="run folder (default: the latest under runs/)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    run = Path(args.run) if args.run else latest_run(str(Path(__file__).resolve().parents[1] / "runs"))
+    latest = RunFolder.latest(Path(__file__).resolve().parents[1] / "runs")
+    run = Path(args.run) if args.run else (latest.path if latest else None)
     if run is None:
         raise SystemExit("no run folder: train one with `affiner run` first, or pass a run folder.")
     run = app.resolve_runs([run])[0]

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from affiner.config import load_config
-from affiner.data import read_rows, to_examples
-from affiner.evaluate import generate
-from affiner.models import default_target_modules, load_model, load_tokenizer
-from affiner.templates import build_template
+from affiner.core.config import load_config
+from affiner.data.formats import to_examples
+from affiner.data.read import read_rows
+from affiner.evaluation.generation import generate
+from affiner.core.models import default_target_modules, load_model, load_tokenizer
+from affiner.core.templates import build_template
 
 
 def random_adapter(base: str, folder: Path) -> Path:

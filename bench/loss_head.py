@@ -18,11 +18,14 @@ import time
 
 import torch
 
-from affiner.config import load_config
-from affiner.data import collate, read_rows, to_examples, tokenize
-from affiner.models import load_tokenizer
-from affiner.templates import build_template
-from affiner.train import prepare_model, supervised_loss
+from affiner.core.config import load_config
+from affiner.data.formats import to_examples
+from affiner.data.read import read_rows
+from affiner.data.tokens import collate, tokenize
+from affiner.core.models import load_tokenizer
+from affiner.core.templates import build_template
+from affiner.core.loss import supervised_loss
+from affiner.training.setup import prepare_model
 
 
 def main(repeats: int = 5) -> None:
@@ -30,7 +33,7 @@ def main(repeats: int = 5) -> None:
     tokenizer = load_tokenizer(config.model.base)
     template = build_template("qa", tokenizer)
     examples = to_examples(read_rows(config.data.train))[:8]
-    batch = collate(tokenize(examples, template, tokenizer, 128), tokenizer.pad_token_id)
+    batch = collate(tokenize(examples, template, tokenizer), tokenizer.pad_token_id)
     model = prepare_model(config)
     supervised = int((batch["labels"] != -100).sum())
 

@@ -52,9 +52,10 @@ def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def check_batched_counts(rows: list[dict[str, str]]) -> int:
     """The fast batched counter must agree with the encoder training uses, row by row, on Gemma's tokenizer."""
-    from affiner.data import to_examples, token_lengths
-    from affiner.models import load_tokenizer
-    from affiner.templates import build_template, encode_prompt, encode_response
+    from affiner.data.formats import to_examples
+    from affiner.data.tokens import token_lengths
+    from affiner.core.models import load_tokenizer
+    from affiner.core.templates import build_template, encode_prompt, encode_response
 
     tokenizer = load_tokenizer("embedded:gemma-3-270m")
     template = build_template("alpaca", tokenizer)

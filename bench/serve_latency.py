@@ -24,9 +24,9 @@ from pathlib import Path
 
 from openai import OpenAI
 
-from affiner.engine import Engine
-from affiner.runs import latest_run
-from affiner.serve import make_server
+from affiner.interfaces.engine import Engine
+from affiner.core.runfolder import RunFolder
+from affiner.interfaces.serve import make_server
 
 PROMPT = "What does QUILT stand for?"
 
@@ -39,7 +39,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     args = parser.parse_args()
-    folder = Path(args.run) if args.run else latest_run()
+    latest = RunFolder.latest()
+    folder = Path(args.run) if args.run else (latest.path if latest else None)
     if folder is None:
         raise SystemExit("no run folder given and none under runs/; train one with: affiner run")
 

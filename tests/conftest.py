@@ -158,7 +158,7 @@ def run_cli(*argv: str) -> int:
 @pytest.fixture
 def offline_hub(monkeypatch):
     """The Hub as this machine sees it, whatever the machine: unreachable, so only the cache counts."""
-    from affiner import models
+    from affiner.core import models
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     models.hub_reachable.cache_clear()
@@ -169,7 +169,7 @@ def offline_hub(monkeypatch):
 @pytest.fixture
 def interrupt_training(monkeypatch):
     """Press Ctrl-C right after the given training step has been logged."""
-    from affiner import train as train_mod
+    from affiner.training import loop as train_mod
 
     real_log = train_mod.log_metrics
 

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from affiner import app
-from affiner.config import load_config
-from affiner.errors import AffinerError
-from affiner.runs import read_json, write_json
-from affiner.train import train
+from affiner.core.runfolder import model_names
+from affiner.interfaces import app
+from affiner.core.config import load_config
+from affiner.core.errors import AffinerError
+from affiner.core.runfolder import read_json, write_json
+from affiner.training.run import train
 from conftest import write_config
 
 PAGE = str(app.PAGE_SCRIPT)
@@ -127,7 +128,7 @@ def test_switching_adapters_reuses_the_loaded_base(monkeypatch, runs, downloads)
     at = page(monkeypatch, folders).run()
     assert not at.exception, at.exception
     key = tuple(str(f) for f in folders)
-    beta, alpha = app.adapter_names(folders)
+    beta, alpha = model_names(folders)
     assert at.multiselect(key="models").value == [beta]  # the first (latest) run is shown by default
     at.toggle(key="greedy").set_value(True)
     at.number_input(key="max_new_tokens").set_value(8)
@@ -171,7 +172,7 @@ def test_runs_page_shows_curves_config_and_report(monkeypatch, runs):
     at.text_area(key="instruction").input("Define GLINT.")
     at.sidebar.radio(key="page").set_value("Runs").run()
     assert not at.exception, at.exception
-    assert [t.label for t in at.tabs] == app.adapter_names(runs)
+    assert [t.label for t in at.tabs] == model_names(runs)
     charts = at.tabs[1].get("vega_lite_chart")
     assert len(charts) == 2  # loss and learning rate against step
     assert "learning_rate" in str(charts[1].proto) and "step" in str(charts[0].proto)

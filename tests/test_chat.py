@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from affiner.config import load_config
-from affiner.train import train
+from affiner.core.config import load_config
+from affiner.training.run import train
 from conftest import write_config
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")

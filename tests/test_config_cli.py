@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from affiner.config import load_config, recipe_names
-from affiner.errors import AffinerError
-from affiner.models import load_model, load_tokenizer
+from affiner.core.config import load_config, recipe_names
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_model, load_tokenizer
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -125,7 +125,7 @@ def test_cli_help_for_every_verb(tmp_path):
 
 
 def test_a_new_run_never_overwrites_an_existing_one(tmp_path, tiny_gpt2):
-    from affiner.train import train
+    from affiner.experiments.workflow import train
     from conftest import write_config
 
     config = load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",

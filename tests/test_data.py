@@ -8,11 +8,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from affiner import glossary
-from affiner.data import DataReport, read_rows, split, to_examples, tokenize
-from affiner.errors import AffinerError
-from affiner.models import load_tokenizer
-from affiner.templates import Example, build_template
+from affiner.synth import shipped as glossary
+from affiner.core.config import DataConfig
+from affiner.data.formats import to_examples
+from affiner.data.ledger import Ledger
+from affiner.data.pipeline import clean, split
+from affiner.data.read import read_rows
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_tokenizer
+from affiner.core.templates import Example, build_template
 
 ALPACA = [{"instruction": "Give three colours.", "input": "", "output": "Red, green and blue."},
           {"instruction": "Translate.", "input": "bonjour", "output": "hello"}]
@@ -103,12 +107,13 @@ def test_empty_and_too_long_rows_are_counted_and_dropped(tiny_gpt2):
     template = build_template("qa", tokenizer)
     examples = [Example("What is QUILT?", "A queue.", source="f:1"), Example("   ", "orphan answer", source="f:2"),
                 Example("Empty answer?", "  ", source="f:3"), Example("Long?", "word " * 200, source="f:4")]
-    report = DataReport()
-    features = tokenize(examples, template, tokenizer, max_length=64, report=report)
-    assert len(features) == 1 and report.kept == 1 and report.read == 4
-    assert report.dropped == {"empty": 2, "longer than max_length=64 tokens": 1}
-    assert report.examples_dropped["empty"] == ["f:2", "f:3"]
-    assert "dropped 2 empty" in report.summary("rows")
+    ledger = Ledger()
+    kept, _ = clean(examples, DataConfig(train="f", max_length=64), tokenizer, template, ledger, "train")
+    assert len(kept) == 1 and ledger.steps[0]["in"] == 4 and ledger.steps[-1]["kept"] == 1
+    assert ledger.counts() == {"empty question": 1, "empty answer": 1,
+                               "over max_length=64 tokens (prompt + answer)": 1}
+    assert [row.source for row, _ in ledger.dropped[:2]] == ["f:2", "f:3"]
+    assert "1 empty question (f:2)" in ledger.describe() and "1 empty answer (f:3)" in ledger.describe()
 
 
 def test_split_is_seeded_and_keeps_groups_on_one_side():

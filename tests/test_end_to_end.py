@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from affiner.config import load_config
-from affiner.train import train
+from affiner.core.config import load_config
+from affiner.experiments.workflow import train
 from conftest import write_config
 
 

@@ -6,13 +6,14 @@ import threading
 
 import pytest
 
-from affiner import evaluate as ev
-from affiner.config import load_config
-from affiner.engine import Engine, Reply, Settings
-from affiner.errors import AffinerError
-from affiner.models import load_model
-from affiner.templates import Example, load_template
-from affiner.train import train
+from affiner.evaluation import generation as ev
+from affiner.core.config import load_config
+from affiner.core.settings import Settings
+from affiner.interfaces.engine import Engine, Reply
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_model
+from affiner.core.templates import Example, load_template
+from affiner.experiments.workflow import train
 from conftest import write_config
 
 GREEDY = Settings(temperature=0, max_new_tokens=8)
@@ -99,7 +100,7 @@ def test_settings_parse_and_validate():
 
 def test_chat_session_switches_between_adapters_of_one_base(engine, capsys):
     """`affiner chat RUN_A RUN_B`: /use switches model, and each answers as that adapter alone would."""
-    from affiner.chat import Session, answer
+    from affiner.interfaces.chat import Session, answer
 
     expected = {name: answer(engine, name, QUESTION, GREEDY).text for name in ("base", "a", "b")}
     assert expected["a"] != expected["base"]
@@ -125,7 +126,7 @@ def test_chat_loads_adapters_trained_anywhere_on_a_model(runs, tiny_llama, capsy
               "--template", "chat", "--greedy", "--max-new-tokens", "8", "--prompt", QUESTION[0]["content"]])
     with_adapter = capsys.readouterr().out.strip()
     engine = Engine.from_runs([runs[1]], names=["b"])
-    from affiner.chat import answer
+    from affiner.interfaces.chat import answer
 
     assert with_adapter == answer(engine, "b", QUESTION, GREEDY).text.strip()
     with pytest.raises(SystemExit) as exit_info:
@@ -135,7 +136,7 @@ def test_chat_loads_adapters_trained_anywhere_on_a_model(runs, tiny_llama, capsy
 
 def test_adapters_with_the_same_folder_name_get_distinct_names(tmp_path):
     """Two exports both have an adapter/ folder: chat, app and serve must still tell them apart."""
-    from affiner.engine import adapter_names
+    from affiner.core.runfolder import model_names as adapter_names
 
     a, b = tmp_path / "exp-a" / "adapter", tmp_path / "exp-b" / "adapter"
     assert adapter_names([a]) == ["tuned"]

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from affiner import evaluate as ev
-from affiner import metrics
-from affiner.config import load_config
-from affiner.errors import AffinerError
-from affiner.models import load_model, load_tokenizer
-from affiner.runs import read_json
-from affiner.templates import Example, build_template
-from affiner.train import train
+from affiner.evaluation import evaluate as ev
+from affiner.evaluation import generation, plan, scoring, table
+from affiner.evaluation import metrics
+from affiner.core.config import load_config
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_model, load_tokenizer
+from affiner.core.files import read_json
+from affiner.core.runfolder import RunFolder
+from affiner.core.templates import Example, build_template
+from affiner.experiments.workflow import train
 from conftest import write_config
 
 QUESTIONS = [Example(instruction=q, reference="Queue") for q in
@@ -26,8 +28,8 @@ def test_batched_greedy_equals_one_by_one(request, fixture):
     tokenizer = load_tokenizer(str(folder))
     model = load_model(str(folder))
     template = build_template("qa", tokenizer)
-    batched = ev.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
-    single = [ev.generate(model, tokenizer, template, [q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
+    batched = generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
+    single = [generation.generate(model, tokenizer, template, [q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
     assert batched == single
     assert len({len(q.instruction) for q in QUESTIONS}) == len(QUESTIONS)  # the batch really is mixed-length
 
@@ -36,9 +38,9 @@ def test_decode_stops_at_the_first_stop_token(tiny_gpt2):
     tokenizer = load_tokenizer(str(tiny_gpt2))
     words = tokenizer("Queue of tables", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    stopped = ev.decode(words + [eos] + words, [eos], tokenizer)
-    assert stopped == ev.Answer(text="Queue of tables", stopped=True, tokens=len(words))
-    assert ev.decode(words, [eos], tokenizer).stopped is False
+    stopped = generation.decode(words + [eos] + words, [eos], tokenizer)
+    assert stopped == generation.Answer(text="Queue of tables", stopped=True, tokens=len(words))
+    assert generation.decode(words, [eos], tokenizer).stopped is False
 
 
 @pytest.mark.parametrize("answer,reference,expected", [
@@ -54,8 +56,8 @@ def test_contains_reference(answer, reference, expected):
 
 
 def test_headline_is_counted_from_answers():
-    answers = [ev.Answer("QUILT means Queue", True, 3), ev.Answer("no idea", False, 8)]
-    assert ev.headline(ev.score_answers(QUESTIONS[:2], answers)) == {
+    answers = [generation.Answer("QUILT means Queue", True, 3), generation.Answer("no idea", False, 8)]
+    assert scoring.headline(scoring.score_answers(QUESTIONS[:2], answers)) == {
         "questions": 2, "correct": 1, "accuracy": 0.5, "stopped": 1, "stop_rate": 0.5, "mean_answer_tokens": 5.5}
 
 
@@ -76,21 +78,21 @@ def test_evaluate_writes_summary_and_report_and_keeps_the_previous_one(tmp_path,
     assert read_json(folder / "evaluations" / "1" / "summary.json") == saved
     assert (folder / "evaluations" / "1" / "report.html").is_file()
     assert read_json(folder / "summary.json")["base"]["questions"] == 2
-    assert "contains the reference" in ev.format_table(evaluation)
+    assert "contains the reference" in table.format_table(evaluation)
 
 
 def test_held_out_loss_is_the_training_loss_of_each_reference_answer(tiny_gpt2):
-    from affiner.data import collate, tokenize
-    from affiner.train import supervised_loss
+    from affiner.core.loss import supervised_loss
+    from affiner.data.tokens import collate, tokenize
 
     tokenizer = load_tokenizer(str(tiny_gpt2))
     model = load_model(str(tiny_gpt2))
     template = build_template("qa", tokenizer)
     examples = [Example("What does QUILT stand for?", "Queue of Unified Index Lookup Tables."),
                 Example("Define FROND.", "Federated Registry of Open Nautical Data, a registry.")]
-    sums, counts = ev.held_out_losses(model, tokenizer, template, examples, batch_size=2)
+    sums, counts = scoring.held_out_losses(model, tokenizer, template, examples, batch_size=2)
     for example, total, n in zip(examples, sums, counts):
-        alone = collate(tokenize([example], template, tokenizer, 256), tokenizer.pad_token_id)
+        alone = collate(tokenize([example], template, tokenizer), tokenizer.pad_token_id)
         with torch.no_grad():
             expected, expected_n = supervised_loss(model, alone)
         assert n == expected_n
@@ -101,7 +103,7 @@ def test_tuned_generation_uses_the_adapter(tmp_path, tiny_gpt2):
     folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
                                                 train={"max_steps": 6, "learning_rate": 5e-2}))))
     config = load_config(str(folder / "config.yaml"))
-    merged = ev.tuned_model(folder, config)
+    merged = plan.tuned_model(RunFolder(folder), config)
     unmerged = load_model(str(tiny_gpt2), adapter=folder)
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
@@ -143,20 +145,20 @@ def test_base_with_adapters_trained_elsewhere_through_the_cli(tmp_path, tiny_gpt
 
 
 def test_sampling_is_reproducible_with_its_seed(tiny_llama):
-    from affiner.engine import Settings
+    from affiner.core.settings import Settings
 
     tokenizer = load_tokenizer(str(tiny_llama))
     model = load_model(str(tiny_llama))
     template = build_template("qa", tokenizer)
 
     def sample(seed):
-        return ev.generate(model, tokenizer, template, QUESTIONS, 10, 5, Settings(temperature=1.5, top_k=0, top_p=1.0,
+        return generation.generate(model, tokenizer, template, QUESTIONS, 10, 5, Settings(temperature=1.5, top_k=0, top_p=1.0,
                                                                                   seed=seed))
 
     first = sample(1)
     assert sample(1) == first
     assert sample(2) != first
-    assert first != ev.generate(model, tokenizer, template, QUESTIONS, 10, 5)  # greedy by default
+    assert first != generation.generate(model, tokenizer, template, QUESTIONS, 10, 5)  # greedy by default
 
 
 def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama):
@@ -164,7 +166,7 @@ def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama)
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from affiner.config import JudgeConfig
+    from affiner.core.config import JudgeConfig
 
     class Judge(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server API

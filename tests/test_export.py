@@ -20,13 +20,13 @@ from conftest import _save, _sentencepiece_like_tokenizer, make_tiny_gpt2, run_c
 from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
-from affiner import export as export_mod
-from affiner.config import load_config
-from affiner.errors import AffinerError
-from affiner.models import load_model
-from affiner.runs import read_json, write_json
-from affiner.templates import build_template, load_template
-from affiner.train import train
+from affiner.export import export as export_mod
+from affiner.core.config import load_config
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_model
+from affiner.core.runfolder import read_json, write_json
+from affiner.core.templates import build_template, load_template
+from affiner.training.run import train
 
 TOKEN = "hf_AffinerTestSecret0123456789abcdefXYZ"
 PROMPT = "### Question: What does QUILT stand for?\n### Answer:"
@@ -44,7 +44,7 @@ def _train(root: Path, base: Path, **sections) -> Path:
 @pytest.fixture(scope="module")
 def llama_run(tmp_path_factory, tiny_llama) -> Path:
     """A LoRA run of tiny Llama, evaluated on two questions so that the model card has numbers."""
-    from affiner.evaluate import evaluate
+    from affiner.evaluation.evaluate import evaluate
 
     folder = _train(tmp_path_factory.mktemp("llama-run"), tiny_llama)
     evaluate(folder, max_questions=2)
@@ -280,7 +280,7 @@ def test_gguf_types(tmp_path, llama_run, gguf_type, ggml_type, file_type):
 def test_gguf_refuses_what_it_cannot_write(tmp_path, llama_run, tiny_gemma, tiny_gpt2):
     from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
 
-    from affiner.gguf_writer import write_gguf
+    from affiner.export.gguf_writer import write_gguf
 
     neox = tmp_path / "neox"
     GPTNeoXConfig(vocab_size=400, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -492,7 +492,7 @@ def test_embedded_gemma_exports_a_gguf_that_answers_like_the_merged_model(tmp_pa
     assert _greedy(back, ids, 8) == _greedy(merged, ids, 8)
     torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=1e-3)
     source = export_mod._source_gguf("embedded:gemma-3-270m")
-    from affiner.gguf_writer import read_metadata
+    from affiner.export.gguf_writer import read_metadata
 
     copied = {k: v for k, v, *_ in read_metadata(out / "model.gguf", "tokenizer.")}
     assert copied == {k: v for k, v, *_ in read_metadata(source, "tokenizer.")}  # the vocabulary, as llama.cpp had it

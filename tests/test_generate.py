@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from fake_endpoint import FakeServer, Reply, running_server
 
-from affiner import cli, generate
-from affiner.generate import (
+from affiner import cli
+from affiner.synth import synth as generate
+from affiner.synth.synth import (
     Term,
     check_conversation,
     offline_conversations,
@@ -256,7 +257,8 @@ def test_held_out_phrasings_never_appear_in_training(tmp_path, capsys):
 
 
 def test_output_is_read_back_by_training(tmp_path):
-    from affiner.data import read_rows, to_examples
+    from affiner.data.formats import to_examples
+    from affiner.data.read import read_rows
 
     train = run_offline(tmp_path, "--per-entry", "4", "--test-output", str(tmp_path / "out" / "test.json"))
     examples = to_examples(read_rows(str(train)))
@@ -474,7 +476,8 @@ def test_endpoint_happy_path(server, tmp_path, capsys):
     assert french.startswith("Écris 5 conversations") and "\nAcronyme : " in french
     out = capsys.readouterr().out
     assert "6 requests sent, 0 replies from the cache" in out and "en 9 train + 6 held-out" in out
-    from affiner.data import read_rows, to_examples
+    from affiner.data.formats import to_examples
+    from affiner.data.read import read_rows
 
     assert len(to_examples(read_rows(str(output)))) == 18
 

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from fake_endpoint import FakeServer, Reply, running_server
 
-from affiner.errors import AffinerError
-from affiner.judge import (
+from affiner.core.errors import AffinerError
+from affiner.evaluation.judge import (
     Judge,
     JudgeSettings,
     PairVerdict,

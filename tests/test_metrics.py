@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from affiner import metrics
+from affiner.evaluation import metrics
 
 
 def test_identical_strings_score_perfectly():

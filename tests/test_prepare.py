@@ -10,11 +10,13 @@ import pytest
 from conftest import write_config
 
 from affiner import cli
-from affiner.config import load_config
-from affiner.data import read_rows, to_examples, token_lengths
-from affiner.models import load_tokenizer
-from affiner.prepare import (
-    build,
+from affiner.core.config import load_config
+from affiner.data.formats import to_examples
+from affiner.data.read import read_rows
+from affiner.data.tokens import token_lengths
+from affiner.core.models import load_tokenizer
+from affiner.data.pipeline import build
+from affiner.data.filters import (
     drop_by_pattern,
     drop_duplicates,
     drop_empty,
@@ -22,7 +24,7 @@ from affiner.prepare import (
     drop_overlap,
     normalized,
 )
-from affiner.templates import Example, build_template, encode_prompt, encode_response
+from affiner.core.templates import Example, build_template, encode_prompt, encode_response
 
 
 def ex(instruction: str, response: str = "an answer", **fields) -> Example:

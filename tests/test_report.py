@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from affiner.report import write_report
+from affiner.evaluation.report import write_report
 
 FILES = {"report.md", "report.html", "answers.csv", "metrics.json", "metrics.png", "lengths.png"}
 METRIC_INFO = {
@@ -129,7 +129,7 @@ def test_rewriting_replaces_files(tmp_path: Path) -> None:
 
 
 def test_interrupted_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from affiner import report
+    from affiner.core import files  # the one atomic write every report file goes through
 
     write_report(tmp_path, _evaluation())
     before = (tmp_path / "report.html").read_bytes()
@@ -137,7 +137,7 @@ def test_interrupted_write_keeps_the_previous_file(tmp_path: Path, monkeypatch: 
     def interrupted_replace(source: str, target: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report.os, "replace", interrupted_replace)
+    monkeypatch.setattr(files.os, "replace", interrupted_replace)
     evaluation = _evaluation()
     evaluation["title"] = "never-written"
     with pytest.raises(KeyboardInterrupt):

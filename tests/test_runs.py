@@ -9,7 +9,7 @@ import pytest
 from conftest import write_config
 
 from affiner import cli
-from affiner.runs import find_runs
+from affiner.experiments.runs import find_runs
 
 
 @pytest.fixture(scope="module")

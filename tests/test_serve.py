@@ -15,12 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from affiner import serve
-from affiner.config import load_config
-from affiner.engine import Engine, Settings
-from affiner.errors import AffinerError
-from affiner.judge import Judge, JudgeSettings
-from affiner.train import train
+from affiner.interfaces import serve
+from affiner.core.config import load_config
+from affiner.core.settings import Settings
+from affiner.interfaces.engine import Engine
+from affiner.core.errors import AffinerError
+from affiner.evaluation.judge import Judge, JudgeSettings
+from affiner.training.run import train
 from conftest import make_tiny_llama, write_config
 
 QUESTION = [{"role": "user", "content": "What does QUILT stand for?"}]

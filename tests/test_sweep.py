@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import run_cli, write_config
 
-from affiner import sweep
-from affiner import train as train_mod
-from affiner.errors import AffinerError
-from affiner.runs import read_json
+from affiner.experiments import sweep
+from affiner.experiments import workflow as train_mod
+from affiner.core.errors import AffinerError
+from affiner.core.files import read_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -207,7 +207,7 @@ def tiny_config(folder: Path, base: Path, data: Path) -> Path:
 @pytest.fixture(autouse=True)
 def no_embedding_model(monkeypatch):
     """Loading MiniLM for the embedding score costs ~20 s once; the sweep never looks at that score."""
-    from affiner import metrics
+    from affiner.evaluation import metrics
 
     monkeypatch.setattr(metrics, "embedding_similarity", lambda answers, references: [0.0] * len(answers))
 

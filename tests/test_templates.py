@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from affiner.data import IGNORE_INDEX, collate, tokenize
-from affiner.errors import AffinerError
-from affiner.evaluate import left_pad
-from affiner.models import load_tokenizer
-from affiner.templates import Example, build_template, encode_prompt, render_prompt
+from affiner.core.loss import IGNORE_INDEX
+from affiner.data.tokens import collate, tokenize
+from affiner.core.errors import AffinerError
+from affiner.evaluation.generation import left_pad
+from affiner.core.models import load_tokenizer
+from affiner.core.templates import Example, build_template, encode_prompt, render_prompt
 
 EXAMPLES = [
     Example(instruction="What does QUILT stand for?", response="QUILT stands for Queue of Unified Index Lookup Tables."),
@@ -27,7 +28,7 @@ def _setup(request, fixture: str, name: str):
 @pytest.mark.parametrize("fixture,name", CASES)
 def test_labels_mask_prompt_and_padding_and_end_with_eos(request, fixture, name):
     tokenizer, template = _setup(request, fixture, name)
-    features = tokenize(EXAMPLES, template, tokenizer, max_length=256)
+    features = tokenize(EXAMPLES, template, tokenizer)
     batch = collate(features, tokenizer.pad_token_id)
     for row, (feature, example) in enumerate(zip(features, EXAMPLES)):
         n_prompt = len(encode_prompt(template, tokenizer, example))
@@ -44,7 +45,7 @@ def test_eos_is_supervised_when_pad_equals_eos(tiny_gpt2):
     tokenizer = load_tokenizer(str(tiny_gpt2))
     assert tokenizer.pad_token_id == tokenizer.eos_token_id  # the GPT-2 case that breaks notebooks
     template = build_template("qa", tokenizer)
-    batch = collate(tokenize(EXAMPLES, template, tokenizer, 256), tokenizer.pad_token_id)
+    batch = collate(tokenize(EXAMPLES, template, tokenizer), tokenizer.pad_token_id)
     for row in range(len(EXAMPLES)):
         supervised = [t for t in batch["labels"][row].tolist() if t != IGNORE_INDEX]
         assert supervised[-1] == tokenizer.eos_token_id
@@ -54,7 +55,7 @@ def test_eos_is_supervised_when_pad_equals_eos(tiny_gpt2):
 @pytest.mark.parametrize("fixture,name", CASES)
 def test_training_and_inference_see_the_same_prompt_ids_with_one_bos(request, fixture, name):
     tokenizer, template = _setup(request, fixture, name)
-    features = tokenize(EXAMPLES, template, tokenizer, max_length=256)
+    features = tokenize(EXAMPLES, template, tokenizer)
     prompts = [encode_prompt(template, tokenizer, e) for e in EXAMPLES]
     input_ids, attention = left_pad(prompts, tokenizer.pad_token_id)  # what generation receives
     for row, (feature, prompt) in enumerate(zip(features, prompts)):
@@ -70,7 +71,7 @@ def test_chat_template_closes_the_answer_with_the_turn_end_token(tiny_llama):
     template = build_template("chat", tokenizer)
     end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     assert end_of_turn in template.stop_token_ids
-    feature = tokenize(EXAMPLES[:1], template, tokenizer, 256)[0]
+    feature = tokenize(EXAMPLES[:1], template, tokenizer)[0]
     assert feature["labels"][-1] == end_of_turn
     assert tokenizer.decode(feature["input_ids"]).count("<bos>") == 1
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import write_config
 
 from affiner import cli
-from affiner.runs import read_json
+from affiner.core.files import read_json
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -9,20 +9,26 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from affiner import train as train_mod
-from affiner.config import load_config
-from affiner.data import collate, read_rows, to_examples, tokenize
-from affiner.errors import AffinerError
-from affiner.models import default_target_modules, load_model, load_tokenizer
-from affiner.runs import read_json
-from affiner.templates import build_template
+from affiner.core.loss import supervised_loss
+from affiner.core.runfolder import RunFolder
+from affiner.experiments import workflow as train_mod
+from affiner.training.loop import accumulate_gradients
+from affiner.training.setup import make_scheduler, prepare_model
+from affiner.core.config import load_config
+from affiner.data.formats import to_examples
+from affiner.data.read import read_rows
+from affiner.data.tokens import collate, tokenize
+from affiner.core.errors import AffinerError
+from affiner.core.models import default_target_modules, load_model, load_tokenizer
+from affiner.core.files import read_json
+from affiner.core.templates import build_template
 from conftest import write_config
 
 
 def _batch(folder, n=4):
     tokenizer = load_tokenizer(str(folder))
     examples = to_examples(read_rows("embedded:glossary-train.json"))[:n]
-    return collate(tokenize(examples, build_template("qa", tokenizer), tokenizer, 128), tokenizer.pad_token_id)
+    return collate(tokenize(examples, build_template("qa", tokenizer), tokenizer), tokenizer.pad_token_id)
 
 
 @pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gemma"])
@@ -30,7 +36,7 @@ def test_response_only_loss_equals_the_models_own_loss(request, fixture):
     folder = request.getfixturevalue(fixture)
     model = load_model(str(folder))
     batch = _batch(folder)
-    loss_sum, n = train_mod.supervised_loss(model, batch)
+    loss_sum, n = supervised_loss(model, batch)
     reference = model(**batch).loss  # transformers' mean over supervised tokens, full logits
     assert n == int((batch["labels"][:, 1:] != -100).sum())
     torch.testing.assert_close(loss_sum / n, reference, rtol=1e-5, atol=1e-6)
@@ -43,8 +49,8 @@ def test_gradient_accumulation_equals_one_large_batch(tiny_llama):
 
     def grads(batches):
         torch.manual_seed(0)
-        model = train_mod.prepare_model(config)
-        train_mod.accumulate_gradients(model, batches)
+        model = prepare_model(config)
+        accumulate_gradients(model, batches)
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     whole, accumulated = grads([batch]), grads(halves)
@@ -117,7 +123,7 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     interrupt_training.disarm()
     interrupted = next((tmp_path / "b" / "runs").iterdir())
     assert read_json(interrupted / "run.json")["status"] == "interrupted"
-    assert train_mod.last_checkpoint(interrupted).name == "step-000003"
+    assert RunFolder(interrupted).last_checkpoint().name == "step-000003"
     train_mod.train(resume=interrupted)
     expected, resumed = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
     for key in expected:
@@ -167,7 +173,7 @@ def test_schedules_warm_up_then_follow_their_shape(name, expected):
     config = load_config(None, ["data.train=x", f"train.scheduler={name}", "train.warmup_ratio=0.2",
                                 "train.learning_rate=1.0"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = train_mod.make_scheduler(config, optimizer, steps=10)
+    scheduler = make_scheduler(config, optimizer, steps=10)
     rates = []
     for _ in range(6):
         optimizer.step()
@@ -179,7 +185,7 @@ def test_schedules_warm_up_then_follow_their_shape(name, expected):
 def test_cosine_schedule_decays_to_zero():
     config = load_config(None, ["data.train=x", "train.warmup_ratio=0.1", "train.learning_rate=1.0"])
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = train_mod.make_scheduler(config, optimizer, steps=10)
+    scheduler = make_scheduler(config, optimizer, steps=10)
     rates = [scheduler.get_last_lr()[0]]
     for _ in range(10):
         optimizer.step()
@@ -193,7 +199,7 @@ def test_resume_refuses_changed_training_data(tmp_path, tiny_gpt2, interrupt_tra
     import shutil
 
     data = tmp_path / "train.json"
-    shutil.copy(Path(train_mod.__file__).parent / "resources" / "glossary-train.json", data)
+    shutil.copy(Path(train_mod.__file__).parents[1] / "resources" / "glossary-train.json", data)
     config = write_config(tmp_path, tiny_gpt2, data, train={"max_steps": 4, "save_steps": 2})
     interrupt_training(2)
     with pytest.raises(AffinerError):

@@ -1,4 +1,9 @@
-"""`affiner <verb>`: one module per verb, dispatched from one table."""
+"""affiner: fine-tune a causal language model with LoRA, QLoRA or fully, and prove the gain with a
+before/after evaluation on held-out questions.
+
+    affiner run                          # the quickstart: train the embedded model, then compare
+    affiner VERB --help                  # what a verb does, its arguments and examples
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,47 @@ import sys
 import warnings
 from importlib import import_module
 
-from affiner.errors import AffinerError
+from affiner.core.errors import AffinerError
 
-VERBS = {
-    "run": "train, then compare base and tuned answers on held-out questions",
-    "prepare": "clean, filter, split and measure a dataset; write the files train reads",
-    "generate": "write question/answer conversations about a glossary (offline or with an LLM)",
-    "train": "fine-tune with LoRA, QLoRA or fully",
-    "evaluate": "answer held-out questions with the base and the tuned model, and score them",
-    "sweep": "train and evaluate one run per point of a grid of config values, then compare them",
-    "export": "write the adapter, the merged model, GGUF + Ollama Modelfile and a model card; push to the Hub",
-    "runs": "list runs with their scores, or compare several side by side",
-    "chat": "talk to a tuned model (or its base) in the terminal",
-    "app": "compare base and tuned answers side by side in the browser",
-    "serve": "answer OpenAI-compatible API requests with the base and tuned models",
+# The verb table: name -> (module under affiner.commands, one-line summary). A verb's module is
+# imported only when that verb is asked for, so `affiner --help` never pays for torch.
+VERBS: dict[str, tuple[str, str]] = {
+    "run": ("run", "train, then compare base and tuned answers on held-out questions"),
+    "prepare": ("prepare", "clean, filter, split and measure a dataset; write the files train reads"),
+    "synth": ("synth", "write question/answer conversations about a glossary (offline or with an LLM)"),
+    "generate": ("synth", "the former name of synth, kept as an alias"),
+    "train": ("train", "fine-tune with LoRA, QLoRA or fully"),
+    "evaluate": ("evaluate", "answer held-out questions with the base and the tuned model, and score them"),
+    "sweep": ("sweep", "train and evaluate one run per point of a grid of config values, then compare them"),
+    "export": ("export", "write the adapter, the merged model, GGUF + Ollama Modelfile and a model card; "
+                         "push to the Hub"),
+    "runs": ("runs", "list runs with their scores, or compare several side by side"),
+    "chat": ("chat", "talk to a tuned model (or its base) in the terminal"),
+    "app": ("app", "compare base and tuned answers side by side in the browser"),
+    "serve": ("serve", "answer OpenAI-compatible API requests with the base and tuned models"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="affiner", description=__doc__)
+def _asked_verb(argv: list[str]) -> str | None:
+    """The verb on the command line (the first word that is not an option), if it is one of ours."""
+    words = [a for a in argv if not a.startswith("-")]
+    return words[0] if words and words[0] in VERBS else None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `verb`'s command module is imported (every verb's when None, for tests and docs)."""
+    from affiner import __version__
+
+    parser = argparse.ArgumentParser(prog="affiner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"affiner {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, summary in VERBS.items():
-        module = import_module(f"affiner.{verb}")
-        sub = verbs.add_parser(verb, help=summary, description=module.__doc__,
+    for name, (module_name, summary) in VERBS.items():
+        if verb is not None and name != verb:
+            verbs.add_parser(name, help=summary, add_help=False)
+            continue
+        module = import_module(f"affiner.commands.{module_name}")
+        sub = verbs.add_parser(name, help=summary, description=module.__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(main=module.main)
@@ -38,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their maintainers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    args = build_parser().parse_args(argv)
+    verb = _asked_verb(argv)
+    args = build_parser(verb or "").parse_args(argv)
     try:
         args.main(args)
     except AffinerError as exc:

@@ -1,0 +1,36 @@
+"""Train, then answer the held-out questions with the base and the tuned model: the quickstart.
+
+    affiner run                      # the embedded Gemma 3 270M learns a glossary, offline, on a CPU
+    affiner run gpt2-alpaca-lora --set train.max_steps=50
+    affiner run --resume runs/quickstart-20261122-183000
+
+Ends with a before/after table and the run folder's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from affiner.commands.arguments import add_training_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.core.config import load_config
+    from affiner.evaluation.table import format_table
+    from affiner.experiments.workflow import train_and_evaluate
+
+    started = time.time()
+    if args.resume:
+        folder, evaluation = train_and_evaluate(resume=Path(args.resume))
+    else:
+        folder, evaluation = train_and_evaluate(load_config(args.config, args.overrides))
+    print()
+    print(format_table(evaluation))
+    print(f"\nReport: {folder / 'report.html'}")
+    print(f"Run folder: {folder}  ({(time.time() - started) / 60:.1f} min)")

@@ -1,0 +1,44 @@
+"""List runs with their scores, or compare several side by side.
+
+    affiner runs                                  # every run under runs/: model, data, method, time, scores
+    affiner runs --dir sweeps/quickstart-20261122-210000/runs
+    affiner runs compare runs/quickstart-20261122-183000 runs/quickstart-20261122-191348
+    affiner runs compare runs/a runs/b --json     # the same, for scripts
+
+A run folder describes itself (config.yaml, run.json, data.json, metrics.jsonl, and after
+`affiner evaluate`, metrics.json): both views are read from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=["list", "compare"], default="list",
+                        help="list (default) or compare the RUN folders given")
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN", help="run folders to compare")
+    parser.add_argument("--dir", type=Path, default=Path("runs"), help="where to look for runs (default: runs)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.core.errors import AffinerError
+    from affiner.experiments.runs import compare_runs, describe_run, find_runs, format_comparison, list_runs
+
+    if args.action == "list":
+        if args.runs:
+            raise AffinerError("affiner runs lists the runs under --dir; to compare folders: "
+                               "affiner runs compare RUN RUN ...")
+        if args.json:
+            print(json.dumps([describe_run(f) for f in find_runs(args.dir)], indent=2, ensure_ascii=False))
+        else:
+            print(list_runs(args.dir))
+        return
+    if len(args.runs) < 2:
+        raise AffinerError("affiner runs compare needs at least two run folders, e.g. "
+                           "affiner runs compare runs/a runs/b.")
+    comparison = compare_runs(args.runs)
+    print(json.dumps(comparison, indent=2, ensure_ascii=False) if args.json else format_comparison(comparison))

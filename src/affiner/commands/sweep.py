@@ -1,0 +1,2 @@
+"""Scaffold."""
+from affiner.experiments.sweep import add_arguments, main  # noqa: F401

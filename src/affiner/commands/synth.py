@@ -1,0 +1,2 @@
+"""Scaffold."""
+from affiner.synth.synth import add_arguments, main  # noqa: F401

@@ -1,0 +1,31 @@
+"""Fine-tune a model with LoRA, QLoRA or fully, with an explicit training loop.
+
+    affiner train quickstart --set train.epochs=1
+    affiner train my-run.yaml --set lora.r=8 --set train.learning_rate=1e-4
+    affiner train --resume runs/quickstart-20261122-183000
+
+The run folder gets the adapter (plain peft format), tokenizer, resolved config, prompt template,
+data fingerprint and report, `metrics.jsonl`, and checkpoints every `train.save_steps` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from affiner.commands.arguments import add_training_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_arguments(parser)
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.core.config import load_config
+    from affiner.experiments.workflow import train
+
+    if args.resume:
+        folder = train(resume=Path(args.resume))
+    else:
+        folder = train(load_config(args.config, args.overrides))
+    print(f"Run folder: {folder}")

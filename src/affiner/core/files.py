@@ -1,0 +1,98 @@
+"""File I/O every command shares: one atomic write, JSON and JSON Lines, and swapping a whole folder in.
+
+An interrupted command (Ctrl-C, a full disk, a crash) must never leave half a file where a whole one
+was, so every file affiner writes goes through `write_atomic`: a temporary file with a unique name
+beside the target, flushed to disk, then renamed over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+
+def write_atomic(path: Path, content: str | bytes) -> Path:
+    """Replace `path` with `content` in one step: readers see the old file or the new one, never a mix.
+
+    The temporary name is unique (pid and random suffix) so that two writers of one file cannot
+    clobber each other's half-written copy, and it is created with the user's usual permissions
+    (mkstemp would make it private).
+    """
+    path = Path(path)
+    data = content.encode("utf-8") if isinstance(content, str) else content
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(descriptor, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:  # Ctrl-C included: the half file is ours to remove; the target is untouched
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    return json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
+    return write_atomic(path, json_text(data, indent))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
+    return write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """One line added at the end (a log); a reader skips a last line cut by a crash (see read_jsonl)."""
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a log, in order; a line cut by an interrupted write is skipped."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
+
+
+def replace_folder(staging: Path, output: Path) -> None:
+    """Move a completely written folder into place; an earlier one is removed only once the new one is there."""
+    if not output.exists():
+        staging.rename(output)
+        return
+    retired = output.with_name(f".{output.name}-old-{os.getpid()}")
+    output.rename(retired)
+    try:
+        staging.rename(output)
+    except OSError:
+        retired.rename(output)  # the earlier folder stays as it was
+        raise
+    shutil.rmtree(retired)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,213 @@
+"""The run folder: where one training run and its evaluations live, and the one type that reads it.
+
+A run folder `runs/<name>-<timestamp>/` is created once, never overwritten, and describes itself:
+
+    config.yaml          the resolved config (every default written out)
+    run.json             status (training, interrupted, finished), method, base, timings
+    template.json        the prompt template, so training and inference render prompts alike
+    data.json            data sources, fingerprints and what the cleaning dropped
+    test_examples.json   the held-out questions, as the run split them
+    metrics.jsonl        one line per logged training step
+    checkpoints/step-N/  adapter + optimizer state, every train.save_steps steps
+    adapter_*            the adapter once training finished (or the full model's weights)
+    metrics.json, summary.json, report.*   after `affiner evaluate`
+
+Every command reads runs through `RunFolder`, so "is it finished", "does it have an adapter" and
+"can these runs share one base" have one answer each.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from affiner.core.config import RunConfig, dump_config, parse_yaml, validate_config
+from affiner.core.errors import AffinerError
+from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json
+from affiner.core.templates import Example, Template, load_template, save_template
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+DATA_FILE = "data.json"
+HELD_OUT_FILE = "test_examples.json"
+LOG_FILE = "metrics.jsonl"
+EVALUATION_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINTS = "checkpoints"
+FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+
+    # ------------------------------------------------------------------------------------ finding runs
+
+    @classmethod
+    def create(cls, config: RunConfig) -> "RunFolder":
+        """A new, empty run folder named after the config and the time; never an existing one."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        root = Path(config.output_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        for attempt in range(100):
+            folder = root / (f"{config.name}-{stamp}" + (f"-{attempt}" if attempt else ""))
+            try:
+                folder.mkdir()
+                return cls(folder)
+            except FileExistsError:
+                continue
+        raise AffinerError(f"could not create a new run folder under {root}.")
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "RunFolder":
+        """An existing run folder, or an error saying why the path is not one."""
+        path = Path(folder)
+        if not path.is_dir():
+            raise AffinerError(f"run folder {folder} does not exist.")
+        if not (path / RUN_FILE).is_file():
+            raise AffinerError(f"{folder} is not an affiner run folder (no {RUN_FILE}).")
+        return cls(path)
+
+    @classmethod
+    def latest(cls, output_dir: str | Path = "runs") -> "RunFolder | None":
+        runs = [p for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()]
+        return cls(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+
+    @classmethod
+    def all_under(cls, root: Path) -> list["RunFolder"]:
+        """Every run under `root`, oldest first (runs started in the same second in creation order)."""
+        if not root.is_dir():
+            raise AffinerError(f"{root} does not exist: no run has been written there yet (see --dir).")
+        runs = [cls(p) for p in root.iterdir() if (p / RUN_FILE).is_file()]
+        # create() suffixes later runs of the same second (-1, -2, ...), so shorter names came first.
+        return sorted(runs, key=lambda r: (r.info().get("started", ""), len(r.name), r.name))
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # ------------------------------------------------------------------------------------ run.json
+
+    def info(self) -> dict[str, Any]:
+        return read_json(self.path / RUN_FILE)
+
+    def update(self, **fields: Any) -> None:
+        current = self.info() if (self.path / RUN_FILE).is_file() else {}
+        write_json(self.path / RUN_FILE, {**current, **fields})
+
+    @property
+    def status(self) -> str:
+        try:
+            return self.info().get("status", "unknown")
+        except (OSError, ValueError):
+            return "unreadable"
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == FINISHED
+
+    def require_finished(self, then: str) -> "RunFolder":
+        """This run, if it finished training; else an error that says how to finish it, then `then`."""
+        if not self.is_finished:
+            raise AffinerError(f"{self.path} has not finished training (status: {self.status}); finish it with "
+                               f"affiner train --resume {self.path}, then {then}.")
+        return self
+
+    # ------------------------------------------------------------------------------------ what the run used
+
+    def config(self) -> RunConfig:
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            raise AffinerError(f"{self.path} is not an affiner run folder (no {CONFIG_FILE}).")
+        return validate_config(parse_yaml(str(path), path.read_text(encoding="utf-8")), str(path))
+
+    def save_config(self, config: RunConfig) -> None:
+        write_atomic(self.path / CONFIG_FILE, dump_config(config))
+
+    def template(self) -> Template:
+        return load_template(self.path)
+
+    def save_template(self, template: Template) -> None:
+        save_template(template, self.path)
+
+    def data_info(self) -> dict[str, Any]:
+        return read_json(self.path / DATA_FILE) if (self.path / DATA_FILE).is_file() else {}
+
+    def held_out(self) -> list[Example]:
+        """The held-out questions the run split off (empty if it recorded none)."""
+        path = self.path / HELD_OUT_FILE
+        if not path.is_file():
+            return []
+        return [Example(**{**row, "history": tuple(tuple(turn) for turn in row.get("history", []))})
+                for row in read_json(path)]
+
+    def save_held_out(self, examples: Iterable[Example]) -> None:
+        write_json(self.path / HELD_OUT_FILE, [e.__dict__ | {"history": list(e.history)} for e in examples])
+
+    @property
+    def has_held_out(self) -> bool:
+        return (self.path / HELD_OUT_FILE).is_file()
+
+    # ------------------------------------------------------------------------------------ what the run made
+
+    def log(self) -> list[dict[str, Any]]:
+        """The records of metrics.jsonl, in order (a line cut by an interrupted write is skipped)."""
+        return read_jsonl(self.path / LOG_FILE)
+
+    def append_log(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path / LOG_FILE, record)
+
+    def evaluation(self) -> dict[str, Any] | None:
+        """metrics.json of the latest evaluation, or None before any."""
+        path = self.path / EVALUATION_FILE
+        return read_json(path) if path.is_file() else None
+
+    @property
+    def has_adapter(self) -> bool:
+        return (self.path / ADAPTER_CONFIG).is_file()
+
+    def checkpoints(self) -> list[Path]:
+        return sorted((self.path / CHECKPOINTS).glob("step-??????"))
+
+    def last_checkpoint(self) -> Path | None:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path / CHECKPOINTS / f"step-{step:06d}"
+
+
+def base_key(config: RunConfig) -> tuple:
+    """What runs must share to be compared on one base: the same weights, quantisation and prompt format."""
+    return config.model.base, config.model.revision, config.quantization, config.data.template
+
+
+def require_one_base(runs: list[RunFolder], purpose: str) -> list[RunConfig]:
+    """The runs' configs, after checking that they share one base (the one rule every command applies)."""
+    configs = [run.config() for run in runs]
+    for run, config in zip(runs[1:], configs[1:]):
+        if base_key(config) != base_key(configs[0]):
+            raise AffinerError(f"{run.path} does not share the base model, quantisation and template of "
+                               f"{runs[0].path}; {purpose}")
+    return configs
+
+
+def model_names(folders: list[Path]) -> list[str]:
+    """"tuned" for one run, else each run folder's name (with its parent's when two names collide)."""
+    if len(folders) == 1:
+        return ["tuned"]
+    names = [f.name for f in folders]
+    if len(set(names)) < len(names):
+        names = [f"{f.parent.name}/{f.name}" for f in folders]
+    if len(set(names)) < len(names):
+        names = [str(f) for f in folders]
+    return names

@@ -1,0 +1,161 @@
+"""Prompt templates: the one place where an example becomes the text and token ids a model sees.
+
+Training, evaluation and chat all call `encode_prompt`, and the template is saved in the run folder
+(`template.json`, the chat template's Jinja text included), so the format cannot drift between
+training and inference. The prompt and the response are tokenised separately: the prompt ids used
+for training are exactly the ids used for generation, and every response ends with a stop token.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from affiner.core.errors import AffinerError
+
+TEMPLATE_FILE = "template.json"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One supervised example in canonical form, whatever the source format."""
+
+    instruction: str
+    response: str = ""
+    input: str = ""
+    history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns, chat templates only
+    reference: str = ""  # what a correct answer must contain (a glossary definition); default: response
+    group: str = ""  # items that must stay on one side of a split (one acronym's paraphrases)
+    source: str = ""  # file:line, for messages
+
+    @property
+    def expected(self) -> str:
+        return self.reference or self.response
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    prompt: str = ""
+    prompt_with_input: str = ""
+    response_prefix: str = ""
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    stop_token_ids: tuple[int, ...] = field(default=())
+
+    @property
+    def is_chat(self) -> bool:
+        return self.chat_template is not None
+
+
+# Text templates: the response is written right after the prompt, so the prompt ends where the
+# model starts talking. `response_prefix` is trained as part of the response (a leading space keeps
+# BPE tokens in their usual word-initial form).
+TEXT_TEMPLATES: dict[str, dict[str, str]] = {
+    "alpaca": {
+        "prompt": "### Instruction:\n{instruction}\n\n### Response:\n",
+        "prompt_with_input": "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n",
+        "response_prefix": "",
+    },
+    "instruction": {
+        "prompt": "Instruction: {instruction}\nRéponse:",
+        "prompt_with_input": "Instruction: {instruction}\nEntrée: {input}\nRéponse:",
+        "response_prefix": " ",
+    },
+    "qa": {
+        "prompt": "### Question: {instruction}\n### Answer:",
+        "prompt_with_input": "### Question: {instruction}\n{input}\n### Answer:",
+        "response_prefix": " ",
+    },
+}
+
+
+def build_template(name: str, tokenizer, system_prompt: str | None = None) -> Template:
+    """Freeze a template for a run: text templates by name, or the tokenizer's own chat template."""
+    if name == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise AffinerError("data.template is 'chat' but this model's tokenizer has no chat template "
+                               "(base models usually have none); use alpaca, qa or instruction.")
+        template = Template(name="chat", system_prompt=system_prompt, chat_template=tokenizer.chat_template)
+        return Template(**{**asdict(template), "stop_token_ids": _chat_stop_ids(template, tokenizer)})
+    if name not in TEXT_TEMPLATES:
+        raise AffinerError(f"unknown template '{name}' (known: {', '.join([*TEXT_TEMPLATES, 'chat'])}).")
+    return Template(name=name, system_prompt=system_prompt, stop_token_ids=(tokenizer.eos_token_id,),
+                    **TEXT_TEMPLATES[name])
+
+
+def _chat_stop_ids(template: Template, tokenizer) -> tuple[int, ...]:
+    """EOS plus the token that closes an assistant turn in this chat template (<end_of_turn>, <|eot_id|>)."""
+    probe = Example(instruction="ping", response="pong")
+    prompt = chat_text(template, tokenizer, probe, with_response=False)
+    full = chat_text(template, tokenizer, probe, with_response=True)
+    tail_ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids)
+    ids = [tokenizer.eos_token_id] + [i for i in tail_ids if i in special]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def _messages(template: Template, example: Example, with_response: bool) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": template.system_prompt}] if template.system_prompt else []
+    messages += [{"role": role, "content": content} for role, content in example.history]
+    user = f"{example.instruction}\n\n{example.input}" if example.input else example.instruction
+    messages.append({"role": "user", "content": user})
+    if with_response:
+        messages.append({"role": "assistant", "content": example.response})
+    return messages
+
+
+def chat_text(template: Template, tokenizer, example: Example, with_response: bool) -> str:
+    return tokenizer.apply_chat_template(_messages(template, example, with_response),
+                                         chat_template=template.chat_template, tokenize=False,
+                                         add_generation_prompt=not with_response)
+
+
+def render_prompt(template: Template, example: Example, tokenizer=None) -> str:
+    """The exact text the model is conditioned on, up to where its answer starts."""
+    if template.is_chat:
+        return chat_text(template, tokenizer, example, with_response=False)
+    if example.history:
+        raise AffinerError(f"{example.source or 'an example'} is a multi-turn conversation, which the "
+                           f"'{template.name}' template cannot express; use template: chat.")
+    pattern = template.prompt_with_input if example.input else template.prompt
+    text = pattern.format(instruction=example.instruction, input=example.input)
+    return f"{template.system_prompt}\n\n{text}" if template.system_prompt else text
+
+
+def encode_prompt(template: Template, tokenizer, example: Example) -> list[int]:
+    text = render_prompt(template, example, tokenizer)
+    # A chat template writes BOS as text; adding it again would give the model two.
+    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+
+
+def encode_response(template: Template, tokenizer, example: Example) -> list[int]:
+    """Response ids ending with a stop token, so the tuned model learns to stop."""
+    if template.is_chat:
+        prompt = chat_text(template, tokenizer, example, with_response=False)
+        full = chat_text(template, tokenizer, example, with_response=True)
+        if not full.startswith(prompt):
+            raise AffinerError("the chat template renders the conversation differently with and without "
+                               "the answer, so the answer's tokens cannot be isolated; use a text template.")
+        ids = tokenizer(full[len(prompt):], add_special_tokens=False)["input_ids"]
+        stops = [i for i, token in enumerate(ids) if token in template.stop_token_ids]
+        # Cut after the turn's closing token: what follows (a newline) is never generated.
+        return ids[: stops[0] + 1] if stops else ids + [tokenizer.eos_token_id]
+    ids = tokenizer(template.response_prefix + example.response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id]
+
+
+def save_template(template: Template, folder: Path) -> None:
+    (folder / TEMPLATE_FILE).write_text(json.dumps(asdict(template), indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+
+
+def load_template(folder: Path) -> Template:
+    path = Path(folder) / TEMPLATE_FILE
+    if not path.is_file():
+        raise AffinerError(f"{folder} has no {TEMPLATE_FILE}: it is not an affiner run folder.")
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    raw["stop_token_ids"] = tuple(raw.get("stop_token_ids", ()))
+    return Template(**raw)

@@ -1,0 +1,219 @@
+"""Where a run's numbers go besides `metrics.jsonl`: TensorBoard, MLflow, CSV, and the PNG curves.
+
+Chosen in the config, several at once:
+
+    train:
+      tracking: [csv, tensorboard, mlflow]   # csv: metrics.csv | tensorboard: events in the run folder
+      mlflow_uri: null                       # null: a local store, sqlite in <output_dir>/mlflow.db
+
+`metrics.jsonl` is always written: it is what `--resume`, the app and `affiner runs` read. MLflow needs
+no server: the default store is a SQLite file beside the runs (browse it with
+`mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); set `mlflow_uri` to a server's address to
+log there instead. The MLflow run id is kept in run.json, so a resumed training and a later
+`affiner evaluate` add to the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from affiner.core.config import RunConfig, flatten
+from affiner.core.errors import AffinerError
+from affiner.core.files import read_jsonl, write_atomic
+from affiner.core.runfolder import LOG_FILE
+
+CSV_FILE = "metrics.csv"
+SCALARS = ("loss", "learning_rate", "grad_norm")
+
+
+# ---------------------------------------------------------------------------------------- trackers
+
+
+class CsvTracker:
+    """metrics.csv, one row per logged step; columns grow when evaluation keys first appear."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / CSV_FILE
+        self.rows: list[dict[str, Any]] = []
+        if self.path.is_file():  # a resumed run continues its file
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                self.rows = list(csv.DictReader(handle))
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.rows.append(record)
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_atomic(self.path, text.getvalue())
+
+    def close(self, folder: Path, status: str) -> None:
+        pass
+
+
+class TensorBoardTracker:
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise AffinerError("train.tracking includes tensorboard but tensorboard is not installed: "
+                               "pip install 'affiner[tensorboard]'.") from None
+        self.writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key in SCALARS or key.startswith("eval_"):
+                section = "eval" if key.startswith("eval_") else "train"
+                self.writer.add_scalar(f"{section}/{key.removeprefix('eval_')}", value, record["step"])
+
+    def close(self, folder: Path, status: str) -> None:
+        self.writer.close()
+
+
+class MlflowTracker:
+    """Parameters once, metrics every logged step, the run folder's files as artifacts at the end."""
+
+    def __init__(self, config: RunConfig, folder: Path, run_id: str | None = None):
+        self.client, self.uri = mlflow_client(config)
+        if run_id is None:
+            experiment = _experiment(self.client, config.name, Path(config.output_dir))
+            run = self.client.create_run(experiment, run_name=folder.name,
+                                         tags={"affiner.run_folder": str(folder.resolve())})
+            run_id = run.info.run_id
+            params = flatten(config.model_dump(mode="json"))
+            for key, value in params.items():  # MLflow caps a value at 6000 characters
+                self.client.log_param(run_id, key, json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.client.log_metric(self.run_id, key, float(value), step=int(record["step"]))
+
+    def close(self, folder: Path, status: str) -> None:
+        log_artifacts(self.client, self.run_id, folder)
+        self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished" else "KILLED")
+
+
+def mlflow_client(config: RunConfig):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise AffinerError("train.tracking includes mlflow but MLflow is not installed: "
+                           "pip install 'affiner[mlflow]'.") from None
+    uri = config.train.mlflow_uri or local_store(Path(config.output_dir))
+    try:
+        return MlflowClient(tracking_uri=uri), uri
+    except Exception as exc:  # noqa: BLE001 - MLflow raises its own types for a bad URI, a locked or foreign database
+        raise AffinerError(f"train.mlflow_uri {uri}: MLflow cannot open it ({exc}).") from None
+
+
+def local_store(output_dir: Path) -> str:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+
+
+def _experiment(client, name: str, output_dir: Path) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    # Artifacts beside the runs, not in MLflow's default ./mlartifacts of whatever the current folder is.
+    location = (output_dir / "mlflow-artifacts" / name).resolve().as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+ARTIFACTS = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json",
+             "config.yaml", "template.json", "data.json", "run.json", "metrics.jsonl", CSV_FILE,
+             "loss.png", "learning_rate.png", "report.html", "report.md", "metrics.json", "summary.json")
+
+
+def log_artifacts(client, run_id: str, folder: Path) -> None:
+    for name in ARTIFACTS:
+        if (folder / name).is_file():
+            client.log_artifact(run_id, str(folder / name))
+
+
+# ---------------------------------------------------------------------------------------- the set of trackers
+
+
+class Trackers:
+    """Every tracker the config names; the run folder's metrics.jsonl is written by the training loop."""
+
+    def __init__(self, config: RunConfig, folder: Path, run_info: dict[str, Any]):
+        self.trackers: list[Any] = []
+        self.mlflow: MlflowTracker | None = None
+        chosen = config.train.tracking
+        if "csv" in chosen:
+            self.trackers.append(CsvTracker(folder))
+        if "tensorboard" in chosen:
+            self.trackers.append(TensorBoardTracker(folder))
+        if "mlflow" in chosen:
+            previous = run_info.get("mlflow", {})
+            same_store = previous.get("uri") == (config.train.mlflow_uri or local_store(Path(config.output_dir)))
+            self.mlflow = MlflowTracker(config, folder, previous.get("run_id") if same_store else None)
+            self.trackers.append(self.mlflow)
+
+    def log(self, record: dict[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.log(record)
+
+    def close(self, folder: Path, status: str) -> None:
+        plot_training(folder)
+        for tracker in self.trackers:
+            tracker.close(folder, status)
+
+    @property
+    def run_info(self) -> dict[str, Any]:
+        """What run.json keeps so that resume and evaluate find the same MLflow run."""
+        return {"mlflow": {"uri": self.mlflow.uri, "run_id": self.mlflow.run_id}} if self.mlflow else {}
+
+
+def log_evaluation(folder: Path, config: RunConfig, run_info: dict[str, Any], scores: dict[str, float]) -> None:
+    """An evaluation adds its headline numbers and report files to the run's MLflow run, if it has one."""
+    recorded = run_info.get("mlflow")
+    if not recorded or "mlflow" not in config.train.tracking:
+        return
+    client, _ = mlflow_client(config)
+    for key, value in scores.items():
+        client.log_metric(recorded["run_id"], key, float(value))
+    log_artifacts(client, recorded["run_id"], folder)
+
+
+# ---------------------------------------------------------------------------------------- curves
+
+
+def plot_training(folder: Path) -> list[Path]:
+    """loss.png (train and held-out loss) and learning_rate.png, from metrics.jsonl."""
+    records = read_jsonl(folder / LOG_FILE)
+    if not records:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, series, ylabel in (("loss.png", (("loss", "train loss"), ("eval_loss", "held-out loss")), "loss"),
+                                 ("learning_rate.png", (("learning_rate", "learning rate"),), "learning rate")):
+        figure, axis = plt.subplots(figsize=(6.4, 3.4), dpi=110)
+        for key, label in series:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            if points:
+                axis.plot(*zip(*points), marker="o" if len(points) < 30 else None, markersize=3, label=label)
+        axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
+        axis.set_title(f"{folder.name}: {ylabel}")
+        axis.grid(alpha=0.3)
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(folder / name)
+        plt.close(figure)
+        written.append(folder / name)
+    return written

@@ -1,0 +1,148 @@
+"""Before/after evaluation: the base model and every tuned model answer the same held-out questions.
+
+All models see prompts rendered by the run's saved template and decode with the same settings;
+they differ only by the adapter. Every score is computed here, per question, and aggregated with a
+bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
+a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from affiner.core.config import JudgeConfig
+from affiner.core.errors import AffinerError
+from affiner.core.files import write_json
+from affiner.core.formatting import JUDGE_INFO, METRIC_INFO
+from affiner.core.runfolder import RUN_FILE, SUMMARY_FILE, RunFolder
+from affiner.core.settings import GREEDY, Settings
+from affiner.core.templates import Example
+from affiner.core.tracking import log_evaluation
+from affiner.evaluation import metrics
+from affiner.evaluation.generation import generate
+from affiner.evaluation.plan import Plan, plan_runs
+from affiner.evaluation.report import write_report
+from affiner.evaluation.scoring import headline, held_out_losses, score_answers
+
+REPORT_FILES = ("summary.json", "metrics.json", "answers.csv", "report.md", "report.html", "metrics.png", "lengths.png")
+TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
+                "repetition", "empty", "echo")
+
+
+def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
+             max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
+             judge: JudgeConfig | None = None, plan: Plan | None = None) -> dict:
+    """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run."""
+    if plan is None:
+        plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions)
+    judge = judge or plan.judge
+    judge_client = _judge_client(judge) if judge else None  # fail on a bad judge setting before hours of generation
+    if not plan.examples:
+        raise AffinerError(f"no held-out question to answer ({plan.test}).")
+    limit = max_new_tokens or plan.max_new_tokens
+    size = batch_size or plan.batch_size
+    examples, tokenizer, template = plan.examples, plan.tokenizer, plan.template
+    answers, losses, seconds = {}, {}, {}
+    for name, load in plan.loaders.items():
+        model = load()
+        started = time.time()
+        answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling, desc=f"{name} answers")
+        seconds[name] = round(time.time() - started, 1)
+        losses[name] = held_out_losses(model, tokenizer, template, examples, size)
+        del model
+    scores = {name: score_answers(examples, answers[name]) for name in answers}
+    verdicts = _judge(judge_client, judge, examples, answers, scores) if judge_client else None
+    evaluation = build_evaluation(plan.output.name, examples, answers, scores, losses, verdicts, {
+        "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
+        "questions": len(examples),
+        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())})
+    _archive_previous(plan.output)
+    summary = {"run": str(plan.output), **evaluation["settings"], "generation_seconds": seconds,
+               **{name: headline(scores[name]) for name in answers},
+               "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
+                            **{name: answers[name][i].__dict__ | {"correct": bool(scores[name][i]["contains"])}
+                               for name in answers}} for i, e in enumerate(examples)]}
+    write_json(plan.output / SUMMARY_FILE, summary)
+    write_report(plan.output, evaluation)
+    _track(plan.output, evaluation)
+    return evaluation
+
+
+def _track(folder: Path, evaluation: dict) -> None:
+    """A run tracked in MLflow gets its evaluation there too: headline numbers and the report."""
+    if not (folder / RUN_FILE).is_file():
+        return
+    run = RunFolder(folder)
+    scores = {f"{model}_{metric}": value["mean"] for metric, by_model in evaluation["metrics"].items()
+              for model, value in by_model.items() if value.get("mean") is not None}
+    log_evaluation(folder, run.config(), run.info(), scores)
+
+
+def build_evaluation(title: str, examples: list[Example], answers: dict, scores: dict, losses: dict,
+                     verdicts: dict | None, settings: dict) -> dict:
+    """The evaluation as the report reads it: aggregates with intervals, and every answer with its scores."""
+    models = list(answers)
+    info = {k: METRIC_INFO[k] for k in TEXT_METRICS}
+    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in TEXT_METRICS}
+    if all(losses[m][0] for m in models):
+        per_model = {m: metrics.aggregate_loss(*losses[m]) for m in models}
+        for key in ("loss", "perplexity"):
+            info[key] = METRIC_INFO[key]
+            aggregates[key] = {m: per_model[m][key] for m in models}
+    if verdicts:
+        info["judge"] = JUDGE_INFO
+        aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
+    return {
+        "title": title, "models": models, "primary_metric": "contains", "settings": settings,
+        "metric_info": info, "metrics": aggregates, "judge": verdicts,
+        "examples": [{"question": e.instruction, "input": e.input, "reference": e.expected,
+                      "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}
+                     for i, e in enumerate(examples)],
+    }
+
+
+def _archive_previous(folder: Path) -> None:
+    """Move an earlier evaluation to evaluations/N/ so that a new one never overwrites it."""
+    existing = [folder / name for name in REPORT_FILES if (folder / name).exists()]
+    if not existing:
+        return
+    n = 1
+    while (folder / "evaluations" / str(n)).exists():
+        n += 1
+    target = folder / "evaluations" / str(n)
+    target.mkdir(parents=True)
+    for path in existing:
+        shutil.move(str(path), target / path.name)
+
+
+def _judge_client(judge: JudgeConfig):
+    from affiner.evaluation.judge import Judge, JudgeSettings
+
+    if not judge.model:
+        raise AffinerError("the judge needs a model name: --judge-model NAME (or eval.judge.model).")
+    return Judge(JudgeSettings(url=judge.url, model=judge.model, api_key_env=judge.api_key_env,
+                               concurrency=judge.concurrency))
+
+
+def _judge(client, judge: JudgeConfig, examples: list[Example], answers: dict, scores: dict) -> dict:
+    from affiner.evaluation.judge import summarise_absolute, summarise_pairwise
+
+    result: dict = {"model": judge.model, "absolute": {}, "pairwise": {}}
+    models = list(answers)
+    if judge.mode in {"absolute", "both"}:
+        for m in models:
+            verdicts = client.absolute([(e.instruction, e.expected, a.text) for e, a in zip(examples, answers[m])])
+            for row, verdict in zip(scores[m], verdicts):
+                if verdict.score is not None:
+                    row["judge"] = float(verdict.score)
+            result["absolute"][m] = summarise_absolute(verdicts)
+    if judge.mode in {"pairwise", "both"}:
+        for m in models[1:]:
+            verdicts = client.pairwise([(e.instruction, e.expected, b.text, t.text)
+                                        for e, b, t in zip(examples, answers["base"], answers[m])])
+            result["pairwise"][m] = summarise_pairwise(verdicts)
+    return result
+
+

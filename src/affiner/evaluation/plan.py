@@ -1,0 +1,90 @@
+"""What an evaluation compares: which models (the base first), on which questions, with which template.
+
+Base and tuned models are loaded by the same loader with the same settings and differ only by the
+adapter, so every comparison is fair by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from affiner.core.config import JudgeConfig, RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_for, load_model, load_tokenizer
+from affiner.core.runfolder import SUMMARY_FILE, RunFolder, model_names, require_one_base
+from affiner.core.templates import Example, Template, build_template
+from affiner.data.formats import to_examples
+from affiner.data.read import read_test_rows
+
+
+@dataclass
+class Plan:
+    """What to evaluate: which models, on which questions, with which prompt template, written where."""
+
+    output: Path
+    template: Template
+    tokenizer: object
+    examples: list[Example]
+    loaders: dict[str, Callable[[], object]]  # model name -> function loading it; "base" first
+    max_new_tokens: int
+    batch_size: int
+    test: str
+    judge: JudgeConfig | None
+
+
+def held_out(run: RunFolder, test: str | None, config: RunConfig) -> list[Example]:
+    """The questions to answer: --test FILE when given, else the run's own held-out split."""
+    if test:
+        return to_examples(read_test_rows(test), config.data.format, config.data.columns)
+    if not run.has_held_out:
+        raise AffinerError(f"{run} has no held-out examples; pass --test FILE.")
+    return run.held_out()
+
+
+def tuned_model(run: RunFolder, config: RunConfig):
+    """The run's model for generation; LoRA weights merged into the base (faster) unless it is 4-bit."""
+    if config.method == "full":
+        return load_model(str(run.path), trust_remote_code=config.model.trust_remote_code)
+    return _merged(load_for(config, adapter=run.path), config.quantization)
+
+
+def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) -> Plan:
+    runs = [RunFolder.open(folder).require_finished("evaluate it") for folder in folders]
+    configs = require_one_base(runs, "only runs of one base can be compared on the same prompts.")
+    run, config = runs[0], configs[0]
+    loaders: dict[str, Callable[[], object]] = {"base": lambda: load_for(config)}
+    for name, other, other_config in zip(model_names([r.path for r in runs]), runs, configs):
+        loaders[name] = lambda r=other, c=other_config: tuned_model(r, c)
+    return Plan(output=run.path, template=run.template(), tokenizer=load_tokenizer(str(run.path)),
+                examples=held_out(run, test, config)[: max_questions or config.eval.max_questions],
+                loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
+                test=test or (config.data.test or "held-out split of the run"),
+                judge=config.eval.judge if config.eval.judge.url else None)
+
+
+def plan_adapters(base: str, adapters: list[Path], test: str | None, template_name: str, output: Path | None,
+                  max_questions: int | None, quantization: str | None = None) -> Plan:
+    """A base model and LoRA adapters trained anywhere (plain peft folders), on a test file."""
+    if not test or output is None:
+        raise AffinerError("evaluating --adapter folders needs --test FILE (the held-out questions) and "
+                           "--output DIR (where the report goes).")
+    if output.exists() and any(output.iterdir()) and not (output / SUMMARY_FILE).exists():
+        raise AffinerError(f"--output {output} is a folder with other files in it; choose a new or empty folder.")
+    tokenizer = load_tokenizer(base)
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names) or "base" in names:
+        raise AffinerError("adapter folders must have distinct names, none called 'base': they name the columns.")
+    loaders: dict[str, Callable[[], object]] = {"base": lambda: load_model(base, quantization=quantization)}
+    for adapter in adapters:
+        loaders[adapter.name] = lambda a=adapter: _merged(load_model(base, adapter=a, quantization=quantization),
+                                                         quantization)
+    examples = to_examples(read_test_rows(test))[:max_questions]
+    output.mkdir(parents=True, exist_ok=True)
+    return Plan(output=output, template=build_template(template_name, tokenizer), tokenizer=tokenizer,
+                examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None)
+
+
+def _merged(model, quantization: str | None):
+    return model if quantization else model.merge_and_unload()

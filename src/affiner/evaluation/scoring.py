@@ -1,0 +1,50 @@
+"""Scores of answers against references, and the teacher-forced loss of the reference answers."""
+
+from __future__ import annotations
+
+import torch
+
+from affiner.core.loss import token_losses
+from affiner.core.models import device
+from affiner.core.templates import Example, Template
+from affiner.data.tokens import collate, tokenize
+from affiner.evaluation import metrics
+from affiner.evaluation.generation import Answer
+
+
+@torch.no_grad()
+def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
+                    batch_size: int = 16) -> tuple[list[float], list[int]]:
+    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced."""
+    if any(not e.response.strip() for e in examples):  # an empty reference cannot be scored
+        return [], []
+    features = tokenize(examples, template, tokenizer)
+    sums, counts = [], []
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device()) for k, v in
+                 collate(features[start:start + batch_size], tokenizer.pad_token_id).items()}
+        losses, rows = token_losses(model, batch)
+        n_rows = batch["input_ids"].shape[0]
+        sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
+        counts += torch.bincount(rows, minlength=n_rows).tolist()
+    return sums, counts
+
+
+def score_answers(examples: list[Example], answers: list[Answer]) -> list[dict[str, float]]:
+    scores = [metrics.per_example_scores(e.instruction, e.expected, a.text) | {"stopped": float(a.stopped),
+                                                                              "tokens": float(a.tokens)}
+              for e, a in zip(examples, answers)]
+    for row, similarity in zip(scores, metrics.embedding_similarity([a.text for a in answers],
+                                                                    [e.expected for e in examples])):
+        row["embedding"] = similarity
+    return scores
+
+
+def headline(scores: list[dict[str, float]]) -> dict:
+    """The two figures of the quickstart, as counts and rates."""
+    n = len(scores)
+    correct = int(sum(s["contains"] for s in scores))
+    stopped = int(sum(s["stopped"] for s in scores))
+    return {"questions": n, "correct": correct, "accuracy": correct / n if n else 0.0, "stopped": stopped,
+            "stop_rate": stopped / n if n else 0.0,
+            "mean_answer_tokens": sum(s["tokens"] for s in scores) / n if n else 0.0}

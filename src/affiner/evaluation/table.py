@@ -1,0 +1,20 @@
+"""The before/after table printed at the end of `affiner run` and `affiner evaluate`; the report has the rest."""
+
+from __future__ import annotations
+
+from affiner.core.formatting import format_value, shorten, text_table
+
+
+def format_table(evaluation: dict) -> str:
+    """Every metric's mean per model, then one question whose answer the fine-tune fixed (if any)."""
+    models = evaluation["models"]
+    rows = [["", *models]]
+    for key, info in evaluation["metric_info"].items():
+        rows.append([info["label"], *(format_value(evaluation["metrics"][key][m]["mean"], info["kind"])
+                                      for m in models)])
+    tuned = models[1]
+    example = next((x for x in evaluation["examples"] if x["answers"][tuned]["scores"]["contains"]
+                    and not x["answers"]["base"]["scores"]["contains"]), evaluation["examples"][0])
+    lines = [text_table(rows), "", f"Q: {example['question']}"]
+    lines += [f"  {m:5s}: {shorten(example['answers'][m]['text'])}" for m in models]
+    return "\n".join(lines)

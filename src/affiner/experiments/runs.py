@@ -1,0 +1,82 @@
+"""`affiner runs`: every run under a folder with its scores, or several runs compared side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from affiner.core.config import flatten
+from affiner.core.formatting import METRIC_INFO, format_value, metric_kind, text_table
+from affiner.core.runfolder import RunFolder
+
+
+HEADLINE = ("contains", "stopped", "loss")  # the columns of the list: correct, stops, held-out loss
+
+
+def find_runs(root: Path) -> list[Path]:
+    return [run.path for run in RunFolder.all_under(root)]
+
+
+def describe_run(folder: Path) -> dict[str, Any]:
+    """One run as the list and the comparison show it, from the files the run wrote."""
+    run = RunFolder(folder)
+    info, config, data, evaluation = run.info(), run.config(), run.data_info(), run.evaluation()
+    scores = {metric: {model: value["mean"] for model, value in by_model.items()}
+              for metric, by_model in (evaluation or {}).get("metrics", {}).items()}
+    return {"run": str(folder), "status": info.get("status", "?"), "model": config.model.base,
+            "method": config.method, "data": config.data.train,
+            "train_rows": data.get("train", {}).get("examples"), "steps": info.get("steps", info.get("step")),
+            "minutes": round(info["train_seconds"] / 60, 1) if "train_seconds" in info else None,
+            "started": info.get("started"), "scores": scores,
+            "config": flatten(config.model_dump(mode="json"))}
+
+
+def _score(run: dict[str, Any], metric: str, model: str = "tuned") -> str:
+    return format_value(run["scores"].get(metric, {}).get(model), metric_kind(metric))
+
+
+def list_runs(root: Path) -> str:
+    runs = [describe_run(folder) for folder in find_runs(root)]
+    if not runs:
+        return f"no run under {root} yet: affiner run"
+    header = ["run", "status", "model", "method", "data", "rows", "steps", "min",
+              "correct base→tuned", "stops tuned", "loss tuned"]
+    rows = [header] + [[Path(r["run"]).name, r["status"], r["model"], r["method"], r["data"],
+                        str(r["train_rows"] or "-"), str(r["steps"] or "-"), str(r["minutes"] or "-"),
+                        f"{_score(r, 'contains', 'base')} → {_score(r, 'contains')}" if r["scores"] else "not evaluated",
+                        _score(r, "stopped"), _score(r, "loss")] for r in runs]
+    return text_table(rows)
+
+
+def compare_runs(folders: list[Path]) -> dict[str, Any]:
+    runs = [describe_run(RunFolder.open(folder).path) for folder in folders]
+    keys = list(dict.fromkeys(k for r in runs for k in r["config"]))
+    differences = {k: [r["config"].get(k) for r in runs] for k in keys
+                   if len({json.dumps(r["config"].get(k)) for r in runs}) > 1 and k != "name"}
+    metrics = list(dict.fromkeys(m for r in runs for m in r["scores"]))
+    scores = {m: [{model: r["scores"].get(m, {}).get(model) for model in ("base", "tuned")} for r in runs]
+              for m in metrics}
+    return {"runs": [r["run"] for r in runs], "differences": differences, "scores": scores,
+            "status": [r["status"] for r in runs], "minutes": [r["minutes"] for r in runs],
+            "train_rows": [r["train_rows"] for r in runs]}
+
+
+def format_comparison(comparison: dict[str, Any]) -> str:
+    names = [Path(r).name for r in comparison["runs"]]
+    lines = ["Config differences:"]
+    if comparison["differences"]:
+        lines.append(text_table([["key", *names]] + [[k, *(json.dumps(v) if not isinstance(v, str) else v for v in values)]
+                                                for k, values in comparison["differences"].items()]))
+    else:
+        lines.append("  none: the same config")
+    rows = [["metric (base → tuned)", *names],
+            ["status", *comparison["status"]], ["training minutes", *(str(m or "-") for m in comparison["minutes"])]]
+    for metric, per_run in comparison["scores"].items():
+        label = METRIC_INFO.get(metric, {"label": metric})["label"]
+        rows.append([label, *(" → ".join(_score({"scores": {metric: s}}, metric, model) for model in ("base", "tuned"))
+                              for s in per_run)])
+    lines += ["", text_table(rows)]
+    if not comparison["scores"]:
+        lines.append("(no run is evaluated yet: affiner evaluate RUN)")
+    return "\n".join(lines)

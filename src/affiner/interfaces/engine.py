@@ -1,0 +1,241 @@
+"""One base model loaded once, any number of LoRA adapters on it, and streaming generation.
+
+`chat`, `app` and `serve` talk to models through an `Engine`: prompts are rendered by the run's
+saved template (the one used in training), adapters are switched by name without reloading the
+base, and one generation runs at a time on the model (a lock), so concurrent callers queue instead
+of interleaving on one model state.
+
+    engine = Engine.from_runs([Path("runs/quickstart-20261122-183000")])
+    for piece in engine.stream("tuned", [{"role": "user", "content": "What does QUILT stand for?"}]):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from affiner.core.errors import AffinerError
+from affiner.core.settings import Settings
+from affiner.core.models import device, load_for, load_tokenizer
+from affiner.core.runfolder import RunFolder, model_names, require_one_base
+from affiner.core.templates import Example, Template, encode_prompt
+
+BASE = "base"
+
+
+@dataclass
+class Reply:
+    """What a generation produced, with its timings (time to first token, tokens per second)."""
+
+    text: str = ""
+    tokens: int = 0
+    stopped: bool = False  # ended with a stop token, not at the limit or by a stop request
+    prompt_tokens: int = 0
+    first_token_seconds: float | None = None
+    seconds: float = 0.0
+    dropped_turns: int = 0  # oldest turns left out to fit the context window
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _join_through_interrupts(worker: threading.Thread) -> None:
+    """Wait for the generation thread even if Ctrl-C arrives meanwhile (it already asked it to stop)."""
+    if worker.ident is None:  # interrupted before it started: nothing runs
+        return
+    while True:
+        try:
+            worker.join()
+            return
+        except KeyboardInterrupt:
+            continue
+
+
+class _StopOnEvent:
+    """Stopping criterion: ends generation at the next token once the event is set (Ctrl-C, a client gone)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class Engine:
+    template: Template
+    tokenizer: object
+    model: object  # a PeftModel when adapters are loaded, else the plain base model
+    adapters: list[str] = field(default_factory=list)
+    context_window: int = 2048
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # ------------------------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_runs(cls, folders: list[Path], names: list[str] | None = None) -> "Engine":
+        """The base of the runs, loaded once, with each run's adapter under its name ("tuned" for a single run)."""
+        runs = [RunFolder.open(f) for f in folders]
+        configs = require_one_base(runs, "adapters must share one base to be switched on it.")
+        if configs[0].method == "full":
+            raise AffinerError(f"{runs[0]} is a full fine-tune: there is no adapter to put on a base; "
+                               "pass its folder as the base model instead.")
+        names = names or model_names([r.path for r in runs])
+        return cls.on_base(load_for(configs[0]), load_tokenizer(str(runs[0].path)), runs[0].template(),
+                           dict(zip(names, [r.path for r in runs])))
+
+    @classmethod
+    def on_base(cls, base, tokenizer, template: Template, adapters: dict[str, Path]) -> "Engine":
+        from peft import PeftModel
+
+        model = base
+        for i, (name, folder) in enumerate(adapters.items()):
+            if name == BASE:
+                raise AffinerError("'base' names the model without adapter; give the adapter another name.")
+            if i == 0:
+                model = PeftModel.from_pretrained(base, str(folder), adapter_name=name)
+            else:
+                model.load_adapter(str(folder), adapter_name=name)
+        model.eval()
+        window = getattr(base.config, "max_position_embeddings", None) or 2048
+        return cls(template=template, tokenizer=tokenizer, model=model, adapters=list(adapters),
+                   context_window=min(window, 8192))
+
+    @property
+    def names(self) -> list[str]:
+        return [BASE, *self.adapters]
+
+    # ------------------------------------------------------------------------------------ prompts
+
+    def example(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[Example, int]:
+        """The conversation as an example whose prompt fits the context window; oldest turns dropped first.
+
+        Returns the example and how many earlier messages were dropped. Text templates are
+        single-turn: they keep only the last user message (and no history).
+        """
+        if not messages or messages[-1].get("role") != "user":
+            raise AffinerError("a conversation must end with a user message.")
+        system = [m for m in messages[:1] if m.get("role") == "system"]
+        history = [(m["role"], m["content"]) for m in messages[len(system):-1]]
+        if not self.template.is_chat:
+            history = []
+        template = replace(self.template, system_prompt=system[0]["content"]) if system else self.template
+        dropped = 0
+        while True:
+            example = Example(instruction=messages[-1]["content"], input=messages[-1].get("input", ""),
+                              history=tuple(history))
+            length = len(encode_prompt(template, self.tokenizer, example))
+            if length + max_new_tokens <= self.context_window or not history:
+                break
+            history = history[2:]  # one user/assistant exchange at a time
+            dropped += 2
+        if length + max_new_tokens > self.context_window:
+            raise AffinerError(f"the prompt has {length} tokens: with {max_new_tokens} new tokens it does not fit "
+                               f"the model's {self.context_window}-token context window.")
+        return example, dropped if self.template.is_chat else len(messages) - 1 - len(system)
+
+    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> list[int]:
+        """The token ids the model is conditioned on for this conversation, as in training."""
+        example, _ = self.example(messages, max_new_tokens)
+        return encode_prompt(self._template(messages), self.tokenizer, example)
+
+    def prompt_text(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> str:
+        """The exact text the model sees for this conversation (for `show the prompt`)."""
+        return self.tokenizer.decode(self.prompt_ids(messages, max_new_tokens))
+
+    def _template(self, messages: list[dict[str, str]]) -> Template:
+        if messages and messages[0].get("role") == "system":
+            return replace(self.template, system_prompt=messages[0]["content"])
+        return self.template
+
+    # ------------------------------------------------------------------------------------ generation
+
+    def stream(self, name: str, messages: list[dict[str, str]] | None, settings: Settings = Settings(),
+               stop: threading.Event | None = None, reply: Reply | None = None,
+               raw_prompt: str | None = None) -> Iterator[str]:
+        """Yield the answer's text as it is generated; `reply` (when given) is filled with counts and timings.
+
+        `messages` are rendered by the run's template (the last user message may carry an "input"
+        for templates with an input field); `raw_prompt` is continued as it is, without template.
+        Holds the engine's lock until the answer ends, so concurrent callers are served one after another.
+        """
+        from transformers import TextIteratorStreamer
+
+        if name not in self.names:
+            raise AffinerError(f"unknown model '{name}' (models: {', '.join(self.names)}).")
+        reply = reply if reply is not None else Reply()
+        if raw_prompt is not None:
+            prompt = self.tokenizer(raw_prompt)["input_ids"]
+            if len(prompt) + settings.max_new_tokens > self.context_window:
+                raise AffinerError(f"the prompt has {len(prompt)} tokens: with {settings.max_new_tokens} new tokens "
+                                   f"it does not fit the model's {self.context_window}-token context window.")
+        else:
+            example, reply.dropped_turns = self.example(messages or [], settings.max_new_tokens)
+            prompt = encode_prompt(self._template(messages), self.tokenizer, example)
+        reply.prompt_tokens = len(prompt)
+        stop = stop or threading.Event()
+        stop_ids = list(self.template.stop_token_ids) or [self.tokenizer.eos_token_id]
+        with self.lock:
+            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+            ids = torch.tensor([prompt], device=device())
+            output: dict = {}
+
+            def run() -> None:
+                from transformers import StoppingCriteriaList
+
+                if settings.seed is not None:
+                    torch.manual_seed(settings.seed)
+                try:
+                    with self._adapter(name), torch.no_grad():
+                        output["ids"] = self.model.generate(
+                            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+                            eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **settings.generate_kwargs())
+                except Exception as exc:  # surfaced in the caller's thread below
+                    output["error"] = exc
+                    streamer.end()
+
+            started = time.perf_counter()
+            # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
+            worker = threading.Thread(target=run, daemon=False)
+            try:
+                worker.start()
+                for piece in streamer:
+                    if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
+                        reply.first_token_seconds = time.perf_counter() - started
+                    reply.text += piece
+                    yield piece
+            finally:
+                stop.set()  # a caller that stops iterating (client gone, Ctrl-C) ends the generation too
+                _join_through_interrupts(worker)  # the lock must not be released while the model still runs
+                reply.seconds = time.perf_counter() - started
+            if "error" in output:
+                raise output["error"]
+            new = output["ids"][0, len(prompt):].tolist()
+            cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
+            reply.tokens = len(new) if cut is None else cut
+            reply.stopped = cut is not None
+
+    def complete(self, name: str, messages: list[dict[str, str]] | None, settings: Settings = Settings(),
+                 raw_prompt: str | None = None) -> Reply:
+        reply = Reply()
+        for _ in self.stream(name, messages, settings, reply=reply, raw_prompt=raw_prompt):
+            pass
+        reply.text = reply.text.strip()
+        return reply
+
+    def _adapter(self, name: str):
+        """The named adapter active for one generation; "base" runs with every adapter disabled."""
+        import contextlib
+
+        if name == BASE:
+            return self.model.disable_adapter() if self.adapters else contextlib.nullcontext()
+        self.model.set_adapter(name)
+        return contextlib.nullcontext()

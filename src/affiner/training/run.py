@@ -1,0 +1,97 @@
+"""Start or resume a training run: check everything that can fail on bad input, then write the run
+folder and hand over to the loop.
+
+    folder = train(load_config("quickstart"))        # a new run under runs/
+    folder = train(resume=Path("runs/quickstart-..."))  # from its last checkpoint
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from affiner.core.config import RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.models import load_tokenizer, tokenizer_for
+from affiner.core.files import write_json
+from affiner.core.runfolder import DATA_FILE, RunFolder
+from affiner.core.templates import Template, build_template
+from affiner.data.pipeline import build
+from affiner.data.tokens import tokenize
+from affiner.training.loop import Probe, loop
+
+# Builds the held-out probe for a run (or None): given by the caller, so training never imports evaluation.
+ProbeFactory = Callable[[RunFolder, RunConfig, Template, object], "Probe | None"]
+
+
+@dataclass
+class Start:
+    """Everything a run needs before its first step, checked before anything is written."""
+
+    config: RunConfig
+    tokenizer: object
+    template: Template
+    features: list[dict]
+    checkpoint: Path | None = None
+
+
+def prepare_new(config: RunConfig) -> tuple[Start, list, dict]:
+    """A new run's tokenizer, template and cleaned data; returns the start, the held-out rows and data.json."""
+    tokenizer = tokenizer_for(config)
+    template = build_template(config.data.template, tokenizer, config.data.system_prompt)
+    prepared = build(config.data, tokenizer, template)
+    print(prepared.ledger.summary())
+    return Start(config, tokenizer, template, tokenize(prepared.train, template, tokenizer)), prepared.test, \
+        prepared.info
+
+
+def prepare_resume(run: RunFolder) -> Start:
+    """The run's own config, template, tokenizer and data, checked unchanged, and its last checkpoint."""
+    if run.is_finished:
+        raise AffinerError(f"{run} already finished training; start a new run instead.")
+    checkpoint = run.last_checkpoint()
+    if checkpoint is None:
+        raise AffinerError(f"{run} has no checkpoint to resume from (set train.save_steps to make them).")
+    config, template = run.config(), run.template()
+    tokenizer = load_tokenizer(str(run.path))
+    prepared = build(config.data, tokenizer, template)
+    recorded = run.data_info()
+    if any(prepared.info[side]["sha256"] != recorded[side]["sha256"] for side in ("train", "test")):
+        raise AffinerError(f"the data of {run} ({config.data.train}) changed since the run started (its "
+                           "fingerprint differs from data.json); resuming would mix two datasets. "
+                           "Restore the data or start a new run.")
+    return Start(config, tokenizer, template, tokenize(prepared.train, template, tokenizer), checkpoint)
+
+
+def create(start: Start, held_out: list, data_info: dict) -> RunFolder:
+    """The new run folder with what every later command reads; run.json last, so that a folder without
+    it (a crash while creating) is never taken for a run."""
+    run = RunFolder.create(start.config)
+    run.save_config(start.config)
+    run.save_template(start.template)
+    start.tokenizer.save_pretrained(run.path)
+    write_json(run / DATA_FILE, data_info)
+    run.save_held_out(held_out)
+    run.update(status="training", method=start.config.method, base=start.config.model.base,
+               adapter=start.config.method != "full", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+    return run
+
+
+def train(config: RunConfig | None = None, resume: Path | None = None,
+          probe_factory: ProbeFactory | None = None) -> Path:
+    """Train a new run from `config`, or continue the run folder `resume`; returns the run folder."""
+    if resume is not None:
+        run = RunFolder.open(resume)
+        start = prepare_resume(run)
+        run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
+    elif config is not None:
+        start, held_out, data_info = prepare_new(config)
+        run = create(start, held_out, data_info)
+    else:
+        raise AffinerError("train needs a config or a run folder to resume.")
+    config = start.config
+    probe = probe_factory(run, config, start.template, start.tokenizer) if probe_factory else None
+    loop(config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe)
+    return run.path

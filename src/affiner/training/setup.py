@@ -1,0 +1,68 @@
+"""What a training run trains with: the model (LoRA, QLoRA or full), its optimizer and its schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from affiner.core.config import RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.models import default_target_modules, load_for, load_model, uses_conv1d
+
+
+def prepare_model(config: RunConfig, checkpoint: Path | None = None):
+    """The model to train: a fresh or resumed LoRA adapter on the base, or the full model."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    full = config.method == "full"
+    if full and checkpoint is not None:
+        model = load_model(str(checkpoint), full_precision=True, trust_remote_code=config.model.trust_remote_code)
+    else:
+        model = load_for(config, full_precision=full)
+    if config.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+    elif config.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if full:
+        model.train()
+        return model
+    if checkpoint is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+    else:
+        targets = default_target_modules(model) if config.lora.target_modules == "auto" else config.lora.target_modules
+        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
+        if missing:
+            raise AffinerError(f"lora.target_modules names layers this model does not have: {', '.join(missing)}. "
+                               f"Its linear layers are: {', '.join(default_target_modules(model))}.")
+        peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                                 target_modules=targets, task_type="CAUSAL_LM",
+                                 fan_in_fan_out=uses_conv1d(model, targets))
+        model = get_peft_model(model, peft_config)
+    model.train()
+    return model
+
+
+def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    name, lr, wd = config.train.optimizer, config.train.learning_rate, config.train.weight_decay
+    if name.startswith("paged_") and not torch.cuda.is_available():
+        print(f"note: optimizer {name} pages optimizer state to CPU memory on a GPU; without one, plain AdamW is used.")
+        name = "adamw_8bit" if name.endswith("8bit") else "adamw"
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    import bitsandbytes as bnb
+
+    optimizers = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                  "adamw_8bit": bnb.optim.AdamW8bit}
+    return optimizers[name](params, lr=lr, weight_decay=wd)
+
+
+def make_scheduler(config: RunConfig, optimizer: torch.optim.Optimizer, steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(config.train.scheduler, config.train.scheduler)
+    return get_scheduler(name, optimizer, num_warmup_steps=round(config.train.warmup_ratio * steps),
+                         num_training_steps=steps)
