@@ -1,5 +1,6 @@
 """Latency of the comparison page (`affiner app`) on the embedded model, through the page's own code path:
-`affiner.app.load_engine` (what the page caches with st.cache_resource) and `affiner.app.generate_answer`
+`affiner.interfaces.app.load_engine` (what the page caches with st.cache_resource) and
+`affiner.interfaces.app.generate_answer`
 (what streams each answer into its box).
 
     .venv/bin/python bench/app_latency.py                                   # the latest run under runs/
@@ -78,7 +79,7 @@ def main() -> None:
     started = time.perf_counter()
     engine = app.load_engine((str(run),))
     load_seconds = time.perf_counter() - started
-    print(f"run {run}\nbase {app.load_run_config(run).model.base}; page start-up (base + adapter loaded once): "
+    print(f"run {run}\nbase {RunFolder(run).config().model.base}; page start-up (base + adapter loaded once): "
           f"{load_seconds:.1f} s")
     print(f"\nTime to first token for {PROMPT!r} (median of {args.repeats} after one warm-up):")
     for name in ("tuned", BASE):

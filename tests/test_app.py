@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from affiner.core.runfolder import model_names
+from affiner.commands import app as app_command
 from affiner.interfaces import app
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
@@ -230,9 +231,9 @@ def test_default_runs_are_the_latest_and_its_siblings(runs, tmp_path, tiny_gpt2)
 def test_no_run_at_all_says_to_train_one_first(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     parser = argparse.ArgumentParser()
-    app.add_arguments(parser)
+    app_command.add_arguments(parser)
     with pytest.raises(AffinerError, match="affiner run"):
-        app.main(parser.parse_args([]))
+        app_command.main(parser.parse_args([]))
 
 
 def test_main_serves_the_page_with_streamlit(runs, monkeypatch):
@@ -248,8 +249,8 @@ def test_main_serves_the_page_with_streamlit(runs, monkeypatch):
     monkeypatch.setattr(app.subprocess, "Popen", FakeStreamlit)
     monkeypatch.chdir(runs[0].parents[1])
     parser = argparse.ArgumentParser()
-    app.add_arguments(parser)
-    app.main(parser.parse_args(["--port", "8600"]))  # no RUN: the latest and its siblings
+    app_command.add_arguments(parser)
+    app_command.main(parser.parse_args(["--port", "8600"]))  # no RUN: the latest and its siblings
     command = launched["command"]
     assert command[1:5] == ["-m", "streamlit", "run", PAGE]
     assert command[command.index("--server.headless") + 1] == "true"
@@ -260,7 +261,7 @@ def test_main_serves_the_page_with_streamlit(runs, monkeypatch):
 
     monkeypatch.setattr(FakeStreamlit, "wait", lambda self, timeout=None: 1)
     with pytest.raises(AffinerError, match="--port"):
-        app.main(parser.parse_args([str(runs[0])]))
+        app_command.main(parser.parse_args([str(runs[0])]))
 
 
 # ---------------------------------------------------------------------------------------- a real browser

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from openai import AuthenticationError, OpenAI
 
-from affiner.interfaces import serve
+from affiner.commands import serve as serve_command
+from affiner.interfaces import openai_api, serve
 from affiner.core.config import load_config
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import Engine
@@ -292,9 +293,9 @@ def test_other_hosts_need_a_key(engine, monkeypatch, run_folder):
     monkeypatch.delenv("AFFINER_TEST_KEY", raising=False)
     args = argparse.Namespace(runs=[str(run_folder)], host="0.0.0.0", port=0, api_key_env=None)
     with pytest.raises(AffinerError, match="API key"):
-        serve.main(args)  # refused before the model is loaded
+        serve_command.main(args)  # refused before the model is loaded
     with pytest.raises(AffinerError, match="AFFINER_TEST_KEY"):
-        serve.main(argparse.Namespace(**{**vars(args), "api_key_env": "AFFINER_TEST_KEY"}))
+        serve_command.main(argparse.Namespace(**{**vars(args), "api_key_env": "AFFINER_TEST_KEY"}))
     server = serve.make_server(engine, "0.0.0.0", 0, KEY)
     server.server_close()
 
@@ -302,15 +303,15 @@ def test_other_hosts_need_a_key(engine, monkeypatch, run_folder):
 def test_main_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AffinerError, match="no run folder"):
-        serve.main(argparse.Namespace(runs=[], host="127.0.0.1", port=0, api_key_env=None))
+        serve_command.main(argparse.Namespace(runs=[], host="127.0.0.1", port=0, api_key_env=None))
 
 
 def test_main_serves_until_ctrl_c(run_folder, monkeypatch, capsys):
     def interrupt(self, poll_interval=0.5):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(serve._Server, "serve_forever", interrupt)
-    serve.main(argparse.Namespace(runs=[str(run_folder)], host="127.0.0.1", port=0, api_key_env=None))
+    monkeypatch.setattr(serve.Server, "serve_forever", interrupt)
+    serve_command.main(argparse.Namespace(runs=[str(run_folder)], host="127.0.0.1", port=0, api_key_env=None))
     out = capsys.readouterr().out
     assert "base, tuned" in out and "http://127.0.0.1:" in out
 
@@ -376,5 +377,5 @@ def test_a_client_that_hangs_up_frees_the_model(port, engine, full_pieces, spied
 
 def test_trim_streams_what_strip_gives():
     pieces = ["\n", " Hello", " ", "", "wor", "ld \n", "\t", "!", "  \n"]
-    trim = serve._Trim()
+    trim = openai_api.Trim()
     assert "".join(trim.feed(p) for p in pieces) == "".join(pieces).strip()

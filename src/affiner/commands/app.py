@@ -1,2 +1,37 @@
-"""Scaffold: replaced by the command module proper."""
-from affiner.interfaces.app import add_arguments, main  # noqa: F401
+"""Compare the base model and tuned models side by side in the browser (a Streamlit page).
+
+    affiner app                                    # the latest run, and every finished run on its base
+    affiner app runs/quickstart-20261122-183000
+    affiner app runs/a runs/b --port 8600          # several adapters of one base: loaded once, switched by name
+    affiner app --host 0.0.0.0                     # reachable from other machines (default: this one only)
+
+The "Compare" page sends one instruction (and an optional input) to the base model and to the
+selected tuned models, with the same decoding settings, and streams their answers next to each
+other with time to first token, total time and tokens per second; the session's comparisons can be
+downloaded as CSV. The "Runs" page shows each run's training curves, its config and its evaluation
+report. A link can open the page on a prompt and generate at once (shareable):
+
+    http://127.0.0.1:8501/?prompt=What+does+QUILT+stand+for%3F&greedy=1
+    query parameters: prompt, input, greedy (1/0), temperature, top_p, top_k, max_new_tokens, seed,
+    models (comma-separated adapter names), page (compare or runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                        help="run folder(s) of one base model (default: the latest finished run under runs/ "
+                             "and every finished run that shares its base)")
+    parser.add_argument("--port", type=int, default=8501, help="port of the page (default: 8501)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default: 127.0.0.1, this machine only)")
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.interfaces.app import launch
+
+    launch([Path(r) for r in args.runs], host=args.host, port=args.port)

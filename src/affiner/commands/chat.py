@@ -1,2 +1,59 @@
-"""Scaffold: replaced by the command module proper."""
-from affiner.interfaces.chat import add_arguments, main  # noqa: F401
+"""Talk to a tuned model in the terminal, through the run's own prompt template, with streaming.
+
+    affiner chat                                         # the latest run under runs/
+    affiner chat runs/quickstart-20261122-183000
+    affiner chat runs/quickstart-20261122-183000 --base  # the same prompts, without the adapter
+    affiner chat --model gpt2 --template alpaca           # any model, no run
+    affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?" --greedy
+    affiner chat runs/lr-1e-4 runs/lr-3e-4                # two adapters on one base: /use lr-3e-4
+    affiner chat --model gpt2 --adapter my-lora --template alpaca   # adapters trained anywhere
+
+In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/use NAME`
+switches to another adapter of the same base (or `base`), `/models` lists them, `/reset` forgets the
+conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
+not the program. Models with a chat template keep the conversation (oldest turns are dropped, with
+a notice, when it no longer fits the context window); text templates answer one question at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # Both light (no torch): the help shows the one set of decoding defaults and template names.
+    from affiner.core.settings import Settings
+    from affiner.core.templates import TEXT_TEMPLATES
+
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                        help="run folders sharing one base (default: the latest under runs/); /use switches")
+    parser.add_argument("--base", action="store_true", help="start with the base model, without adapter")
+    parser.add_argument("--model", help="instead of a run: any model (Hub id, folder, .gguf, embedded:gemma-3-270m)")
+    parser.add_argument("--adapter", action="append", default=[], type=Path, metavar="DIR",
+                        help="with --model: a LoRA adapter folder (plain peft) to load on it, named by its folder "
+                             "(repeatable)")
+    parser.add_argument("--template", choices=[*TEXT_TEMPLATES, "chat"],
+                        help="with --model: the prompt template (default: chat if the model has one, else alpaca)")
+    parser.add_argument("--prompt", help="answer this one prompt and exit")
+    parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
+    defaults = Settings()
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--top-k", type=int, default=defaults.top_k)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--seed", type=int)
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.core.settings import Settings
+    from affiner.interfaces.chat import Session, answer, open_engine
+
+    engine, name, label = open_engine(args.runs, model=args.model, adapters=args.adapter, template=args.template,
+                                      base=args.base)
+    settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
+                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+    if args.prompt is not None:
+        answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
+        return
+    Session(engine, name, settings).run(label)

@@ -1,2 +1,49 @@
-"""Scaffold: replaced by the command module proper."""
-from affiner.interfaces.serve import add_arguments, main  # noqa: F401
+"""Serve the base model and its tuned adapters over an OpenAI-compatible HTTP API.
+
+    affiner serve                                        # the latest run under runs/, on http://127.0.0.1:8000/v1
+    affiner serve runs/quickstart-20261122-183000 --port 8080
+    affiner serve runs/a runs/b                          # two adapters of one base, named "a" and "b", plus "base"
+    export AFFINER_KEY=$(openssl rand -hex 16)            # a fresh key, to give to the clients
+    affiner serve --host 0.0.0.0 --api-key-env AFFINER_KEY
+
+Any OpenAI client can then talk to the models:
+
+    curl http://127.0.0.1:8000/v1/models
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "tuned", "messages": [{"role": "user", "content": "What does QUILT stand for?"}]}'
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    client.chat.completions.create(model="tuned", messages=[{"role": "user", "content": "What does QUILT stand for?"}])
+
+Routes: GET /v1/models, POST /v1/chat/completions (messages rendered by the run's own template, the
+one used in training) and POST /v1/completions (the prompt continued as raw text), both with
+"stream": true for server-sent events. The models are "base" (no adapter) and "tuned" for a single
+run, or the run folders' names for several. Decoding follows the request (temperature, top_p,
+top_k, seed, max_tokens); what it leaves out takes affiner's defaults (temperature 0.8, top_p 0.95,
+top_k 50, up to 256 new tokens or what the context window leaves); temperature 0 decodes greedily.
+One answer is generated at a time: concurrent requests queue, and a client that hangs up stops its
+generation. Only loopback addresses (127.0.0.1) are served unless --api-key-env names a variable
+holding a key, which every request must then send as `Authorization: Bearer KEY`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
+                        help="run folder(s) of one base model (default: the latest under runs/)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; any other needs --api-key-env)")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    parser.add_argument("--api-key-env", metavar="NAME",
+                        help="environment variable holding the key clients must send as 'Authorization: Bearer KEY'")
+
+
+def main(args: argparse.Namespace) -> None:
+    from affiner.interfaces.serve import serve
+
+    serve([Path(r) for r in args.runs], host=args.host, port=args.port, api_key_env=args.api_key_env)

@@ -1,24 +1,10 @@
-"""Compare the base model and tuned models side by side in the browser (a Streamlit page).
-
-    affiner app                                    # the latest run, and every finished run on its base
-    affiner app runs/quickstart-20261122-183000
-    affiner app runs/a runs/b --port 8600          # several adapters of one base: loaded once, switched by name
-    affiner app --host 0.0.0.0                     # reachable from other machines (default: this one only)
-
-The "Compare" page sends one instruction (and an optional input) to the base model and to the
-selected tuned models, with the same decoding settings, and streams their answers next to each
-other with time to first token, total time and tokens per second; the session's comparisons can be
-downloaded as CSV. The "Runs" page shows each run's training curves, its config and its evaluation
-report. A link can open the page on a prompt and generate at once (shareable):
-
-    http://127.0.0.1:8501/?prompt=What+does+QUILT+stand+for%3F&greedy=1
-    query parameters: prompt, input, greedy (1/0), temperature, top_p, top_k, max_new_tokens, seed,
-    models (comma-separated adapter names), page (compare or runs)
+"""What the page of `affiner app` runs on, outside Streamlit: which run folders it compares (checked
+before the page server starts), the engine it loads once, one answer streamed with its timings, the
+answer boxes and the comparisons as CSV. `launch` starts the page server; app_page.py is the page.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import html
 import io
@@ -33,45 +19,40 @@ from pathlib import Path
 from typing import Callable
 
 from affiner.core.errors import AffinerError
-from affiner.core.runfolder import CONFIG_FILE, RUN_FILE, RunFolder, base_key, model_names, require_one_base
+from affiner.core.formatting import format_value
+from affiner.core.runfolder import RunFolder, base_key, model_names, require_one_base
 
 RUNS_ENV = "AFFINER_APP_RUNS"  # the run folders the page serves, joined with os.pathsep
 PAGE_SCRIPT = Path(__file__).with_name("app_page.py")
 ENGINE_LOADS: Counter = Counter()  # how many times a base model was loaded, per tuple of run folders
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="*", metavar="RUN",
-                        help="run folder(s) of one base model (default: the latest finished run under runs/ "
-                             "and every finished run that shares its base)")
-    parser.add_argument("--port", type=int, default=8501, help="port of the page (default: 8501)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default: 127.0.0.1, this machine only)")
-
-
-def main(args: argparse.Namespace) -> None:
-    folders = resolve_runs([Path(r) for r in args.runs])
-    command = streamlit_command(folders, port=args.port, host=args.host)
+def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501) -> None:
+    """Serve the page on the run folders (default: the latest finished run and its siblings) until Ctrl-C."""
+    folders = resolve_runs(folders)
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(f) for f in folders)}
     names = model_names(folders)
     print(f"Comparing base ({RunFolder(folders[0]).config().model.base}) with "
           f"{', '.join(f'{n} ({f})' for n, f in zip(names, folders))}")
-    print(f"Open http://{'127.0.0.1' if args.host in {'0.0.0.0', '::'} else args.host}:{args.port}/ "
-          "(Ctrl-C to stop)", flush=True)
-    process = subprocess.Popen(command, env=env)
+    print(f"Open http://{'127.0.0.1' if host in {'0.0.0.0', '::'} else host}:{port}/ (Ctrl-C to stop)", flush=True)
+    code = _wait(subprocess.Popen(streamlit_command(folders, port=port, host=host), env=env))
+    if code != 0:
+        raise AffinerError(f"the page server stopped with exit code {code} (see its message above); if port "
+                           f"{port} is taken, choose another with --port.")
+
+
+def _wait(process: subprocess.Popen) -> int:
+    """The page server's exit code; on Ctrl-C, once it has closed (the terminal's Ctrl-C reached it too)."""
     try:
-        code = process.wait()
+        return process.wait()
     except KeyboardInterrupt:
-        # The terminal's Ctrl-C reached Streamlit too; give it a moment to close its sessions.
+        # Give Streamlit a moment to close its sessions before ending it.
         try:
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.terminate()
             process.wait()
         raise
-    if code != 0:
-        raise AffinerError(f"the page server stopped with exit code {code} (see its message above); if port "
-                           f"{args.port} is taken, choose another with --port.")
 
 
 def streamlit_command(folders: list[Path], port: int = 8501, host: str = "127.0.0.1") -> list[str]:
@@ -85,15 +66,9 @@ def streamlit_command(folders: list[Path], port: int = 8501, host: str = "127.0.
 # ---------------------------------------------------------------------------------------- run folders
 
 
-def _usable(folder: Path) -> bool:
-    """A finished run with an adapter, whose config still validates."""
-    run = RunFolder(folder)
-    return (folder / CONFIG_FILE).is_file() and run.is_finished and run.has_adapter
-
-
-def _base_key(folder: Path) -> tuple | None:
+def _base_key(run: RunFolder) -> tuple | None:
     try:
-        return base_key(RunFolder(folder).config())
+        return base_key(run.config())
     except AffinerError:
         return None  # an older run whose config no longer validates is not worth failing the page for
 
@@ -101,7 +76,8 @@ def _base_key(folder: Path) -> tuple | None:
 def default_runs(output_dir: str | Path = "runs") -> list[Path]:
     """The latest finished run with an adapter, then every other finished one on the same base, newest first."""
     root = Path(output_dir)
-    finished = [p for p in root.glob("*/") if (p / RUN_FILE).is_file() and _usable(p)]
+    runs = RunFolder.all_under(root) if root.is_dir() else []
+    finished = [run for run in runs if run.is_finished and run.has_adapter and _base_key(run) is not None]
     if not finished:
         latest = RunFolder.latest(root)
         if latest is None:
@@ -111,18 +87,16 @@ def default_runs(output_dir: str | Path = "runs") -> list[Path]:
         raise AffinerError(f"no finished LoRA/QLoRA run under {root}/ (the latest, {latest}, is "
                            f"{latest.status}{'' if latest.has_adapter else ', without adapter'}): finish "
                            "one with `affiner run` or `affiner train --resume RUN`, or name run folders.")
-    finished.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    finished.sort(key=lambda run: run.path.stat().st_mtime, reverse=True)
     key = _base_key(finished[0])
-    return [finished[0], *(folder for folder in finished[1:] if _base_key(folder) == key)]
+    return [run.path for run in finished if _base_key(run) == key]
 
 
 def resolve_runs(folders: list[Path], output_dir: str | Path = "runs") -> list[Path]:
     """The run folders to serve, checked now so that a mistake is reported before the server starts."""
     runs = [RunFolder.open(f) for f in folders] or [RunFolder(f) for f in default_runs(output_dir)]
     for run in runs:
-        if not run.is_finished:
-            raise AffinerError(f"{run} has not finished training (status: {run.status}); finish it with "
-                               f"`affiner train --resume {run}` or compare another run.")
+        run.require_finished("compare it")
         if run.config().method == "full":
             raise AffinerError(f"{run} is a full fine-tune: the page puts adapters on one base, and a full "
                                "fine-tune has none. Compare LoRA or QLoRA runs.")
@@ -210,7 +184,23 @@ def timing_line(answer: dict) -> str:
     first = answer.get("first_token_seconds")
     first_text = f"{first:.2f} s" if first is not None else "–"
     return (f"first token {first_text} · total {answer['seconds']:.2f} s · {answer['tokens']} tokens · "
-            f"{answer['tokens_per_second']:.1f} tokens/s")
+            f"{format_value(answer['tokens_per_second'], 'count')} tokens/s")
+
+
+def run_facts(run: RunFolder) -> str:
+    """The Runs page's line about a run: status, steps, training time, when it finished (what run.json has)."""
+    try:
+        info = run.info()
+    except (OSError, ValueError):
+        info = {}
+    facts = [f"status **{info.get('status', '?')}**"]
+    if "steps" in info:
+        facts.append(f"steps {info['steps']}")
+    if "train_seconds" in info:
+        facts.append(f"training {format_value(info['train_seconds'], 'count')} s")
+    if "finished" in info:
+        facts.append(f"finished {info['finished']}")
+    return " · ".join(facts)
 
 
 def comparisons_csv(comparisons: list[dict]) -> str:

@@ -2,8 +2,8 @@
 
 Started by `affiner app [RUN ...]`; by hand:
 
-    streamlit run src/affiner/app_page.py -- runs/quickstart-20261122-183000
-    AFFINER_APP_RUNS=runs/a:runs/b streamlit run src/affiner/app_page.py
+    streamlit run src/affiner/interfaces/app_page.py -- runs/quickstart-20261122-183000
+    AFFINER_APP_RUNS=runs/a:runs/b streamlit run src/affiner/interfaces/app_page.py
 
 The base model is loaded once per set of run folders (st.cache_resource) and shared by every
 browser session; switching adapters only switches the active adapter. Query parameters open the
@@ -18,18 +18,19 @@ import os
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import urlencode  # noqa: E402
 
 import streamlit as st  # noqa: E402
 
-from affiner.interfaces import app  # noqa: E402
-from affiner.core.settings import Settings  # noqa: E402
-from affiner.interfaces.engine import BASE  # noqa: E402
 from affiner.core.errors import AffinerError  # noqa: E402
+from affiner.core.runfolder import CONFIG_FILE, RunFolder, model_names  # noqa: E402
+from affiner.core.settings import Settings  # noqa: E402
+from affiner.interfaces import app  # noqa: E402
+from affiner.interfaces.engine import BASE  # noqa: E402
 
-DEFAULTS = {"instruction": "", "input": "", "greedy": False, "temperature": 0.8, "top_p": 0.95, "top_k": 50,
-            "max_new_tokens": 100, "seed": None}
+DEFAULTS = {"instruction": "", "input": "", "greedy": False, **asdict(Settings())}
 WIDGET_KEYS = (*DEFAULTS, "models", "page")
 PAGES = ("Compare", "Runs")
 TRUE = {"1", "true", "yes", "on"}
@@ -222,7 +223,7 @@ def session_history(comparisons: list[dict]) -> None:
 
 
 def compare_page(folders: list[Path], names: list[str]) -> None:
-    config = app.RunFolder(folders[0]).config()
+    config = RunFolder(folders[0]).config()
     base_id = config.model.base
     folders_by_name = dict(zip(names, folders))
     st.title("Base and tuned, side by side")
@@ -262,55 +263,58 @@ def compare_page(folders: list[Path], names: list[str]) -> None:
 
 
 def run_details(folder: Path) -> None:
-    info = app.RunFolder(folder).info() if (folder / app.RUN_FILE).is_file() else {}
-    facts = [f"status **{info.get('status', '?')}**"]
-    for key, label in (("steps", "steps"), ("train_seconds", "training seconds"), ("finished", "finished")):
-        if key in info:
-            facts.append(f"{label} {info[key]}")
-    st.markdown(" · ".join(facts) + f" · `{folder}`")
+    st.markdown(app.run_facts(RunFolder(folder)) + f" · `{folder}`")
     metrics = app.read_metrics(folder)
     if metrics is None:
         st.info("No training curves: this run has no metrics.jsonl.")
     else:
-        curves = metrics.reset_index()
-        left, right = st.columns(2)
-        for column, key, title in ((left, "loss", "Training loss"), (right, "learning_rate", "Learning rate")):
-            if key in curves:
-                with column:
-                    st.markdown(f"**{title}**")
-                    st.line_chart(curves[["step", key]].dropna(), x="step", y=key)
-        evals = [c for c in curves.columns if c.startswith("eval_")]
-        if evals:
-            scores = curves[["step", *evals]].dropna(how="all", subset=evals)
-            losses = [c for c in evals if c == "eval_loss"]
-            rates = [c for c in evals if c not in losses]
-            left, right = st.columns(2)
-            if rates:
-                with left:
-                    st.markdown("**Evaluation during training** (held-out sample)")
-                    st.line_chart(scores, x="step", y=rates)
-            if losses:
-                with right:
-                    st.markdown("**Held-out loss**")
-                    st.line_chart(scores, x="step", y=losses)
-    config_path = folder / app.CONFIG_FILE
+        training_curves(metrics.reset_index())
+    config_path = folder / CONFIG_FILE
     if config_path.is_file():
         with st.expander("Config (config.yaml)"):
             st.code(config_path.read_text(encoding="utf-8"), language="yaml")
-    report_html, report_md = folder / "report.html", folder / "report.md"
-    if report_html.is_file() or report_md.is_file():
-        st.markdown("**Evaluation report**")
-        if report_html.is_file():
-            if hasattr(st, "iframe"):
-                st.iframe(report_html, height=900)
-            else:  # Streamlit before st.iframe
-                import streamlit.components.v1 as components
+    evaluation_report(folder)
 
-                components.html(report_html.read_text(encoding="utf-8"), height=900, scrolling=True)
-        else:
-            st.markdown(report_md.read_text(encoding="utf-8"))
-    else:
+
+def training_curves(curves) -> None:
+    """Loss and learning rate against step, then the held-out scores and loss where they were logged."""
+    left, right = st.columns(2)
+    for column, key, title in ((left, "loss", "Training loss"), (right, "learning_rate", "Learning rate")):
+        if key in curves:
+            with column:
+                st.markdown(f"**{title}**")
+                st.line_chart(curves[["step", key]].dropna(), x="step", y=key)
+    evals = [c for c in curves.columns if c.startswith("eval_")]
+    if not evals:
+        return
+    scores = curves[["step", *evals]].dropna(how="all", subset=evals)
+    losses = [c for c in evals if c == "eval_loss"]
+    rates = [c for c in evals if c not in losses]
+    left, right = st.columns(2)
+    if rates:
+        with left:
+            st.markdown("**Evaluation during training** (held-out sample)")
+            st.line_chart(scores, x="step", y=rates)
+    if losses:
+        with right:
+            st.markdown("**Held-out loss**")
+            st.line_chart(scores, x="step", y=losses)
+
+
+def evaluation_report(folder: Path) -> None:
+    report_html, report_md = folder / "report.html", folder / "report.md"
+    if not (report_html.is_file() or report_md.is_file()):
         st.info(f"No evaluation report yet: `affiner evaluate {folder}` writes one.")
+        return
+    st.markdown("**Evaluation report**")
+    if not report_html.is_file():
+        st.markdown(report_md.read_text(encoding="utf-8"))
+    elif hasattr(st, "iframe"):
+        st.iframe(report_html, height=900)
+    else:  # Streamlit before st.iframe
+        import streamlit.components.v1 as components
+
+        components.html(report_html.read_text(encoding="utf-8"), height=900, scrolling=True)
 
 
 def runs_page(folders: list[Path], names: list[str]) -> None:
@@ -334,7 +338,7 @@ def main() -> None:
     except AffinerError as exc:
         st.error(str(exc))
         st.stop()
-    names = app.model_names(folders)
+    names = model_names(folders)
     start_session(names)
     page = st.sidebar.radio("Page", PAGES, key="page", horizontal=True)
     st.sidebar.caption(f"{len(folders)} run{'s' if len(folders) > 1 else ''}: " +

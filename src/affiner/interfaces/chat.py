@@ -1,94 +1,60 @@
-"""Talk to a tuned model in the terminal, through the run's own prompt template, with streaming.
+"""The terminal chat behind `affiner chat`: open an engine on run folders (or on any model with plain
+adapter folders), stream answers to stdout, and the session loop with its /commands.
 
-    affiner chat                                         # the latest run under runs/
-    affiner chat runs/quickstart-20261122-183000
-    affiner chat runs/quickstart-20261122-183000 --base  # the same prompts, without the adapter
-    affiner chat --model gpt2 --template alpaca           # any model, no run
-    affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?" --greedy
-    affiner chat runs/lr-1e-4 runs/lr-3e-4                # two adapters on one base: /use lr-3e-4
-    affiner chat --model gpt2 --adapter my-lora --template alpaca   # adapters trained anywhere
-
-In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/use NAME`
-switches to another adapter of the same base (or `base`), `/models` lists them, `/reset` forgets the
-conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
-not the program. Models with a chat template keep the conversation (oldest turns are dropped, with
-a notice, when it no longer fits the context window); text templates answer one question at a time.
+Ctrl-C stops the current answer, never the session; chat templates keep the conversation (oldest
+turns dropped when the context window is full), text templates answer one question at a time.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from affiner.core.errors import AffinerError
+from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import BASE, Engine, Reply
-from affiner.core.errors import AffinerError
-from affiner.core.runfolder import RunFolder, model_names
 
 HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, "
         "/use NAME, /models, /reset, exit")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="*", metavar="RUN",
-                        help="run folders sharing one base (default: the latest under runs/); /use switches")
-    parser.add_argument("--base", action="store_true", help="start with the base model, without adapter")
-    parser.add_argument("--model", help="instead of a run: any model (Hub id, folder, .gguf, embedded:gemma-3-270m)")
-    parser.add_argument("--adapter", action="append", default=[], type=Path, metavar="DIR",
-                        help="with --model: a LoRA adapter folder (plain peft) to load on it, named by its folder "
-                             "(repeatable)")
-    parser.add_argument("--template", choices=["alpaca", "instruction", "qa", "chat"],
-                        help="with --model: the prompt template (default: chat if the model has one, else alpaca)")
-    parser.add_argument("--prompt", help="answer this one prompt and exit")
-    parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
-    defaults = Settings()
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--seed", type=int)
-
-
-def main(args: argparse.Namespace) -> None:
-    engine, name, label = open_engine(args)
-    settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
-    if args.prompt is not None:
-        answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
-        return
-    Session(engine, name, settings).run(label)
-
-
-def open_engine(args: argparse.Namespace) -> tuple[Engine, str, str]:
-    if args.model:
-        from affiner.core.models import load_model, load_tokenizer
-        from affiner.core.templates import build_template
-
-        if args.runs:
+def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path] | None = None,
+                template: str | None = None, base: bool = False) -> tuple[Engine, str, str]:
+    """The engine, the model to start with, and a label for the greeting: on the run folders (default: the
+    latest under runs/), or on `model` with plain LoRA `adapters` rendered by the named `template`."""
+    if model:
+        if runs:
             raise AffinerError("pass either run folders or --model (with --adapter folders), not both.")
-        tokenizer = load_tokenizer(args.model)
-        template_name = args.template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
-        adapters = dict(zip(model_names(args.adapter), args.adapter))  # two adapter/ folders get distinct names
-        for folder in args.adapter:
-            if not (folder / "adapter_config.json").is_file():
-                raise AffinerError(f"--adapter {folder} is not a LoRA adapter folder (no adapter_config.json).")
-        engine = Engine.on_base(load_model(args.model), tokenizer, build_template(template_name, tokenizer), adapters)
-        name = BASE if args.base or not adapters else engine.adapters[0]
-        return engine, name, f"{args.model} ({template_name} template)"
-    if args.adapter:
+        return _open_model(model, adapters or [], template, base)
+    if adapters:
         raise AffinerError("--adapter goes with --model (a base model); run folders carry their own adapter.")
     latest = RunFolder.latest()
-    folders = [Path(f) for f in args.runs] or ([latest.path] if latest else [])
+    folders = [Path(f) for f in runs] or ([latest.path] if latest else [])
     if not folders:
         raise AffinerError("no run folder given and none found under runs/; train one with: affiner run "
                            "(or talk to any model with --model NAME).")
     engine = Engine.from_runs(folders)
-    name = BASE if args.base else engine.adapters[0]
-    label = ", ".join(str(f) for f in folders) + (" (starting with the base model)" if args.base else "")
+    name = BASE if base else engine.adapters[0]
+    label = ", ".join(str(f) for f in folders) + (" (starting with the base model)" if base else "")
     return engine, name, label
+
+
+def _open_model(model: str, folders: list[Path], template: str | None, base: bool) -> tuple[Engine, str, str]:
+    from affiner.core.models import load_model, load_tokenizer
+    from affiner.core.templates import build_template
+
+    tokenizer = load_tokenizer(model)
+    template_name = template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
+    adapters = dict(zip(model_names(folders), folders))  # two adapter/ folders get distinct names
+    for folder in folders:
+        if not (folder / ADAPTER_CONFIG).is_file():
+            raise AffinerError(f"--adapter {folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG}).")
+    engine = Engine.on_base(load_model(model), tokenizer, build_template(template_name, tokenizer), adapters)
+    name = BASE if base or not adapters else engine.adapters[0]
+    return engine, name, f"{model} ({template_name} template)"
 
 
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
@@ -111,6 +77,8 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
 
 
 class Session:
+    """One conversation in the terminal: the model talked to, the decoding settings and the turns kept."""
+
     def __init__(self, engine: Engine, name: str, settings: Settings):
         self.engine, self.name, self.settings = engine, name, settings
         self.messages: list[dict[str, str]] = []
@@ -151,7 +119,7 @@ class Session:
             self.name = rest.strip()
             print(f"(now talking to {self.name}; the conversation so far is kept)")
         elif verb == "/settings":
-            print(", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()))
+            print(self.described_settings())
         elif verb == "/set" and rest.strip():
             try:
                 for pair in rest.split():
@@ -162,9 +130,12 @@ class Session:
             except AffinerError as exc:
                 print(f"(error: {exc})")
                 return
-            print("(" + ", ".join(f"{k}={v}" for k, v in asdict(self.settings).items()) + ")")
+            print(f"({self.described_settings()})")
         else:
             print(f"({HELP})")
+
+    def described_settings(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self.settings).items())
 
     def models(self) -> str:
         return ", ".join(f"[{n}]" if n == self.name else n for n in self.engine.names)

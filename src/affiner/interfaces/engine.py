@@ -166,62 +166,75 @@ class Engine:
         for templates with an input field); `raw_prompt` is continued as it is, without template.
         Holds the engine's lock until the answer ends, so concurrent callers are served one after another.
         """
-        from transformers import TextIteratorStreamer
+        reply = reply if reply is not None else Reply()
+        prompt = self._prompt(name, messages, settings.max_new_tokens, raw_prompt, reply)
+        with self.lock:
+            yield from self._generate(name, prompt, settings, stop or threading.Event(), reply)
 
+    def _prompt(self, name: str, messages: list[dict[str, str]] | None, max_new_tokens: int,
+                raw_prompt: str | None, reply: Reply) -> list[int]:
+        """The prompt's token ids, checked to leave room for the answer; notes what was dropped in `reply`."""
         if name not in self.names:
             raise AffinerError(f"unknown model '{name}' (models: {', '.join(self.names)}).")
-        reply = reply if reply is not None else Reply()
         if raw_prompt is not None:
             prompt = self.tokenizer(raw_prompt)["input_ids"]
-            if len(prompt) + settings.max_new_tokens > self.context_window:
-                raise AffinerError(f"the prompt has {len(prompt)} tokens: with {settings.max_new_tokens} new tokens "
+            if len(prompt) + max_new_tokens > self.context_window:
+                raise AffinerError(f"the prompt has {len(prompt)} tokens: with {max_new_tokens} new tokens "
                                    f"it does not fit the model's {self.context_window}-token context window.")
         else:
-            example, reply.dropped_turns = self.example(messages or [], settings.max_new_tokens)
+            example, reply.dropped_turns = self.example(messages or [], max_new_tokens)
             prompt = encode_prompt(self._template(messages), self.tokenizer, example)
         reply.prompt_tokens = len(prompt)
-        stop = stop or threading.Event()
+        return prompt
+
+    def _generate(self, name: str, prompt: list[int], settings: Settings, stop: threading.Event,
+                  reply: Reply) -> Iterator[str]:
+        """Generate in a thread and yield what it streams; called with the lock held, and returns only once
+        the thread has ended, whatever ends the iteration (the answer, an error, Ctrl-C, a caller gone)."""
+        from transformers import TextIteratorStreamer
+
         stop_ids = list(self.template.stop_token_ids) or [self.tokenizer.eos_token_id]
-        with self.lock:
-            streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-            ids = torch.tensor([prompt], device=device())
-            output: dict = {}
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        ids = torch.tensor([prompt], device=device())
+        output: dict = {}
+        started = time.perf_counter()
+        # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
+        worker = threading.Thread(target=self._run_generation, daemon=False,
+                                  args=(name, ids, settings, stop, stop_ids, streamer, output))
+        try:
+            worker.start()
+            for piece in streamer:
+                if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
+                    reply.first_token_seconds = time.perf_counter() - started
+                reply.text += piece
+                yield piece
+        finally:
+            stop.set()  # a caller that stops iterating (client gone, Ctrl-C) ends the generation too
+            _join_through_interrupts(worker)  # the lock must not be released while the model still runs
+            reply.seconds = time.perf_counter() - started
+        if "error" in output:
+            raise output["error"]
+        new = output["ids"][0, len(prompt):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        reply.tokens = len(new) if cut is None else cut
+        reply.stopped = cut is not None
 
-            def run() -> None:
-                from transformers import StoppingCriteriaList
+    def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
+                        stop_ids: list[int], streamer, output: dict) -> None:
+        """The generation thread: the output ids, or the error, land in `output` for the caller's thread."""
+        from transformers import StoppingCriteriaList
 
-                if settings.seed is not None:
-                    torch.manual_seed(settings.seed)
-                try:
-                    with self._adapter(name), torch.no_grad():
-                        output["ids"] = self.model.generate(
-                            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
-                            eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **settings.generate_kwargs())
-                except Exception as exc:  # surfaced in the caller's thread below
-                    output["error"] = exc
-                    streamer.end()
-
-            started = time.perf_counter()
-            # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
-            worker = threading.Thread(target=run, daemon=False)
-            try:
-                worker.start()
-                for piece in streamer:
-                    if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
-                        reply.first_token_seconds = time.perf_counter() - started
-                    reply.text += piece
-                    yield piece
-            finally:
-                stop.set()  # a caller that stops iterating (client gone, Ctrl-C) ends the generation too
-                _join_through_interrupts(worker)  # the lock must not be released while the model still runs
-                reply.seconds = time.perf_counter() - started
-            if "error" in output:
-                raise output["error"]
-            new = output["ids"][0, len(prompt):].tolist()
-            cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
-            reply.tokens = len(new) if cut is None else cut
-            reply.stopped = cut is not None
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        try:
+            with self._adapter(name), torch.no_grad():
+                output["ids"] = self.model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
+                    eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **settings.generate_kwargs())
+        except Exception as exc:  # surfaced in the caller's thread by _generate
+            output["error"] = exc
+            streamer.end()
 
     def complete(self, name: str, messages: list[dict[str, str]] | None, settings: Settings = Settings(),
                  raw_prompt: str | None = None) -> Reply:
