@@ -25,10 +25,11 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    base: str = "embedded:gemma-3-270m"
-    revision: str | None = None
+    base: str = "embedded:gemma-3-270m"  # Hub id, local folder, .gguf file or embedded:gemma-3-270m
+    revision: str | None = None  # a Hub branch, tag or commit: pins the weights a run is reproduced with
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    double_quant: bool = True
+    double_quant: bool = True  # QLoRA: quantise the quantisation constants too (~0.4 bit/weight less memory)
+    # Runs Python code from the model's repository: needed by a few architectures, a risk with any other.
     trust_remote_code: bool = False
 
 

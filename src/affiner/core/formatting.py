@@ -44,20 +44,20 @@ def as_number(value: Any) -> float | None:
 
 
 def _percent(fraction: float, sign: str = "") -> str:
-    text = f"{100 * fraction:{sign}.1f}"
+    text = f"{round(100 * fraction, 1) + 0.0:{sign}.1f}"  # + 0.0: a rounded -0.0 reads "0", not "-0"
     return text[:-2] if text.endswith(".0") else text
+
+
+def _in_unit(number: float, kind: str, sign: str = "") -> str:
+    if kind == "rate":
+        return f"{_percent(number, sign)} {'pp' if sign else '%'}"
+    return f"{number:{sign}.1f}" if kind == "count" else f"{number:{sign}.3f}"
 
 
 def format_value(value: Any, kind: str) -> str:
     """One value in its metric's unit: '96.7 %', '0.832', '12.3'."""
     number = as_number(value)
-    if number is None:
-        return MISSING
-    if kind == "rate":
-        return f"{_percent(number)} %"
-    if kind == "count":
-        return f"{number:.1f}"
-    return f"{number:.3f}"
+    return MISSING if number is None else _in_unit(number, kind)
 
 
 def format_interval(low: Any, high: Any, kind: str) -> str:
@@ -74,15 +74,9 @@ def format_aggregate(aggregate: dict, kind: str) -> str:
 
 
 def format_delta(change: Any, kind: str) -> str:
-    """A signed difference; a difference of rates is in percentage points, not per cent."""
+    """A signed difference; a difference of rates is in percentage points, not per cent: '+12.5 pp'."""
     number = as_number(change)
-    if number is None:
-        return MISSING
-    if kind == "rate":
-        return f"{_percent(number, '+')} pp"
-    if kind == "count":
-        return f"{number:+.1f}"
-    return f"{number:+.3f}"
+    return MISSING if number is None else _in_unit(number, kind, "+")
 
 
 def format_count(count: int, total: int) -> str:

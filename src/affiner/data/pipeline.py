@@ -1,21 +1,11 @@
 """The cleaning pipeline shared by `affiner prepare` and `affiner train`: read, clean, split, measure.
 
-    affiner prepare quickstart --output data/glossary
-    affiner prepare gpt2-alpaca-lora --output data/alpaca
-    affiner prepare gpt2-large-glaive-qlora --output data/glaive
-    affiner prepare my-run.yaml --set data.train=faq.csv --set data.columns.instruction=question \\
-        --set data.columns.output=answer --set data.languages=[fr] --output data/faq
-
-The `data:` section of the config says what to read and how to clean it; the tokenizer and the
-template are the model's own, so "at most max_length tokens" means what it will mean in training.
-Each step (read, empty, duplicates, answer words, patterns, language, tokens, split, train/test
-overlap) is counted, and every dropped row is kept with its reason in `dropped.jsonl`. The output
-folder holds train.jsonl, test.jsonl, prepared.json (counts, token-length percentiles, sha256 of
-each file), lengths.png and data_card.md. Train on it with `--set data.train=data/alpaca`; a file
-edited after preparing is refused, so the data card always describes the data trained on.
-
-`affiner train` runs the same cleaning in memory when it is given raw data, so preparing first
-changes nothing in the rows a model sees: it lets you look at them before paying for training.
+Both commands call `build`, so preparing first changes nothing in the rows a model sees. Each
+filter of the `data:` section is one counted step in the ledger (rows in, dropped by reason,
+kept); the token filter counts with the model's own tokenizer and template, so "at most
+max_length tokens" means what it will mean in training. Rows sharing a group (one acronym's
+paraphrases) stay on one side of the seeded split, and test questions also asked in train are
+dropped: a held-out question the model trained on measures memory, not learning.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.loss import supervised_loss, supervised_tokens
 from affiner.core.models import compute_dtype, describe, device
-from affiner.core.runfolder import RunFolder
+from affiner.core.runfolder import FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import micro_batches, total_steps
@@ -141,9 +141,9 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
         _interrupted(trainer, run, completed, trackers)
     progress.close()
     trainer.model.save_pretrained(run.path)  # adapter_model.safetensors + adapter_config.json, or the full model
-    run.update(status="finished", steps=trainer.steps, train_seconds=round(time.time() - started, 1),
+    run.update(status=FINISHED, steps=trainer.steps, train_seconds=round(time.time() - started, 1),
                finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    trackers.close(run.path, "finished")  # the curves, then the artifacts: the adapter and the finished run.json
+    trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
 
 
 def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | None, trackers: Trackers) -> None:

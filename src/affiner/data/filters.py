@@ -1,0 +1,113 @@
+"""The cleaning filters: each takes rows and returns (kept, dropped with a reason)."""
+
+from __future__ import annotations
+
+import re
+import string
+import unicodedata
+
+from affiner.core.errors import AffinerError
+from affiner.core.templates import Example
+from affiner.data.ledger import Dropped
+
+
+def normalized(text: str) -> str:
+    """Case, accents' composition, spacing and punctuation removed: "Hello,  World!" == "hello world"."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    text = text.translate(_PUNCTUATION)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation + "«»“”‘’…¿¡")
+
+
+def question_key(example: Example, normalize: bool = True) -> str:
+    parts = [*(f"{role}:{content}" for role, content in example.history), example.instruction, example.input]
+    return "\x1f".join(normalized(p) if normalize else p for p in parts)
+
+
+def drop_empty(examples: list[Example]) -> tuple[list[Example], Dropped]:
+    kept, dropped = [], []
+    for e in examples:
+        if not e.instruction.strip():
+            dropped.append((e, "empty question"))
+        elif not e.response.strip():
+            dropped.append((e, "empty answer"))
+        else:
+            kept.append(e)
+    return kept, dropped
+
+
+def drop_duplicates(examples: list[Example], mode: str) -> tuple[list[Example], Dropped]:
+    """Keep the first of identical (question, answer) pairs; `normalized` also catches case/space/punctuation twins."""
+    if mode == "none":
+        return examples, []
+    seen: dict[str, str] = {}
+    kept, dropped = [], []
+    for e in examples:
+        exact = question_key(e, normalize=False) + "\x1e" + e.response
+        key = exact if mode == "exact" else question_key(e) + "\x1e" + normalized(e.response)
+        if key in seen:
+            kind = "exact duplicate" if exact == seen[key] else "near duplicate (case, spaces, punctuation)"
+            dropped.append((e, kind))
+        else:
+            seen[key] = exact
+            kept.append(e)
+    return kept, dropped
+
+
+def drop_long_answers(examples: list[Example], max_words: int | None) -> tuple[list[Example], Dropped]:
+    if not max_words:
+        return examples, []
+    reason = f"answer over {max_words} words"
+    kept = [e for e in examples if len(e.response.split()) <= max_words]
+    return kept, [(e, reason) for e in examples if len(e.response.split()) > max_words]
+
+
+def drop_by_pattern(examples: list[Example], keep: str | None, drop: str | None) -> tuple[list[Example], Dropped]:
+    keep_re, drop_re = (re.compile(p) if p else None for p in (keep, drop))
+    kept, dropped = [], []
+    for e in examples:
+        text = f"{e.instruction}\n{e.input}\n{e.response}"
+        if keep_re and not keep_re.search(text):
+            dropped.append((e, f"does not match keep_matching {keep!r}"))
+        elif drop_re and drop_re.search(text):
+            dropped.append((e, f"matches drop_matching {drop!r}"))
+        else:
+            kept.append(e)
+    return kept, dropped
+
+
+def drop_other_languages(examples: list[Example], languages: list[str] | None) -> tuple[list[Example], Dropped]:
+    if not languages:
+        return examples, []
+    from py3langid.langid import _get_identifier
+
+    identifier = _get_identifier()
+    unknown = sorted(set(languages) - set(identifier.nb_classes))
+    if unknown:
+        raise AffinerError(f"data.languages: {', '.join(unknown)} is not a language code the detector knows "
+                           f"(ISO 639-1 codes such as en, fr, de, es; known: {', '.join(identifier.nb_classes)}).")
+    kept, dropped = [], []
+    for e in examples:
+        language, _ = identifier.classify(f"{e.instruction}\n{e.input}\n{e.response}")
+        if language in languages:
+            kept.append(e)
+        else:
+            dropped.append((e, f"language {language} not in {', '.join(languages)}"))
+    return kept, dropped
+
+
+def drop_too_many_tokens(examples: list[Example], lengths: list[int], max_length: int) -> tuple[list[Example], Dropped]:
+    reason = f"over max_length={max_length} tokens (prompt + answer)"
+    kept = [e for e, n in zip(examples, lengths) if n <= max_length]
+    return kept, [(e, reason) for e, n in zip(examples, lengths) if n > max_length]
+
+
+def drop_overlap(test: list[Example], train: list[Example]) -> tuple[list[Example], Dropped]:
+    """A held-out question the model trained on measures memory, not learning: drop it from the test side."""
+    asked = {question_key(e) for e in train}
+    kept = [e for e in test if question_key(e) not in asked]
+    return kept, [(e, "question also in train") for e in test if question_key(e) in asked]
+
+

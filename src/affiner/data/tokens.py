@@ -1,0 +1,93 @@
+"""Token ids with response-only labels, fast token counts, and dynamic padding.
+
+Rows reach here already cleaned by the pipeline (empty and over-long rows are dropped and counted
+there, once), so tokenising never drops or truncates: a truncated answer teaches the model to stop
+mid-sentence, or never.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from affiner.core.loss import IGNORE_INDEX
+from affiner.core.templates import Example, Template, encode_prompt, encode_response, render_prompt
+
+
+
+def tokenize(examples: list[Example], template: Template, tokenizer) -> list[dict[str, list[int]]]:
+    """Prompt + response ids; labels are -100 on the prompt, so the loss is on the response (and its stop token)."""
+    from tqdm.auto import tqdm
+
+    features = []
+    for example in tqdm(examples, desc="tokenizing", unit="row", disable=len(examples) < 5000, leave=False):
+        prompt = encode_prompt(template, tokenizer, example)
+        response = encode_response(template, tokenizer, example)
+        features.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
+    return features
+
+
+def token_lengths(examples: list[Example], template: Template, tokenizer, batch_size: int = 4096) -> list[int]:
+    """len(encode_prompt) + len(encode_response) for every example, tokenised in batches (100k rows in seconds)."""
+    from tqdm.auto import tqdm
+
+    if template.is_chat:  # the chat template renders each conversation apart; no batch shortcut
+        return [len(encode_prompt(template, tokenizer, e)) + len(encode_response(template, tokenizer, e))
+                for e in tqdm(examples, desc="counting tokens", unit="row", disable=len(examples) < 5000, leave=False)]
+    lengths = []
+    bos = tokenizer.bos_token
+    with _parallel_tokenizer():
+        for start in tqdm(range(0, len(examples), batch_size), desc="counting tokens", unit="batch",
+                          disable=len(examples) < 5 * batch_size, leave=False):
+            chunk = examples[start: start + batch_size]
+            prompts = [render_prompt(template, e) for e in chunk]
+            # Same rule as encode_prompt: special tokens (BOS) are added unless the text already starts with BOS.
+            has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+            counted = {flag: iter(_count_tokens(tokenizer, [p for p, b in zip(prompts, has_bos) if b == flag],
+                                                add_special_tokens=not flag)) for flag in (False, True)}
+            responses = _count_tokens(tokenizer, [template.response_prefix + e.response for e in chunk], False)
+            # + 1: the EOS that encode_response appends.
+            lengths += [next(counted[flag]) + n + 1 for flag, n in zip(has_bos, responses)]
+    return lengths
+
+
+def _count_tokens(tokenizer, texts: list[str], add_special_tokens: bool) -> list[int]:
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:  # a Python (slow) tokenizer
+        return [len(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    # The Rust tokenizer directly, without offsets: a third of the time of the transformers wrapper.
+    return [len(encoding.ids) for encoding in backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)]
+
+
+@contextlib.contextmanager
+def _parallel_tokenizer():
+    """Let the Rust tokenizer use every core for one batch job, then restore the setting (forks stay safe)."""
+    previous = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = previous
+
+
+def collate(features: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this batch only (dynamic padding); padding is never supervised."""
+    width = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(features), width), dtype=torch.long)
+    for row, feature in enumerate(features):
+        n = len(feature["input_ids"])
+        input_ids[row, :n] = torch.tensor(feature["input_ids"])
+        labels[row, :n] = torch.tensor(feature["labels"])
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+

@@ -1,0 +1,60 @@
+"""The one loader: what the config says about the base (revision, remote code, quantisation) reaches
+transformers, for the model and its tokenizer, and remote code stays off unless asked, loudly."""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from affiner.core.config import RunConfig
+from affiner.core.models import load_for, tokenizer_for
+
+
+class Captured(Exception):
+    """Raised by the stand-in for from_pretrained once it has seen its arguments."""
+
+
+@pytest.fixture
+def calls(monkeypatch, offline_hub):
+    seen: list[tuple[str, dict]] = []
+
+    def from_pretrained(name, **kwargs):
+        seen.append((name, kwargs))
+        raise Captured
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", from_pretrained)
+    return seen
+
+
+def config(**model) -> RunConfig:
+    return RunConfig.model_validate({"data": {"train": "x.jsonl"}, "model": {"base": "org/model", **model}})
+
+
+@pytest.mark.parametrize("load", [load_for, tokenizer_for], ids=["model", "tokenizer"])
+def test_revision_and_remote_code_reach_transformers(load, calls, capsys):
+    with pytest.raises(Captured):
+        load(config(revision="v1.2", trust_remote_code=True))
+    name, kwargs = calls[-1]
+    assert name == "org/model" and kwargs["revision"] == "v1.2" and kwargs["trust_remote_code"] is True
+    assert "trust_remote_code is on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("load", [load_for, tokenizer_for], ids=["model", "tokenizer"])
+def test_remote_code_is_off_unless_asked(load, calls, capsys):
+    with pytest.raises(Captured):
+        load(config())
+    _, kwargs = calls[-1]
+    assert "trust_remote_code" not in kwargs and "revision" not in kwargs
+    assert "trust_remote_code" not in capsys.readouterr().out
+
+
+def test_qlora_is_quantised_unless_export_asks_for_full_weights(calls):
+    pytest.importorskip("bitsandbytes")
+    qlora = RunConfig.model_validate({"data": {"train": "x.jsonl"}, "method": "qlora", "model": {"base": "org/m"}})
+    with pytest.raises(Captured):
+        load_for(qlora)
+    assert calls[-1][1]["quantization_config"].load_in_4bit
+    with pytest.raises(Captured):
+        load_for(qlora, full_precision=True, quantized=False)
+    assert "quantization_config" not in calls[-1][1]
