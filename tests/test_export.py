@@ -20,12 +20,14 @@ from conftest import _save, _sentencepiece_like_tokenizer, make_tiny_gpt2, run_c
 from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
-from affiner.export import export as export_mod
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
+from affiner.core.files import read_json, write_json
+from affiner.core.formatting import format_aggregate, format_count
 from affiner.core.models import load_model
-from affiner.core.runfolder import read_json, write_json
 from affiner.core.templates import build_template, load_template
+from affiner.export import export as export_mod
+from affiner.export import hub, merge, ollama
 from affiner.training.run import train
 
 TOKEN = "hf_AffinerTestSecret0123456789abcdefXYZ"
@@ -167,7 +169,7 @@ def test_merged_equals_unmerged_equals_the_reloaded_export(request, tmp_path, na
     tokenizer = AutoTokenizer.from_pretrained(str(out / "merged"))
     ids = _ids(tokenizer)
     unmerged = _logits(load_model(config.model.base, adapter=run), ids)
-    merged = export_mod.tuned_model(run, config, tokenizer, load_template(run))
+    merged = merge.tuned_model(run, config, tokenizer, load_template(run))
     reloaded = AutoModelForCausalLM.from_pretrained(str(out / "merged"))
     torch.testing.assert_close(_logits(merged, ids), unmerged, rtol=0, atol=1e-5)
     torch.testing.assert_close(_logits(reloaded, ids), unmerged, rtol=0, atol=1e-5)
@@ -271,7 +273,7 @@ def test_gguf_types(tmp_path, llama_run, gguf_type, ggml_type, file_type):
     assert types["blk.0.attn_q.weight"] == ggml_type and types["blk.0.attn_norm.weight"] == "F32"
     config = load_config(str(llama_run / "config.yaml"))
     tokenizer = AutoTokenizer.from_pretrained(str(llama_run))
-    merged = export_mod.tuned_model(llama_run, config, tokenizer, load_template(llama_run))
+    merged = merge.tuned_model(llama_run, config, tokenizer, load_template(llama_run))
     back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file="model.gguf")
     ids = _ids(tokenizer)
     torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=0.05)
@@ -303,7 +305,7 @@ def test_chat_template_modelfile(tiny_llama):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
-    modelfile = export_mod.modelfile(build_template("chat", tokenizer), tokenizer, "my run")
+    modelfile = ollama.modelfile(build_template("chat", tokenizer), tokenizer, "my run")
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
     assert template == "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>assistant\n" \
                        "{{ .Response }}<end_of_turn>\n"  # BOS left to llama.cpp, which adds it itself
@@ -328,8 +330,8 @@ def test_model_card_describes_the_run_from_its_files(tmp_path, llama_run, tiny_l
     summary, metrics = read_json(llama_run / "summary.json"), read_json(llama_run / "metrics.json")
     for model in ("base", "tuned"):
         head = summary[model]
-        assert f"{head['correct']}/{head['questions']} ({100 * head['accuracy']:.1f} %)" in card
-        assert export_mod.format_metric(metrics["metrics"]["rouge_l"][model], "score") in card
+        assert format_count(head["correct"], head["questions"]) in card
+        assert format_aggregate(metrics["metrics"]["rouge_l"][model], "score") in card
     assert f"{summary['tuned']['questions']} held-out questions" in card and summary["decoding"] in card
     assert "Template `qa`" in card and "### Question:" in card
     assert "licence: not stated in the base model folder" in card
@@ -342,16 +344,16 @@ def test_model_card_of_an_unevaluated_run_says_how_to_evaluate(tmp_path, gpt2_ru
 
 
 def test_base_licences(tmp_path, offline_hub):
-    assert export_mod.base_licence("embedded:gemma-3-270m")[0] == "gemma"
-    assert "ai.google.dev/gemma/terms" in export_mod.base_licence("embedded:gemma-3-270m")[1]
+    assert hub.base_licence("embedded:gemma-3-270m")[0] == "gemma"
+    assert "ai.google.dev/gemma/terms" in hub.base_licence("embedded:gemma-3-270m")[1]
     folder = tmp_path / "base"
     folder.mkdir()
     (folder / "README.md").write_text("---\nlicense: apache-2.0\ntags: [x]\n---\n# A model\n")
-    assert export_mod.base_licence(str(folder))[0] == "apache-2.0"
-    licence, text = export_mod.base_licence("some-org/never-downloaded-model")
+    assert hub.base_licence(str(folder))[0] == "apache-2.0"
+    licence, text = hub.base_licence("some-org/never-downloaded-model")
     assert licence is None and "see the base model's card" in text
-    assert export_mod.hub_base_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
-    assert export_mod.hub_base_id(str(folder)) is None and export_mod.hub_base_id("org/name") == "org/name"
+    assert hub.hub_base_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
+    assert hub.hub_base_id(str(folder)) is None and hub.hub_base_id("org/name") == "org/name"
 
 
 # ---------------------------------------------------------------------------------------- the Hub
@@ -491,8 +493,8 @@ def test_embedded_gemma_exports_a_gguf_that_answers_like_the_merged_model(tmp_pa
     ids = _ids(tokenizer)
     assert _greedy(back, ids, 8) == _greedy(merged, ids, 8)
     torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=1e-3)
-    source = export_mod._source_gguf("embedded:gemma-3-270m")
-    from affiner.export.gguf_writer import read_metadata
+    source = ollama.source_gguf("embedded:gemma-3-270m")
+    from affiner.export.gguf_metadata import read_metadata
 
     copied = {k: v for k, v, *_ in read_metadata(out / "model.gguf", "tokenizer.")}
     assert copied == {k: v for k, v, *_ in read_metadata(source, "tokenizer.")}  # the vocabulary, as llama.cpp had it

@@ -1,0 +1,115 @@
+"""The tuned model as one plain transformers model in fp32, checked before anything is written from it.
+
+A full fine-tune is the run folder's own model. A LoRA or QLoRA adapter is merged into its base,
+loaded in full precision even for QLoRA (merging into 4-bit weights would round the adapter away);
+the merged model must give the unmerged model's logits on a test prompt, and no weight may be NaN
+or infinite. `save_model` writes it with a generation config that stops on the template's stop tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from affiner.core.config import RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.models import compute_dtype, drop_gguf_quantizer, load_for, load_model
+from affiner.core.templates import Example, Template, encode_prompt, save_template
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedModel
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+EXAMPLE_QUESTION = "What does QUILT stand for?"  # the test prompt here, the example of the card and Modelfile
+MERGE_TOLERANCE = 1e-3  # relative to the largest logit: merging reorders fp32 sums, nothing more
+
+
+def tuned_model(folder: Path, config: RunConfig, tokenizer, template: Template) -> PreTrainedModel:
+    """The full fine-tune, or base + adapter merged; in fp32, in eval mode, ready to generate and save."""
+    if config.method == "full":
+        model = load_model(str(folder), full_precision=True, trust_remote_code=config.model.trust_remote_code)
+        check_finite_model(model)
+    else:
+        model = merged_model(folder, config, tokenizer, template)
+    drop_gguf_quantizer(model)  # a GGUF-converted base saves as a plain model
+    model.config.use_cache = True  # training switches it off; generation wants it
+    model.eval()
+    return model
+
+
+def merged_model(folder: Path, config: RunConfig, tokenizer, template: Template) -> PreTrainedModel:
+    """The run's adapter merged into its full-precision base, with the same logits as before merging."""
+    check_finite_adapter(folder)
+    if config.method == "qlora":
+        print("note: QLoRA run: the base is loaded in full precision for merging (the adapter is never merged "
+              "into 4-bit weights), so the merged model differs slightly from the 4-bit model it was trained on.")
+    model = load_for(config, adapter=folder, full_precision=True, quantized=False)
+    ids = encode_prompt(template, tokenizer, Example(instruction=EXAMPLE_QUESTION))
+    probe = torch.tensor([ids], device=model.device)
+    unmerged = _logits(model, probe)
+    model = model.merge_and_unload()
+    check_finite_model(model)
+    gap = float((_logits(model, probe) - unmerged).abs().max())
+    if not gap <= MERGE_TOLERANCE * max(1.0, float(unmerged.abs().max())):
+        raise AffinerError(f"merging the adapter changed the model's logits by {gap:.3g} on a test prompt; "
+                           "the merge is unsound for this model, so nothing was exported.")
+    return model
+
+
+def _logits(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """No NaN and no inf: a float64 sum of finite float values is finite, and any NaN or inf makes it not."""
+    return bool(torch.isfinite(tensor.sum(dtype=torch.float64)))
+
+
+def check_finite_adapter(folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    for name, tensor in load_file(folder / ADAPTER_WEIGHTS).items():
+        if not _finite(tensor):
+            raise AffinerError(f"the adapter of {folder} holds NaN or infinite values in {name}; training diverged "
+                               "(lower train.learning_rate, or use fp32/bf16), so there is nothing sound to export.")
+
+
+def check_finite_model(model: PreTrainedModel) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not _finite(tensor):
+            raise AffinerError(f"the merged model holds NaN or infinite values in {name}; nothing was exported. "
+                               "Check the base model and the run's adapter (training may have diverged).")
+
+
+def save_model(model: PreTrainedModel, tokenizer, template: Template, target: Path, config: RunConfig) -> None:
+    """Safetensors, tokenizer, template.json and a generation config that stops on the template's stop tokens."""
+    if model.device.type == "cuda":  # on a GPU the model is saved in the run's precision; fp32 on the CPU
+        dtype = compute_dtype(config.model.precision)
+        if dtype != torch.float32:
+            model.to(dtype)
+            check_finite_model(model)  # fp16 overflows to inf
+    model.generation_config = _generation_config(model, tokenizer, template)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    save_template(template, target)
+
+
+def _generation_config(model: PreTrainedModel, tokenizer, template: Template) -> GenerationConfig:
+    """The model's own generation settings with the template's stop tokens; plain ones if those do not validate."""
+    from transformers import GenerationConfig
+
+    stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
+    generation = GenerationConfig.from_dict(model.generation_config.to_dict()) if model.generation_config else \
+        GenerationConfig()
+    generation.eos_token_id = stop_ids
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.bos_token_id = tokenizer.bos_token_id
+    try:
+        generation.validate(strict=True)
+    except (ValueError, TypeError):
+        generation = GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id,
+                                      bos_token_id=tokenizer.bos_token_id)
+    return generation

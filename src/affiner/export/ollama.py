@@ -1,0 +1,126 @@
+"""What llama.cpp and Ollama need: `model.gguf` and a `Modelfile` whose Go template writes the prompt
+exactly as the run's template rendered it in training, and stops on the template's stop tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from affiner.core.config import RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.files import write_atomic
+from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, hub_error, hub_kwargs, hub_options, resolve_base
+from affiner.core.runfolder import RunFolder
+from affiner.core.templates import Example, Template, chat_text, render_prompt
+from affiner.export.gguf_writer import GgufReport, gguf_architecture, write_gguf
+from affiner.export.hub import base_licence
+from affiner.export.merge import EXAMPLE_QUESTION
+
+GGUF_FILE = "model.gguf"
+MODELFILE = "Modelfile"
+_PROMPT_MARKER = "AFFINERPROMPTMARKER"
+_RESPONSE_MARKER = "AFFINERRESPONSEMARKER"
+
+
+def check_gguf_architecture(run: RunFolder, config: RunConfig) -> None:
+    """Refuse an architecture the GGUF writer cannot write from its config alone, before any model loads."""
+    from transformers import AutoConfig
+
+    full = config.method == "full"
+    source = str(run.path) if full else resolve_base(config.model.base)
+    options = hub_options(None if full else config.model.revision, config.model.trust_remote_code)
+    try:
+        model_config = AutoConfig.from_pretrained(source, **hub_kwargs(source), **options)
+    except (OSError, ValueError) as exc:
+        raise hub_error("model config", config.model.base, exc) from None
+    gguf_architecture(model_config)
+
+
+def source_gguf(base: str) -> Path | None:
+    """The GGUF file a base model was converted from, whose tokenizer metadata can be reused as it is."""
+    if base in EMBEDDED_MODELS:
+        return embedded_gguf(base)
+    path = Path(base).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def write_gguf_files(model, tokenizer, template: Template, config: RunConfig, run: RunFolder, target: Path,
+                     gguf_type: str) -> GgufReport:
+    """model.gguf and the Modelfile in `target`; the writer's notes on llama.cpp are printed and kept."""
+    report = write_gguf(model, tokenizer, target / GGUF_FILE, gguf_type, name=run.name,
+                        license_id=base_licence(config.model.base, config.model.revision)[0],
+                        source_gguf=source_gguf(config.model.base),  # the run's tokenizer was built from it
+                        sample_texts=_sample_texts(run, template, tokenizer))
+    for note in report.notes:
+        print(f"note: {note}.")
+    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, report))
+    return report
+
+
+def _sample_texts(run: RunFolder, template: Template, tokenizer, n: int = 8) -> list[str]:
+    """Held-out prompts with their answers, as the model saw them: what the GGUF tokenizer must split alike."""
+    texts = []
+    for example in run.held_out()[:n]:
+        try:
+            texts.append(render_prompt(template, example, tokenizer) + template.response_prefix + example.response)
+        except AffinerError:
+            continue
+    return texts
+
+
+def modelfile(template: Template, tokenizer, name: str, report: GgufReport | None = None) -> str:
+    """An Ollama Modelfile whose TEMPLATE writes exactly the prompt format the model was trained with."""
+    lines = [f"# Ollama Modelfile for {name}, exported by affiner.",
+             f"#   ollama create {slug(name)} -f {MODELFILE}",
+             f"#   ollama run {slug(name)} \"{EXAMPLE_QUESTION}\"",
+             (f"# TEMPLATE reproduces the '{template.name}' prompt format used in training; the model stops on the "
+             "stop tokens below.")]
+    if report is not None and report.notes:
+        lines += [f"# Warning: {note}." for note in report.notes]
+    if template.is_chat:
+        go_template, system = _chat_go_template(template, tokenizer), None
+    else:
+        body = template.prompt.format(instruction=_PROMPT_MARKER, input="")
+        go_template = "{{ if .System }}{{ .System }}\n\n{{ end }}" + _go_prompt(body) + "{{ .Response }}"
+        system = template.system_prompt
+        lines.append("# Questions with a separate input field were trained as "
+                     f"{template.prompt_with_input!r}; here the input goes in the question.")
+    lines += ["", f"FROM ./{GGUF_FILE}", f'TEMPLATE """{go_template}"""']
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
+    for token in dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_ids)):
+        lines.append(f"PARAMETER stop {json.dumps(token)}")
+    lines.append("PARAMETER temperature 0")
+    return "\n".join(lines) + "\n"
+
+
+def _chat_go_template(template: Template, tokenizer) -> str:
+    """One turn of the chat template with the user's text as {{ .Prompt }} and the answer as {{ .Response }};
+    the system prompt, if any, is rendered in as the run's template renders it."""
+    prompt = render_prompt(template, Example(instruction=_PROMPT_MARKER), tokenizer)
+    full = chat_text(template, tokenizer, Example(instruction=_PROMPT_MARKER, response=_RESPONSE_MARKER),
+                     with_response=True)
+    closing = full[len(prompt):].split(_RESPONSE_MARKER, 1)[-1] \
+        if full.startswith(prompt) and _RESPONSE_MARKER in full else ""
+    bos = tokenizer.bos_token or ""
+    adds_bos = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if bos and adds_bos and prompt.startswith(bos):
+        prompt = prompt[len(bos):]  # llama.cpp adds BOS itself, as tokenizer.ggml.add_bos_token says
+    return _go_prompt(prompt) + "{{ .Response }}" + _go_literal(closing)
+
+
+def _go_prompt(text: str) -> str:
+    """`text` as Go template source, with the prompt marker turned into {{ .Prompt }}."""
+    return _go_literal(text).replace(_PROMPT_MARKER, "{{ .Prompt }}")
+
+
+def _go_literal(text: str) -> str:
+    return text.replace("{{", "{{ \"{{\" }}").replace('"""', '\\"\\"\\"')
+
+
+def slug(name: str) -> str:
+    """An Ollama model name made from a run name."""
+    return re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-") or "affiner-model"
