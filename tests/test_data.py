@@ -132,7 +132,7 @@ def test_shipped_glossary_files_are_the_expansion_of_the_glossary():
 
     for name, records in glossary.build_shipped().items():
         shipped = (resources.files("affiner") / "resources" / name).read_text(encoding="utf-8")
-        assert shipped == glossary.render(records), f"{name} is stale: run python -m affiner.glossary"
+        assert shipped == glossary.render(records), f"{name} is stale: run python -m affiner.synth.shipped"
 
 
 def test_held_out_questions_are_phrased_differently_from_training_ones():

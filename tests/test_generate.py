@@ -16,14 +16,12 @@ import pytest
 from fake_endpoint import FakeServer, Reply, running_server
 
 from affiner import cli
+from affiner.synth import banks, llm, offline
 from affiner.synth import synth as generate
-from affiner.synth.synth import (
-    Term,
-    check_conversation,
-    offline_conversations,
-    parse_conversations,
-    read_glossary,
-)
+from affiner.synth.glossary import read_glossary
+from affiner.synth.offline import offline_conversations
+from affiner.synth.replies import check_conversation, parse_conversations
+from affiner.synth.terms import Term
 
 GLOSSARY = [
     {"acronym": "WHO", "definition": "World Health Organization"},
@@ -43,7 +41,7 @@ def server():
 def fast_and_isolated(monkeypatch, tmp_path):
     # The reply cache goes under AFFINER_CACHE, never the user's; transport retries wait a millisecond.
     monkeypatch.setenv("AFFINER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(generate, "RETRY_BACKOFF", 0.001)
+    monkeypatch.setattr(llm, "RETRY_BACKOFF", 0.001)
 
 
 def affiner_generate(*argv: str) -> None:
@@ -94,7 +92,7 @@ def test_json_jsonl_and_csv_give_the_same_entries(tmp_path):
     for path in (plain, wrapped, lines, table):
         glossary = read_glossary(path)
         assert [(e.term.acronym, e.term.definition) for e in glossary.entries] == expected
-        assert glossary.read == 3 and glossary.drops.total() == 0
+        assert glossary.read == 3 and glossary.drops.total == 0
     assert read_glossary(plain).entries[1].where == f"{plain} item 2"
     assert read_glossary(lines).entries[2].where == f"{lines}:3"
     assert read_glossary(table).entries[0].where == f"{table}:2"
@@ -162,8 +160,8 @@ def test_skos_rdf_layout(tmp_path):
     assert cern.term == Term("CERN", "European Organization for Nuclear Research")
     assert cern.where == f"{path} concept 2 (line 12)"
     assert glossary.read == 3
-    assert glossary.drops.counts == {"no label": 1}
-    assert list(glossary.drops.places["no label"]) == [f"{path} concept 3 (line 16)"]
+    assert glossary.drops.counts() == {"no label": 1}
+    assert [row for row, reason in glossary.drops.dropped if reason == "no label"] == [f"{path} concept 3 (line 16)"]
 
 
 def test_skos_loose_layout_with_a_nested_concept(tmp_path):
@@ -219,9 +217,9 @@ def test_offline_counts_languages_and_definitions(tmp_path, capsys):
     output = run_offline(tmp_path, "--per-entry", "5")
     records = load(output)
     assert [r["acronym"] for r in records] == ["WHO", "NASA", "OMS"]
-    english = {q.format(acronym=r["acronym"]) for r in records for q in generate.TRAIN_QUESTIONS["en"]}
-    french = {generate._fill(q, Term(r["acronym"], ""), "fr") for r in records
-              for q in generate.TRAIN_QUESTIONS["fr"]}
+    english = {q.format(acronym=r["acronym"]) for r in records for q in banks.TRAIN_QUESTIONS["en"]}
+    french = {offline.fill(q, Term(r["acronym"], ""), "fr") for r in records
+              for q in banks.TRAIN_QUESTIONS["fr"]}
     for record in records:
         assert record["ground_truth"] == next(e["definition"] for e in GLOSSARY if e["acronym"] == record["acronym"])
         assert record["languages"] == ["en", "fr"]
@@ -251,7 +249,7 @@ def test_held_out_phrasings_never_appear_in_training(tmp_path, capsys):
     assert len(conversations(test)) == 3 * 2 * 6
     assert not questions(test) & questions(load(train))
     for language in ("en", "fr"):
-        assert not set(generate.HELD_OUT_QUESTIONS[language]) & set(generate.TRAIN_QUESTIONS[language])
+        assert not set(banks.HELD_OUT_QUESTIONS[language]) & set(banks.TRAIN_QUESTIONS[language])
     out = capsys.readouterr().out
     assert "en 66 train + 18 held-out" in out and "--set data.test=" + str(tmp_path / "out" / "test.json") in out
 
@@ -296,8 +294,8 @@ def test_entries_missing_in_json_are_dropped_too(tmp_path):
     glossary = write_json(tmp_path / "glossary.json", GLOSSARY + [{"acronym": "X"}, {"definition": "Y", "acronym": None}])
     result = generate.generate(generate.Options(glossary=glossary, output=tmp_path / "train.json", per_entry=1),
                                say=lambda _: None)
-    assert result.glossary.drops.counts == {"no definition": 1, "no acronym": 1}
-    assert list(result.glossary.drops.places["no acronym"]) == [f"{glossary} item 5"]
+    assert result.glossary.drops.counts() == {"no definition": 1, "no acronym": 1}
+    assert [row for row, reason in result.glossary.drops.dropped if reason == "no acronym"] == [f"{glossary} item 5"]
 
 
 # ---------------------------------------------------------------------------------------- the catalogue of bad inputs
@@ -627,14 +625,14 @@ def test_ctrl_c_keeps_finished_replies_for_the_next_run(server, tmp_path, capsys
         return reply
 
     server.behaviour = slow_writer
-    real_wait = generate.wait
+    real_wait = llm.wait
 
     def ctrl_c_after_two_replies(futures, return_when="ALL_COMPLETED"):
         while server.attempts < 3:  # two replies in, the third under way
             threading.Event().wait(0.005)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(generate, "wait", ctrl_c_after_two_replies)
+    monkeypatch.setattr(llm, "wait", ctrl_c_after_two_replies)
     glossary = write_json(tmp_path / "glossary.json", GLOSSARY)
     argv = [str(glossary), "--output", str(tmp_path / "train.json"), "--endpoint", server.url, "--model", "writer",
             "--per-entry", "2", "--concurrency", "1"]
@@ -649,7 +647,7 @@ def test_ctrl_c_keeps_finished_replies_for_the_next_run(server, tmp_path, capsys
     first = [(prompt(b)["acronym"], prompt(b)["language"]) for _, b in server.requests]
     assert 3 <= len(first) < 6
 
-    monkeypatch.setattr(generate, "wait", real_wait)
+    monkeypatch.setattr(llm, "wait", real_wait)
     affiner_generate(*argv)
     second = [(prompt(b)["acronym"], prompt(b)["language"]) for _, b in server.requests[len(first):]]
     assert sorted(first + second) == sorted((e["acronym"], lang) for e in GLOSSARY for lang in ("en", "fr"))
@@ -680,7 +678,7 @@ def test_broken_json_on_every_attempt_is_an_error_and_is_not_cached(server, tmp_
 
 
 def test_unreachable_endpoint_is_an_error_naming_the_url(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(generate, "RETRY_BACKOFF", 10.0)  # a server never started is not waited for
+    monkeypatch.setattr(llm, "RETRY_BACKOFF", 10.0)  # a server never started is not waited for
     with HTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler) as closed:
         port = closed.server_address[1]  # bound, then closed: nothing listens there afterwards
     glossary = write_json(tmp_path / "glossary.json", GLOSSARY)

@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler
 import pytest
 from fake_endpoint import FakeServer, Reply, running_server
 
+from affiner.core.endpoint import EndpointSettings as JudgeSettings
 from affiner.core.errors import AffinerError
 from affiner.evaluation.judge import (
     Judge,
-    JudgeSettings,
     PairVerdict,
     Verdict,
     parse_absolute,

@@ -21,7 +21,8 @@ from affiner.core.config import load_config
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import Engine
 from affiner.core.errors import AffinerError
-from affiner.evaluation.judge import Judge, JudgeSettings
+from affiner.core.endpoint import EndpointSettings
+from affiner.evaluation.judge import Judge
 from affiner.training.run import train
 from conftest import make_tiny_llama, write_config
 
@@ -191,7 +192,7 @@ def test_concurrent_requests_queue_without_mixing(client, engine):
 
 
 def test_the_judge_client_gets_replies(port, tmp_path):
-    judge = Judge(JudgeSettings(url=f"http://127.0.0.1:{port}/v1", model="base", cache_dir=tmp_path, max_retries=0))
+    judge = Judge(EndpointSettings(url=f"http://127.0.0.1:{port}/v1", model="base", cache_dir=tmp_path, max_retries=0))
     [verdict] = judge.absolute([("What does QUILT stand for?", "Queue of Unified Index Lookup Tables",
                                  "QUILT stands for Queue of Unified Index Lookup Tables.")])
     assert verdict.error is None

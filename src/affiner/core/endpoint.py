@@ -1,8 +1,9 @@
 """A small client for OpenAI-compatible chat endpoints (Ollama, vLLM, OpenAI, `affiner serve`).
 
-Shared by the LLM judge (`affiner evaluate --judge-url`) and by `affiner generate --endpoint`:
+Shared by the LLM judge (`affiner evaluate --judge-url`) and by `affiner synth --endpoint`, which
+both describe their endpoint with one `EndpointSettings`:
 
-    client = ChatClient("http://127.0.0.1:11434/v1", "gemma3:27b", cache_name="judge")
+    client = ChatClient(EndpointSettings("http://127.0.0.1:11434/v1", "gemma3:27b"), cache_name="judge")
     text = client.ask([{"role": "user", "content": "Say hello."}], temperature=0)
 
 Requests go to `<url>/chat/completions`. Failed requests are retried with exponential back-off when
@@ -27,10 +28,28 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
+
+# ---------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class EndpointSettings:
+    """Where an OpenAI-compatible endpoint is, and how patiently and how widely to ask it."""
+
+    url: str  # base URL, e.g. "http://127.0.0.1:11434/v1"; requests go to <url>/chat/completions
+    model: str
+    api_key_env: str | None = None  # the NAME of the variable holding the key, so the key never sits in a config
+    timeout: float = 60.0  # seconds per request
+    max_retries: int = 3  # retries after the first attempt
+    backoff: float = 1.0  # first back-off in seconds, doubled after each retry
+    concurrency: int = 4  # requests in flight at once
+    cache_dir: Path | None = None  # None: $AFFINER_CACHE/<the client's cache name>
+
 
 # ---------------------------------------------------------------------------------------- cache
 
@@ -169,16 +188,21 @@ def api_key_from_env(variable: str | None, label: str = "endpoint") -> str | Non
     return key
 
 
-def _check_numbers(label: str, max_retries: int, timeout: float, backoff: float) -> None:
+def _check_settings(settings: EndpointSettings, label: str) -> None:
     problems = []
-    if max_retries < 0:
-        problems.append(f"max_retries must be 0 or more (got {max_retries})")
-    if timeout <= 0:
-        problems.append(f"timeout must be more than 0 seconds (got {timeout})")
-    if backoff < 0:
-        problems.append(f"backoff must be 0 or more seconds (got {backoff})")
+    if settings.max_retries < 0:
+        problems.append(f"max_retries must be 0 or more (got {settings.max_retries})")
+    if settings.timeout <= 0:
+        problems.append(f"timeout must be more than 0 seconds (got {settings.timeout})")
+    if settings.backoff < 0:
+        problems.append(f"backoff must be 0 or more seconds (got {settings.backoff})")
+    if settings.concurrency < 1:
+        problems.append(f"concurrency must be at least 1 (got {settings.concurrency})")
     if problems:
         raise AffinerError(f"Invalid {label} settings: {'; '.join(problems)}.")
+    if not settings.model.strip():
+        raise AffinerError(f"The {label} model name is empty. Pass the name the server knows the model by, "
+                           f"for example gemma3:27b for Ollama.")
 
 
 # ---------------------------------------------------------------------------------------- the client
@@ -188,29 +212,23 @@ class ChatClient:
     """Chat completions from one model at one endpoint, with retries, a reply cache and request counts.
 
     Thread-safe: `ask` may be called from several threads at once. `label` names the client in error
-    messages ("judge", "generation endpoint"); `cache_name` is the cache's folder under $AFFINER_CACHE.
+    messages ("judge", "generation endpoint"); `cache_name` is the cache's folder under $AFFINER_CACHE
+    when `settings.cache_dir` names none. `settings.concurrency` is checked here but used by the caller,
+    which decides how many threads ask at once.
     """
 
-    def __init__(self, url: str, model: str, api_key_env: str | None = None, timeout: float = 60.0,
-                 max_retries: int = 3, backoff: float = 1.0, cache_dir: Path | None = None,
-                 cache_name: str = "endpoint", label: str = "endpoint", user_agent: str = "affiner",
-                 fail_fast_unreachable: bool = False):
-        self.endpoint = chat_completions_url(url, label)
-        _check_numbers(label, max_retries, timeout, backoff)
-        if not model.strip():
-            raise AffinerError(f"The {label} model name is empty. Pass the name the server knows the model by, "
-                               f"for example gemma3:27b for Ollama.")
-        self.model = model
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
+    def __init__(self, settings: EndpointSettings, cache_name: str = "endpoint", label: str = "endpoint",
+                 user_agent: str = "affiner", fail_fast_unreachable: bool = False):
+        self.endpoint = chat_completions_url(settings.url, label)
+        _check_settings(settings, label)
+        self.settings = settings
         self.user_agent = user_agent
         # When nothing listens at the address and the server has never answered, it was most likely never
         # started: retrying for seconds only delays the message. Once it has answered, a refusal may be a restart.
         self.fail_fast_unreachable = fail_fast_unreachable
         self._answered = False
-        self._api_key = api_key_from_env(api_key_env, label)
-        self._cache = ReplyCache(cache_dir or default_cache_dir(cache_name), label)
+        self._api_key = api_key_from_env(settings.api_key_env, label)
+        self._cache = ReplyCache(settings.cache_dir or default_cache_dir(cache_name), label)
         handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
         if is_loopback(urllib.parse.urlsplit(self.endpoint).hostname or ""):
             # A proxy from the environment cannot reach a server on this machine's loopback.
@@ -221,14 +239,14 @@ class ChatClient:
         self.cache_hits = 0  # replies served from the cache instead
 
     def __repr__(self) -> str:
-        return f"ChatClient({self.endpoint!r}, model={self.model!r})"
+        return f"ChatClient({self.endpoint!r}, model={self.settings.model!r})"
 
     @property
     def cache_path(self) -> Path:
         return self._cache.path
 
     def key(self, messages: list[dict[str, str]], temperature: float = 0.0) -> str:
-        return cache_key(self.endpoint, self.model, messages, temperature)
+        return cache_key(self.endpoint, self.settings.model, messages, temperature)
 
     def ask(self, messages: list[dict[str, str]], temperature: float = 0.0,
             keep: Callable[[str], bool] | None = None) -> str:
@@ -242,9 +260,10 @@ class ChatClient:
         if cached is not None:
             self._count(hits=1)
             return cached
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature}).encode("utf-8")
+        request = {"model": self.settings.model, "messages": messages, "temperature": temperature}
+        body = json.dumps(request).encode("utf-8")
         try:
-            text = with_retries(lambda: self._post(body), self.max_retries, self.backoff)
+            text = with_retries(lambda: self._post(body), self.settings.max_retries, self.settings.backoff)
         except RequestFailed as failure:
             raise RequestFailed(self.scrub(str(failure)), retryable=False, status=failure.status) from None
         if keep is None or keep(text):
@@ -267,7 +286,7 @@ class ChatClient:
             headers["Authorization"] = f"Bearer {self._api_key}"
         request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
         try:
-            with self._opener.open(request, timeout=self.timeout) as response:
+            with self._opener.open(request, timeout=self.settings.timeout) as response:
                 self._answered = True
                 return _content(response.read())
         except urllib.error.HTTPError as error:
@@ -279,13 +298,13 @@ class ChatClient:
                                 retryable=retryable, status=error.code) from error
         except urllib.error.URLError as error:
             if isinstance(error.reason, TimeoutError):
-                raise RequestFailed(f"no connection to {self.endpoint} within {self.timeout:g} s",
+                raise RequestFailed(f"no connection to {self.endpoint} within {self.settings.timeout:g} s",
                                     retryable=True) from error
             refused = isinstance(error.reason, ConnectionRefusedError)
             retryable = not (refused and self.fail_fast_unreachable and not self._answered)
             raise RequestFailed(f"cannot connect to {self.endpoint}: {error.reason}", retryable=retryable) from error
         except TimeoutError as error:
-            raise RequestFailed(f"no reply from {self.endpoint} within {self.timeout:g} s", retryable=True) from error
+            raise RequestFailed(f"no reply from {self.endpoint} within {self.settings.timeout:g} s", retryable=True) from error
         except (OSError, http.client.HTTPException) as error:
             # Connection reset, closed mid-reply, truncated body: the server or network hiccuped.
             raise RequestFailed(f"connection to {self.endpoint} failed: {type(error).__name__}: {error}",

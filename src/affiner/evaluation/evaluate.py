@@ -22,6 +22,7 @@ from affiner.core.templates import Example
 from affiner.core.tracking import log_evaluation
 from affiner.evaluation import metrics
 from affiner.evaluation.generation import generate
+from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
 from affiner.evaluation.report import write_report
 from affiner.evaluation.scoring import headline, held_out_losses, score_answers
@@ -38,7 +39,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     if plan is None:
         plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions)
     judge = judge or plan.judge
-    judge_client = _judge_client(judge) if judge else None  # fail on a bad judge setting before hours of generation
+    judge_client = Judge(judge_settings(judge)) if judge else None  # fail on a bad judge setting before hours of generation
     if not plan.examples:
         raise AffinerError(f"no held-out question to answer ({plan.test}).")
     limit = max_new_tokens or plan.max_new_tokens
@@ -53,7 +54,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         losses[name] = held_out_losses(model, tokenizer, template, examples, size)
         del model
     scores = {name: score_answers(examples, answers[name]) for name in answers}
-    verdicts = _judge(judge_client, judge, examples, answers, scores) if judge_client else None
+    verdicts = judge_answers(judge_client, judge, examples, answers, scores) if judge_client else None
     evaluation = build_evaluation(plan.output.name, examples, answers, scores, losses, verdicts, {
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
         "questions": len(examples),
@@ -115,34 +116,3 @@ def _archive_previous(folder: Path) -> None:
     target.mkdir(parents=True)
     for path in existing:
         shutil.move(str(path), target / path.name)
-
-
-def _judge_client(judge: JudgeConfig):
-    from affiner.evaluation.judge import Judge, JudgeSettings
-
-    if not judge.model:
-        raise AffinerError("the judge needs a model name: --judge-model NAME (or eval.judge.model).")
-    return Judge(JudgeSettings(url=judge.url, model=judge.model, api_key_env=judge.api_key_env,
-                               concurrency=judge.concurrency))
-
-
-def _judge(client, judge: JudgeConfig, examples: list[Example], answers: dict, scores: dict) -> dict:
-    from affiner.evaluation.judge import summarise_absolute, summarise_pairwise
-
-    result: dict = {"model": judge.model, "absolute": {}, "pairwise": {}}
-    models = list(answers)
-    if judge.mode in {"absolute", "both"}:
-        for m in models:
-            verdicts = client.absolute([(e.instruction, e.expected, a.text) for e, a in zip(examples, answers[m])])
-            for row, verdict in zip(scores[m], verdicts):
-                if verdict.score is not None:
-                    row["judge"] = float(verdict.score)
-            result["absolute"][m] = summarise_absolute(verdicts)
-    if judge.mode in {"pairwise", "both"}:
-        for m in models[1:]:
-            verdicts = client.pairwise([(e.instruction, e.expected, b.text, t.text)
-                                        for e, b, t in zip(examples, answers["base"], answers[m])])
-            result["pairwise"][m] = summarise_pairwise(verdicts)
-    return result
-
-

@@ -12,13 +12,13 @@ From the command line:
 
 From Python:
 
-    judge = Judge(JudgeSettings(url="http://127.0.0.1:11434/v1", model="gemma3:27b"))
+    judge = Judge(EndpointSettings(url="http://127.0.0.1:11434/v1", model="gemma3:27b"))
     verdicts = judge.absolute([(question, reference, answer), ...])
     print(summarise_absolute(verdicts))
 
 Replies are cached in sqlite (`$AFFINER_CACHE/judge`, default `~/.cache/affiner/judge`), keyed by
 endpoint, model and prompt, so evaluating again costs no request. The transport (retries, cache,
-key handling) is `affiner.endpoint.ChatClient`, shared with `affiner generate`. Failed requests are retried with
+key handling) is `affiner.core.endpoint.ChatClient`, shared with `affiner synth`. Failed requests are retried with
 exponential back-off when retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled
 bodies), and reported in `Verdict.error` otherwise. A reply the parser cannot read is counted as
 unparseable, never guessed. The API key, if any, is read from the environment variable named by
@@ -31,25 +31,16 @@ import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from affiner.core.endpoint import ChatClient, RequestFailed
-from affiner.core.endpoint import default_cache_dir as endpoint_cache_dir
+from affiner.core.endpoint import ChatClient, EndpointSettings, RequestFailed
 from affiner.core.errors import AffinerError
 
-# ---------------------------------------------------------------------------------------- settings and results
+if TYPE_CHECKING:
+    from affiner.core.config import JudgeConfig
+    from affiner.core.templates import Example
 
-
-@dataclass(frozen=True)
-class JudgeSettings:
-    url: str  # base URL, e.g. "http://127.0.0.1:11434/v1"; requests go to <url>/chat/completions
-    model: str
-    api_key_env: str | None = None  # the NAME of the variable holding the key, so the key never sits in a config
-    concurrency: int = 4
-    max_retries: int = 3  # retries after the first attempt
-    timeout: float = 60.0  # seconds per request
-    backoff: float = 1.0  # first back-off in seconds, doubled after each retry
-    cache_dir: Path | None = None  # None: $AFFINER_CACHE/judge, default ~/.cache/affiner/judge
+# ---------------------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
@@ -189,13 +180,6 @@ def _pair_winner(base_first: str | None, tuned_first: str | None) -> str | None:
     return one if one == two else "tie"
 
 
-# ---------------------------------------------------------------------------------------- cache
-
-
-def default_cache_dir() -> Path:
-    return endpoint_cache_dir("judge")
-
-
 # ---------------------------------------------------------------------------------------- the client
 
 
@@ -208,14 +192,10 @@ class _Reply:
 class Judge:
     """Sends judging prompts to the endpoint, in parallel, with retries and a cache."""
 
-    def __init__(self, settings: JudgeSettings):
+    def __init__(self, settings: EndpointSettings):
         self.settings = settings
-        if settings.concurrency < 1:
-            raise AffinerError(f"Invalid judge settings: concurrency must be at least 1 (got {settings.concurrency}).")
-        self._client = ChatClient(settings.url, settings.model, api_key_env=settings.api_key_env,
-                                  timeout=settings.timeout, max_retries=settings.max_retries,
-                                  backoff=settings.backoff, cache_dir=settings.cache_dir or default_cache_dir(),
-                                  cache_name="judge", label="judge", user_agent="affiner-judge")
+        # Replies are cached in settings.cache_dir, else $AFFINER_CACHE/judge (default ~/.cache/affiner/judge).
+        self._client = ChatClient(settings, cache_name="judge", label="judge", user_agent="affiner-judge")
         self.endpoint = self._client.endpoint
 
     def __repr__(self) -> str:
@@ -271,3 +251,33 @@ def _pair_verdict(base_first: _Reply, tuned_first: _Reply) -> PairVerdict:
     if errors:
         return PairVerdict(winner=None, raw=raw, error="; ".join(errors))
     return PairVerdict(winner=_pair_winner(parse_pairwise(raw[0]), parse_pairwise(raw[1])), raw=raw)
+
+
+# ---------------------------------------------------------------------------------------- in an evaluation
+
+
+def judge_settings(config: JudgeConfig) -> EndpointSettings:
+    """The endpoint of the config's `eval.judge` (or the --judge-* flags)."""
+    if not config.model:
+        raise AffinerError("the judge needs a model name: --judge-model NAME (or eval.judge.model).")
+    return EndpointSettings(url=config.url, model=config.model, api_key_env=config.api_key_env,
+                            concurrency=config.concurrency)
+
+
+def judge_answers(judge: Judge, config: JudgeConfig, examples: list[Example], answers: dict, scores: dict) -> dict:
+    """Each model's answers judged as `config.mode` says; absolute verdicts also go into `scores` as "judge"."""
+    result: dict = {"model": config.model, "absolute": {}, "pairwise": {}}
+    models = list(answers)
+    if config.mode in {"absolute", "both"}:
+        for m in models:
+            verdicts = judge.absolute([(e.instruction, e.expected, a.text) for e, a in zip(examples, answers[m])])
+            for row, verdict in zip(scores[m], verdicts):
+                if verdict.score is not None:
+                    row["judge"] = float(verdict.score)
+            result["absolute"][m] = summarise_absolute(verdicts)
+    if config.mode in {"pairwise", "both"}:
+        for m in models[1:]:
+            verdicts = judge.pairwise([(e.instruction, e.expected, b.text, t.text)
+                                       for e, b, t in zip(examples, answers["base"], answers[m])])
+            result["pairwise"][m] = summarise_pairwise(verdicts)
+    return result

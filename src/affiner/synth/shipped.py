@@ -5,7 +5,7 @@ measures whether the model learned the definitions, not whether it memorised the
 
 Rebuild the shipped files after editing `resources/glossary.json`:
 
-    python -m affiner.glossary
+    python -m affiner.synth.shipped
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from affiner.synth import synth as generate
+from affiner.synth import banks
 
-# The shipped files use the first English phrasings of `affiner generate`'s banks; fixed slices, so
+# The shipped files use the first English phrasings of `affiner synth`'s banks; fixed slices, so
 # adding phrasings to the banks never changes the shipped data (a test rebuilds and compares them).
-TRAIN_QUESTIONS = generate.TRAIN_QUESTIONS["en"][:8]
-HELD_OUT_QUESTIONS = generate.HELD_OUT_QUESTIONS["en"][:2]
-ANSWERS = generate.ANSWERS["en"][:6]
+TRAIN_QUESTIONS = banks.TRAIN_QUESTIONS["en"][:8]
+HELD_OUT_QUESTIONS = banks.HELD_OUT_QUESTIONS["en"][:2]
+ANSWERS = banks.ANSWERS["en"][:6]
 
 
 def expand(entries: list[dict[str, str]], questions: tuple[str, ...], seed: int) -> list[dict[str, Any]]:
@@ -54,7 +54,7 @@ def render(records: list[dict[str, Any]]) -> str:
 
 
 if __name__ == "__main__":
-    folder = Path(__file__).parent / "resources"
+    folder = Path(__file__).parents[1] / "resources"  # affiner/resources, beside this package
     for name, records in build_shipped().items():
         (folder / name).write_text(render(records), encoding="utf-8")
         print(f"wrote {folder / name} ({sum(len(r['conversation']) for r in records)} conversations)")
