@@ -12,8 +12,9 @@ import json
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 
 def write_atomic(path: Path, content: str | bytes) -> Path:
@@ -73,6 +74,20 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return records
+
+
+@contextmanager
+def folder_written_whole(output: Path) -> Iterator[Path]:
+    """A staging folder beside `output` to write into, moved into place (an earlier folder replaced) only
+    when the block ends without error, and removed whatever happens: no half-written output, ever."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = output.with_name(f".{output.name}-staging-{os.getpid()}-{secrets.token_hex(4)}")
+    staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
+    try:
+        yield staging
+        replace_folder(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def replace_folder(staging: Path, output: Path) -> None:

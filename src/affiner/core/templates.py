@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from affiner.core.errors import AffinerError
+from affiner.core.files import write_json
 
 TEMPLATE_FILE = "template.json"
 
@@ -148,8 +149,7 @@ def encode_response(template: Template, tokenizer, example: Example) -> list[int
 
 
 def save_template(template: Template, folder: Path) -> None:
-    (folder / TEMPLATE_FILE).write_text(json.dumps(asdict(template), indent=2, ensure_ascii=False) + "\n",
-                                        encoding="utf-8")
+    write_json(folder / TEMPLATE_FILE, asdict(template))
 
 
 def load_template(folder: Path) -> Template:

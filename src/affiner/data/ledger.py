@@ -54,13 +54,18 @@ class Ledger:
         return counts
 
     def describe(self, shown: int = 3) -> str:
-        """'2 empty question (f:2, f:3), 1 exact duplicate (f:9)': each reason with where its first rows were."""
-        places: dict[str, list[str]] = {}
+        """'2 empty question (f:2, f:3), 1 exact duplicate (f:9)': each reason with its first distinct places.
+
+        "..." means more places than shown, not more rows: six replies dropped for one entry read
+        "6 definition missing (WHO (en))".
+        """
+        places: dict[str, dict[str, None]] = {}
         for row, reason in self.dropped:
             where = row if isinstance(row, str) else getattr(row, "source", "")
-            listed = places.setdefault(reason, [])
-            if where and len(listed) < shown and where not in listed:
-                listed.append(where)
-        return ", ".join(f"{n} {reason}" + (f" ({', '.join(places[reason])}{', ...' if n > len(places[reason]) else ''})"
-                                            if places[reason] else "")
-                         for reason, n in self.counts().items())
+            places.setdefault(reason, {}).update({where: None} if where else {})
+        parts = []
+        for reason, n in self.counts().items():
+            listed = list(places[reason])
+            more = ", ..." if len(listed) > shown else ""
+            parts.append(f"{n} {reason}" + (f" ({', '.join(listed[:shown])}{more})" if listed else ""))
+        return ", ".join(parts)

@@ -6,8 +6,6 @@ earlier prepared folder is never left half-replaced.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,7 +13,7 @@ from typing import Any
 from affiner.core.config import RunConfig, dump_config
 from affiner.core.errors import AffinerError
 from affiner.core.formatting import shorten
-from affiner.core.files import file_sha256, replace_folder, write_atomic, write_json, write_jsonl
+from affiner.core.files import file_sha256, folder_written_whole, write_atomic, write_json, write_jsonl
 from affiner.core.templates import Example, build_template
 from affiner.data.pipeline import Prepared, build
 from affiner.data.read import PREPARED_FILE
@@ -82,14 +80,8 @@ def check_output(output: Path, overwrite: bool) -> None:
 def write_prepared(prepared: Prepared, config: RunConfig, output: Path, overwrite: bool) -> Path:
     """Write everything into a fresh sibling folder, then move it into place: no half-written output."""
     check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with folder_written_whole(output) as staging:
         _write_into(staging, prepared, config)
-        replace_folder(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return output
 
 

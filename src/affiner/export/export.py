@@ -7,17 +7,13 @@ What goes in the folder is written by the modules beside this one: `merge` (the 
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.files import read_json, replace_folder, write_atomic, write_json
+from affiner.core.files import folder_written_whole, read_json, write_atomic, write_json
 from affiner.core.models import load_tokenizer
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
@@ -44,9 +40,8 @@ def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gg
         check_gguf_architecture(folder, config)
     if push:
         check_push(push)
-    with _staging_folder(output) as staging:
+    with folder_written_whole(output) as staging:
         written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push)
-        replace_folder(staging, output)
     print(f"Export: {output} ({', '.join(written)})")
     if push:
         url = push_folder(output, push, private=not public, message=f"affiner export of {folder}",
@@ -78,20 +73,6 @@ def check_output(output: Path, run: Path, overwrite: bool) -> None:
     if output.exists() and not (output / EXPORT_FILE).is_file():
         raise AffinerError(f"{output} exists and was not written by affiner export (no {EXPORT_FILE}); --overwrite "
                            "only replaces earlier exports. Pass another --output.")
-
-
-@contextmanager
-def _staging_folder(output: Path) -> Iterator[Path]:
-    """An empty folder beside `output` (so that moving it there is a rename), removed whatever happens."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-staging-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the export private to this user
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig, template: Template, merged: bool,
