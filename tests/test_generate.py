@@ -207,6 +207,13 @@ def test_offline_is_deterministic_for_a_seed(tmp_path):
     assert first != other
 
 
+def test_synth_is_the_verb_and_generate_its_alias(tmp_path):
+    by_alias = run_offline(tmp_path, "--seed", "7", name="a.json").read_bytes()
+    by_name = tmp_path / "out" / "b.json"
+    cli.main(["synth", str(tmp_path / "glossary.json"), "--output", str(by_name), "--seed", "7"])
+    assert by_name.read_bytes() == by_alias
+
+
 def test_adding_an_entry_leaves_the_others_unchanged():
     term = Term("WHO", "World Health Organization")
     assert offline_conversations(term, "en", 5, seed=3) == offline_conversations(term, "en", 5, seed=3)

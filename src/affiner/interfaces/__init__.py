@@ -1,1 +1,3 @@
-"""interfaces"""
+"""Talking to trained models: the engine (one base, named adapters, streaming), the terminal chat,
+the comparison page and the OpenAI-compatible server. Imports core and data.
+"""
