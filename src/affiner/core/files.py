@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from affiner.core.errors import AffinerError
+
 
 def write_atomic(path: Path, content: str | bytes) -> Path:
     """Replace `path` with `content` in one step: readers see the old file or the new one, never a mix.
@@ -74,6 +76,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             except ValueError:
                 continue
     return records
+
+
+def check_replaceable(output: Path, overwrite: bool, marker: str, verb: str) -> None:
+    """`output` may be new, or, with --overwrite, a folder an earlier `affiner VERB` wrote (it holds `marker`):
+    a user's own folder is never replaced by mistake."""
+    if not output.exists():
+        return
+    if not overwrite:
+        raise AffinerError(f"{output} already exists; pass another --output, or --overwrite to replace it "
+                           "(the old folder is only removed once the new one is complete).")
+    if not (output / marker).is_file():
+        raise AffinerError(f"{output} exists and was not written by affiner {verb} (no {marker}); --overwrite "
+                           f"only replaces folders written by affiner {verb}. Pass another --output.")
 
 
 @contextmanager

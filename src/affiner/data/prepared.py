@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.config import RunConfig, dump_config
-from affiner.core.errors import AffinerError
 from affiner.core.formatting import shorten
-from affiner.core.files import file_sha256, folder_written_whole, write_atomic, write_json, write_jsonl
+from affiner.core.files import check_replaceable, file_sha256, folder_written_whole, write_atomic, write_json, write_jsonl
 from affiner.core.templates import Example, build_template
 from affiner.data.pipeline import Prepared, build
 from affiner.data.read import PREPARED_FILE
@@ -69,12 +68,7 @@ def canonical_record(example: Example) -> dict[str, Any]:
 
 
 def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
-        raise AffinerError(f"{output} already exists; pass another --output, or --overwrite to replace it "
-                           "(the old folder is only removed once the new one is complete).")
-    if output.exists() and not (output / PREPARED_FILE).is_file():
-        raise AffinerError(f"{output} exists and was not written by affiner prepare; --overwrite only replaces "
-                           "prepared folders. Pass another --output.")
+    check_replaceable(output, overwrite, PREPARED_FILE, "prepare")
 
 
 def write_prepared(prepared: Prepared, config: RunConfig, output: Path, overwrite: bool) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.files import folder_written_whole, read_json, write_atomic, write_json
+from affiner.core.files import check_replaceable, folder_written_whole, read_json, write_atomic, write_json
 from affiner.core.models import load_tokenizer
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
@@ -67,12 +67,7 @@ def check_output(output: Path, run: Path, overwrite: bool) -> None:
     target, source = output.resolve(), run.resolve()
     if target == source or source in target.parents or target in source.parents:
         raise AffinerError(f"--output {output} overlaps the run folder {run}; choose a folder outside it.")
-    if output.exists() and not overwrite:
-        raise AffinerError(f"{output} already exists; pass another --output, or --overwrite to replace it (the old "
-                           "export is only removed once the new one is complete).")
-    if output.exists() and not (output / EXPORT_FILE).is_file():
-        raise AffinerError(f"{output} exists and was not written by affiner export (no {EXPORT_FILE}); --overwrite "
-                           "only replaces earlier exports. Pass another --output.")
+    check_replaceable(output, overwrite, EXPORT_FILE, "export")
 
 
 def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig, template: Template, merged: bool,
