@@ -137,12 +137,12 @@ def next_action(point: dict, folder: Path) -> str:
         return "skip"
     if point["status"] != "running" or not point.get("run"):
         return "fresh"  # pending, or failed: retried from the start
-    run = folder / point["run"]
+    run = RunFolder(folder / point["run"])
     if not (run / RUN_FILE).is_file():
         return "fresh"
-    if RunFolder(run).is_finished:
+    if run.is_finished:
         return "evaluate"
-    return "resume" if RunFolder(run).last_checkpoint() is not None else "fresh"
+    return "resume" if run.last_checkpoint() is not None else "fresh"
 
 
 def run_sweep(folder: Path, state: dict) -> None:
@@ -250,12 +250,13 @@ def save(folder: Path, state: dict) -> None:
     write_json(folder / SWEEP_FILE, state)
 
 
-def read_metrics(run: Path) -> dict:
+def read_metrics(folder: Path) -> dict:
     """The run's own figures: every headline metric of base and tuned (metrics.json), last train loss, steps."""
-    report = RunFolder(run).evaluation()
+    run = RunFolder(folder)
+    report = run.evaluation()
     models = report["models"]
     tuned = models[1] if len(models) > 1 else models[0]
     means = {role: {key: values.get(model, {}).get("mean") for key, values in report["metrics"].items()}
              for role, model in (("base", models[0]), ("tuned", tuned))}
-    train_loss = next((r["loss"] for r in reversed(RunFolder(run).log()) if "loss" in r), None)
-    return {**means, "train_loss": train_loss, "steps": RunFolder(run).info().get("steps")}
+    train_loss = next((r["loss"] for r in reversed(run.log()) if "loss" in r), None)
+    return {**means, "train_loss": train_loss, "steps": run.info().get("steps")}
