@@ -142,3 +142,14 @@ def test_adapters_with_the_same_folder_name_get_distinct_names(tmp_path):
     assert adapter_names([a]) == ["tuned"]
     assert adapter_names([a, b]) == ["exp-a/adapter", "exp-b/adapter"]
     assert adapter_names([tmp_path / "x" / "run", tmp_path / "y" / "other"]) == ["run", "other"]
+
+
+def test_a_full_fine_tune_among_adapters_is_refused_before_loading(runs, tmp_path, tiny_llama, monkeypatch):
+    from affiner.interfaces import engine as engine_module
+
+    full = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                              method="full", data={"template": "chat"}, train={"max_steps": 1}))))
+    monkeypatch.setattr(engine_module, "load_for", lambda *a, **k: pytest.fail("the base was loaded"))
+    for folders in ([runs[0], full], [full, runs[0]]):
+        with pytest.raises(AffinerError, match=f"{full.name} is a full fine-tune"):
+            Engine.from_runs(folders)

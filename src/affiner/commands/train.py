@@ -5,7 +5,8 @@
     affiner train --resume runs/quickstart-20261122-183000
 
 The run folder gets the adapter (plain peft format), tokenizer, resolved config, prompt template,
-data fingerprint and report, `metrics.jsonl`, and checkpoints every `train.save_steps` steps.
+data fingerprints and what the cleaning dropped (data.json), `metrics.jsonl`, and checkpoints every
+`train.save_steps` steps.
 """
 
 from __future__ import annotations

@@ -20,26 +20,33 @@ from affiner.core.errors import AffinerError
 
 
 def write_atomic(path: Path, content: str | bytes) -> Path:
-    """Replace `path` with `content` in one step: readers see the old file or the new one, never a mix.
+    """Replace `path` with `content` in one step: readers see the old file or the new one, never a mix."""
+    write_together({Path(path): content})
+    return Path(path)
 
-    The temporary name is unique (pid and random suffix) so that two writers of one file cannot
-    clobber each other's half-written copy, and it is created with the user's usual permissions
-    (mkstemp would make it private).
+
+def write_together(files: dict[Path, str | bytes]) -> None:
+    """Write several files so that an interruption before the end leaves every earlier file as it was.
+
+    Each is first written in full beside its target, under a unique name (pid and random suffix, so
+    two writers never clobber each other's copy) with the user's usual permissions (mkstemp would
+    make it private), flushed to disk; only then are they renamed over their targets.
     """
-    path = Path(path)
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    staged: list[tuple[Path, Path]] = []
     try:
-        with os.fdopen(descriptor, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:  # Ctrl-C included: the half file is ours to remove; the target is untouched
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+        for path, content in files.items():
+            temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            staged.append((temporary, path))
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(content.encode("utf-8") if isinstance(content, str) else content)
+                out.flush()
+                os.fsync(out.fileno())
+        for temporary, path in staged:
+            os.replace(temporary, path)
+    finally:  # Ctrl-C included: the half files are ours to remove; the targets not yet replaced are untouched
+        for temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
 
 
 def json_text(data: Any, indent: int | None = 2) -> str:

@@ -182,7 +182,7 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
 
     local = Path(source, "tokenizer_config.json").is_file()
     name = source if local else resolve_base(source)
-    options = {} if local else hub_options(revision, trust_remote_code)
+    options = hub_options(None if local else revision, trust_remote_code)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name), **options)
     except (OSError, ValueError) as exc:
@@ -222,20 +222,21 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
     return model
 
 
-def load_for(config: RunConfig, adapter: str | Path | None = None, trainable_adapter: bool = False,
-             full_precision: bool = False, quantized: bool = True):
+def load_for(config: RunConfig, adapter: str | Path | None = None, full_precision: bool = False,
+             quantized: bool = True):
     """The run's base model as its config describes it (revision, quantisation, precision, remote code),
     with `adapter` on it when given: the one way train, evaluate, the engine and export load a base.
     `quantized=False` loads a QLoRA run's base unquantised (export merges into full weights)."""
     model = config.model
-    return load_model(model.base, adapter=adapter, quantization=config.quantization if quantized else None, precision=model.precision,
-                      double_quant=model.double_quant, trainable_adapter=trainable_adapter,
-                      full_precision=full_precision, revision=model.revision,
-                      trust_remote_code=model.trust_remote_code)
+    return load_model(model.base, adapter=adapter, quantization=config.quantization if quantized else None,
+                      precision=model.precision, double_quant=model.double_quant, full_precision=full_precision,
+                      revision=model.revision, trust_remote_code=model.trust_remote_code)
 
 
-def tokenizer_for(config: RunConfig):
-    """The base model's tokenizer as the config describes it (a run folder's own copy: load_tokenizer(folder))."""
+def tokenizer_for(config: RunConfig, run_folder: Path | None = None):
+    """The tokenizer of the config's base, or the copy a run saved in `run_folder` (what it trained with)."""
+    if run_folder is not None:
+        return load_tokenizer(str(run_folder), trust_remote_code=config.model.trust_remote_code)
     return load_tokenizer(config.model.base, config.model.revision, config.model.trust_remote_code)
 
 

@@ -83,7 +83,7 @@ class RunFolder:
             raise AffinerError(f"{root} does not exist: no run has been written there yet (see --dir).")
         runs = [cls(p) for p in root.iterdir() if (p / RUN_FILE).is_file()]
         # create() suffixes later runs of the same second (-1, -2, ...), so shorter names came first.
-        return sorted(runs, key=lambda r: (r.info().get("started", ""), len(r.name), r.name))
+        return sorted(runs, key=lambda r: (r.started, len(r.name), r.name))
 
     @property
     def name(self) -> str:
@@ -103,6 +103,14 @@ class RunFolder:
     def update(self, **fields: Any) -> None:
         current = self.info() if (self.path / RUN_FILE).is_file() else {}
         write_json(self.path / RUN_FILE, {**current, **fields})
+
+    @property
+    def started(self) -> str:
+        """When training started ("" if run.json cannot be read: one broken run must not hide the others)."""
+        try:
+            return str(self.info().get("started", ""))
+        except (OSError, ValueError):
+            return ""
 
     @property
     def status(self) -> str:
@@ -142,6 +150,9 @@ class RunFolder:
     def data_info(self) -> dict[str, Any]:
         return read_json(self.path / DATA_FILE) if (self.path / DATA_FILE).is_file() else {}
 
+    def save_data_info(self, info: dict[str, Any]) -> None:
+        write_json(self.path / DATA_FILE, info)
+
     def held_out(self) -> list[Example]:
         """The held-out questions the run split off (empty if it recorded none)."""
         path = self.path / HELD_OUT_FILE
@@ -170,6 +181,11 @@ class RunFolder:
         """metrics.json of the latest evaluation, or None before any."""
         path = self.path / EVALUATION_FILE
         return read_json(path) if path.is_file() else None
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json of the latest evaluation (every answer, the headline counts), or {} before any."""
+        path = self.path / SUMMARY_FILE
+        return read_json(path) if path.is_file() else {}
 
     @property
     def has_adapter(self) -> bool:

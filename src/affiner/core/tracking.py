@@ -6,7 +6,7 @@ Chosen in the config, several at once:
       tracking: [csv, tensorboard, mlflow]   # csv: metrics.csv | tensorboard: events in the run folder
       mlflow_uri: null                       # null: a local store, sqlite in <output_dir>/mlflow.db
 
-`metrics.jsonl` is always written: it is what `--resume`, the app and `affiner runs` read. MLflow needs
+`metrics.jsonl` is always written: it is what the app, the sweep table and the curves read. MLflow needs
 no server: the default store is a SQLite file beside the runs (browse it with
 `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); set `mlflow_uri` to a server's address to
 log there instead. The MLflow run id is kept in run.json, so a resumed training and a later
@@ -23,8 +23,8 @@ from typing import Any
 
 from affiner.core.config import RunConfig, flatten
 from affiner.core.errors import AffinerError
-from affiner.core.files import read_jsonl, write_atomic
-from affiner.core.runfolder import LOG_FILE
+from affiner.core.files import write_atomic
+from affiner.core.runfolder import RunFolder
 
 CSV_FILE = "metrics.csv"
 SCALARS = ("loss", "learning_rate", "grad_norm")
@@ -191,7 +191,7 @@ def log_evaluation(folder: Path, config: RunConfig, run_info: dict[str, Any], sc
 
 def plot_training(folder: Path) -> list[Path]:
     """loss.png (train and held-out loss) and learning_rate.png, from metrics.jsonl."""
-    records = read_jsonl(folder / LOG_FILE)
+    records = RunFolder(folder).log()
     if not records:
         return []
     import matplotlib

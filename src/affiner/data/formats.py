@@ -14,7 +14,6 @@ from affiner.core.templates import Example
 from affiner.data.read import Row
 
 
-
 def detect_format(record: dict[str, Any]) -> str:
     keys = set(record)
     if keys & {"messages", "conversation", "conversations"}:

@@ -54,18 +54,15 @@ class Ledger:
         return counts
 
     def describe(self, shown: int = 3) -> str:
-        """'2 empty question (f:2, f:3), 1 exact duplicate (f:9)': each reason with its first distinct places.
-
-        "..." means more places than shown, not more rows: six replies dropped for one entry read
-        "6 definition missing (WHO (en))".
-        """
+        """'2 empty question (f:2, f:3); 1 exact duplicate (f:9)': the most frequent reason first, each with
+        its first distinct places ("..." means more places than shown, not more rows)."""
         places: dict[str, dict[str, None]] = {}
         for row, reason in self.dropped:
             where = row if isinstance(row, str) else getattr(row, "source", "")
             places.setdefault(reason, {}).update({where: None} if where else {})
         parts = []
-        for reason, n in self.counts().items():
+        for reason, n in sorted(self.counts().items(), key=lambda item: -item[1]):
             listed = list(places[reason])
             more = ", ..." if len(listed) > shown else ""
             parts.append(f"{n} {reason}" + (f" ({', '.join(listed[:shown])}{more})" if listed else ""))
-        return ", ".join(parts)
+        return "; ".join(parts)

@@ -113,8 +113,6 @@ def build(data: DataConfig, tokenizer, template: Template) -> Prepared:
     return Prepared(train, test, ledger, lengths, info)
 
 
-
-
 def split(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:
     """Seeded train/test split; examples sharing a group (one acronym's paraphrases) stay together."""
     groups: dict[str, list[Example]] = {}

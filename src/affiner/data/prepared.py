@@ -52,8 +52,6 @@ def plot_lengths(lengths: dict[str, list[int]], max_length: int, path: Path) -> 
     plt.close(figure)
 
 
-
-
 def canonical_record(example: Example) -> dict[str, Any]:
     """Alpaca-shaped, so the prepared file is readable by any tool; extra fields only when used."""
     record: dict[str, Any] = {"instruction": example.instruction, "input": example.input, "output": example.response}
@@ -138,8 +136,6 @@ def data_card(prepared: Prepared, config: RunConfig, manifest: dict[str, Any]) -
     lines += ["", "## Use it", "", "```bash", f"affiner train {config.name} --set data.train=<this folder> --set data.test=<this folder>",
               "affiner evaluate RUN --test <this folder>", "```", ""]
     return "\n".join(lines)
-
-
 
 
 def prepare(config: RunConfig, output: Path, overwrite: bool = False, label: str = "CONFIG") -> Path:

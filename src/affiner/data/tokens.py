@@ -16,7 +16,6 @@ from affiner.core.loss import IGNORE_INDEX
 from affiner.core.templates import Example, Template, encode_prompt, encode_response, render_prompt
 
 
-
 def tokenize(examples: list[Example], template: Template, tokenizer) -> list[dict[str, list[int]]]:
     """Prompt + response ids; labels are -100 on the prompt, so the loss is on the response (and its stop token)."""
     from tqdm.auto import tqdm

@@ -24,10 +24,9 @@ from affiner.evaluation import metrics
 from affiner.evaluation.generation import generate
 from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
-from affiner.evaluation.report import write_report
+from affiner.evaluation.report import REPORT_FILES, write_report
 from affiner.evaluation.scoring import headline, held_out_losses, score_answers
 
-REPORT_FILES = ("summary.json", "metrics.json", "answers.csv", "report.md", "report.html", "metrics.png", "lengths.png")
 TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
                 "repetition", "empty", "echo")
 
@@ -106,7 +105,7 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
 
 def _archive_previous(folder: Path) -> None:
     """Move an earlier evaluation to evaluations/N/ so that a new one never overwrites it."""
-    existing = [folder / name for name in REPORT_FILES if (folder / name).exists()]
+    existing = [folder / name for name in (SUMMARY_FILE, *REPORT_FILES) if (folder / name).exists()]
     if not existing:
         return
     n = 1

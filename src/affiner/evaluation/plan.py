@@ -12,7 +12,7 @@ from typing import Callable
 
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import load_for, load_model, load_tokenizer
+from affiner.core.models import load_for, load_model, load_tokenizer, tokenizer_for
 from affiner.core.runfolder import SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, build_template
 from affiner.data.formats import to_examples
@@ -57,7 +57,7 @@ def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) 
     loaders: dict[str, Callable[[], object]] = {"base": lambda: load_for(config)}
     for name, other, other_config in zip(model_names([r.path for r in runs]), runs, configs):
         loaders[name] = lambda r=other, c=other_config: tuned_model(r, c)
-    return Plan(output=run.path, template=run.template(), tokenizer=load_tokenizer(str(run.path)),
+    return Plan(output=run.path, template=run.template(), tokenizer=tokenizer_for(config, run.path),
                 examples=held_out(run, test, config)[: max_questions or config.eval.max_questions],
                 loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 test=test or (config.data.test or "held-out split of the run"),

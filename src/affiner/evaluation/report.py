@@ -33,13 +33,15 @@ from affiner.evaluation.plots import lengths_plot, metrics_plot
 from affiner.evaluation.report_content import answer_of, example_score, per_example_metrics
 from affiner.evaluation.report_html import render_html
 from affiner.evaluation.report_markdown import render_markdown
+from affiner.core.runfolder import EVALUATION_FILE
 
 REPORT_MD = "report.md"
 REPORT_HTML = "report.html"
 ANSWERS_CSV = "answers.csv"
-METRICS_JSON = "metrics.json"
+METRICS_JSON = EVALUATION_FILE  # what `affiner runs`, the sweep and the model card read back
 METRICS_PLOT = "metrics.png"
 LENGTHS_PLOT = "lengths.png"
+REPORT_FILES = (REPORT_MD, REPORT_HTML, ANSWERS_CSV, METRICS_JSON, METRICS_PLOT, LENGTHS_PLOT)
 CAPTIONS = {METRICS_PLOT: "Rates and scores per model (0–1), with 95 % intervals",
             LENGTHS_PLOT: "Answer length in tokens, per model"}
 # Columns of answers.csv that come from the answer itself; a per-example score with the same name

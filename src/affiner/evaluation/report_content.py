@@ -13,6 +13,7 @@ from typing import Any
 from affiner.core.formatting import MISSING, as_number, format_aggregate, format_delta, format_value
 
 TOP_EXAMPLES = 5
+EMPTY_TEXT = "—"  # an empty answer or cell; "-" (formatting.MISSING) is a missing number
 # Breaks ties between examples with the same primary-metric change; a graded score separates them
 # where a 0/1 metric such as "contains" cannot.
 PREFERRED_TIE_BREAK = "rouge_l"

@@ -7,8 +7,7 @@ import base64
 import html
 from typing import Any
 
-from affiner.core.formatting import MISSING
-from affiner.evaluation.report_content import (BASE_TINT, HEADLINE_NOTE, TUNED_TINT, answer_of, comparison_note,
+from affiner.evaluation.report_content import (BASE_TINT, EMPTY_TEXT, HEADLINE_NOTE, TUNED_TINT, answer_of, comparison_note,
                                                example_score, format_example_change, format_example_score,
                                                format_settings, headline_rows, judge_tables, question_text, role,
                                                tie_break_metric, tuned_models, wins_and_regressions)
@@ -69,7 +68,7 @@ def answer_cell(example: dict, model: str) -> str:
         # The reader should know that an answer was cut by the length limit, not ended by the model.
         meta.append("hit the length limit")
     text = answer.get("text")
-    body = text_span(text) if text else f'<span class="meta">{MISSING}</span>'
+    body = text_span(text) if text else f'<span class="meta">{EMPTY_TEXT}</span>'
     return body + (f'<span class="meta">{escape(", ".join(meta))}</span>' if meta else "")
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from affiner.core.formatting import MISSING
-from affiner.evaluation.report_content import (HEADLINE_NOTE, answer_of, comparison_note, example_score,
+from affiner.evaluation.report_content import (EMPTY_TEXT, HEADLINE_NOTE, answer_of, comparison_note, example_score,
                                                format_example_change, format_example_score, format_settings,
                                                headline_rows, judge_tables, question_text, tie_break_metric,
                                                tuned_models, wins_and_regressions)
@@ -16,7 +15,7 @@ def md_cell(text: Any) -> str:
     and raw '<' would let an answer inject HTML into a rendered page."""
     text = "" if text is None else str(text)
     text = text.replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;")
-    return "<br>".join(text.splitlines()) if text.strip() else MISSING
+    return "<br>".join(text.splitlines()) if text.strip() else EMPTY_TEXT
 
 
 def md_table(header: list[str], rows: Iterable[list[str]]) -> list[str]:

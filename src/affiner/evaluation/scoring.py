@@ -16,7 +16,7 @@ from affiner.evaluation.generation import Answer
 def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
                     batch_size: int = 16) -> tuple[list[float], list[int]]:
     """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced."""
-    if any(not e.response.strip() for e in examples):  # an empty reference cannot be scored
+    if any(not e.instruction.strip() or not e.response.strip() for e in examples):  # nothing to score
         return [], []
     features = tokenize(examples, template, tokenizer)
     sums, counts = [], []

@@ -11,9 +11,6 @@ from affiner.core.formatting import METRIC_INFO, format_value, metric_kind, text
 from affiner.core.runfolder import RunFolder
 
 
-HEADLINE = ("contains", "stopped", "loss")  # the columns of the list: correct, stops, held-out loss
-
-
 def find_runs(root: Path) -> list[Path]:
     return [run.path for run in RunFolder.all_under(root)]
 

@@ -13,9 +13,8 @@ import yaml
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.files import read_json
 from affiner.core.formatting import METRIC_INFO, format_aggregate, format_count, format_value, metric_kind
-from affiner.core.runfolder import SUMMARY_FILE, RunFolder
+from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Example, Template, render_prompt
 from affiner.export.gguf_writer import GgufReport
 from affiner.export.hub import EMBEDDED_HUB_IDS, base_licence, hub_base_id, hub_datasets
@@ -66,7 +65,7 @@ def _front_matter(config: RunConfig, data: dict[str, Any], licence_id: str | Non
 
 
 def _evaluation_section(run: RunFolder) -> list[str]:
-    summary = read_json(run / SUMMARY_FILE) if (run / SUMMARY_FILE).is_file() else {}
+    summary = run.summary()
     tuned = next((name for name in ("tuned", run.name) if name in summary), None)
     if tuned is None or "base" not in summary:
         return ["## Evaluation", "", f"Not evaluated yet: run `affiner evaluate {run}`.", ""]

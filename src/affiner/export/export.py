@@ -14,7 +14,7 @@ from pathlib import Path
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import check_replaceable, folder_written_whole, read_json, write_atomic, write_json
-from affiner.core.models import load_tokenizer
+from affiner.core.models import tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
@@ -76,7 +76,7 @@ def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig,
     full = config.method == "full"
     if full and merged:
         print("note: a full fine-tune has no adapter to merge; model/ is the whole tuned model.")
-    tokenizer = load_tokenizer(str(run.path))
+    tokenizer = tokenizer_for(config, run.path)
     written = []
     if not full:
         _write_adapter(run, config, template, tokenizer, target / "adapter")

@@ -1,3 +1,3 @@
 """Talking to trained models: the engine (one base, named adapters, streaming), the terminal chat,
-the comparison page and the OpenAI-compatible server. Imports core and data.
+the comparison page and the OpenAI-compatible server. Imports only core (and data, were it needed).
 """

@@ -22,7 +22,7 @@ import torch
 
 from affiner.core.errors import AffinerError
 from affiner.core.settings import Settings
-from affiner.core.models import device, load_for, load_tokenizer
+from affiner.core.models import device, load_for, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -84,11 +84,12 @@ class Engine:
         """The base of the runs, loaded once, with each run's adapter under its name ("tuned" for a single run)."""
         runs = [RunFolder.open(f) for f in folders]
         configs = require_one_base(runs, "adapters must share one base to be switched on it.")
-        if configs[0].method == "full":
-            raise AffinerError(f"{runs[0]} is a full fine-tune: there is no adapter to put on a base; "
+        full = next((run for run, config in zip(runs, configs) if config.method == "full"), None)
+        if full is not None:
+            raise AffinerError(f"{full} is a full fine-tune: there is no adapter to put on a base; "
                                "pass its folder as the base model instead.")
         names = names or model_names([r.path for r in runs])
-        return cls.on_base(load_for(configs[0]), load_tokenizer(str(runs[0].path)), runs[0].template(),
+        return cls.on_base(load_for(configs[0]), tokenizer_for(configs[0], runs[0].path), runs[0].template(),
                            dict(zip(names, [r.path for r in runs])))
 
     @classmethod

@@ -14,8 +14,6 @@ nested glossary layout `train` reads: one record per acronym,
 from __future__ import annotations
 
 import difflib
-import json
-import os
 import shlex
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.errors import AffinerError
+from affiner.core.files import json_text, write_together
 from affiner.synth.banks import LANGUAGES
 from affiner.synth.glossary import COLUMN_KEYS, Glossary, read_glossary
 from affiner.synth.llm import EndpointReport, LLMOptions, llm_pairs
@@ -154,22 +153,13 @@ def _records(glossary: Glossary, languages: tuple[str, ...], conversations: Pair
 
 
 def _write_json(files: list[tuple[Path, list[dict[str, Any]]]]) -> None:
-    """Write every file beside its target first, then move them in: a failure leaves the old files as they were."""
-    written: list[tuple[Path, Path]] = []
+    """Every file written, or none: a failure leaves the earlier files as they were."""
     try:
-        for path, records in files:
+        for path, _ in files:
             path.parent.mkdir(parents=True, exist_ok=True)
-            # A plain open (not mkstemp) so that the file gets the user's usual permissions.
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            written.append((temporary, path))
-            temporary.write_text(json.dumps(records, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-        for temporary, path in written:
-            os.replace(temporary, path)
+        write_together({path: json_text(records, indent=1) for path, records in files})
     except OSError as error:
         raise AffinerError(f"cannot write {error.filename or 'the output'}: {error.strerror or error}.") from None
-    finally:
-        for temporary, _ in written:
-            temporary.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------- summary

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from affiner.core.files import replace_folder
 from affiner.core.runfolder import RunFolder
 
 STATE_FILE = "trainer_state.pt"
@@ -26,8 +27,7 @@ def save_checkpoint(model, optimizer, scheduler, run: RunFolder, step: int, keep
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state()}, partial / STATE_FILE)
     (partial / STEP_FILE).write_text(json.dumps({"step": step}))
-    shutil.rmtree(target, ignore_errors=True)
-    partial.rename(target)
+    replace_folder(partial, target)
     for old in run.checkpoints()[:-keep]:
         shutil.rmtree(old)
     return target

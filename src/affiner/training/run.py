@@ -14,9 +14,8 @@ from typing import Callable
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import load_tokenizer, tokenizer_for
-from affiner.core.files import write_json
-from affiner.core.runfolder import DATA_FILE, RunFolder
+from affiner.core.models import tokenizer_for
+from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
@@ -55,7 +54,7 @@ def prepare_resume(run: RunFolder) -> Start:
     if checkpoint is None:
         raise AffinerError(f"{run} has no checkpoint to resume from (set train.save_steps to make them).")
     config, template = run.config(), run.template()
-    tokenizer = load_tokenizer(str(run.path))
+    tokenizer = tokenizer_for(config, run.path)
     prepared = build(config.data, tokenizer, template)
     recorded = run.data_info()
     if any(prepared.info[side]["sha256"] != recorded[side]["sha256"] for side in ("train", "test")):
@@ -72,7 +71,7 @@ def create(start: Start, held_out: list, data_info: dict) -> RunFolder:
     run.save_config(start.config)
     run.save_template(start.template)
     start.tokenizer.save_pretrained(run.path)
-    write_json(run / DATA_FILE, data_info)
+    run.save_data_info(data_info)
     run.save_held_out(held_out)
     run.update(status="training", method=start.config.method, base=start.config.model.base,
                adapter=start.config.method != "full", started=time.strftime("%Y-%m-%d %H:%M:%S"))
