@@ -99,7 +99,7 @@ class MlflowTracker:
 
     def close(self, folder: Path, status: str) -> None:
         log_artifacts(self.client, self.run_id, folder)
-        self.client.set_terminated(self.run_id, status="FINISHED" if status == "finished" else "KILLED")
+        self.client.set_terminated(self.run_id, status={"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
 
 
 def mlflow_client(config: RunConfig):

@@ -24,8 +24,8 @@ def save_checkpoint(model, optimizer, scheduler, run: RunFolder, step: int, keep
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state()}, partial / STATE_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), **rng_states()},
+               partial / STATE_FILE)
     (partial / STEP_FILE).write_text(json.dumps({"step": step}))
     replace_folder(partial, target)
     for old in run.checkpoints()[:-keep]:
@@ -33,10 +33,23 @@ def save_checkpoint(model, optimizer, scheduler, run: RunFolder, step: int, keep
     return target
 
 
+def rng_states() -> dict[str, object]:
+    """Every random generator training draws from (dropout on the CPU and on each GPU), to resume identically."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
 def restore_state(checkpoint: Path, optimizer, scheduler) -> int:
-    """Optimizer, scheduler and RNG as they were at the checkpoint; returns its step."""
-    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    """Optimizer, scheduler and RNG as they were at the checkpoint; returns its step.
+
+    Loaded onto the CPU first (a GPU checkpoint resumes on a CPU too; the optimizer moves its state to
+    its parameters' device) and with weights_only, so a crafted checkpoint cannot run code.
+    """
+    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    cuda_states = state.get("cuda_rng") or []
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
     return json.loads((checkpoint / STEP_FILE).read_text())["step"]

@@ -32,6 +32,11 @@ from affiner.training.checkpoints import restore_state, save_checkpoint
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
+FAILED = "failed"
+
+
+class Diverged(Exception):
+    """The loss or the gradients stopped being finite; the step was not applied to the weights."""
 
 
 def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=None,
@@ -92,9 +97,16 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
 def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """One optimizer step over a group of micro-batches; returns what the log records of it."""
     total, n_tokens = accumulate_gradients(trainer.model, group, trainer.autocast, trainer.scaler)
+    if not math.isfinite(total):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"the loss is {total / max(n_tokens, 1)}")
     if trainer.scaler:
         trainer.scaler.unscale_(trainer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, trainer.config.train.max_grad_norm or float("inf"))
+    # With fp16's gradient scaler, infinite gradients only make it skip the step and lower its scale.
+    if trainer.scaler is None and not torch.isfinite(grad_norm):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"the gradient norm is {float(grad_norm)}")
     if trainer.scaler:
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
@@ -138,7 +150,20 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             _after_step(trainer, run, record, probe, trackers)
     except KeyboardInterrupt:
         progress.close()
-        _interrupted(trainer, run, completed, trackers)
+        _stop(trainer, run, completed, trackers, "interrupted",
+              lambda kept: f"training interrupted after step {completed}; continue with: affiner train --resume {run}")
+    except Diverged as diverged:
+        progress.close()
+        reason = str(diverged)
+        _stop(trainer, run, completed, trackers, FAILED,
+              lambda kept: _diverged_message(trainer, run, completed, reason, kept))
+    except torch.OutOfMemoryError:
+        progress.close()
+        trainer.optimizer.zero_grad(set_to_none=True)  # the half-computed gradients hold the memory a save needs
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        _stop(trainer, run, completed, trackers, FAILED,
+              lambda kept: _out_of_memory_message(trainer, run, completed, kept))
     progress.close()
     trainer.model.save_pretrained(run.path)  # adapter_model.safetensors + adapter_config.json, or the full model
     run.update(status=FINISHED, steps=trainer.steps, train_seconds=round(time.time() - started, 1),
@@ -159,13 +184,35 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
         save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, done, config.train.save_total_limit)
 
 
-def _interrupted(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers) -> None:
-    """Ctrl-C: keep the last completed step as a checkpoint, mark the run, say how to continue."""
-    if completed > trainer.start_step:
+def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers, status: str,
+          message: Callable[[str], str]) -> None:
+    """Keep the last completed step as a checkpoint (if its weights are finite), mark the run, say why and
+    how to go on; `message` is given what was kept."""
+    saved = completed > trainer.start_step and all(bool(torch.isfinite(p).all()) for p in trainer.params)
+    if saved:
         save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, completed,
                         trainer.config.train.save_total_limit)
-    run.update(status="interrupted", step=completed)
-    trackers.close(run.path, "interrupted")
-    raise AffinerError(f"training interrupted after step {completed}; continue with: "
-                       f"affiner train --resume {run}") from None
+    last = run.last_checkpoint()
+    kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
+            else "no good step was saved, so there is nothing to resume")
+    text = message(kept)
+    run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
+    trackers.close(run.path, status)
+    raise AffinerError(text) from None
 
+
+def _diverged_message(trainer: Trainer, run: RunFolder, completed: int, reason: str, kept: str) -> str:
+    train = trainer.config.train
+    return (f"training stopped at step {completed + 1} of {run}: {reason} (learning rate "
+            f"{trainer.scheduler.get_last_lr()[0]:.2e}), so that step was not applied; {kept}. "
+            f"Lower train.learning_rate (now {train.learning_rate:g}), keep train.max_grad_norm set, train in fp32 or "
+            "bf16 rather than fp16 (model.precision), and look for unusual rows in the data; then start a new run.")
+
+
+def _out_of_memory_message(trainer: Trainer, run: RunFolder, completed: int, kept: str) -> str:
+    config = trainer.config
+    return (f"out of memory on {device()} at step {completed + 1} of {run}: {config.train.batch_size} rows per "
+            f"micro-batch of up to {config.data.max_length} tokens did not fit; {kept}. "
+            "Lower train.batch_size (raise train.gradient_accumulation to keep the same batch), lower "
+            "data.max_length, set train.gradient_checkpointing: true, or use method: qlora (a 4-bit base); "
+            "then start a new run with those settings.")

@@ -20,10 +20,14 @@ def prepare_model(config: RunConfig, checkpoint: Path | None = None):
         model = load_model(str(checkpoint), full_precision=True, trust_remote_code=config.model.trust_remote_code)
     else:
         model = load_for(config, full_precision=full)
+    # Non-reentrant checkpointing for every method: the reentrant kind (peft's default for QLoRA) needs inputs
+    # that require grad and breaks with frozen embeddings and DDP's unused-parameter checks.
+    non_reentrant = {"use_reentrant": False}
     if config.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=non_reentrant)
     elif config.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         model.enable_input_require_grads()
     if full:
         model.train()

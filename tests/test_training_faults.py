@@ -1,0 +1,93 @@
+"""Training that goes wrong stops cleanly: a non-finite loss or an out-of-memory error gives one paragraph,
+keeps the last good step as a checkpoint, marks the run failed, and the run can be resumed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli, write_config
+from safetensors.torch import load_file
+
+from affiner.core.config import load_config
+from affiner.core.errors import AffinerError
+from affiner.core.runfolder import RunFolder
+from affiner.experiments.workflow import train
+from affiner.training import loop
+
+
+def fail_on_call(monkeypatch, number: int, failure):
+    """Make the `number`-th optimizer step's gradient computation end with `failure` (a value or an exception)."""
+    real, calls = loop.accumulate_gradients, []
+
+    def accumulate(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            if isinstance(failure, Exception):
+                raise failure
+            real(*args, **kwargs)
+            return failure
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", accumulate)
+
+
+def only_run(tmp_path) -> RunFolder:
+    return RunFolder(next((tmp_path / "runs").iterdir()))
+
+
+@pytest.mark.parametrize("failure, expected", [
+    ((float("nan"), 12), "training stopped at step 3 .*the loss is nan.*train.learning_rate"),
+    ((float("inf"), 12), "training stopped at step 3 .*the loss is inf"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+     "out of memory on cpu at step 3 .*train.batch_size.*data.max_length.*gradient_checkpointing.*qlora"),
+])
+def test_a_failing_step_keeps_the_last_good_one(tmp_path, tiny_gpt2, qa_file, monkeypatch, failure, expected):
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 5})))
+    fail_on_call(monkeypatch, 3, failure)
+    with pytest.raises(AffinerError, match=expected):
+        train(config)
+    run = only_run(tmp_path)
+    info = run.info()
+    assert info["status"] == "failed" and info["step"] == 2 and "step 3" in info["error"]
+    assert [c.name for c in run.checkpoints()] == ["step-000002"]
+    assert [r["step"] for r in run.log()] == [1, 2]
+    assert not run.has_adapter  # no adapter is presented as the result of a failed run
+
+    monkeypatch.undo()
+    train(resume=run.path)  # the last good step resumes and finishes
+    assert run.is_finished and run.has_adapter and [r["step"] for r in run.log()] == [1, 2, 3, 4, 5]
+
+
+def test_the_command_line_gives_one_paragraph_and_exit_2(tmp_path, tiny_gpt2, qa_file, monkeypatch, capsys):
+    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 3})
+    fail_on_call(monkeypatch, 1, (float("nan"), 12))
+    assert run_cli("train", str(config)) == 2
+    err = capsys.readouterr().err
+    assert "affiner train: error: training stopped at step 1" in err and "nothing to resume" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert only_run(tmp_path).status == "failed" and not only_run(tmp_path).checkpoints()
+
+
+def test_non_finite_weights_are_not_kept_as_a_checkpoint(tmp_path, tiny_gpt2, qa_file, monkeypatch):
+    """Weights already broken when the loss turns NaN are not saved over the last good checkpoint."""
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 4, "save_steps": 1})))
+    real, calls = loop.accumulate_gradients, []
+
+    def poison_then_fail(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after step 2 was checkpointed, a weight turns NaN and the loss shows it
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+            return float("nan"), 12
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "accumulate_gradients", poison_then_fail)
+    with pytest.raises(AffinerError, match=r"training stopped at step 3 .*step-000002 are kept"):
+        train(config)
+    run = only_run(tmp_path)
+    assert [c.name for c in run.checkpoints()] == ["step-000001", "step-000002"]
+    weights = load_file(run.checkpoints()[-1] / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())  # step 2 as it was saved, not overwritten
+    assert run.info()["step"] == 2 and run.status == "failed"
