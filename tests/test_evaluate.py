@@ -198,3 +198,52 @@ def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama)
     pairwise = evaluation["judge"]["pairwise"]["tuned"]
     assert pairwise["ties"] == 2 and pairwise["win_rate"] == 0.5  # "B" in both orders: position bias cancels out
     assert "Judge" in (folder / "report.md").read_text()
+
+
+def _out_of_memory_above(rows: int, real, batch_rows):
+    """`real`, failing as a GPU would when its batch has more than `rows` rows; the rows it ran are counted."""
+    ran = []
+
+    def wrapper(*args, **kwargs):
+        n = batch_rows(*args, **kwargs)
+        if n > rows:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        ran.append(n)
+        return real(*args, **kwargs)
+
+    return wrapper, ran
+
+
+def test_generation_out_of_memory_retries_the_batch_at_half_size(capsys, monkeypatch, tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = load_model(str(tiny_llama))
+    template = build_template("qa", tokenizer)
+    expected = generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
+    failing, ran = _out_of_memory_above(2, model.generate, lambda **kw: kw["input_ids"].shape[0])
+    monkeypatch.setattr(model, "generate", failing)
+    assert generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5) == expected
+    assert "out of memory with batch 5: retrying with 2" in capsys.readouterr().out
+    assert ran == [2, 2, 1]  # the finished batches are never generated again
+
+    monkeypatch.setattr(model, "generate", _out_of_memory_above(0, model.generate, lambda **kw: 1)[0])
+    with pytest.raises(AffinerError, match=r"--max-new-tokens.*eval\.batch_size / --batch-size"):
+        generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=2)
+
+
+def test_held_out_loss_out_of_memory_retries_the_batch_at_half_size(capsys, monkeypatch, tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = load_model(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    examples = [Example(f"What does {word} stand for?", f"{word} means {' '.join([word] * (i + 1))}.")
+                for i, word in enumerate(["QUILT", "FROND", "MAPLE", "GLINT", "TANGO"])]
+    sums, counts = scoring.held_out_losses(model, tokenizer, template, examples, batch_size=4)
+    failing, ran = _out_of_memory_above(2, scoring.token_losses, lambda model, batch: batch["input_ids"].shape[0])
+    monkeypatch.setattr(scoring, "token_losses", failing)
+    retried, retried_counts = scoring.held_out_losses(model, tokenizer, template, examples, batch_size=4)
+    assert retried_counts == counts and retried == pytest.approx(sums, rel=1e-5)
+    assert "out of memory with batch 4: retrying with 2" in capsys.readouterr().out
+    assert ran == [2, 2, 1]
+
+    monkeypatch.setattr(scoring, "token_losses", _out_of_memory_above(0, scoring.token_losses, lambda *a: 1)[0])
+    with pytest.raises(AffinerError, match="--batch-size"):
+        scoring.held_out_losses(model, tokenizer, template, examples, batch_size=1)

@@ -236,6 +236,78 @@ def test_a_full_fine_tune_exports_the_whole_model_and_its_gguf(tmp_path, gpt2_ba
     assert front["library_name"] == "transformers" and "full-fine-tune" in front["tags"]
 
 
+def _base_recording(tmp_path: Path, base: Path, recorded: dict) -> Path:
+    """A copy of `base` whose config.json records `recorded` as its dtype (the weights stay as they are)."""
+    copy = tmp_path / "base"
+    shutil.copytree(base, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    (copy / "config.json").write_text(json.dumps({**config, **recorded}))
+    return copy
+
+
+@pytest.mark.parametrize("option,recorded,expected", [
+    ("fp16", {}, torch.float16),
+    ("bf16", {"dtype": "float32"}, torch.bfloat16),
+    ("fp32", {"dtype": "bfloat16"}, torch.float32),
+    ("base", {"torch_dtype": "float16"}, torch.float16),  # the key older transformers wrote
+    (None, {"dtype": "bfloat16"}, torch.bfloat16),  # base by default
+    (None, {}, torch.float32),  # nothing recorded, as in the embedded Gemma's converted folder
+])
+def test_merged_weights_are_saved_in_the_dtype_asked_for(tmp_path, llama_run, tiny_llama, option, recorded, expected):
+    from transformers import AutoModelForCausalLM
+
+    run = _copy_run(llama_run, tmp_path / "runs", model__base=str(_base_recording(tmp_path, tiny_llama, recorded)))
+    out = tmp_path / "x"
+    assert affiner_export(str(run), "--output", str(out), "--merged", *(["--dtype", option] if option else [])) == 0
+    weights = load_file(out / "merged" / "model.safetensors")
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {expected}
+    name = str(expected).removeprefix("torch.")
+    assert read_json(out / export_mod.EXPORT_FILE)["dtype"] == name
+    assert read_json(out / export_mod.EXPORT_FILE)["merge_device"] == "cpu"
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out / "merged"), dtype="auto")
+    assert next(reloaded.parameters()).dtype == expected
+    config = load_config(str(run / "config.yaml"))
+    unmerged = _logits(load_model(config.model.base, adapter=run), _ids(_tokenizer(out)))
+    tolerance = 1e-5 if expected == torch.float32 else 0.1  # one rounding of every weight, nothing more
+    torch.testing.assert_close(_logits(reloaded.float(), _ids(_tokenizer(out))), unmerged, rtol=0, atol=tolerance)
+
+
+def _tokenizer(out: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(out / "merged"))
+
+
+def test_the_merge_runs_on_the_cpu_unless_asked_even_with_a_gpu(tmp_path, monkeypatch, llama_run):
+    monkeypatch.setattr(merge, "device", lambda: torch.device("cuda"))  # what a GPU machine answers
+    out = export_mod.export(llama_run, tmp_path / "x", merged=True)
+    assert read_json(out / export_mod.EXPORT_FILE)["merge_device"] == "cpu"
+    assert merge.resolve_merge_device() == merge.resolve_merge_device("cpu") == torch.device("cpu")
+    assert merge.resolve_merge_device("auto") == torch.device("cuda")
+    with pytest.raises(AffinerError, match="--merge-device"):
+        merge.resolve_merge_device("gpu")
+
+
+def test_a_weight_that_overflows_fp16_is_refused_by_name(tiny_llama):
+    model = load_model(str(tiny_llama))
+    with torch.no_grad():
+        model.get_parameter("model.layers.0.mlp.up_proj.weight")[0, 0] = 1e6
+    with pytest.raises(AffinerError, match=r"model\.layers\.0\.mlp\.up_proj\.weight overflows float16.*bf16"):
+        merge.cast_model(model, torch.float16)
+
+
+def test_export_options_are_refused_before_anything_is_written(tmp_path, capfd, llama_run):
+    for option, value in (("--dtype", "int8"), ("--merge-device", "gpu")):
+        assert affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--merged", option, value) == 2
+        err = capfd.readouterr().err
+        assert "invalid choice" in err and value in err
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(tmp_path / "x"), "--dtype", "bf16"),
+                         "--dtype only applies with --merged")
+    assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------- GGUF
 
 

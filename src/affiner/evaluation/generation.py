@@ -1,4 +1,8 @@
-"""Batched generation for evaluation: every model answers the same prompts with the same decoding."""
+"""Batched generation for evaluation: every model answers the same prompts with the same decoding.
+
+A batch that runs out of GPU memory is retried at half the size, down to one question at a time,
+rather than losing the evaluation: the answers are the same at any batch size (greedy decoding).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from affiner.core.errors import AffinerError
 from affiner.core.models import device
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example, Template, encode_prompt
@@ -25,7 +30,7 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
     """Answers generated in left-padded batches of similar lengths, returned in the examples' order.
 
     Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked
-    and every stop token of the template ends a row.
+    and every stop token of the template ends a row. A batch out of memory is retried at half the size.
     """
     prompts = [encode_prompt(template, tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -33,15 +38,38 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
     if not sampling.greedy:
         torch.manual_seed(sampling.seed or 0)
     answers: dict[int, Answer] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
-        chunk = order[start:start + batch_size]
-        input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
-        output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
-                                max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
-        for row, index in enumerate(chunk):
-            answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer)
+    start, size = 0, batch_size
+    with tqdm(total=len(order), desc=desc, unit="question", leave=False) as progress:
+        while start < len(order):
+            chunk = order[start:start + size]
+            input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
+            try:
+                output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
+                                        max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                        pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
+            except torch.OutOfMemoryError:
+                output = None  # handled outside the except block, whose traceback still holds the batch's tensors
+            if output is None:
+                size = halve_batch(size)
+                continue
+            for row, index in enumerate(chunk):
+                answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer)
+            start += len(chunk)
+            progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]
+
+
+def halve_batch(size: int) -> int:
+    """The batch size to retry with after running out of memory at `size`; at one question, a user's error."""
+    if size <= 1:
+        raise AffinerError("out of GPU memory with one question per batch: the model and its answers do not fit "
+                           "on this GPU. Lower --max-new-tokens (eval.max_new_tokens), shorten the questions, "
+                           "or use a GPU with more memory; eval.batch_size / --batch-size is already down to 1.")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give back what the failed batch reserved before trying again
+    smaller = size // 2
+    print(f"out of memory with batch {size}: retrying with {smaller}")
+    return smaller
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,24 +9,34 @@ from affiner.core.models import device
 from affiner.core.templates import Example, Template
 from affiner.data.tokens import collate, tokenize
 from affiner.evaluation import metrics
-from affiner.evaluation.generation import Answer
+from affiner.evaluation.generation import Answer, halve_batch
 
 
 @torch.no_grad()
 def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
                     batch_size: int = 16) -> tuple[list[float], list[int]]:
-    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced."""
+    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced.
+    A batch out of memory is retried at half the size; the finished batches are kept."""
     if any(not e.instruction.strip() or not e.response.strip() for e in examples):  # nothing to score
         return [], []
     features = tokenize(examples, template, tokenizer)
     sums, counts = [], []
-    for start in range(0, len(features), batch_size):
-        batch = {k: v.to(device()) for k, v in
-                 collate(features[start:start + batch_size], tokenizer.pad_token_id).items()}
-        losses, rows = token_losses(model, batch)
+    start, size = 0, batch_size
+    while start < len(features):
+        rows_here = features[start:start + size]
+        batch = {k: v.to(device()) for k, v in collate(rows_here, tokenizer.pad_token_id).items()}
+        try:
+            losses, rows = token_losses(model, batch)
+        except torch.OutOfMemoryError:
+            losses = None  # handled outside the except block, whose traceback still holds the batch's tensors
+        if losses is None:
+            del batch
+            size = halve_batch(size)
+            continue
         n_rows = batch["input_ids"].shape[0]
         sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
         counts += torch.bincount(rows, minlength=n_rows).tolist()
+        start += len(rows_here)
     return sums, counts
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
@@ -20,28 +23,43 @@ from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
 from affiner.export.gguf_writer import GGUF_TYPES
 from affiner.export.hub import check_push, hub_base_id, push_folder
-from affiner.export.merge import ADAPTER_WEIGHTS, check_finite_adapter, save_model, tuned_model
+from affiner.export.merge import (ADAPTER_WEIGHTS, check_finite_adapter, resolve_merge_device, save_model,
+                                  saved_dtype, tuned_model)
 from affiner.export.ollama import GGUF_FILE, MODELFILE, check_gguf_architecture, write_gguf_files
 
 EXPORT_FILE = "export.json"  # what was exported from which run; marks a folder --overwrite may replace
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the tuned model is built and saved: where it is merged, and the dtype of merged/ or model/."""
+    merge_device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+
+
 def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gguf_type: str | None = None,
-           push: str | None = None, public: bool = False, overwrite: bool = False) -> Path:
+           push: str | None = None, public: bool = False, overwrite: bool = False, merge_device: str = "cpu",
+           dtype: str | None = None) -> Path:
     """Write the export folder and optionally upload it; returns the folder. Everything that can fail on
-    bad input is checked before anything is written."""
+    bad input is checked before anything is written. `merge_device` is cpu or auto (the GPU when there
+    is one); `dtype` (base, fp32, bf16 or fp16; base when None) is the one merged/ or model/ is saved in."""
     folder = RunFolder.open(run).require_finished("export it")
     config = folder.config()
     template = folder.template()
     output = Path(output)
     gguf_type = _check_options(gguf, gguf_type, push, public)
+    if dtype is not None and not (merged or config.method == "full"):
+        raise AffinerError("--dtype only applies with --merged (or to a full fine-tune's model/).")
+    resolve_merge_device(merge_device)  # refuses an unknown choice before anything is loaded
+    options = ModelOptions(merge_device, saved_dtype(dtype or "base", config) if merged or config.method == "full"
+                           else torch.float32)
     check_output(output, folder.path, overwrite)
     if gguf:
         check_gguf_architecture(folder, config)
     if push:
         check_push(push)
     with folder_written_whole(output) as staging:
-        written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push)
+        written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push, options)
     print(f"Export: {output} ({', '.join(written)})")
     if push:
         url = push_folder(output, push, private=not public, message=f"affiner export of {folder}",
@@ -71,31 +89,37 @@ def check_output(output: Path, run: Path, overwrite: bool) -> None:
 
 
 def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig, template: Template, merged: bool,
-                  gguf: bool, gguf_type: str, push: str | None) -> list[str]:
+                  gguf: bool, gguf_type: str, push: str | None, options: ModelOptions) -> list[str]:
     """Every file of the export in `target`; returns what was written, for the card and the summary line."""
     full = config.method == "full"
     if full and merged:
         print("note: a full fine-tune has no adapter to merge; model/ is the whole tuned model.")
     tokenizer = tokenizer_for(config, run.path)
-    written = []
+    written, record = [], {}
     if not full:
         _write_adapter(run, config, template, tokenizer, target / "adapter")
         written.append("adapter/")
-    model = tuned_model(run.path, config, tokenizer, template) if full or merged or gguf else None
+    model = tuned_model(run.path, config, tokenizer, template, options.merge_device) if full or merged or gguf \
+        else None
+    if model is not None:
+        record["merge_device"] = model.device.type
     gguf_report = None
-    if gguf:  # from the fp32 weights, before save_model casts them to the run's precision on a GPU
+    if gguf:  # from the fp32 weights, before save_model casts them to the dtype asked for
         gguf_report = write_gguf_files(model, tokenizer, template, config, run, target, gguf_type)
         written += [GGUF_FILE, MODELFILE]
     if full or merged:
         sub = "model" if full else "merged"
-        save_model(model, tokenizer, template, target / sub, config)
+        save_model(model, tokenizer, template, target / sub, options.dtype)
         written.append(f"{sub}/")
+        record["dtype"] = str(options.dtype).removeprefix("torch.")
+        print(f"note: {sub}/ was {'merged' if merged and not full else 'checked'} in float32 on "
+              f"{record['merge_device']} and saved in {record['dtype']}.")
     del model  # the card needs no model; free its memory before the last files
     write_atomic(target / CARD_FILE, model_card(run, config, template, tokenizer, written, push, gguf_report, output))
     written.append(CARD_FILE)
     files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
     write_json(target / EXPORT_FILE, {"run": str(run), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                      "base": config.model.base, "method": config.method, "files": files})
+                                      "base": config.model.base, "method": config.method, **record, "files": files})
     return written
 
 
