@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -32,22 +33,108 @@ def cache_root() -> Path:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's own device: its GPU (`cuda:LOCAL_RANK`, one per process under torchrun), Apple's MPS, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- precision
+
+# Model types whose activations exceed fp16's range (65504): Gemma 3 was trained in bf16 and its residual
+# stream grows past that, so in fp16 the gradient scaler skips every step and the losses are NaN.
+FP16_OVERFLOW = frozenset({"gemma3", "gemma3_text"})
+
+
+@functools.cache
+def note(message: str) -> None:
+    """Print a note once per process: the loader and the training loop both resolve the precision."""
+    print(f"note: {message}")
+
+
+def native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 in hardware: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4, sm75), many times
+    slower than fp16, so only its ROCm answer is taken."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device())[0] >= 8
+
+
+def resolve_dtype(precision: str = "auto", model_type: str | None = None) -> torch.dtype:
+    """The dtype a model of `model_type` computes in on this process's device, for the config's `precision`.
+
+    CPU: fp32 (bf16 is emulated and slow on AVX2). MPS: fp32 unless fp16 or bf16 is asked. CUDA: bf16 where
+    native, else fp16 with the gradient scaler, except models that overflow in fp16 (FP16_OVERFLOW): fp32.
+    """
+    kind = device().type
+    if precision == "fp32":
+        return torch.float32
+    if kind == "cpu":
+        if precision in {"fp16", "bf16"}:
+            note(f"precision {precision} needs a GPU; using fp32 on this CPU.")
+        return torch.float32
+    bf16 = torch.backends.mps.is_macos_or_newer(14, 0) if kind == "mps" else native_bf16()
+    overflows = model_type in FP16_OVERFLOW
+    if precision == "bf16" or (precision == "auto" and bf16 and kind == "cuda"):
+        if bf16:
+            return torch.bfloat16
+        fallback = f"fp32 ({model_type} overflows in fp16)" if overflows else "fp16 (or fp32)"
+        raise AffinerError(("precision: bf16 needs macOS 14 or newer on Apple MPS" if kind == "mps" else
+                            f"precision: bf16 is only emulated on this GPU ({gpu_capability()}), many times slower; "
+                            "it is native from compute capability 8.0 (A100, L4, RTX 30xx)") +
+                           f". Use precision: {fallback}.")
+    if precision == "auto" and kind == "mps":
+        return torch.float32
+    if not overflows:
+        return torch.float16
+    if precision == "fp16":
+        raise AffinerError(f"precision: fp16 overflows on {model_type} models: their activations exceed fp16's range, "
+                           "so the gradient scaler skips every step and the loss is NaN. Use precision: "
+                           f"{'bf16 (or fp32)' if bf16 else 'fp32 (or bf16 on a GPU with compute capability 8.0+)'}.")
+    note(f"{model_type} models overflow in fp16 and this GPU ({gpu_capability()}) has no native bf16; using fp32 "
+         "(slower, twice the memory). A GPU with compute capability 8.0+ (A100, L4, RTX 30xx) trains it in bf16.")
+    return torch.float32
+
+
+def gpu_capability() -> str:
+    major, minor = torch.cuda.get_device_capability(device())
+    return f"compute capability {major}.{minor}"
 
 
 def compute_dtype(precision: str = "auto") -> torch.dtype:
-    """fp32 on CPU (bf16 is emulated and slow on AVX2); on GPU bf16 where supported, else fp16."""
-    if not torch.cuda.is_available():
-        if precision in {"fp16", "bf16"}:
-            print(f"note: precision {precision} needs a GPU; using fp32 on this CPU.")
-        return torch.float32
-    if precision == "fp32":
-        return torch.float32
-    if precision == "fp16":
-        return torch.float16
-    if precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    """`resolve_dtype` without the model type; `dtype_for(config)` also knows the models that overflow in fp16."""
+    return resolve_dtype(precision)
+
+
+def model_type_of(base: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """The base's `model_type` (gemma3_text, llama, ...) from its config.json alone, without its weights;
+    None when the config cannot be read (loading the model then says why)."""
+    from transformers import AutoConfig
+
+    name = resolve_base(base)
+    options = {"revision": revision} if revision else {}  # not hub_options: its remote-code note prints at load
+    try:
+        config = AutoConfig.from_pretrained(name, **hub_kwargs(name), **options, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "model_type", None)
+
+
+def dtype_of(base: str, precision: str = "auto", revision: str | None = None,
+             trust_remote_code: bool = False) -> torch.dtype:
+    """`resolve_dtype` for a base, reading its model type only where it can change the answer (off the CPU)."""
+    if device().type == "cpu" or precision == "fp32":
+        return resolve_dtype(precision)
+    return resolve_dtype(precision, model_type_of(base, revision, trust_remote_code))
+
+
+def dtype_for(config: RunConfig) -> torch.dtype:
+    """The dtype a run computes in: what training autocasts to, what the base loads in and export saves in."""
+    model = config.model
+    return dtype_of(model.base, model.precision, model.revision, model.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------- bases
@@ -194,28 +281,36 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
 
 def load_model(base: str, adapter: str | Path | None = None, quantization: str | None = None,
                precision: str = "auto", double_quant: bool = True, trainable_adapter: bool = False,
-               full_precision: bool = False, revision: str | None = None, trust_remote_code: bool = False):
+               full_precision: bool = False, revision: str | None = None, trust_remote_code: bool = False,
+               dtype: torch.dtype | None = None, on: torch.device | None = None):
     """The base model, 4-bit NF4 when `quantization="nf4"`, with the LoRA adapter of a run when given.
 
     Base and tuned models differ only by `adapter`, so every comparison is fair by construction.
-    `full_precision` keeps fp32 weights (full fine-tuning on a GPU trains fp32 masters under autocast).
+    `full_precision` keeps fp32 weights (full fine-tuning on a GPU trains fp32 masters under autocast);
+    otherwise `dtype`, or what `precision` resolves to for this base on this device. `on` loads it
+    elsewhere than this process's device (export merges on the CPU).
     """
     from transformers import AutoModelForCausalLM
 
     name = resolve_base(base)
-    dtype = torch.float32 if full_precision else compute_dtype(precision)
+    if full_precision:
+        dtype = torch.float32
+    elif dtype is None:
+        dtype = dtype_of(name, precision, revision, trust_remote_code)
     kwargs: dict = {"dtype": dtype, **hub_kwargs(name), **hub_options(revision, trust_remote_code)}
     if quantization == "nf4":
         kwargs["quantization_config"] = nf4_config(dtype, double_quant)
-        kwargs["device_map"] = {"": device().type}  # 4-bit weights are quantised where they are loaded
     elif quantization is not None:
         raise AffinerError(f"unknown quantization '{quantization}' (supported: nf4).")
+    target = on or device()
+    if quantization or target.type != "cpu":
+        # Weights go straight to this process's own device as they load (not through host RAM, not all
+        # ranks onto cuda:0); 4-bit weights are quantised where they are loaded.
+        kwargs["device_map"] = {"": str(target)}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise hub_error("model", base, exc) from None
-    if quantization is None:
-        model.to(device())
     if adapter is not None:
         model = attach_adapter(model, adapter, trainable=trainable_adapter)
     model.eval()
@@ -223,14 +318,15 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
 
 
 def load_for(config: RunConfig, adapter: str | Path | None = None, full_precision: bool = False,
-             quantized: bool = True):
+             quantized: bool = True, on: torch.device | None = None):
     """The run's base model as its config describes it (revision, quantisation, precision, remote code),
     with `adapter` on it when given: the one way train, evaluate, the engine and export load a base.
     `quantized=False` loads a QLoRA run's base unquantised (export merges into full weights)."""
     model = config.model
     return load_model(model.base, adapter=adapter, quantization=config.quantization if quantized else None,
                       precision=model.precision, double_quant=model.double_quant, full_precision=full_precision,
-                      revision=model.revision, trust_remote_code=model.trust_remote_code)
+                      revision=model.revision, trust_remote_code=model.trust_remote_code,
+                      dtype=None if full_precision else dtype_for(config), on=on)
 
 
 def tokenizer_for(config: RunConfig, run_folder: Path | None = None):
@@ -242,7 +338,7 @@ def tokenizer_for(config: RunConfig, run_folder: Path | None = None):
 
 def nf4_config(dtype: torch.dtype, double_quant: bool):
     try:
-        import bitsandbytes  # noqa: F401
+        importlib.import_module("bitsandbytes")  # only whether it is installed and loads
     except ImportError:
         raise AffinerError("QLoRA needs bitsandbytes: pip install 'affiner[qlora]'.") from None
     from transformers import BitsAndBytesConfig

@@ -67,8 +67,8 @@ def tuned_model(folder: Path, config: RunConfig, tokenizer, template: Template,
     generate and save."""
     target = resolve_merge_device(merge_device)
     if config.method == "full":
-        model = load_model(str(folder), full_precision=True, trust_remote_code=config.model.trust_remote_code)
-        model.to(target)  # load_model places it on core.models.device(); it is checked and saved from `target`
+        model = load_model(str(folder), full_precision=True, trust_remote_code=config.model.trust_remote_code,
+                           on=target)
         check_finite_model(model)
     else:
         model = merged_model(folder, config, tokenizer, template, target)
@@ -88,10 +88,7 @@ def merged_model(folder: Path, config: RunConfig, tokenizer, template: Template,
               "into 4-bit weights), so the merged model differs slightly from the 4-bit model it was trained on.")
     # fp32 whatever the dtype saved: adding a low-rank update to bf16 weights would round away every
     # change smaller than 1/256 of a weight; the merged sum is rounded once, when it is saved.
-    model = load_for(config, adapter=folder, full_precision=True, quantized=False)
-    # load_for places the model on core.models.device() and takes no device yet: moved here, the merge and its
-    # checks run on `target`, though on a GPU machine the fp32 load itself still passes through the GPU.
-    model.to(target or torch.device("cpu"))
+    model = load_for(config, adapter=folder, full_precision=True, quantized=False, on=target or torch.device("cpu"))
     ids = encode_prompt(template, tokenizer, Example(instruction=EXAMPLE_QUESTION))
     probe = torch.tensor([ids], device=model.device)
     unmerged = _logits(model, probe)

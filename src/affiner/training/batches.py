@@ -33,8 +33,9 @@ def micro_batches(lengths: list[int], batch_size: int, seed: int, group_by_lengt
         epoch += 1
 
 
-def total_steps(config: RunConfig, n_rows: int) -> int:
+def total_steps(config: RunConfig, n_rows: int, processes: int = 1) -> int:
+    """Optimizer steps of the run: train.max_steps, else train.epochs over the rows, at the global batch size."""
     if config.train.max_steps:
         return config.train.max_steps
-    per_epoch = math.ceil(n_rows / config.train.batch_size)
+    per_epoch = math.ceil(n_rows / (config.train.batch_size * processes))
     return max(1, math.ceil(config.train.epochs * per_epoch / config.train.gradient_accumulation))

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.loss import supervised_loss, supervised_tokens
-from affiner.core.models import compute_dtype, describe, device
+from affiner.core.loss import IGNORE_INDEX, supervised_loss, supervised_tokens
+from affiner.core.models import describe, device, dtype_for
 from affiner.core.runfolder import FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import micro_batches, total_steps
 from affiner.training.checkpoints import restore_state, save_checkpoint
+from affiner.training.processes import Processes
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
@@ -39,23 +40,43 @@ class Diverged(Exception):
     """The loss or the gradients stopped being finite; the step was not applied to the weights."""
 
 
-def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=None,
-                         scaler=None) -> tuple[float, int]:
-    """Backward over micro-batches as if they were one batch; returns (summed loss, supervised tokens).
+class AnswerLoss(torch.nn.Module):
+    """The model behind a forward that returns its summed loss on answer tokens. This module is what
+    data-parallel training wraps: its gradient averaging needs the forward to go through the wrapper,
+    while the loss calls the model's body and head apart (logits only where a label exists)."""
 
-    Each micro-batch's summed loss is divided by the token count of the whole group, not its own,
-    so accumulating k micro-batches gives exactly the gradient of one batch k times larger.
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+        return supervised_loss(self.model, {"input_ids": input_ids, "attention_mask": attention_mask,
+                                            "labels": labels})
+
+
+def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast=None, scaler=None,
+                         processes: Processes | None = None) -> tuple[float, int]:
+    """Backward over micro-batches as if they were one batch; returns (summed loss, supervised tokens),
+    both over every process.
+
+    Each micro-batch's summed loss is divided by the token count of the whole global step (every
+    micro-batch of every process), not its own, so accumulating k micro-batches on N processes gives
+    exactly the gradient of one batch kN times larger; the N is there because data-parallel training
+    averages the processes' gradients.
     """
-    n_tokens = sum(supervised_tokens(b) for b in batches)
+    processes = processes or Processes()
+    forward = model if isinstance(processes.unwrap(model), AnswerLoss) else AnswerLoss(model)
+    n_tokens = int(processes.total(sum(supervised_tokens(b) for b in batches)))
     total = 0.0
-    for batch in batches:
+    for index, batch in enumerate(batches):
         batch = {k: v.to(device()) for k, v in batch.items()}
-        with autocast or contextlib.nullcontext():
-            loss_sum, _ = supervised_loss(model, batch)
-        loss = loss_sum / max(n_tokens, 1)
-        (scaler.scale(loss) if scaler else loss).backward()
+        with processes.no_sync(forward, last=index == len(batches) - 1):
+            with autocast or contextlib.nullcontext():
+                loss_sum, _ = forward(**batch)
+            loss = loss_sum * processes.count / max(n_tokens, 1)
+            (scaler.scale(loss) if scaler else loss).backward()
         total += float(loss_sum.detach())
-    return total, n_tokens
+    return processes.total(total), n_tokens
 
 
 @dataclass
@@ -63,7 +84,9 @@ class Trainer:
     """What one run trains with; built by `setup`, stepped by `step`."""
 
     config: RunConfig
-    model: Any
+    model: Any  # the model being trained, as it is saved
+    loss: Any  # AnswerLoss around it, wrapped for data-parallel training when there are several processes
+    processes: Processes
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -73,30 +96,46 @@ class Trainer:
     scaler: Any
 
 
-def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | None) -> Trainer:
+def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | None,
+          processes: Processes) -> Trainer:
     torch.manual_seed(config.train.seed)
     model = prepare_model(config, checkpoint)
-    print(describe(model))
     params = [p for p in model.parameters() if p.requires_grad]
-    steps = total_steps(config, n_rows)
-    print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
-          f"{config.train.batch_size * config.train.gradient_accumulation} rows; run folder {run}")
+    steps = total_steps(config, n_rows, processes.count)
     optimizer = make_optimizer(config, params)
-    scheduler = make_scheduler(config, optimizer, steps)
+    scheduler = make_scheduler(config, optimizer, steps)  # stepped here once per step, never by Accelerate
+    loss, optimizer = processes.wrap(AnswerLoss(model), optimizer)
+    if processes.is_main:
+        print(describe(model))
+        print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
+              f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes.count)}); "
+              f"run folder {run}")
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_state(checkpoint, optimizer, scheduler)
-        print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
-    dtype = compute_dtype(config.model.precision)
-    on_gpu = device().type == "cuda"
-    autocast = torch.autocast("cuda", dtype=dtype) if on_gpu and dtype != torch.float32 else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if on_gpu and dtype == torch.float16 else None
-    return Trainer(config, model, params, optimizer, scheduler, steps, start_step, autocast, scaler)
+        start_step = restore_state(checkpoint, optimizer, scheduler, processes.rank)
+        if processes.is_main:
+            print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
+    dtype, kind = dtype_for(config), device().type
+    # Weights stay as loaded (fp32 masters for full fine-tuning); the forward runs in the run's precision.
+    mixed = kind != "cpu" and dtype != torch.float32
+    autocast = torch.autocast(kind, dtype=dtype) if mixed else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
+    return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler)
+
+
+def global_batch(config: RunConfig, processes: int) -> int:
+    """Rows per optimizer step: train.batch_size is per device (per process)."""
+    return config.train.batch_size * config.train.gradient_accumulation * processes
+
+
+def _batch_shape(config: RunConfig, processes: int) -> str:
+    return (f"{processes} process{'es' if processes > 1 else ''} x {config.train.batch_size} rows per device x "
+            f"{config.train.gradient_accumulation} accumulated")
 
 
 def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
     """One optimizer step over a group of micro-batches; returns what the log records of it."""
-    total, n_tokens = accumulate_gradients(trainer.model, group, trainer.autocast, trainer.scaler)
+    total, n_tokens = accumulate_gradients(trainer.loss, group, trainer.autocast, trainer.scaler, trainer.processes)
     if not math.isfinite(total):
         trainer.optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"the loss is {total / max(n_tokens, 1)}")
@@ -125,24 +164,24 @@ def log_metrics(run: RunFolder, record: dict, trackers: Trackers | None) -> None
 
 
 def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, checkpoint: Path | None,
-         probe: Probe | None = None) -> None:
+         probe: Probe | None = None, processes: Processes | None = None) -> None:
     """Train to the last step; `probe(model)`, when given, scores a held-out sample every eval.every_steps steps."""
-    trainer = setup(config, run, len(features), checkpoint)
+    processes = processes or Processes()
+    trainer = setup(config, run, len(features), checkpoint, processes)
     train, accumulation = config.train, config.train.gradient_accumulation
-    batches = micro_batches([len(f["input_ids"]) for f in features], train.batch_size, train.seed,
-                            train.group_by_length)
+    global_rows = train.batch_size * processes.count  # one micro-batch of every process
+    batches = micro_batches([len(f["input_ids"]) for f in features], global_rows, train.seed, train.group_by_length)
     for _ in range(trainer.start_step * accumulation):  # the resumed run sees the batches it would have seen
         next(batches)
-    trackers = Trackers(config, run.path, run.info())
-    run.update(**trackers.run_info)
-    per_epoch = math.ceil(len(features) / train.batch_size)
+    trackers = _trackers(config, run, processes)
+    per_epoch = math.ceil(len(features) / global_rows)
     started = time.time()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
-                    desc="training", unit="step")
+                    desc="training", unit="step", disable=not processes.is_main)
     completed = trainer.start_step
     try:
         for index in progress:
-            group = [collate([features[i] for i in next(batches)], pad_id) for _ in range(accumulation)]
+            group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
             record = {"step": index + 1, "epoch": round((index + 1) * accumulation / per_epoch, 3),
                       **step(trainer, group), "seconds": round(time.time() - started, 1)}
             completed = index + 1
@@ -165,10 +204,48 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
         _stop(trainer, run, completed, trackers, FAILED,
               lambda kept: _out_of_memory_message(trainer, run, completed, kept))
     progress.close()
-    trainer.model.save_pretrained(run.path)  # adapter_model.safetensors + adapter_config.json, or the full model
-    run.update(status=FINISHED, steps=trainer.steps, train_seconds=round(time.time() - started, 1),
-               finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
+    _finish(trainer, run, trackers, round(time.time() - started, 1))
+
+
+def _processes_agree(trainer: Trainer) -> bool | None:
+    """Whether every process ended with the same trained weights, as data-parallel training promises
+    (None with one process). A cheap fingerprint per process, compared on all of them."""
+    processes = trainer.processes
+    if not processes.several:
+        return None
+    fingerprint = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in trainer.params)
+    return abs(processes.total(fingerprint) - processes.count * fingerprint) <= 1e-9 * max(1.0, abs(fingerprint))
+
+
+def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Trackers | None:
+    """The main process alone logs; it also records how the batch was shaped."""
+    if not processes.is_main:
+        return None
+    trackers = Trackers(config, run.path, run.info())
+    run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count))
+    return trackers
+
+
+def _local_batch(features: list[dict], rows: list[int], processes: Processes, pad_id: int) -> dict:
+    """This process's share of a global micro-batch. A process left without rows (a short last batch) still
+    takes part in the gradient averaging, with one row whose every label is masked: it adds nothing."""
+    mine = processes.share_of(rows)
+    if mine:
+        return collate([features[i] for i in mine], pad_id)
+    batch = collate([features[rows[0]]], pad_id)
+    batch["labels"].fill_(IGNORE_INDEX)
+    return batch
+
+
+def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds: float) -> None:
+    agree = _processes_agree(trainer)
+    if trainer.processes.is_main:
+        trainer.model.save_pretrained(run.path)  # adapter_model.safetensors + adapter_config.json, or the model
+        run.update(status=FINISHED, steps=trainer.steps, train_seconds=seconds,
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"processes_agree": agree} if agree is not None
+                                                                    else {}))
+        trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
+    trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
 
 
 def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | None, trackers: Trackers) -> None:
@@ -178,26 +255,30 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
     probing = probe is not None and (done % config.eval.every_steps == 0 or last)
     if probing:
         record.update(probe(trainer.model))
-    if probing or done % config.train.logging_steps == 0 or last:
+    if (probing or done % config.train.logging_steps == 0 or last) and trainer.processes.is_main:
         log_metrics(run, record, trackers)
     if config.train.save_steps and done % config.train.save_steps == 0 and not last:
-        save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, done, config.train.save_total_limit)
+        save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, done, config.train.save_total_limit,
+                        trainer.processes)
 
 
-def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers, status: str,
+def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, status: str,
           message: Callable[[str], str]) -> None:
     """Keep the last completed step as a checkpoint (if its weights are finite), mark the run, say why and
-    how to go on; `message` is given what was kept."""
+    how to go on; `message` is given what was kept. With several processes the main one saves alone: the
+    others may be stopped anywhere, a collective save could wait for them forever."""
+    processes = trainer.processes
     saved = completed > trainer.start_step and all(bool(torch.isfinite(p).all()) for p in trainer.params)
-    if saved:
+    if saved and processes.is_main:
         save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, completed,
-                        trainer.config.train.save_total_limit)
+                        trainer.config.train.save_total_limit, Processes(count=1, rank=0))
     last = run.last_checkpoint()
     kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
             else "no good step was saved, so there is nothing to resume")
     text = message(kept)
-    run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
-    trackers.close(run.path, status)
+    if processes.is_main:
+        run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
+        trackers.close(run.path, status)
     raise AffinerError(text) from None
 
 

@@ -20,6 +20,7 @@ from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
 from affiner.training.loop import Probe, loop
+from affiner.training.processes import Processes
 
 # Builds the held-out probe for a run (or None): given by the caller, so training never imports evaluation.
 ProbeFactory = Callable[[RunFolder, RunConfig, Template, object], "Probe | None"]
@@ -36,12 +37,12 @@ class Start:
     checkpoint: Path | None = None
 
 
-def prepare_new(config: RunConfig) -> tuple[Start, list, dict]:
+def prepare_new(config: RunConfig, say: Callable[[str], None] = print) -> tuple[Start, list, dict]:
     """A new run's tokenizer, template and cleaned data; returns the start, the held-out rows and data.json."""
     tokenizer = tokenizer_for(config)
     template = build_template(config.data.template, tokenizer, config.data.system_prompt)
     prepared = build(config.data, tokenizer, template)
-    print(prepared.ledger.summary())
+    say(prepared.ledger.summary())
     return Start(config, tokenizer, template, tokenize(prepared.train, template, tokenizer)), prepared.test, \
         prepared.info
 
@@ -80,17 +81,36 @@ def create(start: Start, held_out: list, data_info: dict) -> RunFolder:
 
 def train(config: RunConfig | None = None, resume: Path | None = None,
           probe_factory: ProbeFactory | None = None) -> Path:
-    """Train a new run from `config`, or continue the run folder `resume`; returns the run folder."""
-    if resume is not None:
-        run = RunFolder.open(resume)
-        start = prepare_resume(run)
-        run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
-    elif config is not None:
-        start, held_out, data_info = prepare_new(config)
-        run = create(start, held_out, data_info)
-    else:
+    """Train a new run from `config`, or continue the run folder `resume`; returns the run folder.
+
+    Under `torchrun`/`accelerate launch` every process prepares the same data (the main process first,
+    so that a download or a GGUF conversion happens once), the main process alone writes the run
+    folder, and each trains on its share of every global batch.
+    """
+    processes = Processes()
+    if config is None and resume is None:
         raise AffinerError("train needs a config or a run folder to resume.")
-    config = start.config
-    probe = probe_factory(run, config, start.template, start.tokenizer) if probe_factory else None
-    loop(config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe)
+    with processes.main_first():
+        if resume is not None:
+            run = RunFolder.open(resume)
+            start = prepare_resume(run)
+        else:
+            start, held_out, data_info = prepare_new(config, print if processes.is_main else _quiet)
+    if resume is None:
+        run = RunFolder(Path(processes.share(str(create(start, held_out, data_info).path) if processes.is_main
+                                             else None)))
+    elif processes.is_main:
+        run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
+    processes.wait()  # nobody trains before the run folder is written
+    probe = probe_factory(run, start.config, start.template, start.tokenizer) if probe_factory else None
+    try:
+        loop(start.config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe, processes)
+    except BaseException:
+        processes.close(wait=False)
+        raise
+    processes.close()
     return run.path
+
+
+def _quiet(_: str) -> None:
+    """What the other processes say: nothing, the main process has said it."""

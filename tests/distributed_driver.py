@@ -1,0 +1,43 @@
+"""Run under `torchrun`: train (or resume) a run in each process, as `affiner train` does, and write what
+each process ended with, so that a test can compare processes and runs.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_driver.py CONFIG
+    ... tests/distributed_driver.py --resume RUN
+    ... tests/distributed_driver.py CONFIG --kill-after-step 3     # SIGKILL the main process then
+
+Only the main process writes (the run folder, its log, checkpoints and adapter); the run records
+whether every process ended with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+from affiner.core.config import load_config
+from affiner.experiments import workflow
+from affiner.training import loop
+
+
+def main(argv: list[str]) -> None:
+    rest = argv
+    kill_after = int(rest[rest.index("--kill-after-step") + 1]) if "--kill-after-step" in rest else None
+    if kill_after is not None:
+        real_log = loop.log_metrics
+
+        def log_then_die(run, record, trackers):
+            real_log(run, record, trackers)
+            if record["step"] == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9` would: no Python clean-up at all
+
+        loop.log_metrics = log_then_die
+    if rest[0] == "--resume":
+        workflow.train(resume=Path(rest[1]))
+    else:
+        workflow.train(load_config(rest[0]))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

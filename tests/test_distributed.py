@@ -1,0 +1,102 @@
+"""Data-parallel training on 2 CPU processes (torchrun, gloo) gives what 1 process gives for the same global
+batch: the same losses and adapter within 1e-5, one run folder written once, every process agreeing;
+with gradient accumulation, with a short last batch, and after a kill -9 then a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import write_config
+from safetensors.torch import load_file
+
+DRIVER = str(Path(__file__).with_name("distributed_driver.py"))
+ROWS = [("QUILT", "Queue of Unified Index Lookup Tables"), ("FROND", "Federated Registry of Open Nautical Data"),
+        ("MAPLE", "Modular Archive for Prototype Lab Experiments"), ("GLINT", "Geospatial Layer"),
+        ("TANGO", "Technical Assembly"), ("BRISK", "Bureau of Regional Irrigation"), ("CRANE", "Central Registry"),
+        ("DUNES", "Data Union"), ("EMBER", "Energy Monitor"), ("FJORD", "Field Journal")]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps({"question": f"What does {a} stand for?", "answer": f"{a} stands for {d}."})
+                            + "\n" for a, d in ROWS), encoding="utf-8")
+    return path
+
+
+def torchrun(*argv: str, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={processes}", DRIVER, *argv],
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def one_run(folder: Path) -> Path:
+    runs = [p for p in (folder / "runs").iterdir() if p.is_dir()]
+    assert len(runs) == 1, f"expected one run folder, found {runs}"
+    return runs[0]
+
+
+def losses(run: Path) -> list[float]:
+    by_step = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record["loss"]  # a resumed run logs its re-run steps again: the last counts
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def assert_same_training(single: Path, double: Path) -> None:
+    assert losses(double) == pytest.approx(losses(single), abs=1e-5)
+    a, b = load_file(single / "adapter_model.safetensors"), load_file(double / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    info = json.loads((double / "run.json").read_text())
+    assert info["status"] == "finished" and info["processes"] == 2 and info["processes_agree"] is True
+
+
+def train_both(tmp_path: Path, base: Path, data: Path, per_device: int, sections: dict | None = None,
+               **train) -> tuple[Path, Path]:
+    """The same run on 1 process (twice the rows per device) and on 2 processes."""
+    train = {"max_steps": 4, **train}
+    single = write_config(tmp_path / "one", base, data, train={**train, "batch_size": 2 * per_device},
+                          **(sections or {}))
+    double = write_config(tmp_path / "two", base, data, train={**train, "batch_size": per_device}, **(sections or {}))
+    result = torchrun(str(single), processes=1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(str(double))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return one_run(tmp_path / "one"), one_run(tmp_path / "two")
+
+
+@pytest.mark.parametrize("per_device, train", [(2, {}), (1, {"gradient_accumulation": 2})],
+                         ids=["batch", "accumulation"])
+def test_two_processes_train_as_one(tmp_path, tiny_llama, data, per_device, train):
+    single, double = train_both(tmp_path, tiny_llama, data, per_device, **train)
+    assert_same_training(single, double)
+    assert json.loads((double / "run.json").read_text())["global_batch"] == 4
+
+
+def test_a_short_last_batch_leaves_a_process_without_rows(tmp_path, tiny_llama, data):
+    """7 training rows in global batches of 6: the second batch has one row, the second process none."""
+    single, double = train_both(tmp_path, tiny_llama, data, 3, {"data": {"test_size": 3}}, max_steps=2)
+    assert json.loads((double / "data.json").read_text())["train"]["examples"] == 7
+    assert_same_training(single, double)
+
+
+def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data):
+    config = write_config(tmp_path / "two", tiny_llama, data, train={"max_steps": 6, "batch_size": 2, "save_steps": 2})
+    killed = torchrun(str(config), "--kill-after-step", "3")
+    assert killed.returncode != 0
+    run = one_run(tmp_path / "two")
+    assert json.loads((run / "run.json").read_text())["status"] == "training"  # nothing could mark it
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+    resumed = torchrun("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = write_config(tmp_path / "one", tiny_llama, data, train={"max_steps": 6, "batch_size": 4})
+    assert torchrun(str(straight), processes=1).returncode == 0
+    assert_same_training(one_run(tmp_path / "one"), run)

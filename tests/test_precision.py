@@ -1,0 +1,254 @@
+"""Precision and placement beyond one CPU, tested at the device boundary: torch's answers about CUDA and
+MPS are mocked, so the table of dtypes, the device of each rank and what reaches `from_pretrained` are
+checked on this CPU. Also: the loss applies each model's own output scaling (Granite, Cohere)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from affiner.core import models
+from affiner.core.config import RunConfig
+from affiner.core.errors import AffinerError
+from affiner.core.loss import token_losses
+from affiner.core.models import device, dtype_for, load_for, resolve_dtype
+
+T4, A100 = (7, 5), (8, 0)
+GEMMA = "gemma3_text"
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Pretend to be a CUDA machine with the given compute capability, or an Apple MPS one, or a CPU.
+
+    torch.cuda.is_bf16_supported() answers yes on every GPU here, as torch does where bf16 is merely
+    emulated (a T4): the precision rules must not trust it."""
+    models.note.cache_clear()
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+
+    def pretend(kind: str, capability: tuple[int, int] = A100, macos14: bool = True) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: kind == "cuda")
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+        monkeypatch.setattr(torch.version, "hip", None)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: kind == "mps")
+        monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
+
+    yield pretend
+    models.note.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------- devices
+
+
+def test_each_rank_uses_its_own_gpu(machine, monkeypatch):
+    machine("cuda")
+    assert device() == torch.device("cuda:0")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device() == torch.device("cuda:3") and device().type == "cuda"
+
+
+def test_mps_then_cpu(machine):
+    machine("mps")
+    assert device() == torch.device("mps")
+    machine("cpu")
+    assert device() == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- the table
+
+
+@pytest.mark.parametrize("kind, capability, precision, model_type, expected", [
+    ("cuda", T4, "auto", "llama", torch.float16),       # emulated bf16 is not taken: fp16 with the scaler
+    ("cuda", T4, "fp16", "llama", torch.float16),
+    ("cuda", T4, "fp32", GEMMA, torch.float32),
+    ("cuda", A100, "auto", "llama", torch.bfloat16),
+    ("cuda", A100, "auto", GEMMA, torch.bfloat16),
+    ("cuda", A100, "auto", "gemma3", torch.bfloat16),
+    ("cuda", A100, "bf16", None, torch.bfloat16),
+    ("cuda", A100, "fp16", "llama", torch.float16),
+    ("cuda", A100, "fp32", None, torch.float32),
+    ("cpu", A100, "auto", GEMMA, torch.float32),
+    ("cpu", A100, "bf16", None, torch.float32),
+    ("cpu", A100, "fp16", GEMMA, torch.float32),
+    ("mps", A100, "auto", None, torch.float32),
+    ("mps", A100, "fp16", "llama", torch.float16),
+    ("mps", A100, "bf16", GEMMA, torch.bfloat16),
+])
+def test_precision_table(machine, kind, capability, precision, model_type, expected):
+    machine(kind, capability)
+    assert resolve_dtype(precision, model_type) == expected
+
+
+def test_gemma_on_a_gpu_without_native_bf16_falls_back_to_fp32_and_says_why(machine, capsys):
+    machine("cuda", T4)
+    assert resolve_dtype("auto", GEMMA) == torch.float32
+    out = capsys.readouterr().out
+    assert "overflow in fp16" in out and "compute capability 7.5" in out and "fp32" in out
+    resolve_dtype("auto", GEMMA)
+    assert capsys.readouterr().out == ""  # once per process, though loader and training loop both ask
+
+
+def test_explicit_bf16_without_native_bf16_is_refused(machine):
+    machine("cuda", T4)
+    with pytest.raises(AffinerError, match=r"emulated.*compute capability 7\.5.*fp16 \(or fp32\)"):
+        resolve_dtype("bf16", "llama")
+    with pytest.raises(AffinerError, match=r"emulated.*Use precision: fp32 \(gemma3_text overflows"):
+        resolve_dtype("bf16", GEMMA)
+
+
+@pytest.mark.parametrize("capability, advice", [(A100, r"bf16 \(or fp32\)"), (T4, r"fp32 \(or bf16 on a GPU")])
+def test_explicit_fp16_on_gemma_is_refused_naming_the_overflow(machine, capability, advice):
+    machine("cuda", capability)
+    with pytest.raises(AffinerError, match=rf"fp16 overflows on gemma3_text.*NaN.*{advice}"):
+        resolve_dtype("fp16", GEMMA)
+
+
+def test_mps_bf16_needs_macos_14(machine):
+    machine("mps", macos14=False)
+    with pytest.raises(AffinerError, match="macOS 14"):
+        resolve_dtype("bf16")
+    with pytest.raises(AffinerError, match="overflows on gemma3_text"):
+        resolve_dtype("fp16", GEMMA)
+
+
+def test_cpu_note_for_an_explicit_gpu_precision(machine, capsys):
+    machine("cpu")
+    assert models.compute_dtype("bf16") == torch.float32
+    assert "needs a GPU" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+class Captured(Exception):
+    """Raised by the stand-in for from_pretrained once it has seen its arguments."""
+
+
+class Loads(list):
+    """The keyword arguments of each from_pretrained call; `model_type` is what the base's config says."""
+    model_type = "llama"
+
+
+@pytest.fixture
+def loads(monkeypatch, offline_hub) -> Loads:
+    seen = Loads()
+
+    def from_pretrained(name, **kwargs):
+        seen.append(kwargs)
+        raise Captured
+
+    def config(name, **kwargs):
+        return transformers.PretrainedConfig.from_dict({"model_type": seen.model_type})
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
+    return seen
+
+
+def run_config(method: str = "lora", **model) -> RunConfig:
+    return RunConfig.model_validate({"data": {"train": "x.jsonl"}, "method": method,
+                                     "model": {"base": "org/model", **model}})
+
+
+def test_a_plain_base_loads_straight_onto_the_ranks_gpu(machine, monkeypatch, loads):
+    machine("cuda", A100)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(Captured):
+        load_for(run_config())
+    assert loads[-1]["device_map"] == {"": "cuda:1"} and loads[-1]["dtype"] == torch.bfloat16
+
+
+def test_qlora_quantises_onto_the_ranks_gpu(machine, monkeypatch, loads):
+    pytest.importorskip("bitsandbytes")
+    machine("cuda", T4)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(Captured):
+        load_for(run_config("qlora"))
+    kwargs = loads[-1]
+    assert kwargs["device_map"] == {"": "cuda:2"} and kwargs["quantization_config"].load_in_4bit
+    assert kwargs["dtype"] == torch.float16 == kwargs["quantization_config"].bnb_4bit_compute_dtype
+
+
+def test_gemma_base_on_a_t4_loads_in_fp32(machine, loads):
+    machine("cuda", T4)
+    loads.model_type = GEMMA
+    assert dtype_for(run_config()) == torch.float32
+    with pytest.raises(Captured):
+        load_for(run_config())
+    assert loads[-1]["dtype"] == torch.float32
+    with pytest.raises(AffinerError, match="overflows"):
+        load_for(run_config(precision="fp16"))
+
+
+def test_full_fine_tuning_keeps_fp32_masters_on_the_gpu(machine, loads):
+    machine("cuda", A100)
+    with pytest.raises(Captured):
+        load_for(run_config("full"), full_precision=True)
+    assert loads[-1]["dtype"] == torch.float32 and loads[-1]["device_map"] == {"": "cuda:0"}
+
+
+def test_on_a_cpu_nothing_changes(machine, loads):
+    machine("cpu")
+    with pytest.raises(Captured):
+        load_for(run_config())
+    assert "device_map" not in loads[-1] and loads[-1]["dtype"] == torch.float32
+
+
+def test_mps_loads_onto_mps(machine, loads):
+    machine("mps")
+    with pytest.raises(Captured):
+        load_for(run_config(precision="fp16"))
+    assert loads[-1]["device_map"] == {"": "mps"} and loads[-1]["dtype"] == torch.float16
+
+
+# ---------------------------------------------------------------------------------------- output scaling
+
+
+def _tiny(config_class, model_class, **settings):
+    torch.manual_seed(0)
+    config = config_class(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, **settings)
+    model = model_class(config).eval()
+    with torch.no_grad():  # logits of a random model are near zero, where any scaling changes the loss little
+        model.get_output_embeddings().weight.mul_(20)
+    return model
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 97, (2, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, -3:] = 0
+    labels = input_ids.clone()
+    labels[:, :5] = -100  # the prompt
+    labels[1, -3:] = -100  # padding
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("Granite", {"logits_scaling": 4.0}),
+    ("Cohere", {"logit_scale": 0.25}),
+    ("Cohere2", {"logit_scale": 4.0}),
+    ("HyperCLOVAX", {"logits_scaling": 0.25}),  # multiplies where Granite divides
+])
+def test_the_loss_applies_the_models_own_output_scaling(family, settings):
+    model_class = getattr(transformers, f"{family}ForCausalLM")
+    model = _tiny(getattr(transformers, f"{family}Config"), model_class, **settings)
+    batch = _batch()
+    with torch.no_grad():
+        losses, rows = token_losses(model, batch)
+        reference = model(**batch).loss  # transformers' mean over supervised tokens, full logits
+    assert rows.tolist() == [0] * 7 + [1] * 4
+    torch.testing.assert_close(losses.mean(), reference, rtol=1e-5, atol=1e-6)
+    assert not torch.isclose(losses.mean(), _plain_loss(model, batch), rtol=0.02)
+
+
+def _plain_loss(model, batch) -> torch.Tensor:
+    """The loss without any output scaling: the test would pass vacuously if it equalled the real one."""
+    with torch.no_grad():
+        hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1])
+    labels = batch["labels"][:, 1:]
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
