@@ -30,6 +30,8 @@ def main(args: argparse.Namespace) -> None:
         folder, evaluation = train_and_evaluate(resume=Path(args.resume))
     else:
         folder, evaluation = train_and_evaluate(load_config(args.config, args.overrides))
+    if evaluation is None:  # another process than the main one: the main one reports
+        return
     print()
     print(format_table(evaluation))
     print(f"\nReport: {folder / 'report.html'}")

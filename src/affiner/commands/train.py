@@ -24,9 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> None:
     from affiner.core.config import load_config
     from affiner.experiments.workflow import train
+    from affiner.training.processes import Processes
 
     if args.resume:
         folder = train(resume=Path(args.resume))
     else:
         folder = train(load_config(args.config, args.overrides))
-    print(f"Run folder: {folder}")
+    if Processes().is_main:
+        print(f"Run folder: {folder}")

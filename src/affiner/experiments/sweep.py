@@ -25,6 +25,7 @@ from affiner.experiments import workflow
 from affiner.experiments.grid import (METRICS, Grid, describe_point, expand, get_value, parse_grid, parse_value,
                                       point_name, set_value)
 from affiner.experiments.sweep_table import PLOT_FILE, TABLE_MD, point_summary, write_results
+from affiner.training.processes import Processes
 
 SWEEP_FILE = "sweep.json"
 RUNS = "runs"
@@ -147,6 +148,9 @@ def next_action(point: dict, folder: Path) -> str:
 
 def run_sweep(folder: Path, state: dict) -> None:
     """Every point not finished yet, in order; then the table and the plot. Failed points end it with an error."""
+    if Processes().several:
+        raise AffinerError("affiner sweep runs its points one after another in one process; to train on several "
+                           "devices, launch affiner run (or train) under torchrun with the settings of one point.")
     runs_dir = folder / RUNS
     configs = {}
     for point in state["points"]:  # the recorded configs, re-checked before anything runs

@@ -12,6 +12,7 @@ from affiner.core.config import RunConfig
 from affiner.evaluation.evaluate import evaluate
 from affiner.evaluation.probe import probe_for
 from affiner.training import run as training
+from affiner.training.processes import Processes
 
 
 def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
@@ -19,7 +20,11 @@ def train(config: RunConfig | None = None, resume: Path | None = None) -> Path:
     return training.train(config, resume, probe_factory=probe_for)
 
 
-def train_and_evaluate(config: RunConfig | None = None, resume: Path | None = None) -> tuple[Path, dict]:
-    """What `affiner run` does: train, then answer the held-out questions with base and tuned."""
+def train_and_evaluate(config: RunConfig | None = None,
+                       resume: Path | None = None) -> tuple[Path, dict | None]:
+    """What `affiner run` does: train, then answer the held-out questions with base and tuned. Under
+    several processes the main one evaluates alone; the others return None once training is over."""
     folder = train(config, resume)
+    if not Processes().is_main:
+        return folder, None
     return folder, evaluate(folder)
