@@ -15,6 +15,8 @@ from conftest import write_config
 from safetensors.torch import load_file
 
 DRIVER = str(Path(__file__).with_name("distributed_driver.py"))
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "src" / "affiner" / "recipes" / "accelerate"
+FSDP2 = str(ACCELERATE_CONFIGS / "fsdp2.yaml")
 ROWS = [("QUILT", "Queue of Unified Index Lookup Tables"), ("FROND", "Federated Registry of Open Nautical Data"),
         ("MAPLE", "Modular Archive for Prototype Lab Experiments"), ("GLINT", "Geospatial Layer"),
         ("TANGO", "Technical Assembly"), ("BRISK", "Bureau of Regional Irrigation"), ("CRANE", "Central Registry"),
@@ -50,13 +52,14 @@ def losses(run: Path) -> list[float]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def assert_same_training(single: Path, double: Path) -> None:
+def assert_same_training(single: Path, double: Path, sharded: bool = False) -> None:
     assert losses(double) == pytest.approx(losses(single), abs=1e-5)
     a, b = load_file(single / "adapter_model.safetensors"), load_file(double / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
     info = json.loads((double / "run.json").read_text())
-    assert info["status"] == "finished" and info["processes"] == 2 and info["processes_agree"] is True
+    assert info["status"] == "finished" and info["processes"] == 2
+    assert info.get("processes_agree") is (None if sharded else True)  # shards are not copies to compare
 
 
 def train_both(tmp_path: Path, base: Path, data: Path, per_device: int, sections: dict | None = None,
@@ -73,11 +76,25 @@ def train_both(tmp_path: Path, base: Path, data: Path, per_device: int, sections
     return one_run(tmp_path / "one"), one_run(tmp_path / "two")
 
 
-@pytest.mark.parametrize("per_device, train", [(2, {}), (1, {"gradient_accumulation": 2})],
-                         ids=["batch", "accumulation"])
-def test_two_processes_train_as_one(tmp_path, tiny_llama, data, per_device, train):
-    single, double = train_both(tmp_path, tiny_llama, data, per_device, **train)
-    assert_same_training(single, double)
+PROBE = {"eval": {"every_steps": 2, "sample_size": 2, "max_new_tokens": 4}}
+
+
+@pytest.mark.parametrize("per_device, train, sections", [
+    (2, {}, {}),
+    (1, {"gradient_accumulation": 2}, {}),
+    (1, {"gradient_accumulation": 2}, PROBE),  # every process generates the held-out answers
+    (2, {"accelerate_config": FSDP2, "save_steps": 2}, {}),  # sharded, a checkpoint gathered from the shards
+    (2, {"accelerate_config": FSDP2}, PROBE),  # generation enters the sharded model outside its loss
+], ids=["batch", "accumulation", "accumulation-probed", "fsdp2", "fsdp2-probed"])
+def test_two_processes_train_as_one(tmp_path, tiny_llama, data, per_device, train, sections):
+    single, double = train_both(tmp_path, tiny_llama, data, per_device, sections, **train)
+    assert_same_training(single, double, sharded="accelerate_config" in train)
+    if sections:  # the main process logged the held-out scores one process gets
+        probed = [json.loads(line) for line in (double / "metrics.jsonl").read_text().splitlines()]
+        expected = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+        scores = [r["eval_loss"] for r in probed if "eval_loss" in r]
+        assert len(scores) == 2 and scores == pytest.approx([r["eval_loss"] for r in expected if "eval_loss" in r],
+                                                            abs=1e-4)
     assert json.loads((double / "run.json").read_text())["global_batch"] == 4
 
 
@@ -88,8 +105,10 @@ def test_a_short_last_batch_leaves_a_process_without_rows(tmp_path, tiny_llama, 
     assert_same_training(single, double)
 
 
-def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data):
-    config = write_config(tmp_path / "two", tiny_llama, data, train={"max_steps": 6, "batch_size": 2, "save_steps": 2})
+@pytest.mark.parametrize("sharding", [{}, {"accelerate_config": FSDP2}], ids=["ddp", "fsdp2"])
+def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data, sharding):
+    config = write_config(tmp_path / "two", tiny_llama, data,
+                          train={"max_steps": 6, "batch_size": 2, "save_steps": 2, **sharding})
     killed = torchrun(str(config), "--kill-after-step", "3")
     assert killed.returncode != 0
     run = one_run(tmp_path / "two")
@@ -99,4 +118,25 @@ def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = write_config(tmp_path / "one", tiny_llama, data, train={"max_steps": 6, "batch_size": 4})
     assert torchrun(str(straight), processes=1).returncode == 0
-    assert_same_training(one_run(tmp_path / "one"), run)
+    assert_same_training(one_run(tmp_path / "one"), run, sharded=bool(sharding))
+
+
+def test_shipped_accelerate_configs_are_valid(tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from affiner.core.errors import AffinerError
+    from affiner.training.processes import sharding
+
+    shipped = sorted(ACCELERATE_CONFIGS.glob("*.yaml"))
+    assert [p.name for p in shipped] == ["ddp.yaml", "fsdp2.yaml"]
+    for path in shipped:
+        assert load_config_from_file(str(path)).distributed_type  # Accelerate itself reads it
+    assert sharding(str(ACCELERATE_CONFIGS / "ddp.yaml")) is False and sharding(FSDP2) is True
+    deepspeed = tmp_path / "ds.yaml"
+    deepspeed.write_text("distributed_type: DEEPSPEED\ndeepspeed_config: {zero_stage: 2}\n")
+    with pytest.raises(AffinerError, match="DeepSpeed"):
+        sharding(str(deepspeed))
+    fsdp1 = tmp_path / "fsdp1.yaml"
+    fsdp1.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_version: 1}\n")
+    with pytest.raises(AffinerError, match="fsdp_version: 2"):
+        sharding(str(fsdp1))

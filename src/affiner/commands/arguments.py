@@ -16,3 +16,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     """What `train` and `run` take: a config with overrides, or a run folder to resume."""
     add_config_arguments(parser, "YAML file or recipe name (default: quickstart)", "train.learning_rate=1e-4")
     parser.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
+    parser.add_argument("--accelerate-config", metavar="FILE",
+                        help="an Accelerate config file choosing how several processes share the model "
+                             "(FSDP2 shards it; default DDP); the same as --set train.accelerate_config=FILE")
+
+
+def training_overrides(args: argparse.Namespace) -> list[str]:
+    """--set values, with --accelerate-config as the train.accelerate_config it stands for."""
+    extra = [f"train.accelerate_config={args.accelerate_config}"] if args.accelerate_config else []
+    return [*args.overrides, *extra]

@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from affiner.commands.arguments import add_training_arguments
+from affiner.commands.arguments import add_training_arguments, training_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def main(args: argparse.Namespace) -> None:
     if args.resume:
         folder, evaluation = train_and_evaluate(resume=Path(args.resume))
     else:
-        folder, evaluation = train_and_evaluate(load_config(args.config, args.overrides))
+        folder, evaluation = train_and_evaluate(load_config(args.config, training_overrides(args)))
     if evaluation is None:  # another process than the main one: the main one reports
         return
     print()

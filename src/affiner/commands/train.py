@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from affiner.commands.arguments import add_training_arguments
+from affiner.commands.arguments import add_training_arguments, training_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,6 @@ def main(args: argparse.Namespace) -> None:
     if args.resume:
         folder = train(resume=Path(args.resume))
     else:
-        folder = train(load_config(args.config, args.overrides))
+        folder = train(load_config(args.config, training_overrides(args)))
     if Processes().is_main:
         print(f"Run folder: {folder}")

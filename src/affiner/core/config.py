@@ -95,6 +95,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     tracking: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])  # several at once
     mlflow_uri: str | None = None  # null: a local store, sqlite in <output_dir>/mlflow.db; or a server's URL
+    # An Accelerate config file (accelerate config's YAML): distributed_type FSDP with fsdp_version 2 shards
+    # the model across processes (less memory per device, more communication); otherwise DDP.
+    accelerate_config: str | None = None
 
 
 class JudgeConfig(_Section):

@@ -21,17 +21,28 @@ STEP_FILE = "step.json"
 RNG_FILE = "rng-{rank}.pt"  # one per process: each draws its own dropout masks
 
 
-def save_checkpoint(model, optimizer, scheduler, run: RunFolder, step: int, keep: int,
-                    processes: Processes | None = None) -> Path:
-    """The checkpoint of `step`, written by the main process, each process adding its own random state;
-    every process calls it (it waits for the others twice)."""
-    processes = processes or Processes()
+def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter (or the full model) in plain peft/transformers format; `state` is the whole state dict
+    gathered from sharded processes, keyed as the loss module holds the model (model.<name>)."""
+    if state is None:
+        model.save_pretrained(folder)
+        return
+    model.save_pretrained(folder, state_dict={key.removeprefix("model."): value for key, value in state.items()})
+
+
+def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool = False) -> Path:
+    """The checkpoint of `step`: weights and optimizer written by the main process (gathered from the
+    shards first when sharded), and each process's own random state. Every process calls it, unless
+    `alone` (the main process, after the others may have stopped: not when sharded)."""
+    processes = Processes(count=1, rank=0) if alone else trainer.processes
     target = run.checkpoint_path(step)
     partial = target.with_name(target.name + ".partial")
+    state = processes.full_state(trainer.loss)
+    optimizer = processes.optimizer_state(trainer.loss, trainer.optimizer)
     if processes.is_main:
         shutil.rmtree(partial, ignore_errors=True)
-        model.save_pretrained(partial)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, partial / STATE_FILE)
+        save_model(trainer.model, partial, state)
+        torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
         (partial / STEP_FILE).write_text(json.dumps({"step": step}))
     processes.wait()
     torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
@@ -49,16 +60,16 @@ def rng_states() -> dict[str, object]:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_state(checkpoint: Path, optimizer, scheduler, rank: int = 0) -> int:
+def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Processes) -> int:
     """Optimizer, scheduler and RNG as they were at the checkpoint; returns its step.
 
     Loaded onto the CPU first (a GPU checkpoint resumes on a CPU too; the optimizer moves its state to
     its parameters' device) and with weights_only, so a crafted checkpoint cannot run code.
     """
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    processes.load_optimizer_state(module, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    rng = _random_state(checkpoint, rank, state)
+    rng = _random_state(checkpoint, processes.rank, state)
     torch.set_rng_state(rng["torch_rng"])
     cuda_states = rng.get("cuda_rng") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():

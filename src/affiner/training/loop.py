@@ -28,7 +28,7 @@ from affiner.core.runfolder import FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import micro_batches, total_steps
-from affiner.training.checkpoints import restore_state, save_checkpoint
+from affiner.training.checkpoints import restore_state, save_checkpoint, save_model
 from affiner.training.processes import Processes
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
@@ -99,20 +99,22 @@ class Trainer:
 def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | None,
           processes: Processes) -> Trainer:
     torch.manual_seed(config.train.seed)
-    model = prepare_model(config, checkpoint)
-    params = [p for p in model.parameters() if p.requires_grad]
+    with processes.main_first():  # a Hub download happens once, the others then read the cache
+        model = prepare_model(config, checkpoint)
+    if processes.is_main:
+        print(describe(model))
+    loss = processes.wrap(AnswerLoss(model), _blocks(model))
+    params = [p for p in loss.parameters() if p.requires_grad]
     steps = total_steps(config, n_rows, processes.count)
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer, steps)  # stepped here once per step, never by Accelerate
-    loss, optimizer = processes.wrap(AnswerLoss(model), optimizer)
     if processes.is_main:
-        print(describe(model))
         print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
               f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes.count)}); "
               f"run folder {run}")
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_state(checkpoint, optimizer, scheduler, processes.rank)
+        start_step = restore_state(checkpoint, loss, optimizer, scheduler, processes)
         if processes.is_main:
             print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
     dtype, kind = dtype_for(config), device().type
@@ -121,6 +123,12 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     autocast = torch.autocast(kind, dtype=dtype) if mixed else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
     return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler)
+
+
+def _blocks(model) -> set[str]:
+    """The class names of the model's transformer blocks: the units FSDP2 shards one by one."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return set(getattr(base, "_no_split_modules", None) or [])
 
 
 def global_batch(config: RunConfig, processes: int) -> int:
@@ -142,6 +150,7 @@ def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, An
     if trainer.scaler:
         trainer.scaler.unscale_(trainer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, trainer.config.train.max_grad_norm or float("inf"))
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a sharded norm
     # With fp16's gradient scaler, infinite gradients only make it skip the step and lower its scale.
     if trainer.scaler is None and not torch.isfinite(grad_norm):
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +220,7 @@ def _processes_agree(trainer: Trainer) -> bool | None:
     """Whether every process ended with the same trained weights, as data-parallel training promises
     (None with one process). A cheap fingerprint per process, compared on all of them."""
     processes = trainer.processes
-    if not processes.several:
+    if not processes.several or processes.sharded:  # shards differ by design; they were never copies
         return None
     fingerprint = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in trainer.params)
     return abs(processes.total(fingerprint) - processes.count * fingerprint) <= 1e-9 * max(1.0, abs(fingerprint))
@@ -239,8 +248,9 @@ def _local_batch(features: list[dict], rows: list[int], processes: Processes, pa
 
 def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds: float) -> None:
     agree = _processes_agree(trainer)
+    state = trainer.processes.full_state(trainer.loss)  # gathered from the shards, when sharded
     if trainer.processes.is_main:
-        trainer.model.save_pretrained(run.path)  # adapter_model.safetensors + adapter_config.json, or the model
+        save_model(trainer.model, run.path, state)  # adapter_model.safetensors + adapter_config.json, or the model
         run.update(status=FINISHED, steps=trainer.steps, train_seconds=seconds,
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"processes_agree": agree} if agree is not None
                                                                     else {}))
@@ -254,12 +264,12 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
     last = done == trainer.steps
     probing = probe is not None and (done % config.eval.every_steps == 0 or last)
     if probing:
-        record.update(probe(trainer.model))
+        with trainer.processes.gathered(trainer.loss):
+            record.update(probe(trainer.model))
     if (probing or done % config.train.logging_steps == 0 or last) and trainer.processes.is_main:
         log_metrics(run, record, trackers)
     if config.train.save_steps and done % config.train.save_steps == 0 and not last:
-        save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, done, config.train.save_total_limit,
-                        trainer.processes)
+        save_checkpoint(trainer, run, done, config.train.save_total_limit)
 
 
 def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, status: str,
@@ -268,10 +278,12 @@ def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers |
     how to go on; `message` is given what was kept. With several processes the main one saves alone: the
     others may be stopped anywhere, a collective save could wait for them forever."""
     processes = trainer.processes
-    saved = completed > trainer.start_step and all(bool(torch.isfinite(p).all()) for p in trainer.params)
+    # Sharded weights can only be saved by every process together, and some may be gone: then the last
+    # checkpoint of train.save_steps is what is kept.
+    saved = completed > trainer.start_step and not processes.sharded and \
+        all(bool(torch.isfinite(p).all()) for p in trainer.params)
     if saved and processes.is_main:
-        save_checkpoint(trainer.model, trainer.optimizer, trainer.scheduler, run, completed,
-                        trainer.config.train.save_total_limit, Processes(count=1, rank=0))
+        save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=True)
     last = run.last_checkpoint()
     kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
             else "no good step was saved, so there is nothing to resume")

@@ -12,6 +12,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class Processes:
 
     count: int = field(default_factory=lambda: int(os.environ.get("WORLD_SIZE", "1")))
     rank: int = field(default_factory=lambda: int(os.environ.get("RANK", "0")))
+    sharded: bool = False  # FSDP2: each process holds a shard of the weights, not all of them (see `sharding`)
 
     @cached_property
     def accelerator(self):
@@ -80,23 +82,109 @@ class Processes:
                 self.accelerator.wait_for_everyone()
             torch.distributed.destroy_process_group()
 
-    def wrap(self, model, optimizer):
-        """The model ready for data-parallel training (DDP wraps it; one process leaves it as it is)."""
+    def wrap(self, module: torch.nn.Module, no_split: set[str]) -> torch.nn.Module:
+        """The module ready for data-parallel training: DDP wraps it, FSDP2 shards it in place (each block
+        named in `no_split`, then the whole); one process leaves it as it is. Build the optimizer after:
+        sharding replaces the parameters."""
         if not self.several:
-            return model, optimizer
-        return self.accelerator.prepare(model, optimizer)
+            return module
+        if not self.sharded:
+            return self.accelerator.prepare(module)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        self.accelerator  # noqa: B018  (Accelerate starts the process group the mesh is built on)
+        mesh = init_device_mesh(self.accelerator.device.type, (self.count,))
+        for block in [m for m in module.modules() if type(m).__name__ in no_split]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(module, mesh=mesh)
+        return module
 
     def unwrap(self, model):
-        return self.accelerator.unwrap_model(model) if self.several else model
+        return self.accelerator.unwrap_model(model) if self.several and not self.sharded else model
 
-    def no_sync(self, model, last: bool) -> contextlib.AbstractContextManager:
+    @contextlib.contextmanager
+    def no_sync(self, model, last: bool):
         """Gradients are averaged across processes on the last micro-batch of a step only."""
         if not self.several or last:
-            return contextlib.nullcontext()
-        return self.accelerator.no_sync(model)
+            yield
+        elif self.sharded:
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        else:
+            with self.accelerator.no_sync(model):
+                yield
+
+    @contextlib.contextmanager
+    def gathered(self, module: torch.nn.Module):
+        """The sharded module's own weights gathered for a while: calls that enter the model elsewhere than
+        through `module` (generation, in the held-out probe) then find whole weights, its blocks gathering
+        theirs as usual. Every process must enter it."""
+        if not self.sharded:
+            yield
+            return
+        module.unshard()
+        try:
+            yield
+        finally:
+            module.reshard()
+
+    def optimizer_state(self, module: torch.nn.Module, optimizer) -> dict:
+        """The optimizer's state as one process would have it (gathered from the shards when sharded)."""
+        if not self.sharded:
+            return optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(module, optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def load_optimizer_state(self, module: torch.nn.Module, optimizer, state: dict) -> None:
+        if not self.sharded:
+            optimizer.load_state_dict(state)
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+
+    def full_state(self, module: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The whole state dict on the main process (None elsewhere); every process calls it when sharded."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if self.is_main else None
 
     def share_of(self, rows: list[int]) -> list[int]:
         """This process's contiguous part of a global batch (as even as the rows allow)."""
         per, extra = divmod(len(rows), self.count)
         start = self.rank * per + min(self.rank, extra)
         return rows[start:start + per + (self.rank < extra)]
+
+
+def sharding(accelerate_config: str | None) -> bool:
+    """Whether to shard the model (FSDP2), as an Accelerate config file says (`train.accelerate_config`,
+    or the one `accelerate launch --config_file` applied); DDP otherwise."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in {"1", "true"}:
+        return True
+    if not accelerate_config:
+        return False
+    import yaml
+
+    from affiner.core.errors import AffinerError
+
+    path = Path(accelerate_config).expanduser()
+    try:
+        settings = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise AffinerError(f"train.accelerate_config {path} cannot be read: {error}.") from None
+    kind = str(settings.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        raise AffinerError(f"{path} asks for DeepSpeed, which affiner does not run yet; use an FSDP config "
+                           "(distributed_type: FSDP, fsdp_config: {fsdp_version: 2}) or none (DDP).")
+    if kind == "FSDP" and int((settings.get("fsdp_config") or {}).get("fsdp_version", 1)) != 2:
+        raise AffinerError(f"{path}: affiner shards with FSDP2; set fsdp_config.fsdp_version: 2.")
+    return kind == "FSDP"

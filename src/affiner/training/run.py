@@ -20,7 +20,7 @@ from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
 from affiner.training.loop import Probe, loop
-from affiner.training.processes import Processes
+from affiner.training.processes import Processes, sharding
 
 # Builds the held-out probe for a run (or None): given by the caller, so training never imports evaluation.
 ProbeFactory = Callable[[RunFolder, RunConfig, Template, object], "Probe | None"]
@@ -102,6 +102,7 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
     elif processes.is_main:
         run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
     processes.wait()  # nobody trains before the run folder is written
+    processes.sharded = processes.several and sharding(start.config.train.accelerate_config)
     probe = probe_factory(run, start.config, start.template, start.tokenizer) if probe_factory else None
     try:
         loop(start.config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe, processes)
