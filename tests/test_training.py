@@ -234,3 +234,17 @@ def test_tensorboard_events_hold_train_and_eval_scalars(tmp_path, tiny_gpt2):
     events.Reload()
     assert {"train/loss", "train/learning_rate", "eval/loss", "eval/contains"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+
+
+def test_the_loss_builds_no_kv_cache(tiny_llama, monkeypatch):
+    model = load_model(str(tiny_llama))
+    seen: list = []
+    real = model.model.forward
+
+    def forward(*args, **kwargs):
+        seen.append(kwargs.get("use_cache"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", forward)
+    supervised_loss(model, _batch(tiny_llama))
+    assert seen == [False]

@@ -24,10 +24,12 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     head = hf_model.get_output_embeddings()
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
+    # No KV cache: a scored sequence is never continued, and building one costs memory in training.
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if body is None or head is None:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        logits = model(**inputs).logits[:, :-1][mask]
     else:
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = body(**inputs).last_hidden_state
         logits = output_scaling(hf_model.config, head(hidden[:, :-1][mask]))
     losses = F.cross_entropy(logits.float(), labels[mask], reduction="none")
     return losses, mask.nonzero()[:, 0]
