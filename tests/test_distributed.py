@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_config
 from safetensors.torch import load_file
 
@@ -140,3 +141,43 @@ def test_shipped_accelerate_configs_are_valid(tmp_path):
     fsdp1.write_text("distributed_type: FSDP\nfsdp_config: {fsdp_version: 1}\n")
     with pytest.raises(AffinerError, match="fsdp_version: 2"):
         sharding(str(fsdp1))
+
+
+def test_what_sharding_cannot_do_is_refused_before_anything_is_written(tiny_llama, data, monkeypatch):
+    from affiner.core.config import load_config
+    from affiner.core.errors import AffinerError
+    from affiner.training.processes import Processes
+    from affiner.training.run import check_sharding
+
+    sharded = Processes(count=2, rank=0, sharded=True)
+    config = load_config(str(write_config(data.parent, tiny_llama, data)))
+    check_sharding(config, sharded)  # LoRA, AdamW, fp32: fine
+    for key, value, reason in [("method", "qlora", "4-bit"), ("optimizer", "adamw_8bit", "bitsandbytes")]:
+        changed = config.model_copy(deep=True)
+        if key == "method":
+            changed.method = value
+        else:
+            changed.train.optimizer = value
+        with pytest.raises(AffinerError, match=reason):
+            check_sharding(changed, sharded)
+    check_sharding(config.model_copy(update={"method": "qlora"}), Processes(count=2, rank=0))  # DDP: fine
+    from affiner.training import run as training_run
+
+    monkeypatch.setattr(training_run, "dtype_for", lambda config: torch.float16)  # a T4's precision
+    with pytest.raises(AffinerError, match="fp16 needs a gradient scaler"):
+        check_sharding(config, sharded)
+
+
+def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, tiny_llama, data):
+    from affiner.core.errors import AffinerError
+    from affiner.core.runfolder import RunFolder
+    from affiner.training.processes import Processes
+    from affiner.training.run import check_resumable
+
+    run = RunFolder(tmp_path)
+    run.update(status="interrupted", processes=2)
+    check_resumable(run, Processes(count=2, rank=1))
+    with pytest.raises(AffinerError, match="trained on 2 process.*--nproc_per_node 2"):
+        check_resumable(run, Processes(count=1, rank=0))
+    RunFolder(tmp_path).update(processes=1)
+    check_resumable(run, Processes(count=1, rank=0))

@@ -4,6 +4,8 @@ checked on this CPU. Also: the loss applies each model's own output scaling (Gra
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 import transformers
@@ -132,7 +134,7 @@ class Loads(list):
 
 
 @pytest.fixture
-def loads(monkeypatch, offline_hub) -> Loads:
+def loads(monkeypatch, offline_hub) -> Iterator[Loads]:
     seen = Loads()
 
     def from_pretrained(name, **kwargs):
@@ -144,7 +146,9 @@ def loads(monkeypatch, offline_hub) -> Loads:
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
-    return seen
+    models.model_type_of.cache_clear()  # each test plays another model behind the same name
+    yield seen
+    models.model_type_of.cache_clear()
 
 
 def run_config(method: str = "lora", **model) -> RunConfig:

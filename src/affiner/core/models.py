@@ -109,6 +109,7 @@ def compute_dtype(precision: str = "auto") -> torch.dtype:
     return resolve_dtype(precision)
 
 
+@functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
 def model_type_of(base: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
     """The base's `model_type` (gemma3_text, llama, ...) from its config.json alone, without its weights;
     None when the config cannot be read (loading the model then says why)."""

@@ -38,6 +38,7 @@ SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished"
+FAILED = "failed"  # stopped by an error it explains (run.json "error"); resumable from its checkpoint
 
 
 @dataclass(frozen=True)

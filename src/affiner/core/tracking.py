@@ -24,7 +24,7 @@ from typing import Any
 from affiner.core.config import RunConfig, flatten
 from affiner.core.errors import AffinerError
 from affiner.core.files import write_atomic
-from affiner.core.runfolder import RunFolder
+from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 
 CSV_FILE = "metrics.csv"
 SCALARS = ("loss", "learning_rate", "grad_norm")
@@ -99,7 +99,7 @@ class MlflowTracker:
 
     def close(self, folder: Path, status: str) -> None:
         log_artifacts(self.client, self.run_id, folder)
-        self.client.set_terminated(self.run_id, status={"finished": "FINISHED", "failed": "FAILED"}.get(status, "KILLED"))
+        self.client.set_terminated(self.run_id, status={FINISHED: "FINISHED", FAILED: "FAILED"}.get(status, "KILLED"))
 
 
 def mlflow_client(config: RunConfig):

@@ -25,6 +25,7 @@ from affiner.experiments import workflow
 from affiner.experiments.grid import (METRICS, Grid, describe_point, expand, get_value, parse_grid, parse_value,
                                       point_name, set_value)
 from affiner.experiments.sweep_table import PLOT_FILE, TABLE_MD, point_summary, write_results
+from affiner.training.loop import Interrupted
 from affiner.training.processes import Processes
 
 SWEEP_FILE = "sweep.json"
@@ -196,7 +197,7 @@ def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None
     except KeyboardInterrupt:
         _interrupted(folder, state, point, started)
     except (AffinerError, *OUT_OF_MEMORY) as exc:
-        if isinstance(exc.__context__, KeyboardInterrupt):  # train turns Ctrl-C into "interrupted, resume with..."
+        if isinstance(exc, Interrupted):  # train turns Ctrl-C into "interrupted, resume with..."
             _interrupted(folder, state, point, started)
         message = str(exc) if isinstance(exc, AffinerError) else f"out of memory: {exc}".strip()
         point.update(status="failed", error=message)

@@ -5,13 +5,16 @@
         clip, optimizer step, scheduler step
         log (and probe a held-out sample every eval.every_steps steps), checkpoint every save_steps
 
-Ctrl-C saves a checkpoint at the last completed step, so `affiner train --resume RUN` continues.
+Ctrl-C, a loss that is no longer finite and an out-of-memory error stop it with one paragraph, keeping
+the last good step as a checkpoint (with sharded weights: the last train.save_steps one), so that
+`affiner train --resume RUN` continues.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +27,7 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.loss import IGNORE_INDEX, supervised_loss, supervised_tokens
 from affiner.core.models import describe, device, dtype_for
-from affiner.core.runfolder import FINISHED, RunFolder
+from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import micro_batches, total_steps
@@ -33,7 +36,10 @@ from affiner.training.processes import Processes
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
-FAILED = "failed"
+
+
+class Interrupted(AffinerError):
+    """Training stopped by Ctrl-C; the message says how to resume (a sweep tells it from other failures)."""
 
 
 class Diverged(Exception):
@@ -100,7 +106,9 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
           processes: Processes) -> Trainer:
     torch.manual_seed(config.train.seed)
     with processes.main_first():  # a Hub download happens once, the others then read the cache
-        model = prepare_model(config, checkpoint)
+        # Sharded, the whole model is loaded on the CPU: fully_shard moves each process's shard to its device,
+        # so a base larger than one device still fits.
+        model = prepare_model(config, checkpoint, on=torch.device("cpu") if processes.sharded else None)
     if processes.is_main:
         print(describe(model))
     loss = processes.wrap(AnswerLoss(model), _blocks(model))
@@ -187,7 +195,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     started = time.time()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
                     desc="training", unit="step", disable=not processes.is_main)
-    completed = trainer.start_step
+    completed, stopped = trainer.start_step, None
     try:
         for index in progress:
             group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
@@ -196,24 +204,29 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             completed = index + 1
             progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
             _after_step(trainer, run, record, probe, trackers)
-    except KeyboardInterrupt:
-        progress.close()
-        _stop(trainer, run, completed, trackers, "interrupted",
-              lambda kept: f"training interrupted after step {completed}; continue with: affiner train --resume {run}")
-    except Diverged as diverged:
-        progress.close()
+    # What stopped training is handled after the except blocks: inside them, the traceback would still hold
+    # the activations an out-of-memory error left, and the memory a checkpoint needs.
+    except KeyboardInterrupt:  # every process gets Ctrl-C: they wait for the main one's checkpoint
+        stopped = ("interrupted", True, lambda kept: f"training interrupted after step {completed}; continue "
+                   f"with: affiner train --resume {run}")
+    except Diverged as diverged:  # the loss is summed over processes: every one of them stops here
         reason = str(diverged)
-        _stop(trainer, run, completed, trackers, FAILED,
-              lambda kept: _diverged_message(trainer, run, completed, reason, kept))
-    except torch.OutOfMemoryError:
-        progress.close()
-        trainer.optimizer.zero_grad(set_to_none=True)  # the half-computed gradients hold the memory a save needs
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        _stop(trainer, run, completed, trackers, FAILED,
-              lambda kept: _out_of_memory_message(trainer, run, completed, kept))
+        stopped = (FAILED, True, lambda kept: _diverged_message(trainer, run, completed, reason, kept))
+    except torch.OutOfMemoryError:  # perhaps in one process only: nobody is waited for
+        stopped = (FAILED, False, lambda kept: _out_of_memory_message(trainer, run, completed, kept))
     progress.close()
+    if stopped:
+        _free_memory(trainer)
+        _stop(trainer, run, completed, trackers, *stopped)
     _finish(trainer, run, trackers, round(time.time() - started, 1))
+
+
+def _free_memory(trainer: Trainer) -> None:
+    trainer.optimizer.zero_grad(set_to_none=True)  # half-computed gradients hold the memory a save needs
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif torch.backends.mps.is_available():
+        torch.mps.empty_cache()
 
 
 def _processes_agree(trainer: Trainer) -> bool | None:
@@ -222,7 +235,9 @@ def _processes_agree(trainer: Trainer) -> bool | None:
     processes = trainer.processes
     if not processes.several or processes.sharded:  # shards differ by design; they were never copies
         return None
-    fingerprint = sum(float(p.detach().double().sum()) + float(p.detach().double().abs().sum()) for p in trainer.params)
+    # Sums in fp64 without an fp64 copy of each weight (an embedding can take gigabytes).
+    fingerprint = sum(float(torch.sum(p.detach(), dtype=torch.float64))
+                      + float(torch.linalg.vector_norm(p.detach(), 1, dtype=torch.float64)) for p in trainer.params)
     return abs(processes.total(fingerprint) - processes.count * fingerprint) <= 1e-9 * max(1.0, abs(fingerprint))
 
 
@@ -258,7 +273,8 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
     trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
 
 
-def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | None, trackers: Trackers) -> None:
+def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | None,
+                trackers: Trackers | None) -> None:
     """Probe, log and checkpoint as the config asks, at the step just completed."""
     config, done = trainer.config, record["step"]
     last = done == trainer.steps
@@ -272,18 +288,20 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
         save_checkpoint(trainer, run, done, config.train.save_total_limit)
 
 
-def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, status: str,
+def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, status: str, together: bool,
           message: Callable[[str], str]) -> None:
     """Keep the last completed step as a checkpoint (if its weights are finite), mark the run, say why and
-    how to go on; `message` is given what was kept. With several processes the main one saves alone: the
-    others may be stopped anywhere, a collective save could wait for them forever."""
+    how to go on; `message` is given what was kept. The main process saves alone: a collective save could
+    wait forever for a process that is gone. When every process stopped here (`together`), the others wait
+    for it, so that the launcher does not end it half-way (it stops every process once one has exited)."""
     processes = trainer.processes
-    # Sharded weights can only be saved by every process together, and some may be gone: then the last
-    # checkpoint of train.save_steps is what is kept.
+    # Sharded weights can only be saved by every process together: then the last train.save_steps
+    # checkpoint is what is kept.
     saved = completed > trainer.start_step and not processes.sharded and \
         all(bool(torch.isfinite(p).all()) for p in trainer.params)
     if saved and processes.is_main:
-        save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=True)
+        with _ctrl_c_deferred():
+            save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=True)
     last = run.last_checkpoint()
     kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
             else "no good step was saved, so there is nothing to resume")
@@ -291,7 +309,23 @@ def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers |
     if processes.is_main:
         run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
         trackers.close(run.path, status)
-    raise AffinerError(text) from None
+    if together:
+        processes.wait()
+    raise (Interrupted if status == "interrupted" else AffinerError)(text) from None
+
+
+@contextlib.contextmanager
+def _ctrl_c_deferred():
+    """A second Ctrl-C (the launcher forwards each one) must not cut the checkpoint being saved short."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _diverged_message(trainer: Trainer, run: RunFolder, completed: int, reason: str, kept: str) -> str:

@@ -1,5 +1,6 @@
 """The processes one training runs in, through Hugging Face Accelerate: one (CPU, GPU, Apple MPS), or N
-launched by `torchrun --nproc_per_node N` or `accelerate launch` (data-parallel, DDP).
+launched by `torchrun --nproc_per_node N` or `accelerate launch`: data-parallel (DDP) by default, or with
+the weights sharded across them (FSDP2) when an Accelerate config file asks for it.
 
 Every process trains on its share of each global batch; the main process alone writes the run folder,
 the log, the trackers, the checkpoints and the adapter. With one process every call here is the
@@ -36,9 +37,10 @@ class Processes:
 
         from affiner.core.models import device
 
-        # Precision stays affiner's own (autocast + scaler in the loop), so Accelerate is told nothing of it.
-        # On CPUs Accelerate only starts its process group (gloo) when told it runs on the CPU.
-        return Accelerator(cpu=device().type == "cpu")
+        # Precision and compilation stay affiner's own (autocast + scaler in the loop): Accelerate must not
+        # apply those of a default `accelerate config` it finds in the launch environment. On CPUs it only
+        # starts its process group (gloo) when told it runs on the CPU.
+        return Accelerator(cpu=device().type == "cpu", mixed_precision="no", dynamo_backend="no")
 
     @property
     def is_main(self) -> bool:
@@ -155,7 +157,9 @@ class Processes:
             return None
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # Frozen weights are left out: a LoRA checkpoint needs the adapter, not a gathered copy of the base.
+        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                      ignore_frozen_params=True))
         return state if self.is_main else None
 
     def share_of(self, rows: list[int]) -> list[int]:
@@ -168,13 +172,20 @@ class Processes:
 def sharding(accelerate_config: str | None) -> bool:
     """Whether to shard the model (FSDP2), as an Accelerate config file says (`train.accelerate_config`,
     or the one `accelerate launch --config_file` applied); DDP otherwise."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in {"1", "true"}:
+    from affiner.core.errors import AffinerError
+
+    launched = {key: os.environ.get(key, "").lower() for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
+    if launched["ACCELERATE_USE_DEEPSPEED"] in {"1", "true"}:
+        raise AffinerError("accelerate launch was given a DeepSpeed config, which affiner does not run yet; use "
+                           "an FSDP config (distributed_type: FSDP, fsdp_config: {fsdp_version: 2}) or none (DDP).")
+    if launched["ACCELERATE_USE_FSDP"] in {"1", "true"}:
+        if os.environ.get("FSDP_VERSION", "1") != "2":
+            raise AffinerError("accelerate launch was given an FSDP config; affiner shards with FSDP2: set "
+                               "fsdp_config.fsdp_version: 2 in it.")
         return True
     if not accelerate_config:
         return False
     import yaml
-
-    from affiner.core.errors import AffinerError
 
     path = Path(accelerate_config).expanduser()
     try:

@@ -7,14 +7,17 @@ folder and hand over to the loop.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import tokenizer_for
+from affiner.core.models import dtype_for, tokenizer_for
 from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
@@ -94,15 +97,17 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
         if resume is not None:
             run = RunFolder.open(resume)
             start = prepare_resume(run)
+            check_resumable(run, processes)
         else:
             start, held_out, data_info = prepare_new(config, print if processes.is_main else _quiet)
+        processes.sharded = processes.several and sharding(start.config.train.accelerate_config)
+        check_sharding(start.config, processes)
     if resume is None:
         run = RunFolder(Path(processes.share(str(create(start, held_out, data_info).path) if processes.is_main
                                              else None)))
     elif processes.is_main:
         run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
     processes.wait()  # nobody trains before the run folder is written
-    processes.sharded = processes.several and sharding(start.config.train.accelerate_config)
     probe = probe_factory(run, start.config, start.template, start.tokenizer) if probe_factory else None
     try:
         loop(start.config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe, processes)
@@ -111,6 +116,34 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
         raise
     processes.close()
     return run.path
+
+
+def check_resumable(run: RunFolder, processes: Processes) -> None:
+    """A run resumes on as many processes as it started with: the batch order and the step count depend
+    on it, and a sharded optimizer state loads only into as many shards."""
+    started_with = run.info().get("processes", 1)
+    if started_with != processes.count:
+        raise AffinerError(f"{run} trained on {started_with} process(es); resume it on as many (this is "
+                           f"{processes.count}): torchrun --nproc_per_node {started_with} -m affiner train "
+                           f"--resume {run}")
+
+
+def check_sharding(config: RunConfig, processes: Processes) -> None:
+    """What FSDP2 sharding cannot do yet, refused before anything is written."""
+    if not processes.sharded:
+        return
+    if config.method == "qlora":
+        raise AffinerError("QLoRA's 4-bit weights cannot be sharded with FSDP2 (their quantisation state would be "
+                           "lost); train QLoRA without train.accelerate_config (DDP), or use method: lora.")
+    if config.train.optimizer != "adamw":
+        raise AffinerError(f"train.optimizer {config.train.optimizer} keeps bitsandbytes state that FSDP2 does not "
+                           "shard; use train.optimizer: adamw with train.accelerate_config.")
+    if dtype_for(config) == torch.float16:
+        raise AffinerError("FSDP2 with fp16 needs a gradient scaler that sees every shard, which affiner does not "
+                           "have yet; set model.precision: fp32 (or bf16 on a GPU that has it natively).")
+    # transformers would otherwise load real weights on one process only and expect Accelerate to broadcast
+    # them, which fully_shard does not do.
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def _quiet(_: str) -> None:

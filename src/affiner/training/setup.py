@@ -11,15 +11,17 @@ from affiner.core.errors import AffinerError
 from affiner.core.models import default_target_modules, load_for, load_model, uses_conv1d
 
 
-def prepare_model(config: RunConfig, checkpoint: Path | None = None):
-    """The model to train: a fresh or resumed LoRA adapter on the base, or the full model."""
+def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.device | None = None):
+    """The model to train: a fresh or resumed LoRA adapter on the base, or the full model; loaded on `on`
+    (default: this process's device)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     full = config.method == "full"
     if full and checkpoint is not None:
-        model = load_model(str(checkpoint), full_precision=True, trust_remote_code=config.model.trust_remote_code)
+        model = load_model(str(checkpoint), full_precision=True, trust_remote_code=config.model.trust_remote_code,
+                           on=on)
     else:
-        model = load_for(config, full_precision=full)
+        model = load_for(config, full_precision=full, on=on)
     # Non-reentrant checkpointing for every method: the reentrant kind (peft's default for QLoRA) needs inputs
     # that require grad and breaks with frozen embeddings and DDP's unused-parameter checks.
     non_reentrant = {"use_reentrant": False}
