@@ -117,7 +117,7 @@ def test_mps_bf16_needs_macos_14(machine):
 
 def test_cpu_note_for_an_explicit_gpu_precision(machine, capsys):
     machine("cpu")
-    assert models.compute_dtype("bf16") == torch.float32
+    assert resolve_dtype("bf16") == torch.float32
     assert "needs a GPU" in capsys.readouterr().out
 
 

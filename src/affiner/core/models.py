@@ -104,11 +104,6 @@ def gpu_capability() -> str:
     return f"compute capability {major}.{minor}"
 
 
-def compute_dtype(precision: str = "auto") -> torch.dtype:
-    """`resolve_dtype` without the model type; `dtype_for(config)` also knows the models that overflow in fp16."""
-    return resolve_dtype(precision)
-
-
 @functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
 def model_type_of(base: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
     """The base's `model_type` (gemma3_text, llama, ...) from its config.json alone, without its weights;

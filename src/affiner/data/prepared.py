@@ -65,13 +65,9 @@ def canonical_record(example: Example) -> dict[str, Any]:
     return record
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    check_replaceable(output, overwrite, PREPARED_FILE, "prepare")
-
-
 def write_prepared(prepared: Prepared, config: RunConfig, output: Path, overwrite: bool) -> Path:
     """Write everything into a fresh sibling folder, then move it into place: no half-written output."""
-    check_output(output, overwrite)
+    check_replaceable(output, overwrite, PREPARED_FILE, "prepare")
     with folder_written_whole(output) as staging:
         _write_into(staging, prepared, config)
     return output
@@ -142,7 +138,7 @@ def prepare(config: RunConfig, output: Path, overwrite: bool = False, label: str
     from affiner.core.models import tokenizer_for
 
     output = output.expanduser()
-    check_output(output, overwrite)  # before minutes of work, not after
+    check_replaceable(output, overwrite, PREPARED_FILE, "prepare")  # before minutes of work, not after
     tokenizer = tokenizer_for(config)
     template = build_template(config.data.template, tokenizer, config.data.system_prompt)
     prepared = build(config.data, tokenizer, template)
