@@ -4,6 +4,7 @@ each process ended with, so that a test can compare processes and runs.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_driver.py CONFIG
     ... tests/distributed_driver.py --resume RUN
     ... tests/distributed_driver.py CONFIG --kill-after-step 3     # SIGKILL the main process then
+    ... tests/distributed_driver.py CONFIG --out-of-memory-at-step 3   # in the last process only
 
 Only the main process writes (the run folder, its log, checkpoints and adapter); the run records
 whether every process ended with the same weights.
@@ -15,6 +16,8 @@ import os
 import signal
 import sys
 from pathlib import Path
+
+import torch
 
 from affiner.core.config import load_config
 from affiner.experiments import workflow
@@ -33,6 +36,17 @@ def main(argv: list[str]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9` would: no Python clean-up at all
 
         loop.log_metrics = log_then_die
+    if "--out-of-memory-at-step" in rest:
+        fail_at, real_step = int(rest[rest.index("--out-of-memory-at-step") + 1]), loop.step
+        last = os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1)
+
+        def step_out_of_memory(trainer, group):
+            trainer.steps_done = getattr(trainer, "steps_done", trainer.start_step) + 1
+            if last and trainer.steps_done == fail_at:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return real_step(trainer, group)
+
+        loop.step = step_out_of_memory
     if rest[0] == "--resume":
         workflow.train(resume=Path(rest[1]))
     else:

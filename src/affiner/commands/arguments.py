@@ -18,10 +18,49 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue a run folder from its last checkpoint")
     parser.add_argument("--accelerate-config", metavar="FILE",
                         help="an Accelerate config file choosing how several processes share the model "
-                             "(FSDP2 shards it; default DDP); the same as --set train.accelerate_config=FILE")
+                             "(FSDP2 shards it, DeepSpeed ZeRO 1/2 partitions the optimizer state; default DDP); "
+                             "the same as --set train.accelerate_config=FILE")
 
 
 def training_overrides(args: argparse.Namespace) -> list[str]:
     """--set values, with --accelerate-config as the train.accelerate_config it stands for."""
     extra = [f"train.accelerate_config={args.accelerate_config}"] if args.accelerate_config else []
     return [*args.overrides, *extra]
+
+
+# Number types for flags: argparse reports a value out of range as `argument --flag: ...`, exit 2, before
+# anything runs.
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (a count, a batch size, a token budget)."""
+    return _checked(int, text, lambda v: v >= 1, "a whole number of at least 1")
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (top-k, where 0 means off; a seed)."""
+    return _checked(int, text, lambda v: v >= 0, "a whole number of at least 0")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (a temperature, where 0 decodes greedily; seconds)."""
+    return _checked(float, text, lambda v: 0 <= v < float("inf"), "a finite number of at least 0")
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1] (top-p)."""
+    return _checked(float, text, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
+
+
+def port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    return _checked(int, text, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")
+
+
+def _checked(kind: type, text: str, valid, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+    if not valid(value):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: it must be {expected}")
+    return value

@@ -19,6 +19,7 @@ from affiner.training.processes import Processes
 STATE_FILE = "trainer_state.pt"
 STEP_FILE = "step.json"
 RNG_FILE = "rng-{rank}.pt"  # one per process: each draws its own dropout masks
+OPTIMIZER_FILE = "optimizer-{rank}.pt"  # one per process under DeepSpeed ZeRO: each holds a partition
 
 
 def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
@@ -32,8 +33,9 @@ def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None
 
 def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool = False) -> Path:
     """The checkpoint of `step`: weights and optimizer written by the main process (gathered from the
-    shards first when sharded), and each process's own random state. Every process calls it, unless
-    `alone` (the main process, after the others may have stopped: not when sharded)."""
+    shards first when sharded), and each process's own random state (and, under DeepSpeed, its partition
+    of the optimizer state). Every process calls it, unless `alone` (the main process, after the others
+    may have stopped: not when partitioned)."""
     processes = Processes(count=1, rank=0) if alone else trainer.processes
     target = run.checkpoint_path(step)
     partial = target.with_name(target.name + ".partial")
@@ -42,15 +44,19 @@ def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool =
     if processes.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         save_model(trainer.model, partial, state)
-        torch.save({"optimizer": optimizer, "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
+        torch.save({"optimizer": None if processes.deepspeed else optimizer,
+                    "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
         (partial / STEP_FILE).write_text(json.dumps({"step": step}))
     processes.wait()
     torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
+    if processes.deepspeed:
+        torch.save(optimizer, partial / OPTIMIZER_FILE.format(rank=processes.rank))
     processes.wait()
     if processes.is_main:
         replace_folder(partial, target)
         for old in run.checkpoints()[:-keep]:
             shutil.rmtree(old)
+    processes.wait()  # every process returns with the checkpoint in place (one failing next names it)
     return target
 
 
@@ -67,6 +73,9 @@ def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Pro
     its parameters' device) and with weights_only, so a crafted checkpoint cannot run code.
     """
     state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    if processes.deepspeed:
+        state["optimizer"] = torch.load(checkpoint / OPTIMIZER_FILE.format(rank=processes.rank), map_location="cpu",
+                                        weights_only=True)
     processes.load_optimizer_state(module, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = _random_state(checkpoint, processes.rank, state)

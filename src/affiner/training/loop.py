@@ -6,7 +6,8 @@
         log (and probe a held-out sample every eval.every_steps steps), checkpoint every save_steps
 
 Ctrl-C, a loss that is no longer finite and an out-of-memory error stop it with one paragraph, keeping
-the last good step as a checkpoint (with sharded weights: the last train.save_steps one), so that
+the last good step as a checkpoint (with sharded weights or a partitioned optimizer state: the last
+train.save_steps one), so that
 `affiner train --resume RUN` continues.
 """
 
@@ -80,7 +81,7 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast
             with autocast or contextlib.nullcontext():
                 loss_sum, _ = forward(**batch)
             loss = loss_sum * processes.count / max(n_tokens, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
+            processes.backward(forward, scaler.scale(loss) if scaler else loss)
         total += float(loss_sum.detach())
     return processes.total(total), n_tokens
 
@@ -116,9 +117,10 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     steps = total_steps(config, n_rows, processes.count)
     optimizer = make_optimizer(config, params)
     scheduler = make_scheduler(config, optimizer, steps)  # stepped here once per step, never by Accelerate
+    loss = processes.engine(loss, optimizer, config.train)  # DeepSpeed's, which partitions the optimizer state
     if processes.is_main:
         print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
-              f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes.count)}); "
+              f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes)}); "
               f"run folder {run}")
     start_step = 0
     if checkpoint is not None:
@@ -144,9 +146,10 @@ def global_batch(config: RunConfig, processes: int) -> int:
     return config.train.batch_size * config.train.gradient_accumulation * processes
 
 
-def _batch_shape(config: RunConfig, processes: int) -> str:
-    return (f"{processes} process{'es' if processes > 1 else ''} x {config.train.batch_size} rows per device x "
-            f"{config.train.gradient_accumulation} accumulated")
+def _batch_shape(config: RunConfig, processes: Processes) -> str:
+    shared = f" ({processes.parallelism})" if processes.several else ""
+    return (f"{processes.count} process{'es' if processes.several else ''}{shared} x {config.train.batch_size} rows "
+            f"per device x {config.train.gradient_accumulation} accumulated")
 
 
 def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -155,23 +158,29 @@ def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, An
     if not math.isfinite(total):
         trainer.optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"the loss is {total / max(n_tokens, 1)}")
+    grad_norm = trainer.processes.engine_step(trainer.loss) if trainer.processes.deepspeed else _update(trainer)
+    # With fp16's gradient scaler, infinite gradients only make it skip the step and lower its scale.
+    if trainer.scaler is None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update, as we do
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise Diverged(f"the gradient norm is {grad_norm}")
+    trainer.scheduler.step()
+    return {"loss": round(total / max(n_tokens, 1), 5), "learning_rate": trainer.scheduler.get_last_lr()[0],
+            "grad_norm": round(grad_norm, 4), "tokens": n_tokens}
+
+
+def _update(trainer: Trainer) -> float:
+    """Clip the accumulated gradients and apply them, unless their norm is not finite; returns the norm."""
     if trainer.scaler:
         trainer.scaler.unscale_(trainer.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(trainer.params, trainer.config.train.max_grad_norm or float("inf"))
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a sharded norm
-    # With fp16's gradient scaler, infinite gradients only make it skip the step and lower its scale.
-    if trainer.scaler is None and not torch.isfinite(grad_norm):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        raise Diverged(f"the gradient norm is {float(grad_norm)}")
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # sharded
     if trainer.scaler:
         trainer.scaler.step(trainer.optimizer)
         trainer.scaler.update()
-    else:
+    elif math.isfinite(grad_norm):
         trainer.optimizer.step()
-    trainer.scheduler.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return {"loss": round(total / max(n_tokens, 1), 5), "learning_rate": trainer.scheduler.get_last_lr()[0],
-            "grad_norm": round(float(grad_norm), 4), "tokens": n_tokens}
+    return grad_norm
 
 
 def log_metrics(run: RunFolder, record: dict, trackers: Trackers | None) -> None:
@@ -242,11 +251,12 @@ def _processes_agree(trainer: Trainer) -> bool | None:
 
 
 def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Trackers | None:
-    """The main process alone logs; it also records how the batch was shaped."""
+    """The main process alone logs; it also records how the batch was shaped and shared."""
     if not processes.is_main:
         return None
     trackers = Trackers(config, run.path, run.info())
-    run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count))
+    run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
+               parallelism=processes.parallelism)
     return trackers
 
 
@@ -295,9 +305,9 @@ def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers |
     wait forever for a process that is gone. When every process stopped here (`together`), the others wait
     for it, so that the launcher does not end it half-way (it stops every process once one has exited)."""
     processes = trainer.processes
-    # Sharded weights can only be saved by every process together: then the last train.save_steps
-    # checkpoint is what is kept.
-    saved = completed > trainer.start_step and not processes.sharded and \
+    # Sharded weights or a partitioned optimizer state can only be saved by every process together: then the
+    # last train.save_steps checkpoint is what is kept.
+    saved = completed > trainer.start_step and not processes.partitioned and \
         all(bool(torch.isfinite(p).all()) for p in trainer.params)
     if saved and processes.is_main:
         with _ctrl_c_deferred():
@@ -306,8 +316,11 @@ def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers |
     kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
             else "no good step was saved, so there is nothing to resume")
     text = message(kept)
-    if processes.is_main:
+    # A failure in one process only (out of memory) is recorded by that process: the main one, waiting for
+    # it in a collective, will be stopped by the launcher before it can write anything.
+    if processes.is_main or not together:
         run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
+    if processes.is_main:
         trackers.close(run.path, status)
     if together:
         processes.wait()

@@ -23,7 +23,7 @@ from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
 from affiner.training.loop import Probe, loop
-from affiner.training.processes import Processes, sharding
+from affiner.training.processes import Processes, strategy
 
 # Builds the held-out probe for a run (or None): given by the caller, so training never imports evaluation.
 ProbeFactory = Callable[[RunFolder, RunConfig, Template, object], "Probe | None"]
@@ -100,8 +100,9 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
             check_resumable(run, processes)
         else:
             start, held_out, data_info = prepare_new(config, print if processes.is_main else _quiet)
-        processes.sharded = processes.several and sharding(start.config.train.accelerate_config)
-        check_sharding(start.config, processes)
+        if processes.several:
+            processes.strategy = strategy(start.config.train.accelerate_config)
+        check_strategy(start.config, processes)
     if resume is None:
         run = RunFolder(Path(processes.share(str(create(start, held_out, data_info).path) if processes.is_main
                                              else None)))
@@ -128,22 +129,24 @@ def check_resumable(run: RunFolder, processes: Processes) -> None:
                            f"--resume {run}")
 
 
-def check_sharding(config: RunConfig, processes: Processes) -> None:
-    """What FSDP2 sharding cannot do yet, refused before anything is written."""
-    if not processes.sharded:
+def check_strategy(config: RunConfig, processes: Processes) -> None:
+    """What FSDP2 sharding and DeepSpeed ZeRO cannot do yet, refused before anything is written."""
+    if not processes.partitioned:
         return
+    name = "FSDP2" if processes.sharded else "DeepSpeed ZeRO"
     if config.method == "qlora":
-        raise AffinerError("QLoRA's 4-bit weights cannot be sharded with FSDP2 (their quantisation state would be "
-                           "lost); train QLoRA without train.accelerate_config (DDP), or use method: lora.")
+        raise AffinerError(f"QLoRA's 4-bit weights cannot be trained under {name} yet (their quantisation state "
+                           "would be lost); train QLoRA without train.accelerate_config (DDP), or use method: lora.")
     if config.train.optimizer != "adamw":
-        raise AffinerError(f"train.optimizer {config.train.optimizer} keeps bitsandbytes state that FSDP2 does not "
-                           "shard; use train.optimizer: adamw with train.accelerate_config.")
+        raise AffinerError(f"train.optimizer {config.train.optimizer} keeps bitsandbytes state that {name} does not "
+                           "partition; use train.optimizer: adamw with train.accelerate_config.")
     if dtype_for(config) == torch.float16:
-        raise AffinerError("FSDP2 with fp16 needs a gradient scaler that sees every shard, which affiner does not "
-                           "have yet; set model.precision: fp32 (or bf16 on a GPU that has it natively).")
-    # transformers would otherwise load real weights on one process only and expect Accelerate to broadcast
-    # them, which fully_shard does not do.
-    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        raise AffinerError(f"{name} with fp16 needs a gradient scaler that sees every partition, which affiner does "
+                           "not have yet; set model.precision: fp32 (or bf16 on a GPU that has it natively).")
+    if processes.sharded:
+        # transformers would otherwise load real weights on one process only and expect Accelerate to broadcast
+        # them, which fully_shard does not do.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
 
 
 def _quiet(_: str) -> None:
