@@ -158,26 +158,30 @@ def run_cli(*argv: str) -> int:
 @pytest.fixture
 def offline_hub(monkeypatch):
     """The Hub as this machine sees it, whatever the machine: unreachable, so only the cache counts."""
-    from affiner.core import models
+    from affiner.core import hub
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    models.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     yield
-    models.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
 
 
 @pytest.fixture
 def interrupt_training(monkeypatch):
-    """Press Ctrl-C right after the given training step has been logged."""
+    """Press Ctrl-C (a real SIGINT) right after the given training step has been logged; `arm(step, times=2)`
+    presses it twice, which stops training at once."""
+    import signal
+
     from affiner.training import loop as train_mod
 
     real_log = train_mod.log_metrics
 
-    def arm(step: int) -> None:
+    def arm(step: int, times: int = 1) -> None:
         def log_then_interrupt(folder, record, trackers):
             real_log(folder, record, trackers)
             if record["step"] == step:
-                raise KeyboardInterrupt
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
 
         monkeypatch.setattr(train_mod, "log_metrics", log_then_interrupt)
 

@@ -27,7 +27,7 @@ from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.runfolder import read_json, write_json
 from affiner.training.run import train
-from conftest import write_config
+from conftest import run_cli, write_config
 
 PAGE = str(app.PAGE_SCRIPT)
 QUESTION = "What does QUILT stand for?"
@@ -71,10 +71,14 @@ def downloads(monkeypatch) -> list[dict]:
     return seen
 
 
-def page(monkeypatch, folders: list[Path]):
+def page(monkeypatch, folders: list[Path], key: str | None = None):
     from streamlit.testing.v1 import AppTest
 
     monkeypatch.setenv(app.RUNS_ENV, os.pathsep.join(str(f) for f in folders))
+    if key is None:
+        monkeypatch.delenv(app.KEY_ENV, raising=False)
+    else:
+        monkeypatch.setenv(app.KEY_ENV, key)
     return AppTest.from_file(PAGE, default_timeout=60)
 
 
@@ -189,6 +193,33 @@ def test_runs_page_shows_curves_config_and_report(monkeypatch, runs):
     assert at.text_area(key="instruction").value == "Define GLINT."  # kept while the other page was shown
 
 
+def test_a_page_with_a_key_shows_nothing_until_it_is_given(monkeypatch, runs):
+    at = page(monkeypatch, runs[:1], key="s3cret")
+    at.query_params.update(prompt=QUESTION, greedy="1", max_new_tokens="4")  # a link that would generate at once
+    at.run()
+    assert not at.exception, at.exception
+    shown = " ".join(e.value for e in [*at.markdown, *at.caption, *at.title] if isinstance(e.value, str))
+    assert runs[0].name not in shown and "tuned" not in shown and not at.text_area and not at.sidebar.radio
+    assert not boxes(at, "base") and "comparisons" not in at.session_state
+    field = at.text_input(key="page_key")
+    assert field.proto.type == field.proto.PASSWORD
+
+    for wrong in ("s3cre", "s3crett", "S3CRET"):
+        field.input(wrong).run()
+        assert "Wrong key" in at.error[0].value and not at.text_area and not boxes(at, "base")
+    at.text_input(key="page_key").input("s3cret").run()
+    assert not at.exception, at.exception
+    assert at.text_area(key="instruction").value == QUESTION  # the link's prompt, generated once unlocked
+    assert len(boxes(at, "base")) == 1 and len(boxes(at, "tuned")) == 1
+    at.number_input(key="max_new_tokens").set_value(5).run()
+    assert at.text_area(key="instruction").value == QUESTION  # the session stays unlocked
+
+
+def test_key_matches_only_the_whole_key():
+    assert app.key_matches("s3cret", "s3cret") and app.key_matches(" s3cret\n", "s3cret")
+    assert not any(app.key_matches(guess, "s3cret") for guess in ("", "s3cre", "s3crett", "S3CRET", "ß3cret"))
+
+
 def test_page_reports_a_missing_run_instead_of_failing(monkeypatch, tmp_path):
     at = page(monkeypatch, [tmp_path / "nowhere"]).run()
     assert not at.exception
@@ -262,6 +293,33 @@ def test_main_serves_the_page_with_streamlit(runs, monkeypatch):
     monkeypatch.setattr(FakeStreamlit, "wait", lambda self, timeout=None: 1)
     with pytest.raises(AffinerError, match="--port"):
         app_command.main(parser.parse_args([str(runs[0])]))
+
+
+def test_a_page_reachable_from_other_machines_needs_a_key(runs, monkeypatch, capsys):
+    launched = []
+    monkeypatch.setattr(app.subprocess, "Popen", lambda command, env: launched.append((command, env)) or _Exited())
+    monkeypatch.chdir(runs[0].parents[1])
+    monkeypatch.delenv("AFFINER_TEST_KEY", raising=False)
+    for host in ("0.0.0.0", "192.168.1.20", "::", ""):
+        assert run_cli("app", "--host", host) == 2
+        error = capsys.readouterr().err
+        assert "without a key" in error and "--api-key-env" in error and error.count("\n") == 1
+    assert run_cli("app", "--host", "0.0.0.0", "--api-key-env", "AFFINER_TEST_KEY") == 2
+    assert "AFFINER_TEST_KEY" in capsys.readouterr().err
+    assert launched == []  # refused before the page server started
+
+    monkeypatch.setenv("AFFINER_TEST_KEY", "s3cret")
+    assert run_cli("app", "--host", "0.0.0.0", "--api-key-env", "AFFINER_TEST_KEY") == 0
+    command, env = launched[-1]
+    assert env[app.KEY_ENV] == "s3cret" and not any("s3cret" in part for part in command)
+    monkeypatch.setenv(app.KEY_ENV, "left over")
+    assert run_cli("app") == 0  # loopback: keyless, as before
+    assert app.KEY_ENV not in launched[-1][1]
+
+
+class _Exited:
+    def wait(self, timeout=None) -> int:
+        return 0
 
 
 # ---------------------------------------------------------------------------------------- a real browser

@@ -14,6 +14,7 @@ from affiner.data.formats import to_examples
 from affiner.data.ledger import Ledger
 from affiner.data.pipeline import clean, split
 from affiner.data.read import read_rows
+from affiner.data.tokens import chars_per_token
 from affiner.core.errors import AffinerError
 from affiner.core.models import load_tokenizer
 from affiner.core.templates import Example, build_template
@@ -152,3 +153,109 @@ def test_embedded_instruction_pairs_are_alpaca_shaped():
 def test_unreachable_hub_dataset_is_a_clear_error(offline_hub):
     with pytest.raises(AffinerError, match="cannot load dataset 'nobody/no-such-dataset'.*unreachable"):
         read_rows("nobody/no-such-dataset")
+
+
+# ---------------------------------------------------------------------------------------- strict readers
+
+
+def test_quoted_csv_cells_keep_commas_line_breaks_and_quotes(tmp_path):
+    path = tmp_path / "cells.csv"
+    path.write_bytes(b'question,answer\r\n"Define, briefly:\r\nQUILT","Queue of ""Unified""\nIndex"\r\n\r\nq2,a2\r\n')
+    rows = read_rows(str(path))
+    assert rows == [({"question": "Define, briefly:\r\nQUILT", "answer": 'Queue of "Unified"\nIndex'}, f"{path}:2"),
+                    ({"question": "q2", "answer": "a2"}, f"{path}:6")]  # each row named by its first line
+
+
+def test_a_line_separator_inside_a_json_string_does_not_split_the_line(tmp_path):
+    path = tmp_path / "seps.jsonl"
+    path.write_text(json.dumps({"question": "a\u2028b", "answer": "c\x85d"}, ensure_ascii=False) + "\n"
+                    + json.dumps({"question": "q", "answer": "a"}) + "\n", encoding="utf-8")
+    rows = read_rows(str(path))
+    assert [where for _, where in rows] == [f"{path}:1", f"{path}:2"] and rows[0][0]["question"] == "a\u2028b"
+
+
+def test_columnar_nulls_are_empty_cells_and_optional_nulls_are_allowed(tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"instruction": "q", "input": None, "output": None}]), tmp_path / "n.parquet")
+    [example] = to_examples(read_rows(str(tmp_path / "n.parquet")))
+    assert (example.input, example.response) == ("", "")  # then dropped as "empty answer"
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"instruction": "q", "input": null, "output": "a", "group": null}\n', encoding="utf-8")
+    [example] = to_examples(read_rows(str(path)))
+    assert (example.input, example.group, example.response) == ("", "", "a")
+
+
+def test_a_row_far_over_max_length_is_dropped_before_it_is_tokenised(tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    examples = [Example("What is QUILT?", "A queue.", source="f:1"), Example("Huge?", "x" * 1_000_000, source="f:2"),
+                Example("Long?", "word " * 200, source="f:3")]
+    ledger = Ledger()
+    kept, lengths = clean(examples, DataConfig(train="f", max_length=64), tokenizer, template, ledger, "train")
+    assert [e.source for e in kept] == ["f:1"]
+    assert len(lengths) == 2  # the huge row never reached the tokenizer; the merely long one was measured
+    assert ledger.counts() == {"over max_length=64 tokens (over 3328 characters, not tokenised)": 1,
+                               "over max_length=64 tokens (prompt + answer)": 1}
+    assert ledger.steps[0]["step"] == "characters" and ledger.steps[0]["kept"] == 2
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama"])
+def test_no_token_stands_for_more_characters_than_chars_per_token(fixture, request):
+    tokenizer = load_tokenizer(str(request.getfixturevalue(fixture)))
+    per_token = chars_per_token(tokenizer)
+    longest = max(tokenizer.get_vocab(), key=len)
+    assert per_token == len(longest)
+    texts = [longest * 50, "Instruction " * 40, " " * 500, "é" * 300, "ᾂ" * 100, "<|endoftext|>" * 30,
+             "<start_of_turn>" * 30, "\n\n" * 200, "QUILT stands for Queue of Unified Index Lookup Tables. " * 20]
+    for text in texts:
+        assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) * per_token >= len(text), text[:30]
+
+
+def test_chars_per_token_is_none_where_one_token_can_stand_for_any_length():
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def wrap(model, normalizer=None, pre_tokenizer=None):
+        raw = Tokenizer(model)
+        raw.normalizer, raw.pre_tokenizer = normalizer, pre_tokenizer
+        return PreTrainedTokenizerFast(tokenizer_object=raw)
+
+    vocab, merges = {"<unk>": 0, "a": 1, "b": 2, "ab": 3}, [("a", "b")]
+    bpe = lambda: models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True)  # noqa: E731
+    assert chars_per_token(wrap(bpe(), normalizers.Replace(" ", "▁"))) == 5  # "<unk>"
+    assert chars_per_token(wrap(bpe(), normalizers.NFC())) == 4 * 5  # NFC composes up to 4 code points into one
+    assert chars_per_token(wrap(bpe(), normalizers.Strip())) is None  # a million spaces become nothing
+    assert chars_per_token(wrap(bpe(), None, pre_tokenizers.WhitespaceSplit())) is None
+    assert chars_per_token(wrap(models.BPE(vocab, merges, unk_token="<unk>", fuse_unk=True))) is None
+    assert chars_per_token(wrap(models.WordPiece({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))) is None  # a word -> [UNK]
+
+
+def test_nfc_composes_at_most_four_code_points_into_one():
+    import sys
+    import unicodedata
+
+    characters = (chr(c) for c in range(sys.maxunicode + 1) if not 0xD800 <= c <= 0xDFFF)
+    longest = max(len(unicodedata.normalize("NFD", c)) for c in characters
+                  if unicodedata.normalize("NFC", unicodedata.normalize("NFD", c)) == c)
+    assert longest == 4
+
+
+def test_csv_reads_as_the_csv_module_does(tmp_path):
+    """What Excel or csv.writer produce (commas, quotes, line breaks, CR LF or CR line endings, empty cells)
+    reads as the csv module reads it: the table written."""
+    import csv
+    import random
+
+    rng = random.Random(0)
+    for terminator in ("\r\n", "\n", "\r"):
+        # csv.writer quotes a cell holding a character of its line ending: with CR endings, a bare LF is left
+        # unquoted, and the file is then ambiguous (refused: "has 2 of the header's 3 fields").
+        pieces = ["a", "b c", ",", '"', '""', "\r\n", " ", "é", "", "x,y", 'say "hi"']
+        pieces += ["\n"] if "\n" in terminator else []
+        table = [["question", "answer", "input"]] + [["".join(rng.choices(pieces, k=rng.randint(1, 6)))
+                                                      for _ in range(3)] for _ in range(200)]
+        path = tmp_path / "written.csv"
+        with path.open("w", encoding="utf-8", newline="") as out:
+            csv.writer(out, lineterminator=terminator).writerows(table)
+        with path.open(encoding="utf-8", newline="") as stream:
+            assert list(csv.reader(stream)) == table
+        assert [[r[k] for k in table[0]] for r, _ in read_rows(str(path))] == table[1:], repr(terminator)

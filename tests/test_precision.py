@@ -146,9 +146,9 @@ def loads(monkeypatch, offline_hub) -> Iterator[Loads]:
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", config)
-    models.model_type_of.cache_clear()  # each test plays another model behind the same name
+    models.model_config_of.cache_clear()  # each test plays another model behind the same name
     yield seen
-    models.model_type_of.cache_clear()
+    models.model_config_of.cache_clear()
 
 
 def run_config(method: str = "lora", **model) -> RunConfig:

@@ -5,10 +5,13 @@ The glossary generator's catalogue is in test_generate.py."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -34,6 +37,22 @@ class Case:
 
 def convo(*messages: tuple[str, str]) -> dict:
     return {"messages": [{"role": r, "content": c} for r, c in messages]}
+
+
+def csv_text(rows: list[dict]) -> str:
+    """Instruction and output columns, cells written as they are (quote them in the rows)."""
+    return "instruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n" for r in rows)
+
+
+def parquet(rows: list[dict]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    return buffer.getvalue()
+
+
+# tiny GPT-2's longest token is "<|endoftext|>" (13 characters): no row over 96 x 13 characters fits in
+# max_length=96 tokens; rows up to 4 times that are still tokenised, so that the histogram shows them.
+CERTAINLY_TOO_LONG = "over max_length=96 tokens (over 4992 characters, not tokenised)"
 
 
 ERRORS = [
@@ -84,13 +103,43 @@ ERRORS = [
          error="t.jsonl:1 is not valid JSON"),
     Case("hub-unreachable", {}, data={"train": "someone/some-dataset"}, fixture="offline_hub",
          error="someone/some-dataset"),
+    Case("csv-quote-never-closed", {"d.csv": 'instruction,output\nq1,a1\nq2,"a2 never closed\nq3,a3\nq4,a4\n'},
+         error="d.csv:3: the quote opened on line 3 is never closed"),
+    Case("csv-quote-never-closed-after-a-multi-line-cell",
+         {"d.csv": 'instruction,output\n"two\nlines",a1\nq2,a2\nq3,"open\nq4,a4\n'},
+         error="the quote opened on line 5 is never closed"),
+    Case("csv-text-after-closing-quote", {"d.csv": 'instruction,output\nq1,a1\nq2,"a2" and more\n'},
+         error="d.csv:3 is not valid CSV: a quoted cell has text after its closing quote"),
+    Case("csv-unquoted-line-break", {"d.csv": "instruction,output\nq1,first line\nsecond line\n"},
+         error="d.csv:3 has 1 of the header's 2 fields"),
+    Case("number-cell", {"d.jsonl": jsonl([*GOOD[:2], {"instruction": "q", "output": 42}])},
+         error="""d.jsonl:3: 'output' must be text, not the number 42: quote it ("42")"""),
+    Case("boolean-cell", {"d.jsonl": jsonl([{"instruction": True, "output": "a"}])},
+         error="d.jsonl:1: 'instruction' must be text, not true"),
+    Case("nan-cell", {"d.jsonl": '{"instruction": "q", "output": NaN}\n'},
+         error="d.jsonl:1: 'output' must be text, not NaN"),
+    Case("null-answer", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": None}])},
+         error="""d.jsonl:9: 'output' must be text, not null: write "" for an empty text"""),
+    Case("list-role", {"d.jsonl": jsonl([{"messages": [{"role": ["user"], "content": "hi"}]}])},
+         error="d.jsonl:1 message 1 has role ['user']"),
+    Case("multi-part-content", {"d.jsonl": jsonl([{"messages": [{"role": "user", "content": "hi"}, {
+        "role": "assistant", "content": [{"type": "text", "text": "hello"}]}]}])},
+         error="d.jsonl:1 message 2: 'content' must be text, not a list"),
+    Case("jsonl-nested-too-deep", {"d.jsonl": jsonl(GOOD[:2]) + "[" * 100_000 + "\n"},
+         error="d.jsonl:3 nests lists or objects too deep to read"),
+    Case("json-nested-too-deep",
+         {"d.json": '[{"instruction": "a", "output": "b"},\n' + "[" * 100_000 + "]" * 100_000 + "]"},
+         error="d.json:2 nests lists or objects too deep to read"),
+    Case("number-too-long-to-convert", {"d.jsonl": '{"instruction": "q", "output": ' + "9" * 5000 + "}\n"},
+         error="d.jsonl:1 holds a number of more than 4300 digits"),
     Case("max-length-too-small", {"d.jsonl": jsonl(GOOD)}, data={"max_length": 4},
          error="data.max_length: input should be greater than or equal to 8"),
 ]
 
 DROPS = [
     Case("empty-answer", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": ""}])}, drop="empty answer"),
-    Case("null-answer", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": None}])}, drop="empty answer"),
+    Case("null-answer-in-parquet", {"d.parquet": parquet([*GOOD, {"instruction": "q", "input": "", "output": None}])},
+         drop="empty answer"),  # a columnar table writes an empty cell as null
     Case("blank-question", {"d.jsonl": jsonl([*GOOD, {"instruction": " \t", "output": "a"}])}, drop="empty question"),
     Case("exact-duplicate", {"d.jsonl": jsonl([*GOOD, GOOD[0]])}, drop="exact duplicate"),
     Case("near-duplicate", {"d.jsonl": jsonl([*GOOD, {"instruction": "NAME  ITEM 0", "output": "item 0 is a thing"}])},
@@ -109,6 +158,13 @@ DROPS = [
                                               {"instruction": "Wie heißt die Hauptstadt von Deutschland?",
                                                "output": "Die Hauptstadt von Deutschland ist Berlin."}])},
          data={"languages": ["en"]}, drop="language de not in en"),
+    Case("row-far-over-max-length", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": "x" * 600_000}])},
+         drop=CERTAINLY_TOO_LONG),
+    Case("csv-cell-far-over-max-length", {"d.csv": csv_text(GOOD) + "q," + "x" * 600_000 + "\n"},
+         drop=CERTAINLY_TOO_LONG),
+    Case("csv-multi-line-cell-is-one-row",  # each quoted answer spans two lines and holds quotes
+         {"d.csv": csv_text([{**r, "output": f'"{r["output"]}\nand a ""quoted"" line"'} for r in GOOD]) + 'q,""\n'},
+         drop="empty answer"),
     Case("beyond-max-rows", {"d.jsonl": jsonl(GOOD)}, data={"max_rows": 7}, drop="beyond max_rows=7"),
 ]
 
@@ -168,6 +224,8 @@ def test_bad_row_is_dropped_and_counted_with_its_reason(case, tmp_path, tiny_gpt
     dropped = [json.loads(line) for line in (output / "dropped.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in dropped] == [case.drop]
     assert case.drop in (output / "data_card.md").read_text()
+    if case.drop == CERTAINLY_TOO_LONG:  # dropped by its length alone, never tokenised
+        assert manifest["token_lengths"]["all"]["max"] <= 96 and manifest["over_max_length"] == {"all": 0}
 
 
 def test_an_existing_output_is_refused_and_left_untouched(tmp_path, tiny_gpt2, request, capsys):

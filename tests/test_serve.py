@@ -358,7 +358,7 @@ def full_pieces(engine) -> int:
 def test_a_client_that_hangs_up_frees_the_model(port, engine, full_pieces, spied, stream):
     body = json.dumps(chat_body(max_tokens=LONG, stream=stream)).encode()
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         if stream:
             received = b""

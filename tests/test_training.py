@@ -20,7 +20,7 @@ from affiner.data.read import read_rows
 from affiner.data.tokens import collate, tokenize
 from affiner.core.errors import AffinerError
 from affiner.core.models import default_target_modules, load_model, load_tokenizer
-from affiner.core.files import read_json
+from affiner.core.files import read_json, read_jsonl
 from affiner.core.templates import build_template
 from conftest import write_config
 
@@ -112,8 +112,13 @@ def test_run_folder_describes_itself(tmp_path, tiny_gpt2):
     assert json.loads((folder / "template.json").read_text())["name"] == "qa"
 
 
-def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, interrupt_training):
-    settings = {"train": {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2}}
+@pytest.mark.parametrize("dropout", [0.0, 0.2], ids=["no-dropout", "dropout"])
+def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, interrupt_training,
+                                                                         dropout):
+    """Ctrl-C lets the step end, then saves its weights and random state: with dropout drawing random masks,
+    the resumed run still ends exactly where the uninterrupted one does."""
+    settings = {"train": {"max_steps": 4, "save_steps": 2, "learning_rate": 1e-2},
+                "lora": {"r": 4, "alpha": 8, "dropout": dropout}}
     straight = train_mod.train(load_config(str(write_config(tmp_path / "a", tiny_llama,
                                                             "embedded:glossary-train.json", **settings))))
     interrupt_training(3)
@@ -127,9 +132,21 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     train_mod.train(resume=interrupted)
     expected, resumed = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
     for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
+    assert [r["loss"] for r in read_jsonl(interrupted / "metrics.jsonl")] == \
+        [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")]  # each step logged once, as if never stopped
     with pytest.raises(AffinerError, match="already finished"):
         train_mod.train(resume=interrupted)
+
+
+def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_saved_checkpoint(tmp_path, tiny_llama, interrupt_training):
+    settings = {"train": {"max_steps": 6, "save_steps": 2, "learning_rate": 1e-2}}
+    interrupt_training(3, times=2)
+    with pytest.raises(AffinerError, match="at once during step 4.*step-000002 are kept"):
+        train_mod.train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                                     **settings))))
+    run = RunFolder(next((tmp_path / "runs").iterdir()))
+    assert run.status == "interrupted" and run.last_checkpoint().name == "step-000002"
 
 
 def test_checkpoints_respect_the_limit(tmp_path, tiny_gpt2):

@@ -8,10 +8,14 @@ before/after evaluation on held-out questions.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import time
+import traceback
 import warnings
 from importlib import import_module
+from pathlib import Path
 
 from affiner.core.errors import AffinerError
 
@@ -40,11 +44,19 @@ def _asked_verb(argv: list[str]) -> str | None:
     return words[0] if words and words[0] in VERBS else None
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors in affiner's own shape: one line naming the flag, no usage block above it
+    (the block pushes the one line that matters off a small screen), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `verb`'s command module is imported (every verb's when None, for tests and docs)."""
     from affiner import __version__
 
-    parser = argparse.ArgumentParser(prog="affiner", description=__doc__,
+    parser = Parser(prog="affiner", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"affiner {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
@@ -75,3 +87,38 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as exc:  # a file or folder the user named or holds: missing, read-only, a full disk
+        print(f"affiner {args.verb}: error: {_os_error_text(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception:  # noqa: BLE001  (anything else is affiner's fault: say so, keep the details)
+        log = _save_traceback(args.verb)
+        print(f"affiner {args.verb}: internal error: this is a bug in affiner, not in your input. The details "
+              f"are in {log}; please report it with that file.",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+def _os_error_text(error: OSError) -> str:
+    """One paragraph for a failed file operation, naming the path and what to do about the usual causes."""
+    path = error.filename or "a file"
+    reason = error.strerror or str(error)
+    advice = {errno.ENOSPC: "free some space or write elsewhere (--set output_dir=..., --output)",
+              errno.EACCES: "check its permissions or write elsewhere", errno.EROFS: "write elsewhere",
+              errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
+              errno.ENOENT: "check the path", errno.EISDIR: "name a file, not a folder"}.get(error.errno, "")
+    return f"{path}: {reason}" + (f"; {advice}." if advice else ".")
+
+
+def _save_traceback(verb: str) -> Path:
+    """The traceback in a log file under the user's cache (printed only by path: a wall of text hides the
+    one line that matters to a user)."""
+    folder = Path(os.environ.get("AFFINER_LOG_DIR", Path.home() / ".cache" / "affiner" / "logs"))
+    text = f"affiner {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{verb}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+        path.write_text(text, encoding="utf-8")
+        return path
+    except OSError:  # nowhere to keep it: then the screen is the only place left
+        print(text, file=sys.stderr)
+        return Path("the traceback above")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from affiner.commands.arguments import non_negative_float, non_negative_int, positive_int, probability
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # Both light (no torch): the help shows the one set of decoding defaults and template names.
@@ -38,11 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
     defaults = Settings()
-    parser.add_argument("--temperature", type=float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--top-k", type=int, default=defaults.top_k)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temperature", type=non_negative_float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=probability, default=defaults.top_p)
+    parser.add_argument("--top-k", type=non_negative_int, default=defaults.top_k)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
+    parser.add_argument("--seed", type=non_negative_int)
 
 
 def main(args: argparse.Namespace) -> None:

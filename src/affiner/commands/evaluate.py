@@ -11,12 +11,19 @@ All models see prompts rendered by the run's saved template and decode with the 
 they differ only by the adapter. Every score is computed here, per question, and aggregated with a
 bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
 a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
+
+Exit code 3 when the judge could not judge some answers (endpoint down, unreadable replies): everything
+is written, the report says how many and why, and running the same command again asks only for the
+missing verdicts (the others come from the judge's cache).
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
+
+from affiner.commands.arguments import non_negative_float, non_negative_int, positive_int, probability
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,13 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --base: the prompt template the adapters were trained with")
     parser.add_argument("--output", help="with --base: the folder that receives the report")
     parser.add_argument("--test", help="held-out file to answer instead of the run's own test split")
-    parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: eval.max_new_tokens)")
-    parser.add_argument("--max-questions", type=int, help="answer only the first N questions")
-    parser.add_argument("--batch-size", type=int, help="questions generated together (default: eval.batch_size)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="answer length limit (default: eval.max_new_tokens)")
+    parser.add_argument("--max-questions", type=positive_int, help="answer only the first N questions")
+    parser.add_argument("--batch-size", type=positive_int,
+                        help="questions generated together (default: eval.batch_size)")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default) decodes greedily")
+    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling, above 0 and at most 1")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, help="0 (default) keeps every token")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling")
     parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:11434/v1")
     parser.add_argument("--judge-model", help="model name the judge endpoint serves")
     parser.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
@@ -45,7 +54,7 @@ def main(args: argparse.Namespace) -> None:
     from affiner.core.config import JudgeConfig
     from affiner.core.errors import AffinerError
     from affiner.core.settings import Settings
-    from affiner.evaluation.evaluate import evaluate
+    from affiner.evaluation.evaluate import evaluate, require_judged
     from affiner.evaluation.plan import plan_adapters
     from affiner.evaluation.table import format_table
 
@@ -63,5 +72,23 @@ def main(args: argparse.Namespace) -> None:
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
                           judge=judge if judge.url else None, plan=plan)
+    report = (plan.output if plan else Path(args.runs[0])) / "report.html"
     print(format_table(evaluation))
-    print(f"Report: {(plan.output if plan else Path(args.runs[0])) / 'report.html'}")
+    print(f"Report: {report}")
+    require_judged(evaluation, report, rerun_command(args))
+
+
+def rerun_command(args: argparse.Namespace) -> str:
+    """This evaluation as a command line: what to run again once the judge endpoint works."""
+    words = ["affiner", "evaluate", *args.runs]
+    if args.base:
+        words += ["--base", args.base, *(w for a in args.adapter for w in ("--adapter", a)),
+                  "--template", args.template]
+    # Decoding flags too: the same answers find their verdicts in the judge's cache.
+    defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
+    for name in ("output", "test", "max_new_tokens", "max_questions", "batch_size", *defaults,
+                 "judge_url", "judge_model", "judge_key_env", "judge_mode"):
+        value = getattr(args, name)
+        if value is not None and value != defaults.get(name):
+            words += [f"--{name.replace('_', '-')}", str(value)]
+    return shlex.join(words)

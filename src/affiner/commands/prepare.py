@@ -8,7 +8,7 @@
 
 The `data:` section of the config says what to read and how to clean it; the tokenizer and the
 template are the model's own, so "at most max_length tokens" means what it will mean in training.
-Each step (read, empty, duplicates, answer words, patterns, language, tokens, split, train/test
+Each step (read, characters, empty, duplicates, answer words, patterns, language, tokens, split, train/test
 overlap) is counted, and every dropped row is kept with its reason in `dropped.jsonl`. The output
 folder holds train.jsonl, test.jsonl, prepared.json (counts, token-length percentiles, sha256 of
 each file), lengths.png and data_card.md. Train on it with `--set data.train=data/alpaca`; a file

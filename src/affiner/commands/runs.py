@@ -26,14 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from affiner.core.errors import AffinerError
-    from affiner.experiments.runs import compare_runs, describe_run, find_runs, format_comparison, list_runs
+    from affiner.experiments.runs import compare_runs, describe_runs, format_comparison, list_runs
 
     if args.action == "list":
         if args.runs:
             raise AffinerError("affiner runs lists the runs under --dir; to compare folders: "
                                "affiner runs compare RUN RUN ...")
         if args.json:
-            print(json.dumps([describe_run(f) for f in find_runs(args.dir)], indent=2, ensure_ascii=False))
+            print(json.dumps(describe_runs(args.dir), indent=2, ensure_ascii=False))
         else:
             print(list_runs(args.dir))
         return

@@ -25,6 +25,12 @@ top_k 50, up to 256 new tokens or what the context window leaves); temperature 0
 One answer is generated at a time: concurrent requests queue, and a client that hangs up stops its
 generation. Only loopback addresses (127.0.0.1) are served unless --api-key-env names a variable
 holding a key, which every request must then send as `Authorization: Bearer KEY`.
+
+Web pages open in a browser on this machine can reach the server too; so it answers only requests
+whose Host header is localhost, 127.0.0.1, [::1] or the --host given (else 421: a page that pointed its
+own DNS name at this machine is refused), and reads only POST bodies sent as `Content-Type:
+application/json` (else 415: a cross-site form or text/plain POST is refused). On --host 0.0.0.0 any
+Host passes: the key, required there, is what guards it.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from affiner.commands.arguments import port
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", type=Path, metavar="RUN",
                         help="run folder(s) of one base model (default: the latest under runs/)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1; any other needs --api-key-env)")
-    parser.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
+    parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     parser.add_argument("--api-key-env", metavar="NAME",
                         help="environment variable holding the key clients must send as 'Authorization: Bearer KEY'")
 

@@ -37,6 +37,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from affiner.commands.arguments import non_negative_float, non_negative_int, positive_int
+
 if TYPE_CHECKING:
     from affiner.synth.llm import LLMOptions
     from affiner.synth.synth import Options
@@ -45,12 +47,12 @@ if TYPE_CHECKING:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("glossary", help="JSON, JSONL or CSV of acronym and definition, or SKOS RDF/XML")
     parser.add_argument("--output", required=True, metavar="FILE", help="training conversations (JSON)")
-    parser.add_argument("--per-entry", type=int, default=8, metavar="N",
+    parser.add_argument("--per-entry", type=positive_int, default=8, metavar="N",
                         help="training conversations per entry and language (default 8)")
     parser.add_argument("--languages", default="en,fr", metavar="CODES", help="comma-separated: en, fr (default en,fr)")
-    parser.add_argument("--seed", type=int, default=0, metavar="N", help="offline phrasing choice (default 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="offline phrasing choice (default 0)")
     parser.add_argument("--test-output", metavar="FILE", help="held-out conversations, with unseen questions")
-    parser.add_argument("--test-per-entry", type=int, metavar="K",
+    parser.add_argument("--test-per-entry", type=positive_int, metavar="K",
                         help="held-out conversations per entry and language (default 2)")
     parser.add_argument("--columns", metavar="KEY=NAME,...",
                         help="the glossary's names for acronym, definition and description, e.g. "
@@ -60,11 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--endpoint", metavar="URL", help="base URL, e.g. http://127.0.0.1:11434/v1 (Ollama)")
     group.add_argument("--model", help="model name the endpoint serves, e.g. gemma3:27b")
     group.add_argument("--api-key-env", metavar="VAR", help="environment variable holding the API key")
-    group.add_argument("--temperature", type=float, default=0.7, metavar="T", help="sampling temperature (default 0.7)")
-    group.add_argument("--concurrency", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
-    group.add_argument("--max-attempts", type=int, default=3, metavar="N",
+    group.add_argument("--temperature", type=non_negative_float, default=0.7, metavar="T", help="sampling temperature (default 0.7)")
+    group.add_argument("--concurrency", type=positive_int, default=4, metavar="N", help="requests in flight at once (default 4)")
+    group.add_argument("--max-attempts", type=positive_int, default=3, metavar="N",
                        help="requests per entry and language when replies fall short (default 3)")
-    group.add_argument("--timeout", type=float, default=300.0, metavar="SECONDS", help="seconds per request (default 300)")
+    group.add_argument("--timeout", type=non_negative_float, default=300.0, metavar="SECONDS", help="seconds per request (default 300)")
 
 
 def main(args: argparse.Namespace) -> None:

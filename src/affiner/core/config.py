@@ -21,7 +21,8 @@ DEFAULT_RECIPE = "quickstart"
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are never a setting (a learning rate of .inf trains to NaN weights): refused by name.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -37,7 +38,7 @@ class LoraConfig(_Section):
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["auto"] = "auto"
+    target_modules: list[str] | Literal["auto"] = Field("auto", min_length=1)
 
 
 class DataConfig(_Section):
@@ -95,8 +96,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     tracking: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])  # several at once
     mlflow_uri: str | None = None  # null: a local store, sqlite in <output_dir>/mlflow.db; or a server's URL
-    # An Accelerate config file (accelerate config's YAML): distributed_type FSDP with fsdp_version 2 shards
-    # the model across processes (less memory per device, more communication); otherwise DDP.
+    # An Accelerate config file (accelerate config's YAML), read when several processes train: distributed_type
+    # FSDP with fsdp_version 2 shards the weights across them; DEEPSPEED with zero_stage 1 or 2 partitions the
+    # optimizer state (and gradients); less memory per device, more communication. Otherwise DDP.
     accelerate_config: str | None = None
 
 
@@ -160,9 +162,24 @@ def _read_text(path: Path) -> str:
         raise AffinerError(f"config file {path} is not valid UTF-8 (byte {exc.start}).") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error: the second `train:`
+    section would otherwise silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice (first on line {seen[key]}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
 def parse_yaml(label: str, text: str) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader: no Python objects)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -11,3 +11,11 @@ class AffinerError(Exception):
     """
 
     exit_code = 2
+
+
+class Incomplete(AffinerError):
+    """The command wrote its results, but some are missing (answers a judge or an endpoint could not
+    score): the message says how many and why. Exit code 3, so that a script can tell it from success
+    and from bad input."""
+
+    exit_code = 3

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
 import secrets
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -50,7 +53,20 @@ def write_together(files: dict[Path, str | bytes]) -> None:
 
 
 def json_text(data: Any, indent: int | None = 2) -> str:
-    return json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+    """Strict JSON: a non-finite number (a diverged loss, an infinite gradient norm) is written as null, since
+    NaN and Infinity are not JSON and break other readers (jq, browsers, pandas' strict mode)."""
+    return json.dumps(finite(data), indent=indent, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def finite(data: Any) -> Any:
+    """`data` with every non-finite float replaced by None."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: finite(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(value) for value in data]
+    return data
 
 
 def write_json(path: Path, data: Any, indent: int | None = 2) -> Path:
@@ -62,13 +78,13 @@ def read_json(path: Path) -> Any:
 
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> Path:
-    return write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    return write_atomic(path, "".join(json_text(record, indent=None) for record in records))
 
 
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One line added at the end (a log); a reader skips a last line cut by a crash (see read_jsonl)."""
     with open(path, "a", encoding="utf-8") as out:
-        out.write(json.dumps(record) + "\n")
+        out.write(json_text(record, indent=None))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -87,7 +103,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def check_replaceable(output: Path, overwrite: bool, marker: str, verb: str) -> None:
     """`output` may be new, or, with --overwrite, a folder an earlier `affiner VERB` wrote (it holds `marker`):
-    a user's own folder is never replaced by mistake."""
+    a user's own folder is never replaced by mistake. What an earlier, killed `affiner VERB` left beside it
+    is cleaned up first (its earlier folder put back if it was caught between two renames)."""
+    cleaned = remove_leftovers(output.parent, named=output.name)
+    if cleaned:
+        print(f"note: cleaned what an interrupted affiner left in {output.parent}: {', '.join(cleaned)}",
+              file=sys.stderr)
     if not output.exists():
         return
     if not overwrite:
@@ -125,6 +146,49 @@ def replace_folder(staging: Path, output: Path) -> None:
         retired.rename(output)  # the earlier folder stays as it was
         raise
     shutil.rmtree(retired)
+
+
+# The names this module gives what it writes before moving it into place: temporary files, staging and
+# retired folders, each with the writing process's PID; a checkpoint being saved ends in ".partial".
+_LEFTOVER = re.compile(r"^\..+\.(?P<pid>\d+)-[0-9a-f]{8}\.partial$|^\..+-staging-(?P<staging>\d+)-[0-9a-f]{8}$"
+                       r"|^\..+-old-(?P<retired>\d+)$")
+
+
+def remove_leftovers(folder: Path, any_owner: bool = False, named: str | None = None) -> list[str]:
+    """Remove what a killed writer left in `folder` (a kill -9 or a power cut skips every clean-up): the
+    temporary files and folders of processes that no longer run, or, with `any_owner` (the caller holds
+    the folder's lock), every "*.partial" entry; a folder retired by `replace_folder` whose replacement
+    never arrived is put back instead. `named` limits it to what was written for that one entry (a folder the
+    user owns may hold dotfiles of their own). Returns what was done, to be reported."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(folder.iterdir()):
+        if named and not entry.name.startswith((f".{named}-", f".{named}.")):
+            continue
+        match = _LEFTOVER.match(entry.name)
+        pid = next((int(v) for v in match.groupdict().values() if v), None) if match else None
+        stale = (pid is not None and not _alive(pid)) or (any_owner and entry.name.endswith(".partial"))
+        if not stale:
+            continue
+        original = folder / entry.name[1:].rsplit("-old-", 1)[0] if match and match["retired"] else None
+        if original is not None and not original.exists():  # killed between its two renames: put it back
+            entry.rename(original)
+            removed.append(f"{entry.name} (restored as {original.name})")
+            continue
+        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def file_sha256(path: Path) -> str:

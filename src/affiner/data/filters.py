@@ -98,6 +98,29 @@ def drop_other_languages(examples: list[Example], languages: list[str] | None) -
     return kept, dropped
 
 
+# Rows up to this many times the certain bound are still tokenised: the length histogram then shows how far
+# over max_length a data set's long rows go, and only absurd rows (a whole book in one cell) skip counting.
+LENGTH_MARGIN = 4
+
+
+def drop_too_many_characters(examples: list[Example], max_length: int, chars_per_token: int,
+                             chat: bool) -> tuple[list[Example], Dropped]:
+    """Rows certainly over max_length tokens, told by their length alone, before anything copies, normalises or
+    tokenises them (a 50 MB cell would take gigabytes there). `chars_per_token`: the most characters a token
+    of this tokenizer stands for. A chat template may trim each message and drop earlier turns, so only the
+    trimmed question and answer count there."""
+    limit = LENGTH_MARGIN * max_length * chars_per_token
+    reason = f"over max_length={max_length} tokens (over {limit} characters, not tokenised)"
+    kept, dropped = [], []
+    for e in examples:
+        texts = (e.instruction, e.response) if chat else (e.instruction, e.input, e.response)
+        if sum(len(text.strip()) for text in texts) > limit:
+            dropped.append((e, reason))
+        else:
+            kept.append(e)
+    return kept, dropped
+
+
 def drop_too_many_tokens(examples: list[Example], lengths: list[int], max_length: int) -> tuple[list[Example], Dropped]:
     reason = f"over max_length={max_length} tokens (prompt + answer)"
     kept = [e for e, n in zip(examples, lengths) if n <= max_length]

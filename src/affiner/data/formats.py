@@ -11,7 +11,7 @@ from typing import Any
 
 from affiner.core.errors import AffinerError
 from affiner.core.templates import Example
-from affiner.data.read import Row
+from affiner.data.parse import Row
 
 
 def detect_format(record: dict[str, Any]) -> str:
@@ -48,12 +48,35 @@ def _field(record: dict[str, Any], key: str, where: str, required: bool = True) 
             raise AffinerError(f"{where} has no '{key}' field (it has: {', '.join(map(str, record))}). "
                                f"Map your column with data.columns, e.g. {key}: your_column.")
         return ""
-    value = record[key]
-    if value is None:  # a null cell (common in Parquet and Hub datasets) is an empty field, counted when dropped
+    return text_of(record[key], f"{where}: '{key}'", required)
+
+
+def text_of(value: Any, what: str, required: bool = True) -> str:
+    """A cell as text, refusing anything else: a number or a list turned into text by str() would train
+    the model on "42.0", "nan" or "['a']" that nobody wrote. An optional cell may be null (empty)."""
+    if isinstance(value, str):
+        return value
+    if value is None and not required:
         return ""
-    if not isinstance(value, (str, int, float)):
-        raise AffinerError(f"{where}: '{key}' must be text, not {type(value).__name__}.")
-    return str(value)
+    raise AffinerError(f"{what} must be text, not {_not_text(value)}.")
+
+
+def _not_text(value: Any) -> str:
+    """What the value is, and what to write instead."""
+    if value is None:
+        return 'null: write "" for an empty text (the row is then dropped and counted), or remove the row'
+    if isinstance(value, bool):
+        return f'{str(value).lower()}: quote it ("{str(value).lower()}") if it is meant as text'
+    if isinstance(value, float) and value != value:
+        return 'NaN, a missing value (pandas writes it for an empty cell): write "" or remove the row'
+    if isinstance(value, (int, float)):
+        number = repr(value)[:40]
+        return f'the number {number}: quote it ("{number}") if it is meant as text'
+    if isinstance(value, list):
+        return "a list: write the text itself as one string (join the parts of a multi-part message)"
+    if isinstance(value, dict):
+        return "an object: write the text itself as one string, or map the column holding it with data.columns"
+    return f"{type(value).__name__}: write it as a string"
 
 
 def _from_alpaca(record: dict[str, Any], where: str) -> list[Example]:
@@ -95,10 +118,11 @@ def _messages(conversation: Any, where: str) -> list[tuple[str, str]]:
     for i, message in enumerate(conversation, start=1):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise AffinerError(f"{where} message {i} must be an object with 'role' and 'content'.")
-        if message["role"] not in {"system", "user", "assistant"}:
-            raise AffinerError(f"{where} message {i} has role '{message['role']}' "
+        role = message["role"]
+        if not isinstance(role, str) or role not in {"system", "user", "assistant"}:
+            raise AffinerError(f"{where} message {i} has role {repr(role)[:80]} "
                                "(expected system, user or assistant).")
-        messages.append((message["role"], str(message["content"] or "")))
+        messages.append((role, text_of(message["content"], f"{where} message {i}: 'content'")))
     return messages
 
 

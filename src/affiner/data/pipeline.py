@@ -3,7 +3,8 @@
 Both commands call `build`, so preparing first changes nothing in the rows a model sees. Each
 filter of the `data:` section is one counted step in the ledger (rows in, dropped by reason,
 kept); the token filter counts with the model's own tokenizer and template, so "at most
-max_length tokens" means what it will mean in training. Rows sharing a group (one acronym's
+max_length tokens" means what it will mean in training; a row far too long to fit is dropped by its
+character count first, before anything copies or tokenises it. Rows sharing a group (one acronym's
 paraphrases) stay on one side of the seeded split, and test questions also asked in train are
 dropped: a held-out question the model trained on measures memory, not learning.
 """
@@ -22,11 +23,12 @@ from affiner.core.errors import AffinerError
 from affiner.core.files import read_json
 from affiner.core.templates import Example, Template, render_prompt
 from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, drop_long_answers,
-                                  drop_other_languages, drop_overlap, drop_too_many_tokens)
+                                  drop_other_languages, drop_overlap, drop_too_many_characters,
+                                  drop_too_many_tokens)
 from affiner.data.formats import to_examples
 from affiner.data.ledger import Ledger
 from affiner.data.read import PREPARED_FILE, is_prepared, read_rows
-from affiner.data.tokens import token_lengths
+from affiner.data.tokens import chars_per_token, token_lengths
 
 
 @dataclass
@@ -41,6 +43,10 @@ class Prepared:
 def clean(examples: list[Example], data: DataConfig, tokenizer, template: Template, ledger: Ledger,
           side: str) -> tuple[list[Example], list[int]]:
     """Every filter of the config, in order, each counted; returns the kept rows and the measured token lengths."""
+    per_token = chars_per_token(tokenizer)
+    if per_token is not None:  # first: the other filters copy and normalise every row in full
+        examples = ledger.record(side, "characters", len(examples),
+                                 *drop_too_many_characters(examples, data.max_length, per_token, template.is_chat))
     steps = [("empty fields", True, lambda rows: drop_empty(rows)),
              ("duplicates", data.dedupe != "none", lambda rows: drop_duplicates(rows, data.dedupe)),
              ("answer words", bool(data.max_response_words),

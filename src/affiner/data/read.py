@@ -2,13 +2,12 @@
 
 Sources: local JSON, JSONL, CSV and Parquet files, Hub datasets by name (`tatsu-lab/alpaca`), files
 shipped with affiner (`embedded:glossary-train.json`) and folders written by `affiner prepare`. A
-malformed file stops with its file and line: silently losing rows is worse than a clear stop.
+malformed file stops with its file and line (parse.py). In a columnar table (Parquet, a Hub dataset)
+a null cell is how an empty cell is written, so it reads as ""; a null typed into JSON is refused later.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -16,10 +15,12 @@ from typing import Any
 
 from affiner.core.errors import AffinerError
 from affiner.core.files import file_sha256
+from affiner.data.parse import Row, read_csv, read_json, read_jsonl, strict_utf8
+
+__all__ = ["Row", "read_rows", "read_test_rows", "is_prepared", "strict_utf8"]
 
 FILE_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
 PREPARED_FILE = "prepared.json"  # written by `affiner prepare` beside train.jsonl and test.jsonl
-Row = tuple[dict[str, Any], str]  # a record and where it came from ("file.jsonl:12")
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -71,77 +72,11 @@ def _read_prepared(folder: Path, split: str) -> list[Row]:
 
 def _read_file(path: Path, label: str) -> list[Row]:
     suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        return _read_parquet(path, label)
-    text = strict_utf8(path, label)
-    if suffix == ".jsonl":
-        return _read_jsonl(text, label)
-    if suffix == ".json":
-        return _read_json(text, label)
-    if suffix == ".csv":
-        return _read_csv(text, label)
-    raise AffinerError(f"data file {label} has an unsupported type '{suffix}' (supported: "
-                       f"{', '.join(sorted(FILE_SUFFIXES))}, or a Hub dataset name).")
-
-
-def strict_utf8(path: Path, label: str) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise AffinerError(f"{label}:{line} is not valid UTF-8 (byte 0x{raw[exc.start]:02x}); re-save the "
-                           "file as UTF-8.") from None
-
-
-def _read_jsonl(text: str, label: str) -> list[Row]:
-    rows = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise AffinerError(f"{label}:{number} is not valid JSON: {exc.msg} (column {exc.colno}).") from None
-        rows.append((_as_record(record, f"{label}:{number}"), f"{label}:{number}"))
-    return rows
-
-
-def _read_json(text: str, label: str) -> list[Row]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise AffinerError(f"{label}:{exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}).") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise AffinerError(f"{label} must hold a JSON list of records (or {{\"data\": [...]}}), "
-                           f"not a {type(data).__name__}.")
-    return [(_as_record(item, f"{label} item {i}"), f"{label} item {i}") for i, item in enumerate(data, 1)]
-
-
-def _as_record(item: Any, where: str) -> dict[str, Any]:
-    if isinstance(item, list):  # a bare conversation: [{role, content}, ...]
-        return {"messages": item}
-    if not isinstance(item, dict):
-        raise AffinerError(f"{where} must be a JSON object (or a list of messages), not {type(item).__name__}.")
-    return item
-
-
-def _read_csv(text: str, label: str) -> list[Row]:
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    if not reader.fieldnames:
-        raise AffinerError(f"{label} is empty: a CSV file needs a header row.")
-    rows = []
-    try:
-        for record in reader:
-            if None in record:
-                raise AffinerError(f"{label}:{reader.line_num} has more fields than the header "
-                                   f"({', '.join(reader.fieldnames)}).")
-            rows.append((dict(record), f"{label}:{reader.line_num}"))
-    except csv.Error as exc:
-        raise AffinerError(f"{label}:{reader.line_num} is not valid CSV: {exc}.") from None
-    return rows
+    readers = {".parquet": _read_parquet, ".jsonl": read_jsonl, ".json": read_json, ".csv": read_csv}
+    if suffix not in readers:
+        raise AffinerError(f"data file {label} has an unsupported type '{suffix}' (supported: "
+                           f"{', '.join(sorted(FILE_SUFFIXES))}, or a Hub dataset name).")
+    return readers[suffix](path, label)
 
 
 def _read_parquet(path: Path, label: str) -> list[Row]:
@@ -151,13 +86,13 @@ def _read_parquet(path: Path, label: str) -> list[Row]:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a damaged file
         raise AffinerError(f"{label} is not a readable Parquet file: {exc}.") from None
-    return [(record, f"{label} row {i}") for i, record in enumerate(table.to_pylist(), start=1)]
+    return [(_nulls_as_empty(record), f"{label} row {i}") for i, record in enumerate(table.to_pylist(), start=1)]
 
 
 def _read_hub(name: str, split: str) -> list[Row]:
     import datasets
 
-    from affiner.core.models import hub_error, hub_reachable
+    from affiner.core.hub import hub_error, hub_reachable
 
     if not hub_reachable():
         datasets.config.HF_HUB_OFFLINE = True  # read the local cache instead of retrying for a minute
@@ -165,6 +100,10 @@ def _read_hub(name: str, split: str) -> list[Row]:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets wraps network, auth and missing-repo failures in many types
         raise hub_error("dataset", name, exc) from None
-    return [(record, f"{name}[{split}] row {i}") for i, record in enumerate(dataset, start=1)]
+    return [(_nulls_as_empty(record), f"{name}[{split}] row {i}") for i, record in enumerate(dataset, start=1)]
+
+
+def _nulls_as_empty(record: dict[str, Any]) -> dict[str, Any]:
+    return {key: "" if value is None else value for key, value in record.items()}
 
 

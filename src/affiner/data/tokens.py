@@ -8,6 +8,8 @@ mid-sentence, or never.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import os
 
 import torch
@@ -50,6 +52,75 @@ def token_lengths(examples: list[Example], template: Template, tokenizer, batch_
             # + 1: the EOS that encode_response appends.
             lengths += [next(counted[flag]) + n + 1 for flag, n in zip(has_bos, responses)]
     return lengths
+
+
+# Normalizers that never shorten the text, and by how much the others can: NFC/NFKC compose at most 4 code
+# points into one (U+1F82, alpha with three marks); anything else (Strip, StripAccents, a Replace that
+# shortens, a precompiled map) can shorten without bound, and then no character count is certain.
+_KEEPS_LENGTH = {"NFD", "NFKD", "Lowercase", "Prepend", "ByteLevel"}
+_COMPOSES = {"NFC": 4, "NFKC": 4}
+# Pre-tokenizers that keep every character (split only): Whitespace and the like drop spaces.
+_KEEPS_TEXT = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
+
+
+@functools.lru_cache(maxsize=4)
+def chars_per_token(tokenizer) -> int | None:
+    """The most characters of text one token can stand for: no row of more than max_length times this
+    many characters fits in max_length tokens, whatever it says. None where the tokenizer can make a token of
+    unbounded text (an unknown word becoming one [UNK], a normalizer stripping characters) or is not a
+    Rust tokenizer we can read. Computed once per tokenizer (a 262k vocabulary takes a fraction of a second)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        normalizer, pre_tokenizer = _state(backend.normalizer), _state(backend.pre_tokenizer)
+        shrink = _normalizer_shrink(normalizer)
+        model = backend.model
+        byte_level = "ByteLevel" in _types(normalizer) | _types(pre_tokenizer)
+        every_char_a_token = type(model).__name__ == "BPE" and (
+            model.byte_fallback or byte_level or (model.unk_token is not None and not model.fuse_unk))
+        stripping = any(t.lstrip or t.rstrip for t in backend.get_added_tokens_decoder().values())
+        if shrink is None or not _pre_tokenizer_keeps(pre_tokenizer) or not every_char_a_token or stripping:
+            return None
+        return shrink * max(map(len, backend.get_vocab(with_added_tokens=True)))
+    except (AttributeError, KeyError, TypeError, ValueError):  # laid out otherwise: no shortcut, only counting
+        return None
+
+
+def _types(state: dict | None) -> set[str]:
+    """Every component type in a normalizer's or pre-tokenizer's tree."""
+    if state is None:
+        return set()
+    children = state.get("normalizers") or state.get("pretokenizers") or []
+    return {state["type"]}.union(*(_types(child) for child in children))
+
+
+def _state(component) -> dict | None:
+    return None if component is None else json.loads(component.__getstate__())
+
+
+def _normalizer_shrink(state: dict | None) -> int | None:
+    if state is None or state["type"] in _KEEPS_LENGTH:
+        return 1
+    if state["type"] in _COMPOSES:
+        return _COMPOSES[state["type"]]
+    if state["type"] == "Replace" and "String" in state["pattern"] \
+            and len(state["content"]) >= len(state["pattern"]["String"]):
+        return 1  # " " -> "▁" (Llama, Gemma)
+    if state["type"] == "Sequence":
+        factors = [_normalizer_shrink(s) for s in state["normalizers"]]
+        return None if None in factors else functools.reduce(lambda a, b: a * b, factors, 1)
+    return None
+
+
+def _pre_tokenizer_keeps(state: dict | None) -> bool:
+    if state is None or state["type"] in _KEEPS_TEXT:
+        return True
+    if state["type"] == "Split":
+        return state["behavior"] != "Removed"
+    if state["type"] == "Sequence":
+        return all(_pre_tokenizer_keeps(s) for s in state["pretokenizers"])
+    return False
 
 
 def _count_tokens(tokenizer, texts: list[str], add_special_tokens: bool) -> list[int]:

@@ -4,6 +4,9 @@ All models see prompts rendered by the run's saved template and decode with the 
 they differ only by the adapter. Every score is computed here, per question, and aggregated with a
 bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
 a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
+
+Answers the LLM judge could not judge (failed requests, unreadable replies) are counted, with their
+reasons, in metrics.json and the reports; `require_judged` then turns them into exit code 3.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import time
 from pathlib import Path
 
 from affiner.core.config import JudgeConfig
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, Incomplete
 from affiner.core.files import write_json
 from affiner.core.formatting import JUDGE_INFO, METRIC_INFO
 from affiner.core.runfolder import RUN_FILE, SUMMARY_FILE, RunFolder
@@ -25,6 +28,7 @@ from affiner.evaluation.generation import generate
 from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
 from affiner.evaluation.report import REPORT_FILES, write_report
+from affiner.evaluation.report_content import unjudged_of
 from affiner.evaluation.scoring import headline, held_out_losses, score_answers
 
 TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
@@ -58,16 +62,44 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
         "questions": len(examples),
         "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())})
-    _archive_previous(plan.output)
     summary = {"run": str(plan.output), **evaluation["settings"], "generation_seconds": seconds,
                **{name: headline(scores[name]) for name in answers},
                "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
                             **{name: answers[name][i].__dict__ | {"correct": bool(scores[name][i]["contains"])}
                                for name in answers}} for i, e in enumerate(examples)]}
-    write_json(plan.output / SUMMARY_FILE, summary)
-    write_report(plan.output, evaluation)
-    _track(plan.output, evaluation)
+    plan.output.mkdir(parents=True, exist_ok=True)
+    with RunFolder(plan.output).writing("evaluate"):  # two evaluations of one run never interleave their files
+        _archive_previous(plan.output)
+        write_json(plan.output / SUMMARY_FILE, summary)
+        write_report(plan.output, evaluation)
+        _track(plan.output, evaluation)
     return evaluation
+
+
+def require_judged(evaluation: dict, report: Path, rerun: str) -> None:
+    """Raise Incomplete when the judge left answers without a verdict; call it once everything is written.
+
+    `report` is the report to point to, `rerun` the command that evaluates again."""
+    judge = evaluation.get("judge") or {}
+    missing, asked, by_reason = [], 0, {}
+    for mode, unit in (("absolute", "answers"), ("pairwise", "answer pairs")):
+        for model, summary in (judge.get(mode) or {}).items():
+            count, reasons = unjudged_of(summary)
+            asked += int(summary.get("judged") or 0)
+            if count:
+                missing.append((f"{mode} {model}: {count} of {summary.get('judged')} {unit}", count))
+            for reason in reasons:
+                by_reason[reason["reason"]] = by_reason.get(reason["reason"], 0) + reason["count"]
+    if not missing:
+        return
+    total = sum(count for _, count in missing)
+    main = max(by_reason, key=lambda r: by_reason[r]) if by_reason else "reason not recorded"
+    raise Incomplete(
+        f"the LLM judge could not judge {total} of {asked} ({'; '.join(text for text, _ in missing)}), "
+        f"{by_reason.get(main, total)} of them because: {main}. Everything else is written; {report} says how "
+        "many and why, and the judge's scores there are over the judged answers only. Fix the judge endpoint "
+        f"(eval.judge, or the --judge-* flags) and run `{rerun}` again: verdicts already given come from the "
+        "judge's cache, so only the missing ones are asked again.")
 
 
 def _track(folder: Path, evaluation: dict) -> None:

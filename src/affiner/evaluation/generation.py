@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import device
+from affiner.core.models import device, max_positions
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -39,13 +39,19 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
         torch.manual_seed(sampling.seed or 0)
     answers: dict[int, Answer] = {}
     start, size = 0, batch_size
+    window = max_positions(model)
+    if window and max(map(len, prompts), default=0) + max_new_tokens > window:
+        # Past its positions a model degrades into noise (or fails): answers stop at the window, said once.
+        print(f"note: {max_new_tokens} new tokens do not fit the model's {window}-token window after the longest "
+              "prompt; answers stop at the window.")
     with tqdm(total=len(order), desc=desc, unit="question", leave=False) as progress:
         while start < len(order):
             chunk = order[start:start + size]
             input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
+            budget = max(1, min(max_new_tokens, window - input_ids.shape[1])) if window else max_new_tokens
             try:
                 output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
-                                        max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                        max_new_tokens=budget, eos_token_id=stop_ids,
                                         pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
             except torch.OutOfMemoryError:
                 output = None  # handled outside the except block, whose traceback still holds the batch's tensors

@@ -21,7 +21,9 @@ endpoint, model and prompt, so evaluating again costs no request. The transport 
 key handling) is `affiner.core.endpoint.ChatClient`, shared with `affiner synth`. Failed requests are retried with
 exponential back-off when retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled
 bodies), and reported in `Verdict.error` otherwise. A reply the parser cannot read is counted as
-unparseable, never guessed. The API key, if any, is read from the environment variable named by
+unparseable, never guessed. `unjudged(verdicts)` counts the answers left without a verdict and says
+why; an evaluation records it for every model, so that a failing endpoint shows in the report (and in
+the exit code) instead of silently shrinking the sample the judge's scores are over. The API key, if any, is read from the environment variable named by
 `api_key_env`; it is sent in the Authorization header and nowhere else.
 """
 
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING
 
 from affiner.core.endpoint import ChatClient, EndpointSettings, RequestFailed
 from affiner.core.errors import AffinerError
+from affiner.core.formatting import shorten
 
 if TYPE_CHECKING:
     from affiner.core.config import JudgeConfig
@@ -171,6 +174,42 @@ def summarise_pairwise(verdicts: Sequence[PairVerdict]) -> dict:
             "win_rate": (wins + 0.5 * ties) / len(winners) if winners else None}
 
 
+UNPARSEABLE = "no verdict in the judge's reply"
+REASON_WIDTH = 160  # an error message, e.g. the server's own explanation, cut to fit one line
+MAX_REASONS = 3
+
+
+def _unjudged_reason(verdict: Verdict | PairVerdict) -> tuple[str, str] | None:
+    """(what groups it, what to show) for a verdict that is missing; None for one that was given."""
+    if verdict.error is not None:
+        text = shorten(verdict.error, REASON_WIDTH)
+        return text, text
+    if isinstance(verdict, Verdict):
+        unread = [verdict.raw] if verdict.score is None else []
+    else:
+        unread = [raw for raw in verdict.raw if parse_pairwise(raw) is None] if verdict.winner is None else []
+    if not unread:
+        return None
+    # Unreadable replies differ word for word but share one cause; the first one shows what they look like.
+    return UNPARSEABLE, f"{UNPARSEABLE}, e.g. {shorten(unread[0], 80)!r}"
+
+
+def unjudged(verdicts: Sequence[Verdict | PairVerdict]) -> dict:
+    """{"unjudged": count, "reasons": [{"reason", "count"}, ...]}: the most common reasons first, at most
+    MAX_REASONS of them, equal counts in the order they first occurred."""
+    counts: dict[str, int] = {}
+    texts: dict[str, str] = {}
+    for verdict in verdicts:
+        reason = _unjudged_reason(verdict)
+        if reason is not None:
+            key, text = reason
+            counts[key] = counts.get(key, 0) + 1
+            texts.setdefault(key, text)
+    ranked = sorted(counts, key=lambda key: -counts[key])
+    return {"unjudged": sum(counts.values()),
+            "reasons": [{"reason": texts[key], "count": counts[key]} for key in ranked[:MAX_REASONS]]}
+
+
 def _pair_winner(base_first: str | None, tuned_first: str | None) -> str | None:
     if base_first is None or tuned_first is None:
         return None
@@ -246,6 +285,9 @@ class Judge:
 
 def _pair_verdict(base_first: _Reply, tuned_first: _Reply) -> PairVerdict:
     raw = (base_first.text or "", tuned_first.text or "")
+    if base_first.error and base_first.error == tuned_first.error:
+        # One cause (the endpoint is down, the key is wrong) reads once, and groups with the absolute failures.
+        return PairVerdict(winner=None, raw=raw, error=base_first.error)
     errors = [f"{label}: {reply.error}" for label, reply in
               (("base shown first", base_first), ("tuned shown first", tuned_first)) if reply.error]
     if errors:
@@ -265,7 +307,9 @@ def judge_settings(config: JudgeConfig) -> EndpointSettings:
 
 
 def judge_answers(judge: Judge, config: JudgeConfig, examples: list[Example], answers: dict, scores: dict) -> dict:
-    """Each model's answers judged as `config.mode` says; absolute verdicts also go into `scores` as "judge"."""
+    """Each model's answers judged as `config.mode` says; absolute verdicts also go into `scores` as "judge".
+
+    Each summary also counts the answers left without a verdict and says why (`unjudged`)."""
     result: dict = {"model": config.model, "absolute": {}, "pairwise": {}}
     models = list(answers)
     if config.mode in {"absolute", "both"}:
@@ -274,10 +318,10 @@ def judge_answers(judge: Judge, config: JudgeConfig, examples: list[Example], an
             for row, verdict in zip(scores[m], verdicts):
                 if verdict.score is not None:
                     row["judge"] = float(verdict.score)
-            result["absolute"][m] = summarise_absolute(verdicts)
+            result["absolute"][m] = summarise_absolute(verdicts) | unjudged(verdicts)
     if config.mode in {"pairwise", "both"}:
         for m in models[1:]:
             verdicts = judge.pairwise([(e.instruction, e.expected, b.text, t.text)
                                        for e, b, t in zip(examples, answers["base"], answers[m])])
-            result["pairwise"][m] = summarise_pairwise(verdicts)
+            result["pairwise"][m] = summarise_pairwise(verdicts) | unjudged(verdicts)
     return result

@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import math
 from pathlib import Path
-from typing import Any
 
-from affiner.core.files import write_atomic
+from affiner.core.files import json_text, write_atomic
 from affiner.evaluation.plots import lengths_plot, metrics_plot
 from affiner.evaluation.report_content import answer_of, example_score, per_example_metrics
 from affiner.evaluation.report_html import render_html
@@ -85,19 +82,8 @@ def answers_csv(evaluation: dict) -> str:
     return buffer.getvalue()
 
 
-def finite(value: Any) -> Any:
-    """NaN and infinities become null: they are not JSON, and other tools refuse to read them."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def metrics_json(evaluation: dict) -> str:
     content = {"settings": evaluation.get("settings", {}), "models": list(evaluation["models"]),
                "metrics": evaluation.get("metrics", {}), "metric_info": evaluation.get("metric_info", {}),
                "judge": evaluation.get("judge")}
-    return json.dumps(finite(content), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return json_text(content)

@@ -1,6 +1,6 @@
 """What the evaluation report says, before it is drawn as markdown, HTML or plots: each tuned model's
 difference from the base with a better/worse verdict, the largest per-question wins and regressions,
-the judge tables, and the report's own cell formats.
+the judge tables with the answers the judge left unjudged (and why), and the report's own cell formats.
 
 Aggregates read as every other affiner output does (`affiner.core.formatting`); only what exists in
 the report alone (verdict marks, per-question scores and changes) is formatted here.
@@ -214,15 +214,49 @@ def judge_tables(judge: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     absolute = judge.get("absolute") or {}
     if absolute:
         tables.append(("Absolute: the judge marks each answer right or wrong",
-                       ["model", "accuracy", "judged", "unparseable", "failed"],
+                       ["model", "accuracy", "answers", "unparseable", "failed"],
                        [[model, format_value(r.get("accuracy"), "rate"),
                          *(format_example_score(r.get(k)) for k in ("judged", "unparseable", "failed"))]
                         for model, r in absolute.items()]))
     pairwise = judge.get("pairwise") or {}
     if pairwise:
         tables.append(("Pairwise: the judge picks the better answer, tuned against base",
-                       ["model", "win rate", "wins", "losses", "ties", "unparseable"],
+                       ["model", "win rate", "wins", "losses", "ties", "unparseable", "failed"],
                        [[model, format_value(r.get("win_rate"), "rate"),
-                         *(format_example_score(r.get(k)) for k in ("wins", "losses", "ties", "unparseable"))]
+                         *(format_example_score(r.get(k)) for k in ("wins", "losses", "ties", "unparseable", "failed"))]
                         for model, r in pairwise.items()]))
     return tables
+
+
+# --------------------------------------------------------------------------- answers the judge left unjudged
+
+def unjudged_of(summary: dict) -> tuple[int, list[dict]]:
+    """(count, [{"reason", "count"}, ...]) of one judge summary. A metrics.json written before reasons were
+    recorded still has its failed and unparseable counts, which say as much."""
+    if "unjudged" in summary:
+        return int(summary.get("unjudged") or 0), list(summary.get("reasons") or [])
+    counts = {"request failed": int(summary.get("failed") or 0),
+              "no verdict in the judge's reply": int(summary.get("unparseable") or 0)}
+    return sum(counts.values()), [{"reason": k, "count": n} for k, n in counts.items() if n]
+
+
+def describe_reasons(count: int, reasons: list[dict]) -> str:
+    """'REASON' when one reason covers all, else 'REASON (n); OTHER (m); k for other reasons'."""
+    if not reasons:
+        return "reason not recorded"
+    parts = [r["reason"] if r["count"] == count else f"{r['reason']} ({r['count']})" for r in reasons]
+    rest = count - sum(r["count"] for r in reasons)
+    return "; ".join(parts + ([f"{rest} for other reasons"] if rest > 0 else []))
+
+
+def unjudged_notes(judge: dict | None) -> list[str]:
+    """One line per judged model with answers left without a verdict, e.g.
+    "2 of 5 tuned answers unjudged: HTTP 500 ..." (plain text, escaped by the renderer)."""
+    notes = []
+    for mode, what in (("absolute", "{} answers"), ("pairwise", "{} vs base answer pairs")):
+        for model, summary in ((judge or {}).get(mode) or {}).items():
+            count, reasons = unjudged_of(summary)
+            if count:
+                total = format_example_score(summary.get("judged"))
+                notes.append(f"{count} of {total} {what.format(model)} unjudged: {describe_reasons(count, reasons)}")
+    return notes

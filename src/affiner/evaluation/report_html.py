@@ -10,7 +10,8 @@ from typing import Any
 from affiner.evaluation.report_content import (BASE_TINT, EMPTY_TEXT, HEADLINE_NOTE, TUNED_TINT, answer_of, comparison_note,
                                                example_score, format_example_change, format_example_score,
                                                format_settings, headline_rows, judge_tables, question_text, role,
-                                               tie_break_metric, tuned_models, wins_and_regressions)
+                                               tie_break_metric, tuned_models, unjudged_notes,
+                                               wins_and_regressions)
 
 # The policy makes "self-contained" a property the browser enforces: nothing outside the file loads
 # and no script runs, whatever text ends up in the page.
@@ -39,6 +40,7 @@ th.base, td.base {{ background: var(--base); }}
 th.tuned, td.tuned {{ background: var(--tuned); }}
 .better {{ color: #1b7a32; font-weight: 600; }}
 .worse {{ color: #b3261e; font-weight: 600; }}
+.warning {{ color: #b3261e; margin: 6px 0 0; }}
 .answer {{ white-space: pre-wrap; }}
 .meta {{ display: block; font-size: .8em; margin-top: 2px; }}
 .plots {{ display: flex; flex-wrap: wrap; gap: 16px; margin-top: 16px; }}
@@ -124,7 +126,10 @@ def headline_section(evaluation: dict) -> str:
         cells += [(f'<span class="{escape(v)}">{escape(text)}</span>' if v else escape(text), "num")
                   for text, v in row["deltas"]]
         rows.append(cells)
-    return table(header, rows, table_id="headline") + f'\n<p class="note">{escape(HEADLINE_NOTE)}</p>'
+    # Right under the headline, where the judge's means are: they are over the judged answers only.
+    warnings = "".join(f'\n<p class="warning"><strong>Judge:</strong> {escape(note)}</p>'
+                       for note in unjudged_notes(evaluation.get("judge")))
+    return table(header, rows, table_id="headline") + f'\n<p class="note">{escape(HEADLINE_NOTE)}</p>' + warnings
 
 
 def figures_section(plots: dict[str, bytes], captions: dict[str, str]) -> str:

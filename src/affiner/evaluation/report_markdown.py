@@ -7,7 +7,7 @@ from typing import Any, Iterable
 from affiner.evaluation.report_content import (EMPTY_TEXT, HEADLINE_NOTE, answer_of, comparison_note, example_score,
                                                format_example_change, format_example_score, format_settings,
                                                headline_rows, judge_tables, question_text, tie_break_metric,
-                                               tuned_models, wins_and_regressions)
+                                               tuned_models, unjudged_notes, wins_and_regressions)
 
 
 def md_cell(text: Any) -> str:
@@ -41,7 +41,10 @@ def headline_section(evaluation: dict) -> list[str]:
         [md_cell(f"Δ {m} − {models[0]}") for m in tuned_models(evaluation)]
     rows = [[md_cell(r["label"])] + [md_cell(c) for c in r["cells"]] + [md_cell(text) for text, _ in r["deltas"]]
             for r in headline_rows(evaluation)]
-    return ["## Headline", ""] + md_table(header, rows) + ["", HEADLINE_NOTE, ""]
+    # Right under the headline, where the judge's means are: they are over the judged answers only.
+    warnings = [f"**Judge:** {md_cell(note)}" for note in unjudged_notes(evaluation.get("judge"))]
+    return ["## Headline", ""] + md_table(header, rows) + ["", HEADLINE_NOTE, ""] + \
+        [line for note in warnings for line in (note, "")]
 
 
 def judge_section(judge: dict | None) -> list[str]:

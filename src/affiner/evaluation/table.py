@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from affiner.core.formatting import format_value, shorten, text_table
+from affiner.evaluation.report_content import unjudged_notes
 
 
 def format_table(evaluation: dict) -> str:
-    """Every metric's mean per model, then one question whose answer the fine-tune fixed (if any)."""
+    """Every metric's mean per model, what the judge left unjudged (if anything), then one question whose
+    answer the fine-tune fixed (if any)."""
     models = evaluation["models"]
     rows = [["", *models]]
     for key, info in evaluation["metric_info"].items():
@@ -15,6 +17,8 @@ def format_table(evaluation: dict) -> str:
     tuned = models[1]
     example = next((x for x in evaluation["examples"] if x["answers"][tuned]["scores"]["contains"]
                     and not x["answers"]["base"]["scores"]["contains"]), evaluation["examples"][0])
-    lines = [text_table(rows), "", f"Q: {example['question']}"]
+    # The judge's means are over the answers it judged: the reader must see how many it did not.
+    notes = [f"Judge: {note}" for note in unjudged_notes(evaluation.get("judge"))]
+    lines = [text_table(rows), *notes, "", f"Q: {example['question']}"]
     lines += [f"  {m:5s}: {shorten(example['answers'][m]['text'])}" for m in models]
     return "\n".join(lines)

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from affiner.core.config import flatten
+from affiner.core.errors import AffinerError
 from affiner.core.formatting import METRIC_INFO, format_value, metric_kind, text_table
 from affiner.core.runfolder import RunFolder
 
 
 def find_runs(root: Path) -> list[Path]:
     return [run.path for run in RunFolder.all_under(root)]
+
+
+def describe_runs(root: Path) -> list[dict[str, Any]]:
+    """Every readable run under `root`; one that cannot be read (a damaged run.json or config.yaml) is named
+    on stderr and left out, so that it does not hide all the others."""
+    described = []
+    for folder in find_runs(root):
+        try:
+            described.append(describe_run(folder))
+        except (AffinerError, OSError) as error:
+            print(f"note: skipping {folder}: {error}", file=sys.stderr)
+    return described
 
 
 def describe_run(folder: Path) -> dict[str, Any]:
@@ -34,7 +48,7 @@ def _score(run: dict[str, Any], metric: str, model: str = "tuned") -> str:
 
 
 def list_runs(root: Path) -> str:
-    runs = [describe_run(folder) for folder in find_runs(root)]
+    runs = describe_runs(root)
     if not runs:
         return f"no run under {root} yet: affiner run"
     header = ["run", "status", "model", "method", "data", "rows", "steps", "min",

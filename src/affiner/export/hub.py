@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import endpoint_reachable, hub_endpoint, hub_reachable
+from affiner.core.hub import endpoint_reachable, hub_endpoint, hub_reachable
 from affiner.export.gguf_metadata import read_metadata
 
 EMBEDDED_HUB_IDS = {"embedded:gemma-3-270m": "google/gemma-3-270m"}

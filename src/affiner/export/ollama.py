@@ -11,7 +11,8 @@ from pathlib import Path
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import write_atomic
-from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, hub_error, hub_kwargs, hub_options, resolve_base
+from affiner.core.hub import hub_error, hub_kwargs, hub_options
+from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, resolve_base
 from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Example, Template, chat_text, render_prompt
 from affiner.export.gguf_writer import GgufReport, gguf_architecture, write_gguf

@@ -23,7 +23,7 @@ from typing import Callable, Generator, Protocol
 from affiner.core.errors import AffinerError
 from affiner.interfaces.engine import Engine, Reply
 from affiner.interfaces.openai_api import ApiError, Request, StreamChunks, Trim, completion_body, finish_reason, \
-    parse_body, parse_request
+    parse_body, parse_request, require_json
 
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
 DRAIN_LIMIT = 16 << 20  # an unwanted body up to this size is read and dropped, so the client sees our error
@@ -37,6 +37,8 @@ class ServerState(Protocol):
     api_key: str | None
     created: int
     closing: bool
+
+    def check_host(self, headers: list[str]) -> None: ...
 
     def track(self, stop: threading.Event, active: bool) -> None: ...
 
@@ -138,6 +140,7 @@ class Handler(BaseHTTPRequestHandler):
             if self.server.closing or self.server.engine is None:
                 self.close_connection = True
                 raise ApiError(503, "The server is shutting down.", code="unavailable")
+            self.server.check_host(self.headers.get_all("Host") or [])  # first: a foreign page learns nothing
             self._authorize()
             route = self._route(urllib.parse.urlsplit(self.path).path)
             route()
@@ -211,6 +214,7 @@ class Handler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     def _read_json(self) -> dict:
+        require_json(self.headers.get("Content-Type"))
         if self.headers.get("Transfer-Encoding"):
             raise ApiError(411, "Send the body with a Content-Length header, not chunked.", code="length_required")
         if self.headers.get("Content-Length") is None:

@@ -1,11 +1,13 @@
 """What the page of `affiner app` runs on, outside Streamlit: which run folders it compares (checked
-before the page server starts), the engine it loads once, one answer streamed with its timings, the
-answer boxes and the comparisons as CSV. `launch` starts the page server; app_page.py is the page.
+before the page server starts), the key a page reachable from other machines asks for, the engine it
+loads once, one answer streamed with its timings, the answer boxes and the comparisons as CSV.
+`launch` starts the page server; app_page.py is the page.
 """
 
 from __future__ import annotations
 
 import csv
+import hmac
 import html
 import io
 import os
@@ -20,25 +22,57 @@ from typing import Callable
 
 from affiner.core.errors import AffinerError
 from affiner.core.formatting import format_value
+from affiner.core.net import is_loopback
 from affiner.core.runfolder import RunFolder, base_key, model_names, require_one_base
 
 RUNS_ENV = "AFFINER_APP_RUNS"  # the run folders the page serves, joined with os.pathsep
+KEY_ENV = "AFFINER_APP_KEY"  # the key the page asks for before showing anything (unset: no key)
 PAGE_SCRIPT = Path(__file__).with_name("app_page.py")
 ENGINE_LOADS: Counter = Counter()  # how many times a base model was loaded, per tuple of run folders
 
 
-def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501) -> None:
-    """Serve the page on the run folders (default: the latest finished run and its siblings) until Ctrl-C."""
+def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501, api_key_env: str | None = None) -> None:
+    """Serve the page on the run folders (default: the latest finished run and its siblings) until Ctrl-C;
+    the key the page asks for, if any, is read from the environment variable `api_key_env`."""
+    key = page_key_for(host, api_key_env)
     folders = resolve_runs(folders)
     env = {**os.environ, RUNS_ENV: os.pathsep.join(str(f) for f in folders)}
+    env.pop(KEY_ENV, None)  # a key left in the caller's environment must not lock a page started without one
+    if key is not None:
+        env[KEY_ENV] = key  # the environment, unlike the command line, is not visible to other users
     names = model_names(folders)
     print(f"Comparing base ({RunFolder(folders[0]).config().model.base}) with "
           f"{', '.join(f'{n} ({f})' for n, f in zip(names, folders))}")
-    print(f"Open http://{'127.0.0.1' if host in {'0.0.0.0', '::'} else host}:{port}/ (Ctrl-C to stop)", flush=True)
+    print(f"Open http://{'127.0.0.1' if host in {'', '0.0.0.0', '::'} else host}:{port}/ (Ctrl-C to stop)"
+          + (" and give the key" if key else ""), flush=True)
     code = _wait(subprocess.Popen(streamlit_command(folders, port=port, host=host), env=env))
     if code != 0:
         raise AffinerError(f"the page server stopped with exit code {code} (see its message above); if port "
                            f"{port} is taken, choose another with --port.")
+
+
+def page_key_for(host: str, api_key_env: str | None) -> str | None:
+    """The key the page will ask for; refused, before anything is loaded, on a public address without one."""
+    from affiner.interfaces.serve import read_api_key
+
+    key = read_api_key(api_key_env)
+    if key is None and not is_loopback(host):
+        raise AffinerError(f"refusing to serve the page on {host or 'all interfaces'} without a key: anyone who "
+                           "can reach this machine could read the runs and generate with the models. Put a key "
+                           "in an environment variable and pass its name: export AFFINER_KEY=$(openssl rand -hex "
+                           f"16), then affiner app --host {host or '0.0.0.0'} --api-key-env AFFINER_KEY (the page "
+                           "asks for the key before showing anything); or keep the default --host 127.0.0.1.")
+    return key
+
+
+def page_key() -> str | None:
+    """The key this page asks for (set by `launch`), None when it needs none."""
+    return os.environ.get(KEY_ENV) or None
+
+
+def key_matches(sent: str, key: str) -> bool:
+    """Whether `sent` is the key, compared in constant time: timing must not reveal how much of a guess was right."""
+    return hmac.compare_digest(sent.strip().encode("utf-8"), key.strip().encode("utf-8"))
 
 
 def _wait(process: subprocess.Popen) -> int:
@@ -79,7 +113,7 @@ def default_runs(output_dir: str | Path = "runs") -> list[Path]:
     runs = RunFolder.all_under(root) if root.is_dir() else []
     finished = [run for run in runs if run.is_finished and run.has_adapter and _base_key(run) is not None]
     if not finished:
-        latest = RunFolder.latest(root)
+        latest = max(runs, key=lambda run: run.path.stat().st_mtime, default=None)
         if latest is None:
             raise AffinerError(f"there is no run under {root}/ to compare yet: train one with `affiner run` "
                                "(the quickstart, a few minutes on a CPU), then start `affiner app` again; "

@@ -9,6 +9,8 @@ The base model is loaded once per set of run folders (st.cache_resource) and sha
 browser session; switching adapters only switches the active adapter. Query parameters open the
 page on a prompt and generate at once: ?prompt=...&input=...&greedy=1&temperature=0.7&top_p=0.9
 &top_k=40&max_new_tokens=64&seed=1&models=a,b&page=runs (see `affiner app --help`).
+With $AFFINER_APP_KEY set (as `affiner app --api-key-env NAME` does), each browser session must give
+that key before the page shows or generates anything.
 """
 
 from __future__ import annotations
@@ -331,8 +333,25 @@ def runs_page(folders: list[Path], names: list[str]) -> None:
 # ---------------------------------------------------------------------------------------- the page
 
 
+def key_gate() -> None:
+    """Stop the script here until this browser session has typed the page's key (when it has one)."""
+    key = app.page_key()
+    if key is None or st.session_state.get("unlocked"):
+        return
+    st.title("affiner · compare")
+    sent = st.text_input("Key", type="password", key="page_key",
+                         help="the key this page was started with (affiner app --api-key-env NAME)")
+    if sent and app.key_matches(sent, key):
+        st.session_state["unlocked"] = True
+        st.rerun()
+    if sent:
+        st.error("Wrong key.")
+    st.stop()
+
+
 def main() -> None:
     st.set_page_config(page_title="affiner · compare", page_icon="⚖️", layout="wide")
+    key_gate()  # before the runs are even read: a visitor without the key sees nothing of them
     try:
         folders = app.runs_from_environment()
     except AffinerError as exc:

@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
 from affiner.core.settings import Settings
-from affiner.core.models import device, load_for, tokenizer_for
+from affiner.core.models import damaged, device, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -82,7 +83,7 @@ class Engine:
     @classmethod
     def from_runs(cls, folders: list[Path], names: list[str] | None = None) -> "Engine":
         """The base of the runs, loaded once, with each run's adapter under its name ("tuned" for a single run)."""
-        runs = [RunFolder.open(f) for f in folders]
+        runs = [RunFolder.open(f).require_finished("talk to it") for f in folders]
         configs = require_one_base(runs, "adapters must share one base to be switched on it.")
         full = next((run for run, config in zip(runs, configs) if config.method == "full"), None)
         if full is not None:
@@ -100,12 +101,15 @@ class Engine:
         for i, (name, folder) in enumerate(adapters.items()):
             if name == BASE:
                 raise AffinerError("'base' names the model without adapter; give the adapter another name.")
-            if i == 0:
-                model = PeftModel.from_pretrained(base, str(folder), adapter_name=name)
-            else:
-                model.load_adapter(str(folder), adapter_name=name)
+            try:
+                if i == 0:
+                    model = PeftModel.from_pretrained(base, str(folder), adapter_name=name)
+                else:
+                    model.load_adapter(str(folder), adapter_name=name)
+            except (OSError, ValueError, SafetensorError) as exc:
+                raise damaged("LoRA adapter", Path(folder), exc) from None
         model.eval()
-        window = getattr(base.config, "max_position_embeddings", None) or 2048
+        window = max_positions(base) or 2048
         return cls(template=template, tokenizer=tokenizer, model=model, adapters=list(adapters),
                    context_window=min(window, 8192))
 

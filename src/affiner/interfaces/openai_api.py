@@ -94,6 +94,16 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
 
+def require_json(content_type: str | None) -> None:
+    """Refuse (415) a body not declared as JSON: a cross-site page can POST text/plain or a form without the
+    browser asking this server first, but not application/json, so only JSON bodies are read."""
+    media_type = (content_type or "").partition(";")[0].strip().lower()
+    if media_type != "application/json":
+        sent = f"not {content_type.strip()[:100]!r}" if content_type else "none was given"
+        raise ApiError(415, f"The body must be sent with 'Content-Type: application/json' ({sent}).",
+                       code="unsupported_media_type")
+
+
 def parse_body(data: bytes) -> dict:
     try:
         body = json.loads(data, parse_constant=_reject_constant)

@@ -1,13 +1,19 @@
 """The server of `affiner serve`: bound (host, port, API key checked) before the model is loaded, then
 serving OpenAI-compatible requests, one generation at a time, until Ctrl-C.
 
+A browser page can reach a loopback server too, so requests are checked before anything else: the Host
+header must name this server (a loopback name, or the --host given), which defeats DNS rebinding, and a
+POST body must be declared application/json (`api_handler`), which a cross-site form cannot send.
+
 Each request is handled by `api_handler.Handler`; what the API's requests and answers mean is
 `openai_api`'s.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 import sys
 import threading
@@ -21,6 +27,11 @@ from affiner.core.net import is_loopback
 from affiner.core.runfolder import RunFolder
 from affiner.interfaces.api_handler import Handler
 from affiner.interfaces.engine import Engine
+from affiner.interfaces.openai_api import ApiError
+
+WILDCARDS = {"", "0.0.0.0", "::"}  # --host values that listen on every interface
+# A Host header: a name or IPv4 address, or a bracketed IPv6 address, then an optional port.
+HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?")
 
 
 def serve(folders: list[Path], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None) -> None:
@@ -84,6 +95,33 @@ def bind(host: str, port: int, api_key: str | None) -> Server:
                            "is another server using that port? Pick another with --port.") from None
 
 
+def host_name(header: str) -> str | None:
+    """The name a Host header gives ('[::1]:8000' -> '::1', 'LocalHost.:80' -> 'localhost'); None if malformed."""
+    match = HOST_HEADER.fullmatch(header.strip())
+    if match is None:
+        return None
+    return (match["ipv6"] or match["name"]).lower().rstrip(".")
+
+
+def host_allowed(name: str, bound: str) -> bool:
+    """Whether a request naming `name` in its Host header may be answered by a server listening on `bound`.
+
+    Loopback names always pass, and the --host name (as an address or a DNS name) does. A name chosen by
+    someone else is refused: a page whose DNS name was pointed at this machine (DNS rebinding) reaches the
+    port, but names its own host. Listening on every interface, there is no one name to pin; a key is then
+    required (`bind`), and it is the key that a rebinding page lacks, so any name passes.
+    """
+    if is_loopback(name):
+        return True
+    if bound in WILDCARDS:
+        return True
+    bound = bound.strip("[]").lower().rstrip(".")
+    try:
+        return ipaddress.ip_address(name) == ipaddress.ip_address(bound)
+    except ValueError:
+        return name == bound
+
+
 class Server(ThreadingHTTPServer):
     """The listening server: its engine, its key, and the generations it must stop when it stops."""
 
@@ -92,6 +130,7 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], api_key: str | None, family: int):
         self.address_family = family
+        self.host = address[0]
         self.api_key = api_key
         self.engine: Engine | None = None
         self.created = int(time.time())
@@ -107,6 +146,17 @@ class Server(ThreadingHTTPServer):
         if ":" in shown:
             shown = f"[{shown}]"
         return f"http://{shown}:{port}/v1"
+
+    def check_host(self, headers: list[str]) -> None:
+        """Refuse (421) a request whose Host header names another server; see `host_allowed`."""
+        if not headers:
+            return  # only an HTTP/1.0 client omits it, and every browser sends one
+        name = host_name(headers[0]) if len(headers) == 1 else None
+        if name is None or not host_allowed(name, self.host):
+            shown = ", ".join(headers)[:200]
+            raise ApiError(421, f"This server does not answer for the host {shown!r}: use localhost, 127.0.0.1 "
+                           f"or [::1]{'' if is_loopback(self.host) else ' or ' + self.host}, as in the "
+                           "address the server printed.", code="invalid_host")
 
     def track(self, stop: threading.Event, active: bool) -> None:
         with self._generations_lock:

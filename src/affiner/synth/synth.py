@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.errors import AffinerError
-from affiner.core.files import json_text, write_together
+from affiner.core.files import json_text, remove_leftovers, write_together
 from affiner.synth.banks import LANGUAGES
 from affiner.synth.glossary import COLUMN_KEYS, Glossary, read_glossary
 from affiner.synth.llm import EndpointReport, LLMOptions, llm_pairs
@@ -127,6 +127,9 @@ def _check_outputs(options: Options) -> None:
         if path.exists() and not options.overwrite:
             raise AffinerError(f"{path} already exists and was left untouched; pass --overwrite to replace it, or "
                                "choose another file.")
+        cleaned = remove_leftovers(path.parent, named=path.name)  # a killed earlier run's temporary file
+        if cleaned:
+            print(f"note: removed what an interrupted affiner left beside {path}: {', '.join(cleaned)}")
 
 
 def _per_language(pairs: Pairs) -> Counter:

@@ -7,11 +7,13 @@ saving never leaves a checkpoint that `--resume` would trust.
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
 
+from affiner.core.errors import AffinerError
 from affiner.core.files import replace_folder
 from affiner.core.runfolder import RunFolder
 from affiner.training.processes import Processes
@@ -70,20 +72,38 @@ def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Pro
     """Optimizer, scheduler and RNG as they were at the checkpoint; returns its step.
 
     Loaded onto the CPU first (a GPU checkpoint resumes on a CPU too; the optimizer moves its state to
-    its parameters' device) and with weights_only, so a crafted checkpoint cannot run code.
+    its parameters' device) and with weights_only, so a crafted checkpoint cannot run code: a file that
+    holds anything but tensors and plain values is refused, as a damaged one is.
     """
-    state = torch.load(checkpoint / STATE_FILE, map_location="cpu", weights_only=True)
+    state = _load(checkpoint / STATE_FILE)
     if processes.deepspeed:
-        state["optimizer"] = torch.load(checkpoint / OPTIMIZER_FILE.format(rank=processes.rank), map_location="cpu",
-                                        weights_only=True)
-    processes.load_optimizer_state(module, optimizer, state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = _random_state(checkpoint, processes.rank, state)
-    torch.set_rng_state(rng["torch_rng"])
+        state["optimizer"] = _load(checkpoint / OPTIMIZER_FILE.format(rank=processes.rank))
+    try:
+        processes.load_optimizer_state(module, optimizer, state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        rng = _random_state(checkpoint, processes.rank, state)
+        torch.set_rng_state(rng["torch_rng"])
+        step = json.loads((checkpoint / STEP_FILE).read_text())["step"]
+    except (KeyError, ValueError, TypeError, RuntimeError, OSError) as error:
+        raise _damaged(checkpoint, error) from None
     cuda_states = rng.get("cuda_rng") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
-    return json.loads((checkpoint / STEP_FILE).read_text())["step"]
+    return step
+
+
+def _load(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+        raise _damaged(path.parent, error, path) from None
+
+
+def _damaged(checkpoint: Path, error: Exception, path: Path | None = None) -> AffinerError:
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return AffinerError(f"checkpoint {checkpoint} cannot be resumed from: {path or 'a file in it'} is damaged or "
+                        f"holds more than weights ({first_line[:200]}). Delete that checkpoint folder to resume "
+                        "from the one before it, or start a new run.")
 
 
 def _random_state(checkpoint: Path, rank: int, state: dict) -> dict:
@@ -91,5 +111,5 @@ def _random_state(checkpoint: Path, rank: int, state: dict) -> dict:
     written before there were per-process files has it inside its trainer state."""
     for path in (checkpoint / RNG_FILE.format(rank=rank), checkpoint / RNG_FILE.format(rank=0)):
         if path.is_file():
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return _load(path)
     return state

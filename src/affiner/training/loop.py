@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ from affiner.data.tokens import collate
 from affiner.training.batches import micro_batches, total_steps
 from affiner.training.checkpoints import restore_state, save_checkpoint, save_model
 from affiner.training.processes import Processes
+from affiner.training.stops import Stop, ctrl_c_after_step, ctrl_c_deferred
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
@@ -41,6 +41,8 @@ Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged wi
 
 class Interrupted(AffinerError):
     """Training stopped by Ctrl-C; the message says how to resume (a sweep tells it from other failures)."""
+
+    exit_code = 130  # what a shell expects of a program stopped by Ctrl-C
 
 
 class Diverged(Exception):
@@ -125,7 +127,8 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     start_step = 0
     if checkpoint is not None:
         start_step = restore_state(checkpoint, loss, optimizer, scheduler, processes)
-        if processes.is_main:
+        if processes.is_main:  # only now: a checkpoint that cannot be resumed from leaves run.json as it was
+            run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
             print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
     dtype, kind = dtype_for(config), device().type
     # Weights stay as loaded (fp32 masters for full fine-tuning); the forward runs in the run's precision.
@@ -200,33 +203,49 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     for _ in range(trainer.start_step * accumulation):  # the resumed run sees the batches it would have seen
         next(batches)
     trackers = _trackers(config, run, processes)
+    if trainer.start_step and processes.is_main:
+        run.truncate_log(trainer.start_step)
     per_epoch = math.ceil(len(features) / global_rows)
     started = time.time()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
                     desc="training", unit="step", disable=not processes.is_main)
     completed, stopped = trainer.start_step, None
     try:
-        for index in progress:
-            group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
-            record = {"step": index + 1, "epoch": round((index + 1) * accumulation / per_epoch, 3),
-                      **step(trainer, group), "seconds": round(time.time() - started, 1)}
-            completed = index + 1
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
-            _after_step(trainer, run, record, probe, trackers)
+        with ctrl_c_after_step(processes) as ctrl_c:
+            for index in progress:
+                group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
+                record = {"step": index + 1, "epoch": round((index + 1) * accumulation / per_epoch, 3),
+                          **step(trainer, group), "seconds": round(time.time() - started, 1)}
+                completed = index + 1
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
+                _after_step(trainer, run, record, probe, trackers)
+                if ctrl_c.pressed() and completed < trainer.steps:  # every process agrees to stop here
+                    stopped = Stop("interrupted", together=True, save=True, message=lambda kept: (
+                        f"training interrupted after step {completed}; {kept}; continue with: "
+                        f"affiner train --resume {run}"))
+                    break
     # What stopped training is handled after the except blocks: inside them, the traceback would still hold
     # the activations an out-of-memory error left, and the memory a checkpoint needs.
-    except KeyboardInterrupt:  # every process gets Ctrl-C: they wait for the main one's checkpoint
-        stopped = ("interrupted", True, lambda kept: f"training interrupted after step {completed}; continue "
-                   f"with: affiner train --resume {run}")
+    except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so the weights may be half-updated: nothing saved
+        stopped = Stop("interrupted", together=True, save=False, message=lambda kept: (
+            f"training stopped at once during step {completed + 1} (Ctrl-C twice); {kept}"))
     except Diverged as diverged:  # the loss is summed over processes: every one of them stops here
         reason = str(diverged)
-        stopped = (FAILED, True, lambda kept: _diverged_message(trainer, run, completed, reason, kept))
+        stopped = Stop(FAILED, together=True, save=True,
+                       message=lambda kept: _diverged_message(trainer, run, completed, reason, kept))
     except torch.OutOfMemoryError:  # perhaps in one process only: nobody is waited for
-        stopped = (FAILED, False, lambda kept: _out_of_memory_message(trainer, run, completed, kept))
+        stopped = Stop(FAILED, together=False, save=True,
+                       message=lambda kept: _out_of_memory_message(trainer, run, completed, kept))
+    except OSError as error:  # writing the log or a checkpoint failed (a full disk): nothing more is saved
+        failure = f"{error.filename or run}: {error.strerror or error}"
+        stopped = Stop(FAILED, together=False, save=False, message=lambda kept: (
+            f"training stopped after step {completed}: {failure}; {kept}. "
+            "Free some space (or fix the folder's permissions), then continue with: "
+            f"affiner train --resume {run}"))
     progress.close()
     if stopped:
         _free_memory(trainer)
-        _stop(trainer, run, completed, trackers, *stopped)
+        _stop(trainer, run, completed, trackers, stopped)
     _finish(trainer, run, trackers, round(time.time() - started, 1))
 
 
@@ -298,47 +317,32 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
         save_checkpoint(trainer, run, done, config.train.save_total_limit)
 
 
-def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, status: str, together: bool,
-          message: Callable[[str], str]) -> None:
-    """Keep the last completed step as a checkpoint (if its weights are finite), mark the run, say why and
-    how to go on; `message` is given what was kept. The main process saves alone: a collective save could
-    wait forever for a process that is gone. When every process stopped here (`together`), the others wait
-    for it, so that the launcher does not end it half-way (it stops every process once one has exited)."""
+def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, stop: Stop) -> None:
+    """Keep the last completed step as a checkpoint (if it can be saved and its weights are finite), mark
+    the run, say why and how to go on. The main process saves alone: a collective save could wait forever
+    for a process that is gone. When every process stopped here (`stop.together`), the others wait for it,
+    so that the launcher does not end it half-way (it stops every process once one has exited)."""
     processes = trainer.processes
     # Sharded weights or a partitioned optimizer state can only be saved by every process together: then the
     # last train.save_steps checkpoint is what is kept.
-    saved = completed > trainer.start_step and not processes.partitioned and \
+    saved = stop.save and completed > trainer.start_step and not processes.partitioned and \
         all(bool(torch.isfinite(p).all()) for p in trainer.params)
     if saved and processes.is_main:
-        with _ctrl_c_deferred():
+        with ctrl_c_deferred():
             save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=True)
     last = run.last_checkpoint()
     kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
             else "no good step was saved, so there is nothing to resume")
-    text = message(kept)
+    text = stop.message(kept)
     # A failure in one process only (out of memory) is recorded by that process: the main one, waiting for
     # it in a collective, will be stopped by the launcher before it can write anything.
-    if processes.is_main or not together:
-        run.update(status=status, step=completed, **({"error": text} if status == FAILED else {}))
+    if processes.is_main or not stop.together:
+        run.update(status=stop.status, step=completed, **({"error": text} if stop.status == FAILED else {}))
     if processes.is_main:
-        trackers.close(run.path, status)
-    if together:
+        trackers.close(run.path, stop.status)
+    if stop.together:
         processes.wait()
-    raise (Interrupted if status == "interrupted" else AffinerError)(text) from None
-
-
-@contextlib.contextmanager
-def _ctrl_c_deferred():
-    """A second Ctrl-C (the launcher forwards each one) must not cut the checkpoint being saved short."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals are not ours to handle
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    raise (Interrupted if stop.status == "interrupted" else AffinerError)(text) from None
 
 
 def _diverged_message(trainer: Trainer, run: RunFolder, completed: int, reason: str, kept: str) -> str:

@@ -7,6 +7,8 @@ folder and hand over to the loop.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -17,8 +19,10 @@ import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import dtype_for, tokenizer_for
-from affiner.core.runfolder import RunFolder
+from affiner.core.files import file_sha256, remove_leftovers
+from affiner.core.models import (check_weights_readable, default_target_modules, dtype_for, max_positions,
+                                 skeleton_for, tokenizer_for)
+from affiner.core.runfolder import CHECKPOINTS, CONFIG_FILE, RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
@@ -57,6 +61,11 @@ def prepare_resume(run: RunFolder) -> Start:
     checkpoint = run.last_checkpoint()
     if checkpoint is None:
         raise AffinerError(f"{run} has no checkpoint to resume from (set train.save_steps to make them).")
+    recorded_config = run.info().get("config_sha256")
+    if recorded_config and recorded_config != file_sha256(run / CONFIG_FILE):
+        raise AffinerError(f"{run / CONFIG_FILE} was edited since the run started; resuming would train the rest "
+                           "of it with other settings than its first steps. Undo the edit, or start a new run "
+                           f"with the new settings (affiner train {run / CONFIG_FILE} trains a copy).")
     config, template = run.config(), run.template()
     tokenizer = tokenizer_for(config, run.path)
     prepared = build(config.data, tokenizer, template)
@@ -78,7 +87,8 @@ def create(start: Start, held_out: list, data_info: dict) -> RunFolder:
     run.save_data_info(data_info)
     run.save_held_out(held_out)
     run.update(status="training", method=start.config.method, base=start.config.model.base,
-               adapter=start.config.method != "full", started=time.strftime("%Y-%m-%d %H:%M:%S"))
+               adapter=start.config.method != "full", started=time.strftime("%Y-%m-%d %H:%M:%S"),
+               config_sha256=file_sha256(run / CONFIG_FILE))
     return run
 
 
@@ -100,23 +110,77 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
             check_resumable(run, processes)
         else:
             start, held_out, data_info = prepare_new(config, print if processes.is_main else _quiet)
+            check_before_writing(start.config)
         if processes.several:
             processes.strategy = strategy(start.config.train.accelerate_config)
         check_strategy(start.config, processes)
     if resume is None:
         run = RunFolder(Path(processes.share(str(create(start, held_out, data_info).path) if processes.is_main
                                              else None)))
-    elif processes.is_main:
-        run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
-    processes.wait()  # nobody trains before the run folder is written
-    probe = probe_factory(run, start.config, start.template, start.tokenizer) if probe_factory else None
-    try:
-        loop(start.config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe, processes)
-    except BaseException:
-        processes.close(wait=False)
-        raise
+    with run.writing("train") if processes.is_main else contextlib.nullcontext():
+        if processes.is_main:
+            _remove_leftovers(run)
+        processes.wait()  # nobody trains before the run folder is written
+        try:
+            probe = probe_factory(run, start.config, start.template, start.tokenizer) if probe_factory else None
+            loop(start.config, run, start.features, start.tokenizer.pad_token_id, start.checkpoint, probe,
+                 processes)
+        except BaseException as error:
+            processes.close(wait=False)
+            if processes.is_main:  # another process's failure is most often the main one's gone (kill -9)
+                _record_failure(run, error)
+            raise
     processes.close()
     return run.path
+
+
+def check_before_writing(config: RunConfig) -> None:
+    """What would otherwise fail only once the run folder exists: the extras the config needs, and the
+    settings the model's architecture must allow (read from its config, without loading its weights)."""
+    needs = {"bitsandbytes": config.method == "qlora" or config.train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+             or (config.train.optimizer == "paged_adamw_32bit" and torch.cuda.is_available()),
+             "tensorboard": "tensorboard" in config.train.tracking, "mlflow": "mlflow" in config.train.tracking}
+    extra = {"bitsandbytes": "qlora", "tensorboard": "tensorboard", "mlflow": "mlflow"}
+    for module, needed in needs.items():
+        if needed and importlib.util.find_spec(module) is None:
+            raise AffinerError(f"this config needs {module} (method {config.method}, train.optimizer "
+                               f"{config.train.optimizer}, train.tracking {config.train.tracking}), which is not "
+                               f"installed: pip install 'affiner[{extra[module]}]'.")
+    model = skeleton_for(config)
+    check_weights_readable(config.model.base)
+    positions = max_positions(model)
+    if positions and config.data.max_length > positions:
+        raise AffinerError(f"data.max_length is {config.data.max_length} but {config.model.base} attends to "
+                           f"{positions} tokens at most; set data.max_length to {positions} or less.")
+    targets = config.lora.target_modules
+    if config.method != "full" and targets != "auto":
+        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
+        if missing:
+            raise AffinerError(f"lora.target_modules names layers {config.model.base} does not have: "
+                               f"{', '.join(missing)}. Its linear layers are: "
+                               f"{', '.join(default_target_modules(model))}.")
+
+
+def _remove_leftovers(run: RunFolder) -> None:
+    """What a killed writer of this run left half-written (the lock is ours: nobody else is writing it)."""
+    removed = remove_leftovers(run.path) + remove_leftovers(run.path / CHECKPOINTS, any_owner=True)
+    if removed:
+        print(f"note: removed what an interrupted save left in {run}: {', '.join(removed)}")
+
+
+def _record_failure(run: RunFolder, error: BaseException) -> None:
+    """A run that stopped before the loop could say why (loading the model, a tracker, a damaged
+    checkpoint) is marked too, so that no command takes it for one still training."""
+    try:
+        if run.status != "training":
+            return  # the loop recorded it already
+        if isinstance(error, KeyboardInterrupt):
+            run.update(status="interrupted")
+        else:
+            reason = str(error) if isinstance(error, AffinerError) else f"{type(error).__name__}: {error}"
+            run.update(status="failed", error=reason)
+    except OSError:
+        pass  # the folder itself is unwritable: the error being raised says why
 
 
 def check_resumable(run: RunFolder, processes: Processes) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 import torch
 
 from affiner.core.config import RunConfig
-from affiner.core.errors import AffinerError
-from affiner.core.models import default_target_modules, load_for, load_model, uses_conv1d
+from affiner.core.models import attach_adapter, default_target_modules, load_for, load_model, uses_conv1d
 
 
 def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.device | None = None):
@@ -35,15 +34,10 @@ def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.d
         model.train()
         return model
     if checkpoint is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=True)
+        model = attach_adapter(model, checkpoint, trainable=True)
     else:
+        # Named targets were checked against the architecture before the run folder was written.
         targets = default_target_modules(model) if config.lora.target_modules == "auto" else config.lora.target_modules
-        missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n, _ in model.named_modules())]
-        if missing:
-            raise AffinerError(f"lora.target_modules names layers this model does not have: {', '.join(missing)}. "
-                               f"Its linear layers are: {', '.join(default_target_modules(model))}.")
         peft_config = LoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                                  target_modules=targets, task_type="CAUSAL_LM",
                                  fan_in_fan_out=uses_conv1d(model, targets))

@@ -1,0 +1,192 @@
+"""Parse local JSON, JSON lines and CSV files into rows, strictly and a line at a time.
+
+A malformed file stops with its file and line: silently losing or merging rows is worse than a
+clear stop. JSONL and CSV files are decoded one line at a time, so a huge file (or one 50 MB row)
+costs a few times that row in memory, never the whole file several times over.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from affiner.core.errors import AffinerError
+
+Row = tuple[dict[str, Any], str]  # a record and where it came from ("file.jsonl:12")
+
+DEEP = 100  # lists or objects nested deeper than this are no training record; where they start is the line we name
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+_QUOTED_REST = re.compile(r'[^"]*(?:""[^"]*)*')  # the inside of a quoted cell, up to its closing quote
+_UNQUOTED = re.compile(r"[^,\r\n]*")
+
+
+# ---------------------------------------------------------------------------------------- UTF-8
+
+
+def strict_utf8(path: Path, label: str) -> str:
+    """The whole file as text (a JSON document, an XML file); invalid UTF-8 names its line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise _not_utf8(label, line, raw[exc.start]) from None
+
+
+def utf8_lines(path: Path, label: str) -> Iterator[tuple[int, str]]:
+    """(line number, line with its line ending), decoded one line at a time. Only "\\n" ends a line, as in
+    JSON lines (a U+2028 inside a JSON string is text) and CSV (a CR LF keeps its CR for the csv module)."""
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(label, number, raw[exc.start]) from None
+            yield number, line.removeprefix("\ufeff") if number == 1 else line
+
+
+def _not_utf8(label: str, line: int, byte: int) -> AffinerError:
+    return AffinerError(f"{label}:{line} is not valid UTF-8 (byte 0x{byte:02x}); re-save the file as UTF-8.")
+
+
+# ---------------------------------------------------------------------------------------- JSON
+
+
+def read_jsonl(path: Path, label: str) -> list[Row]:
+    rows = []
+    for number, line in utf8_lines(path, label):
+        if not line or line.isspace():  # isspace, not strip: no copy of a long line
+            continue
+        where = f"{label}:{number}"
+        rows.append((as_record(loads(line, label, number), where), where))
+    return rows
+
+
+def read_json(path: Path, label: str) -> list[Row]:
+    data = loads(strict_utf8(path, label), label)
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise AffinerError(f"{label} must hold a JSON list of records (or {{\"data\": [...]}}), "
+                           f"not a {type(data).__name__}.")
+    return [(as_record(item, f"{label} item {i}"), f"{label} item {i}") for i, item in enumerate(data, 1)]
+
+
+def loads(text: str, label: str, line: int | None = None) -> Any:
+    """json.loads naming `label`:line on failure; `line` is the JSONL line (None: a whole JSON file)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AffinerError(f"{label}:{line or exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}).") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        digits = re.search(r"\d{4300}", text)
+        at = line or (text.count("\n", 0, digits.start()) + 1 if digits else 1)
+        raise AffinerError(f"{label}:{at} holds a number of more than 4300 digits, which no training text is; "
+                           "quote it if it is meant as text.") from None
+    except RecursionError:  # "[[[[..." a thousand deep exhausts the decoder's stack
+        deep_line, column = _where_too_deep(text)
+        raise AffinerError(f"{label}:{line or deep_line} nests lists or objects too deep to read (more than {DEEP} "
+                           f"levels from column {column} on). A record is an object of texts, or a list of "
+                           "{role, content} messages; fix or remove this line.") from None
+
+
+def _where_too_deep(text: str) -> tuple[int, int]:
+    """(line, column) where nesting first goes deeper than DEEP, brackets inside strings left out."""
+    depth = 0
+    for match in _STRING_OR_BRACKET.finditer(text):
+        char = text[match.start()]
+        depth += 1 if char in "[{" else -1 if char in "]}" else 0
+        if depth > DEEP:
+            line_start = text.rfind("\n", 0, match.start()) + 1
+            return text.count("\n", 0, match.start()) + 1, match.start() - line_start + 1
+    return 1, 1
+
+
+def as_record(item: Any, where: str) -> dict[str, Any]:
+    if isinstance(item, list):  # a bare conversation: [{role, content}, ...]
+        return {"messages": item}
+    if not isinstance(item, dict):
+        raise AffinerError(f"{where} must be a JSON object (or a list of messages), not {type(item).__name__}.")
+    return item
+
+
+# ---------------------------------------------------------------------------------------- CSV
+
+
+def read_csv(path: Path, label: str) -> list[Row]:
+    """Rows of a CSV file with a header, read strictly (RFC 4180, as Excel writes it): a quote that never
+    closes, or text after a closing quote, stops with its line instead of merging the lines after it
+    into one cell. Parsed here rather than by the csv module, which holds a cell at 4 bytes a character."""
+    records = _csv_records(path, label)
+    _, header = next(records, (1, []))
+    if not header:
+        raise AffinerError(f"{label} is empty: a CSV file needs a header row.")
+    rows = []
+    for start, cells in records:
+        if not cells:
+            continue  # a blank line
+        if len(cells) > len(header):
+            raise AffinerError(f"{label}:{start} has more fields than the header ({', '.join(header)}); quote a "
+                               "cell that holds a comma.")
+        if len(cells) < len(header) and any(cell.strip() for cell in cells):
+            raise AffinerError(f"{label}:{start} has {len(cells)} of the header's {len(header)} fields "
+                               f"({', '.join(header)}); a cell that holds a line break must be quoted.")
+        rows.append(({name: cells[i] if i < len(cells) else "" for i, name in enumerate(header)}, f"{label}:{start}"))
+    return rows
+
+
+def _csv_records(path: Path, label: str) -> Iterator[tuple[int, list[str]]]:
+    """(first line, cells) of each record; a quoted cell may span lines. A blank line gives no cells."""
+    lines = _universal_lines(path, label)
+    for start, line in lines:
+        if line in ("\n", "\r", "\r\n"):
+            yield start, []
+            continue
+        cells, at, number = [], 0, start
+        while True:
+            if line.startswith('"', at):
+                cell, number, line, at = _quoted_cell(lines, start, line, at + 1, label)
+                cells.append(cell)
+            else:
+                end = _UNQUOTED.match(line, at).end()
+                cells.append(line[at:end])
+                at = end
+            if not line.startswith(",", at):
+                break
+            at += 1
+        if line[at:] not in ("", "\n", "\r", "\r\n"):  # only a closing quote stops a cell elsewhere
+            raise AffinerError(f"{label}:{number} is not valid CSV: a quoted cell has text after its closing quote. "
+                               "Quote the whole cell, and write a quote inside it as two (\"\").")
+        yield start, cells
+
+
+def _quoted_cell(lines: Iterator[tuple[int, str]], number: int, line: str, at: int,
+                 label: str) -> tuple[str, int, str, int]:
+    """(the cell, the number and text of the line its closing quote is on, the position after that quote),
+    from just after the opening quote on line `number`; `lines` advances when the cell holds line breaks."""
+    opened, parts = number, []
+    while True:
+        end = _QUOTED_REST.match(line, at).end()
+        parts.append(line[at:end])
+        if end < len(line):
+            return "".join(parts).replace('""', '"'), number, line, end + 1
+        number, line = next(lines, (0, None))
+        if line is None:
+            raise AffinerError(f"{label}:{opened}: the quote opened on line {opened} is never closed, so every "
+                               "line after it would be read as one cell. Close the quote, and write a quote inside "
+                               "a quoted cell as two (\"\").")
+        at = 0
+
+
+def _universal_lines(path: Path, label: str) -> Iterator[tuple[int, str]]:
+    """Lines ended by LF, CR LF or a lone CR (Excel's "CSV (Macintosh)"), each with its ending."""
+    with path.open("rb") as raw:
+        try:
+            yield from enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), start=1)
+        except UnicodeDecodeError:
+            for _ in utf8_lines(path, label):  # read again, a line at a time, to name the line
+                pass
+            raise

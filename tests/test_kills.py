@@ -1,0 +1,158 @@
+"""kill -9 in the middle of every command that writes (training, a checkpoint being saved, export,
+prepare, synth, evaluate): what was there before is intact or is resumed exactly, and the next command
+cleans up what the killed one left. One writer per run folder, the lock freed by the kernel when its
+holder dies. (Ctrl-C during training: test_training.py; under several processes: test_distributed.py.)"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, write_config
+from safetensors.torch import load_file
+
+DRIVER = str(Path(__file__).with_name("kill_driver.py"))
+ROWS = [{"question": f"What does W{i} stand for?", "answer": f"W{i} stands for word number {i}."} for i in range(14)]
+
+
+def killed(kill_on: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`affiner ARGV`, SIGKILLed on the call named by `kill_on` (see kill_driver.py)."""
+    result = subprocess.run([sys.executable, DRIVER, kill_on, *argv], cwd=cwd, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    return result
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ROWS), encoding="utf-8")
+    return path
+
+
+def config(folder: Path, model: Path, data: Path, **train) -> Path:
+    return write_config(folder, model, data, train={"max_steps": 6, "batch_size": 2, "save_steps": 2, **train},
+                        lora={"r": 4, "alpha": 8, "dropout": 0.1})  # dropout: random masks must resume too
+
+
+def only_run(folder: Path) -> Path:
+    (run,) = [p for p in (folder / "runs").iterdir() if p.is_dir()]
+    return run
+
+
+def assert_same_adapter_and_log(expected: Path, resumed: Path) -> None:
+    a, b = load_file(expected / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # each step logged once, although some were trained twice
+    losses = [json.loads(line)["loss"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [json.loads(line)["loss"] for line in (expected / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def straight(tmp_path, tiny_llama, data) -> Path:
+    assert run_cli("train", str(config(tmp_path / "straight", tiny_llama, data))) == 0
+    return only_run(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("kill_on, kept", [
+    ("affiner.core.runfolder.append_jsonl:3", "step-000002"),  # after step 3 is logged, its checkpoint at 2
+    ("torch.save:4", "step-000002"),  # inside the checkpoint of step 4: its rng file never written
+], ids=["training", "checkpoint-save"])
+def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_llama, data, straight, capsys,
+                                                                  kill_on, kept):
+    killed(kill_on, "train", str(config(tmp_path / "k", tiny_llama, data)), cwd=tmp_path)
+    run = only_run(tmp_path / "k")
+    assert json.loads((run / "run.json").read_text())["status"] == "training"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if not p.name.endswith(".partial"))[-1] == kept
+    assert run_cli("train", "--resume", str(run)) == 0
+    if kill_on.startswith("torch.save"):  # the half-saved checkpoint was never trusted, and is gone
+        assert "removed what an interrupted save left" in capsys.readouterr().out
+    assert not list((run / "checkpoints").glob("*.partial"))
+    assert_same_adapter_and_log(straight, run)
+
+
+def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_llama, data, capsys):
+    from affiner.core.runfolder import RunFolder
+
+    killed("affiner.core.runfolder.append_jsonl:3", "train", str(config(tmp_path, tiny_llama, data)), cwd=tmp_path)
+    run = only_run(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
+                               "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
+                               "'evaluate'):\n  print('held', flush=True); time.sleep(300)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_cli("train", "--resume", str(run)) == 2
+        assert f"being written by another affiner (affiner evaluate, PID {holder.pid}" in capsys.readouterr().err
+        assert json.loads((run / "run.json").read_text())["status"] == "training"  # untouched by the refusal
+    finally:
+        holder.kill()  # kill -9: no clean-up, the lock file stays; the kernel drops the lock itself
+        holder.wait()
+    with RunFolder(run).writing("train"):
+        pass
+
+
+@pytest.fixture
+def finished_run(tmp_path, tiny_llama, data) -> Path:
+    assert run_cli("train", str(config(tmp_path / "f", tiny_llama, data, max_steps=2))) == 0
+    return only_run(tmp_path / "f")
+
+
+@pytest.mark.parametrize("kill_on", ["os.replace:2", "os.rename:1", "os.rename:2"],
+                         ids=["writing-staging", "retiring-old", "between-renames"])
+def test_export_killed_never_leaves_half_an_export(tmp_path, finished_run, capsys, kill_on):
+    out = tmp_path / "export"
+    assert run_cli("export", str(finished_run), "--output", str(out)) == 0
+    before = snapshot(out)
+    killed(kill_on, "export", str(finished_run), "--output", str(out), "--overwrite", cwd=tmp_path)
+    if kill_on != "os.rename:2":
+        assert snapshot(out) == before  # the earlier export, byte for byte
+    # The next export cleans up (an earlier export caught between its two renames is put back first).
+    assert run_cli("export", str(finished_run), "--output", str(out), "--overwrite") == 0
+    assert "cleaned what an interrupted affiner left" in capsys.readouterr().err
+    assert snapshot(out).keys() == before.keys()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".export")] == []
+
+
+def test_prepare_killed_keeps_the_earlier_prepared_folder(tmp_path, tiny_llama, data):
+    cfg = write_config(tmp_path, tiny_llama, data)
+    out = tmp_path / "prepared"
+    assert run_cli("prepare", str(cfg), "--output", str(out)) == 0
+    before = snapshot(out)
+    killed("os.replace:2", "prepare", str(cfg), "--output", str(out), "--overwrite", cwd=tmp_path)
+    assert snapshot(out) == before
+
+
+def test_synth_killed_keeps_the_earlier_file(tmp_path):
+    glossary = tmp_path / "g.csv"
+    glossary.write_text("acronym,definition\nWHO,World Health Organization\nNASA,National Aeronautics and Space "
+                        "Administration\n", encoding="utf-8")
+    out = tmp_path / "qa.jsonl"
+    assert run_cli("synth", str(glossary), "--output", str(out), "--per-entry", "2") == 0
+    before = out.read_bytes()
+    killed("os.replace:1", "synth", str(glossary), "--output", str(out), "--per-entry", "3", "--overwrite",
+           cwd=tmp_path)
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.glob(".qa.jsonl.*.partial")]  # the killed run's whole temporary copy
+    assert run_cli("synth", str(glossary), "--output", str(out), "--per-entry", "3", "--overwrite") == 0
+    assert not list(tmp_path.glob(".qa.jsonl.*.partial"))  # cleaned by the next run
+
+
+def test_evaluate_killed_keeps_the_earlier_evaluation(tmp_path, finished_run):
+    assert run_cli("evaluate", str(finished_run), "--max-new-tokens", "4") == 0
+    before = {name: (finished_run / name).read_bytes() for name in ("metrics.json", "summary.json")}
+    killed("os.replace:1", "evaluate", str(finished_run), "--max-new-tokens", "6", cwd=tmp_path)
+    assert {name: (finished_run / name).read_bytes() for name in before} == before
+    assert run_cli("evaluate", str(finished_run), "--max-new-tokens", "6") == 0
