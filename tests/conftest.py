@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# One precision on every machine: `precision: auto` would pick bf16 on a CPU with AMX (this project's) and fp32
+# elsewhere, and pinned losses and exact comparisons must not depend on it. Subprocesses inherit it; the
+# precision tests choose their own answer.
+os.environ.setdefault("AFFINER_CPU_BF16", "0")
+
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
     "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}"

@@ -10,11 +10,12 @@ import pytest
 import torch
 import transformers
 
-from affiner.core import models
+from affiner.core import devices, models
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.loss import token_losses
-from affiner.core.models import device, dtype_for, load_for, resolve_dtype
+from affiner.core.devices import device, resolve_dtype
+from affiner.core.models import dtype_for, load_for
 
 T4, A100 = (7, 5), (8, 0)
 GEMMA = "gemma3_text"
@@ -26,10 +27,13 @@ def machine(monkeypatch):
 
     torch.cuda.is_bf16_supported() answers yes on every GPU here, as torch does where bf16 is merely
     emulated (a T4): the precision rules must not trust it."""
-    models.note.cache_clear()
+    devices.note.cache_clear()
     monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("AFFINER_CPU_BF16", raising=False)
 
-    def pretend(kind: str, capability: tuple[int, int] = A100, macos14: bool = True) -> None:
+    def pretend(kind: str, capability: tuple[int, int] = A100, macos14: bool = True,
+                cpu_bf16_speedup: float = 0.3) -> None:  # by default a CPU that only emulates bf16 (AVX2)
+        monkeypatch.setattr(devices, "cpu_bf16_speedup", lambda: cpu_bf16_speedup)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: kind == "cuda")
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
@@ -38,7 +42,7 @@ def machine(monkeypatch):
         monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: macos14)
 
     yield pretend
-    models.note.cache_clear()
+    devices.note.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------- devices
@@ -72,7 +76,7 @@ def test_mps_then_cpu(machine):
     ("cuda", A100, "fp16", "llama", torch.float16),
     ("cuda", A100, "fp32", None, torch.float32),
     ("cpu", A100, "auto", GEMMA, torch.float32),
-    ("cpu", A100, "bf16", None, torch.float32),
+    ("cpu", A100, "bf16", None, torch.bfloat16),  # asked for: given, with a note where it is emulated
     ("cpu", A100, "fp16", GEMMA, torch.float32),
     ("mps", A100, "auto", None, torch.float32),
     ("mps", A100, "fp16", "llama", torch.float16),
@@ -115,10 +119,12 @@ def test_mps_bf16_needs_macos_14(machine):
         resolve_dtype("fp16", GEMMA)
 
 
-def test_cpu_note_for_an_explicit_gpu_precision(machine, capsys):
+def test_cpu_notes_for_an_explicit_precision(machine, capsys):
     machine("cpu")
-    assert resolve_dtype("bf16") == torch.float32
+    assert resolve_dtype("fp16") == torch.float32
     assert "needs a GPU" in capsys.readouterr().out
+    assert resolve_dtype("bf16") == torch.bfloat16
+    assert "bf16 is emulated on this CPU (0.3x the speed of fp32)" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -193,11 +199,32 @@ def test_full_fine_tuning_keeps_fp32_masters_on_the_gpu(machine, loads):
     assert loads[-1]["dtype"] == torch.float32 and loads[-1]["device_map"] == {"": "cuda:0"}
 
 
-def test_on_a_cpu_nothing_changes(machine, loads):
-    machine("cpu")
+def test_on_a_cpu_without_native_bf16_nothing_changes(machine, loads):
+    machine("cpu", cpu_bf16_speedup=0.3)  # AVX2: bf16 emulated, slower than fp32
     with pytest.raises(Captured):
         load_for(run_config())
     assert "device_map" not in loads[-1] and loads[-1]["dtype"] == torch.float32
+
+
+def test_a_cpu_with_native_bf16_computes_in_bf16_and_says_why(machine, loads, capsys):
+    machine("cpu", cpu_bf16_speedup=5.8)  # AMX
+    assert resolve_dtype("auto", training=True) == torch.bfloat16
+    assert "training in bf16 on this CPU (its bf16 matrix products run 5.8x faster" in capsys.readouterr().out
+    assert resolve_dtype("auto") == torch.float32  # generation stays fp32: one-token products gain nothing
+    assert resolve_dtype("fp32", training=True) == torch.float32 and resolve_dtype("fp16", training=True) == torch.float32
+    machine("cpu", cpu_bf16_speedup=1.5)  # faster, but not enough to pay for bf16's coarser forward
+    assert resolve_dtype("auto", training=True) == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+
+
+def test_the_cpu_measurement_is_real_and_overridable(machine, monkeypatch):
+    machine("cpu")
+    monkeypatch.undo()  # the real measurement, on this machine
+    devices.cpu_bf16_speedup.cache_clear()
+    assert devices.cpu_bf16_speedup() > 0
+    monkeypatch.setenv("AFFINER_CPU_BF16", "1")
+    assert resolve_dtype("auto", training=True) == torch.bfloat16
+    monkeypatch.setenv("AFFINER_CPU_BF16", "0")
+    assert resolve_dtype("auto", training=True) == torch.float32
 
 
 def test_mps_loads_onto_mps(machine, loads):

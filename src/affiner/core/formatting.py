@@ -22,6 +22,7 @@ METRIC_INFO: dict[str, dict] = {
     "chrf": {"label": "chrF", "higher_is_better": True, "kind": "score"},
     "embedding": {"label": "embedding similarity (MiniLM)", "higher_is_better": True, "kind": "score"},
     "stopped": {"label": "stops with EOS before the limit", "higher_is_better": True, "kind": "rate"},
+    "new_turn": {"label": "runs into a new turn (cut there)", "higher_is_better": False, "kind": "rate"},
     "tokens": {"label": "answer length (tokens)", "higher_is_better": None, "kind": "count"},
     "repetition": {"label": "repeated 3-grams", "higher_is_better": False, "kind": "rate"},
     "empty": {"label": "empty answers", "higher_is_better": False, "kind": "rate"},

@@ -28,11 +28,59 @@ def token_losses(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, t
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
     if body is None or head is None:
         logits = model(**inputs).logits[:, :-1][mask]
+        losses = F.cross_entropy(logits.float(), labels[mask], reduction="none")
     else:
-        hidden = body(**inputs).last_hidden_state
-        logits = output_scaling(hf_model.config, head(hidden[:, :-1][mask]))
-    losses = F.cross_entropy(logits.float(), labels[mask], reduction="none")
+        hidden = body(**inputs).last_hidden_state[:, :-1][mask]
+
+        def head_losses(rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits = output_scaling(hf_model.config, head(rows))
+            return F.cross_entropy(logits.float(), targets, reduction="none")
+
+        losses = chunked_losses(head_losses, hidden, labels[mask], any(p.requires_grad for p in head.parameters()))
     return losses, mask.nonzero()[:, 0]
+
+
+# Supervised positions whose logits exist at once: with Gemma's 262,144-token vocabulary, 1024 positions are
+# 1 GiB of fp32 logits, whatever the batch's number of answer tokens.
+HEAD_CHUNK = 1024
+
+
+def chunked_losses(head_losses, hidden: torch.Tensor, labels: torch.Tensor, head_trains: bool) -> torch.Tensor:
+    """`head_losses(hidden, labels)`, computed HEAD_CHUNK positions at a time so that the logits of a whole
+    batch never exist together. A trained head (full fine-tuning) takes the plain path: its weight's gradient
+    needs every chunk's logits in the backward."""
+    if head_trains or hidden.shape[0] <= HEAD_CHUNK:
+        return head_losses(hidden, labels)
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return torch.cat([head_losses(hidden[i:i + HEAD_CHUNK], labels[i:i + HEAD_CHUNK])
+                          for i in range(0, hidden.shape[0], HEAD_CHUNK)])
+    return _ChunkedHead.apply(hidden, labels, head_losses)
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """The head's losses with their gradient taken chunk by chunk in the forward (as Liger's fused linear
+    cross-entropy does): the backward only scales the stored gradients, so no logits are recomputed and the
+    arithmetic is that of the plain path. Valid because the head itself is frozen: only `hidden` gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, labels, head_losses):
+        losses, gradients = [], []
+        for start in range(0, hidden.shape[0], HEAD_CHUNK):
+            rows = hidden[start:start + HEAD_CHUNK].detach().requires_grad_(True)
+            with torch.enable_grad():
+                chunk = head_losses(rows, labels[start:start + HEAD_CHUNK])
+                # One backward per chunk, for the sum: each row's gradient is its own token's, so scaling
+                # it by that token's incoming gradient in `backward` is exact.
+                (gradient,) = torch.autograd.grad(chunk.sum(), rows)
+            losses.append(chunk.detach())
+            gradients.append(gradient)
+        ctx.save_for_backward(torch.cat(gradients))
+        return torch.cat(losses)
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (gradients,) = ctx.saved_tensors
+        return gradients * grad_losses.unsqueeze(1).to(gradients.dtype), None, None
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from affiner.core.config import RunConfig
+from affiner.core.devices import device, resolve_dtype
 from affiner.core.errors import AffinerError
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
 
@@ -30,78 +31,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def cache_root() -> Path:
     return Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner"))
-
-
-def device() -> torch.device:
-    """This process's own device: its GPU (`cuda:LOCAL_RANK`, one per process under torchrun), Apple's MPS, or the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-# ---------------------------------------------------------------------------------------- precision
-
-# Model types whose activations exceed fp16's range (65504): Gemma 3 was trained in bf16 and its residual
-# stream grows past that, so in fp16 the gradient scaler skips every step and the losses are NaN.
-FP16_OVERFLOW = frozenset({"gemma3", "gemma3_text"})
-
-
-@functools.cache
-def note(message: str) -> None:
-    """Print a note once per process: the loader and the training loop both resolve the precision."""
-    print(f"note: {message}")
-
-
-def native_bf16() -> bool:
-    """Whether this process's GPU computes bf16 in hardware: compute capability 8.0 (Ampere) or newer.
-    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4, sm75), many times
-    slower than fp16, so only its ROCm answer is taken."""
-    if torch.version.hip:
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return torch.cuda.get_device_capability(device())[0] >= 8
-
-
-def resolve_dtype(precision: str = "auto", model_type: str | None = None) -> torch.dtype:
-    """The dtype a model of `model_type` computes in on this process's device, for the config's `precision`.
-
-    CPU: fp32 (bf16 is emulated and slow on AVX2). MPS: fp32 unless fp16 or bf16 is asked. CUDA: bf16 where
-    native, else fp16 with the gradient scaler, except models that overflow in fp16 (FP16_OVERFLOW): fp32.
-    """
-    kind = device().type
-    if precision == "fp32":
-        return torch.float32
-    if kind == "cpu":
-        if precision in {"fp16", "bf16"}:
-            note(f"precision {precision} needs a GPU; using fp32 on this CPU.")
-        return torch.float32
-    bf16 = torch.backends.mps.is_macos_or_newer(14, 0) if kind == "mps" else native_bf16()
-    overflows = model_type in FP16_OVERFLOW
-    if precision == "bf16" or (precision == "auto" and bf16 and kind == "cuda"):
-        if bf16:
-            return torch.bfloat16
-        fallback = f"fp32 ({model_type} overflows in fp16)" if overflows else "fp16 (or fp32)"
-        raise AffinerError(("precision: bf16 needs macOS 14 or newer on Apple MPS" if kind == "mps" else
-                            f"precision: bf16 is only emulated on this GPU ({gpu_capability()}), many times slower; "
-                            "it is native from compute capability 8.0 (A100, L4, RTX 30xx)") +
-                           f". Use precision: {fallback}.")
-    if precision == "auto" and kind == "mps":
-        return torch.float32
-    if not overflows:
-        return torch.float16
-    if precision == "fp16":
-        raise AffinerError(f"precision: fp16 overflows on {model_type} models: their activations exceed fp16's range, "
-                           "so the gradient scaler skips every step and the loss is NaN. Use precision: "
-                           f"{'bf16 (or fp32)' if bf16 else 'fp32 (or bf16 on a GPU with compute capability 8.0+)'}.")
-    note(f"{model_type} models overflow in fp16 and this GPU ({gpu_capability()}) has no native bf16; using fp32 "
-         "(slower, twice the memory). A GPU with compute capability 8.0+ (A100, L4, RTX 30xx) trains it in bf16.")
-    return torch.float32
-
-
-def gpu_capability() -> str:
-    major, minor = torch.cuda.get_device_capability(device())
-    return f"compute capability {major}.{minor}"
 
 
 @functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
@@ -166,17 +95,18 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def dtype_of(base: str, precision: str = "auto", revision: str | None = None,
-             trust_remote_code: bool = False) -> torch.dtype:
+             trust_remote_code: bool = False, training: bool = False) -> torch.dtype:
     """`resolve_dtype` for a base, reading its model type only where it can change the answer (off the CPU)."""
     if device().type == "cpu" or precision == "fp32":
-        return resolve_dtype(precision)
-    return resolve_dtype(precision, model_type_of(base, revision, trust_remote_code))
+        return resolve_dtype(precision, training=training)
+    return resolve_dtype(precision, model_type_of(base, revision, trust_remote_code), training)
 
 
-def dtype_for(config: RunConfig) -> torch.dtype:
-    """The dtype a run computes in: what training autocasts to, what the base loads in and export saves in."""
+def dtype_for(config: RunConfig, training: bool = False) -> torch.dtype:
+    """The dtype a run computes in when `training` (what it autocasts to, what its base loads in) or when it
+    generates (evaluation, chat, serve); export saves in it too."""
     model = config.model
-    return dtype_of(model.base, model.precision, model.revision, model.trust_remote_code)
+    return dtype_of(model.base, model.precision, model.revision, model.trust_remote_code, training)
 
 
 # ---------------------------------------------------------------------------------------- bases
@@ -312,7 +242,7 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
 
 
 def load_for(config: RunConfig, adapter: str | Path | None = None, full_precision: bool = False,
-             quantized: bool = True, on: torch.device | None = None):
+             quantized: bool = True, on: torch.device | None = None, training: bool = False):
     """The run's base model as its config describes it (revision, quantisation, precision, remote code),
     with `adapter` on it when given: the one way train, evaluate, the engine and export load a base.
     `quantized=False` loads a QLoRA run's base unquantised (export merges into full weights)."""
@@ -320,7 +250,7 @@ def load_for(config: RunConfig, adapter: str | Path | None = None, full_precisio
     return load_model(model.base, adapter=adapter, quantization=config.quantization if quantized else None,
                       precision=model.precision, double_quant=model.double_quant, full_precision=full_precision,
                       revision=model.revision, trust_remote_code=model.trust_remote_code,
-                      dtype=None if full_precision else dtype_for(config), on=on)
+                      dtype=None if full_precision else dtype_for(config, training), on=on)
 
 
 def tokenizer_for(config: RunConfig, run_folder: Path | None = None):

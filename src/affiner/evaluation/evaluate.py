@@ -31,8 +31,8 @@ from affiner.evaluation.report import REPORT_FILES, write_report
 from affiner.evaluation.report_content import unjudged_of
 from affiner.evaluation.scoring import headline, held_out_losses, score_answers
 
-TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
-                "repetition", "empty", "echo")
+TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
+                "tokens", "repetition", "empty", "echo")
 
 
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,

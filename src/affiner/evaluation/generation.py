@@ -12,7 +12,9 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import device, max_positions
+from affiner.core.devices import device
+from affiner.core.models import max_positions
+from affiner.core.stopping import TurnStop, cut_at_turn, turn_markers
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -22,6 +24,7 @@ class Answer:
     text: str
     stopped: bool  # ended with a stop token before the limit
     tokens: int
+    new_turn: bool = False  # ran on into a new turn of the template (cut there): it did not stop by itself
 
 
 @torch.no_grad()
@@ -32,9 +35,12 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
     Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked
     and every stop token of the template ends a row. A batch out of memory is retried at half the size.
     """
+    from transformers import StoppingCriteriaList
+
     prompts = [encode_prompt(template, tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
+    markers = turn_markers(template)
     if not sampling.greedy:
         torch.manual_seed(sampling.seed or 0)
     answers: dict[int, Answer] = {}
@@ -52,14 +58,16 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
             try:
                 output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
                                         max_new_tokens=budget, eos_token_id=stop_ids,
-                                        pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs())
+                                        pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(),
+                                        stopping_criteria=StoppingCriteriaList(
+                                            [TurnStop(markers, tokenizer, input_ids.shape[1])] if markers else []))
             except torch.OutOfMemoryError:
                 output = None  # handled outside the except block, whose traceback still holds the batch's tensors
             if output is None:
                 size = halve_batch(size)
                 continue
             for row, index in enumerate(chunk):
-                answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer)
+                answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer, markers)
             start += len(chunk)
             progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]
@@ -88,8 +96,12 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return input_ids, attention
 
 
-def decode(new_ids: list[int], stop_ids: list[int], tokenizer) -> Answer:
+def decode(new_ids: list[int], stop_ids: list[int], tokenizer, markers: tuple[str, ...] = ()) -> Answer:
+    """The answer in `new_ids`: up to its first stop token, or up to a new turn of the template (cut), counted
+    in tokens up to where it was cut."""
     cut = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
     kept = new_ids if cut is None else new_ids[:cut]
-    text = tokenizer.decode(kept, skip_special_tokens=True).strip()
-    return Answer(text=text, stopped=cut is not None, tokens=len(kept))
+    text, new_turn = cut_at_turn(tokenizer.decode(kept, skip_special_tokens=True), markers)
+    if new_turn:  # the tokens of the answer proper, the marker and what followed left out
+        kept = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Answer(text=text.strip(), stopped=cut is not None and not new_turn, tokens=len(kept), new_turn=new_turn)

@@ -66,7 +66,9 @@ def answer_cell(example: dict, model: str) -> str:
     answer = answer_of(example, model)
     tokens, stopped = answer.get("tokens"), answer.get("stopped")
     meta = [] if tokens is None else [f"{tokens} tokens"]
-    if stopped is False:
+    if answer.get("new_turn"):
+        meta.append("ran into a new turn (cut there)")
+    elif stopped is False:
         # The reader should know that an answer was cut by the length limit, not ended by the model.
         meta.append("hit the length limit")
     text = answer.get("text")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from affiner.core.loss import token_losses
-from affiner.core.models import device
+from affiner.core.devices import device
 from affiner.core.templates import Example, Template
 from affiner.data.tokens import collate, tokenize
 from affiner.evaluation import metrics
@@ -42,6 +42,7 @@ def held_out_losses(model, tokenizer, template: Template, examples: list[Example
 
 def score_answers(examples: list[Example], answers: list[Answer]) -> list[dict[str, float]]:
     scores = [metrics.per_example_scores(e.instruction, e.expected, a.text) | {"stopped": float(a.stopped),
+                                                                              "new_turn": float(a.new_turn),
                                                                               "tokens": float(a.tokens)}
               for e, a in zip(examples, answers)]
     for row, similarity in zip(scores, metrics.embedding_similarity([a.text for a in answers],

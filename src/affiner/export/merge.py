@@ -19,7 +19,8 @@ import torch
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.hub import hub_error, hub_kwargs
-from affiner.core.models import device, drop_gguf_quantizer, load_for, load_model, resolve_base
+from affiner.core.devices import device
+from affiner.core.models import drop_gguf_quantizer, load_for, load_model, resolve_base
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:

@@ -12,6 +12,7 @@ of interleaving on one model state.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,9 @@ from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
 from affiner.core.settings import Settings
-from affiner.core.models import damaged, device, load_for, max_positions, tokenizer_for
+from affiner.core.stopping import TurnCutter, turn_markers
+from affiner.core.devices import device
+from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -37,6 +40,7 @@ class Reply:
     text: str = ""
     tokens: int = 0
     stopped: bool = False  # ended with a stop token, not at the limit or by a stop request
+    new_turn: bool = False  # ran on into a new turn of the template, cut there (what a reader would stop at)
     prompt_tokens: int = 0
     first_token_seconds: float | None = None
     seconds: float = 0.0
@@ -173,8 +177,9 @@ class Engine:
         """
         reply = reply if reply is not None else Reply()
         prompt = self._prompt(name, messages, settings.max_new_tokens, raw_prompt, reply)
+        markers = () if raw_prompt is not None else turn_markers(self.template)  # a raw prompt is the caller's
         with self.lock:
-            yield from self._generate(name, prompt, settings, stop or threading.Event(), reply)
+            yield from self._generate(name, prompt, settings, stop or threading.Event(), reply, markers)
 
     def _prompt(self, name: str, messages: list[dict[str, str]] | None, max_new_tokens: int,
                 raw_prompt: str | None, reply: Reply) -> list[int]:
@@ -193,7 +198,7 @@ class Engine:
         return prompt
 
     def _generate(self, name: str, prompt: list[int], settings: Settings, stop: threading.Event,
-                  reply: Reply) -> Iterator[str]:
+                  reply: Reply, markers: tuple[str, ...] = ()) -> Iterator[str]:
         """Generate in a thread and yield what it streams; called with the lock held, and returns only once
         the thread has ended, whatever ends the iteration (the answer, an error, Ctrl-C, a caller gone)."""
         from transformers import TextIteratorStreamer
@@ -206,9 +211,15 @@ class Engine:
         # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
         worker = threading.Thread(target=self._run_generation, daemon=False,
                                   args=(name, ids, settings, stop, stop_ids, streamer, output))
+        cutter = TurnCutter(markers)
         try:
             worker.start()
-            for piece in streamer:
+            for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutter held back
+                piece = cutter.feed(piece) if piece is not None else cutter.flush()
+                if cutter.cut:
+                    stop.set()  # a new turn began: the answer a reader wants is complete
+                if not piece:
+                    continue
                 if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
                     reply.first_token_seconds = time.perf_counter() - started
                 reply.text += piece
@@ -221,8 +232,10 @@ class Engine:
             raise output["error"]
         new = output["ids"][0, len(prompt):].tolist()
         cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
-        reply.tokens = len(new) if cut is None else cut
-        reply.stopped = cut is not None
+        reply.new_turn = cutter.cut
+        reply.tokens = len(self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) if cutter.cut else \
+            len(new) if cut is None else cut
+        reply.stopped = cut is not None and not cutter.cut
 
     def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
                         stop_ids: list[int], streamer, output: dict) -> None:

@@ -274,7 +274,7 @@ def usage(reply: Reply) -> dict:
 
 
 def finish_reason(reply: Reply) -> str:
-    return "stop" if reply.stopped else "length"
+    return "stop" if reply.stopped or reply.new_turn else "length"  # a new turn is cut like a stop sequence
 
 
 def completion_body(request: Request, reply: Reply) -> dict:

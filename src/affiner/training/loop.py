@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.loss import IGNORE_INDEX, supervised_loss, supervised_tokens
-from affiner.core.models import describe, device, dtype_for
+from affiner.core.devices import device, precision_reason
+from affiner.core.models import describe, dtype_for
 from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
@@ -76,16 +77,16 @@ def accumulate_gradients(model, batches: list[dict[str, torch.Tensor]], autocast
     processes = processes or Processes()
     forward = model if isinstance(processes.unwrap(model), AnswerLoss) else AnswerLoss(model)
     n_tokens = int(processes.total(sum(supervised_tokens(b) for b in batches)))
-    total = 0.0
+    total = torch.zeros((), device=device())  # summed on the device: one host sync per step, not per micro-batch
     for index, batch in enumerate(batches):
-        batch = {k: v.to(device()) for k, v in batch.items()}
+        batch = {k: v.to(device(), non_blocking=True) for k, v in batch.items()}
         with processes.no_sync(forward, last=index == len(batches) - 1):
             with autocast or contextlib.nullcontext():
                 loss_sum, _ = forward(**batch)
             loss = loss_sum * processes.count / max(n_tokens, 1)
             processes.backward(forward, scaler.scale(loss) if scaler else loss)
-        total += float(loss_sum.detach())
-    return processes.total(total), n_tokens
+        total += loss_sum.detach().float()
+    return processes.total(float(total)), n_tokens
 
 
 @dataclass
@@ -130,9 +131,10 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
         if processes.is_main:  # only now: a checkpoint that cannot be resumed from leaves run.json as it was
             run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
             print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
-    dtype, kind = dtype_for(config), device().type
-    # Weights stay as loaded (fp32 masters for full fine-tuning); the forward runs in the run's precision.
-    mixed = kind != "cpu" and dtype != torch.float32
+    dtype, kind = dtype_for(config, training=True), device().type
+    # Weights stay as loaded (a bf16 frozen base, fp32 LoRA weights; fp32 masters for full fine-tuning); the
+    # forward runs in the run's precision, on a CPU with native bf16 too; the loss is computed in fp32.
+    mixed = dtype != torch.float32
     autocast = torch.autocast(kind, dtype=dtype) if mixed else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
     return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler)
@@ -274,8 +276,10 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Tracke
     if not processes.is_main:
         return None
     trackers = Trackers(config, run.path, run.info())
+    dtype = dtype_for(config, training=True)
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
-               parallelism=processes.parallelism)
+               parallelism=processes.parallelism, precision=str(dtype).removeprefix("torch."),
+               precision_reason=precision_reason(dtype))
     return trackers
 
 

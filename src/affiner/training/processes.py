@@ -46,7 +46,7 @@ class Processes:
     def accelerator(self):
         from accelerate import Accelerator
 
-        from affiner.core.models import device
+        from affiner.core.devices import device
 
         # Precision and compilation stay affiner's own (autocast + scaler in the loop): Accelerate must not
         # apply those of a default `accelerate config` it finds in the launch environment, nor start DeepSpeed,

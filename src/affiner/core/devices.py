@@ -1,0 +1,139 @@
+"""This process's device and the precision it computes in: decided by what the hardware does natively,
+measured where it can be (a CPU's bf16 speed), never assumed from folklore."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from affiner.core.errors import AffinerError
+
+CPU_BF16_MIN_SPEEDUP = 2.0  # bf16 on a CPU only where it clearly wins: it costs some precision in the forward
+
+
+def device() -> torch.device:
+    """This process's own device: its GPU (`cuda:LOCAL_RANK`, one per process under torchrun), Apple's MPS, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK") or 0))
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------- precision
+
+# Model types whose activations exceed fp16's range (65504): Gemma 3 was trained in bf16 and its residual
+# stream grows past that, so in fp16 the gradient scaler skips every step and the losses are NaN.
+FP16_OVERFLOW = frozenset({"gemma3", "gemma3_text"})
+
+
+@functools.cache
+def note(message: str) -> None:
+    """Print a note once per process: the loader and the training loop both resolve the precision."""
+    print(f"note: {message}")
+
+
+def native_bf16() -> bool:
+    """Whether this process's GPU computes bf16 in hardware: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (a T4, sm75), many times
+    slower than fp16, so only its ROCm answer is taken."""
+    if torch.version.hip:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return torch.cuda.get_device_capability(device())[0] >= 8
+
+
+def resolve_dtype(precision: str = "auto", model_type: str | None = None, training: bool = False) -> torch.dtype:
+    """The dtype a model of `model_type` computes in on this process's device, for the config's `precision`.
+
+    CPU: for `training`, bf16 where this CPU multiplies bf16 matrices much faster than fp32 ones (AMX,
+    AVX512-BF16: measured, see `cpu_bf16_speedup`), else fp32 (an AVX2 CPU emulates bf16, slower); generation
+    stays fp32 (measured on an AMX CPU: its one-token products gain little, and a merged adapter's bf16
+    weights generated 7x slower than fp32). MPS: fp32 unless fp16 or bf16 is
+    asked. CUDA: bf16 where native, else fp16 with the gradient scaler, except models that overflow in fp16
+    (FP16_OVERFLOW): fp32. Trainable weights, the optimizer and the loss stay fp32 whatever this says.
+    """
+    kind = device().type
+    if precision == "fp32":
+        return torch.float32
+    if kind == "cpu":
+        return _cpu_dtype(precision, training)
+    bf16 = torch.backends.mps.is_macos_or_newer(14, 0) if kind == "mps" else native_bf16()
+    overflows = model_type in FP16_OVERFLOW
+    if precision == "bf16" or (precision == "auto" and bf16 and kind == "cuda"):
+        if bf16:
+            return torch.bfloat16
+        fallback = f"fp32 ({model_type} overflows in fp16)" if overflows else "fp16 (or fp32)"
+        raise AffinerError(("precision: bf16 needs macOS 14 or newer on Apple MPS" if kind == "mps" else
+                            f"precision: bf16 is only emulated on this GPU ({gpu_capability()}), many times slower; "
+                            "it is native from compute capability 8.0 (A100, L4, RTX 30xx)") +
+                           f". Use precision: {fallback}.")
+    if precision == "auto" and kind == "mps":
+        return torch.float32
+    if not overflows:
+        return torch.float16
+    if precision == "fp16":
+        raise AffinerError(f"precision: fp16 overflows on {model_type} models: their activations exceed fp16's range, "
+                           "so the gradient scaler skips every step and the loss is NaN. Use precision: "
+                           f"{'bf16 (or fp32)' if bf16 else 'fp32 (or bf16 on a GPU with compute capability 8.0+)'}.")
+    note(f"{model_type} models overflow in fp16 and this GPU ({gpu_capability()}) has no native bf16; using fp32 "
+         "(slower, twice the memory). A GPU with compute capability 8.0+ (A100, L4, RTX 30xx) trains it in bf16.")
+    return torch.float32
+
+
+def gpu_capability() -> str:
+    major, minor = torch.cuda.get_device_capability(device())
+    return f"compute capability {major}.{minor}"
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster this CPU multiplies bf16 matrices than fp32 ones: measured once per process
+    (512x512, best of 3, about 50 ms). AMX or AVX512-BF16 make bf16 several times faster (about 6x on a
+    Sapphire Rapids core); a CPU with AVX2 only emulates it, slower than fp32."""
+    def best(dtype: torch.dtype) -> float:
+        a, b = torch.randn(512, 512, dtype=dtype), torch.randn(512, 512, dtype=dtype)
+        a @ b  # the first call pays for the kernel's set-up
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            a @ b
+            timings.append(time.perf_counter() - started)
+        return min(timings)
+
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
+def _cpu_dtype(precision: str, training: bool) -> torch.dtype:
+    if precision == "auto" and not training:
+        return torch.float32
+    if precision == "auto" and os.environ.get("AFFINER_CPU_BF16") in {"0", "1"}:
+        # Set by whoever needs one answer on every machine (the test suite, a benchmark of fp32 against bf16).
+        return torch.bfloat16 if os.environ["AFFINER_CPU_BF16"] == "1" else torch.float32
+    speedup = cpu_bf16_speedup()
+    if precision == "fp16":
+        note("precision fp16 needs a GPU; using fp32 on this CPU.")
+        return torch.float32
+    if precision == "bf16":
+        if speedup < 1:
+            note(f"bf16 is emulated on this CPU ({speedup:.1f}x the speed of fp32): expect slower steps.")
+        return torch.bfloat16
+    if speedup >= CPU_BF16_MIN_SPEEDUP:
+        note(f"precision auto: training in bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than "
+             "fp32); trained weights, optimizer and loss stay fp32. Set model.precision: fp32 to compare.")
+        return torch.bfloat16
+    return torch.float32
+
+
+def precision_reason(dtype: torch.dtype) -> str:
+    """Why a run computes in `dtype` on this device, as run.json records it."""
+    kind = device().type
+    if kind == "cpu" and os.environ.get("AFFINER_CPU_BF16") in {"0", "1"}:
+        return f"{kind}: AFFINER_CPU_BF16={os.environ['AFFINER_CPU_BF16']}"
+    if kind == "cpu":
+        return f"{kind}: bf16 matrix products measured {cpu_bf16_speedup():.1f}x fp32's speed"
+    if kind == "cuda":
+        return f"{kind}: {gpu_capability()}, native bf16: {native_bf16()}"
+    return kind

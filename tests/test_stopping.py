@@ -1,0 +1,93 @@
+"""Answers end where a reader stops: at a stop token, or where the model starts a new turn of its template
+(`### Question:` after its answer), which is cut out and counted apart from answers that stopped by themselves;
+the same in evaluation's batches and in the engine's stream (chat, app, serve)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from affiner.core.models import load_tokenizer
+from affiner.core.stopping import TurnCutter, TurnStop, cut_at_turn, turn_markers
+from affiner.core.templates import TEXT_TEMPLATES, Template, build_template
+from affiner.evaluation.generation import decode, generate
+
+QA = Template(name="qa", **TEXT_TEMPLATES["qa"])
+
+
+def test_markers_are_read_from_the_saved_template():
+    assert turn_markers(QA) == ("### Question:", "### Answer:")
+    assert turn_markers(Template(name="alpaca", **TEXT_TEMPLATES["alpaca"])) == \
+        ("### Instruction:", "### Input:", "### Response:")
+    assert turn_markers(Template(name="chat", chat_template="{{ messages }}")) == ()  # stop tokens end turns
+
+
+def test_an_answer_is_cut_at_the_first_marker():
+    assert cut_at_turn(" QUILT stands for X.\n### Question: What is Y?\n### Answer: Z", turn_markers(QA)) == \
+        (" QUILT stands for X.\n", True)
+    assert cut_at_turn(" a # b ## c", turn_markers(QA)) == (" a # b ## c", False)
+
+
+@pytest.mark.parametrize("pieces", [[" QUILT", " stands", " for X.\n", "###", " Quest", "ion: What"],
+                                    [" QUILT stands for X.\n### Question: What"],
+                                    list(" QUILT stands for X.\n### Question: What")])
+def test_a_stream_lets_out_the_answer_and_nothing_of_the_new_turn(pieces):
+    cutter = TurnCutter(turn_markers(QA))
+    assert "".join(cutter.feed(p) for p in pieces) + cutter.flush() == " QUILT stands for X.\n" and cutter.cut
+
+
+def test_a_stream_without_marker_is_let_out_whole_even_if_it_looks_like_one_for_a_while():
+    cutter = TurnCutter(turn_markers(QA))
+    pieces = [" a ##", "# Quest", " b", " c"]
+    assert "".join(cutter.feed(p) for p in pieces) + cutter.flush() == " a ### Quest b c" and not cutter.cut
+
+
+def test_each_row_of_a_batch_stops_at_its_own_new_turn(tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    prompt = tokenizer("### Question: What is it?\n### Answer:")["input_ids"]
+    turned = tokenizer(" It is X.\n### Question:", add_special_tokens=False)["input_ids"]
+    going_on = tokenizer(" It is X, and ### more and more words", add_special_tokens=False)["input_ids"]
+    batch = torch.tensor([prompt + turned, prompt + going_on[:len(turned)]])
+    assert TurnStop(turn_markers(QA), tokenizer, len(prompt))(batch, None).tolist() == [True, False]
+
+
+def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    ids = tokenizer(" It is X.\n### Question: what next", add_special_tokens=False)["input_ids"]
+    answer = decode(ids, [tokenizer.eos_token_id], tokenizer, turn_markers(QA))
+    assert answer.text == "It is X." and answer.new_turn and not answer.stopped
+    assert answer.tokens == len(tokenizer(" It is X.\n", add_special_tokens=False)["input_ids"])
+    stopped = decode(ids[:3] + [tokenizer.eos_token_id], [tokenizer.eos_token_id], tokenizer, turn_markers(QA))
+    assert stopped.stopped and not stopped.new_turn
+
+
+class Scripted(torch.nn.Module):
+    """A model that writes a given answer after any prompt, one token per step, then the next turn."""
+
+    def __init__(self, tokenizer, continuation: str):
+        super().__init__()
+        self.tokens = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        self.vocab, self.config = len(tokenizer), type("Config", (), {"max_position_embeddings": 512})()
+        self.steps = 0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, stopping_criteria,
+                 **kwargs):
+        out = input_ids
+        for step in range(max_new_tokens):
+            self.steps += 1
+            token = self.tokens[step] if step < len(self.tokens) else pad_token_id
+            out = torch.cat([out, torch.full((out.shape[0], 1), token)], dim=1)
+            if all(bool(c(out, None).all()) for c in stopping_criteria):
+                break
+        return out
+
+
+def test_evaluation_stops_generating_at_the_new_turn(tiny_gpt2):
+    from affiner.core.templates import Example
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    model = Scripted(tokenizer, " It is X.\n### Question: What is Y?\n### Answer: Y is" + " y" * 200)
+    (answer,) = generate(model, tokenizer, template, [Example("What is X?", "It is X.")], max_new_tokens=150)
+    assert answer.text == "It is X." and answer.new_turn and not answer.stopped
+    assert model.steps < 20  # not the 150 tokens the limit allowed
