@@ -156,3 +156,14 @@ def test_evaluate_killed_keeps_the_earlier_evaluation(tmp_path, finished_run):
     killed("os.replace:1", "evaluate", str(finished_run), "--max-new-tokens", "6", cwd=tmp_path)
     assert {name: (finished_run / name).read_bytes() for name in before} == before
     assert run_cli("evaluate", str(finished_run), "--max-new-tokens", "6") == 0
+
+
+def test_an_evaluation_killed_before_its_first_file_leaves_its_output_folder_usable(tmp_path, tiny_llama, data,
+                                                                                  finished_run):
+    out = tmp_path / "report"
+    argv = ["evaluate", "--base", str(tiny_llama), "--adapter", str(finished_run), "--test", str(data),
+            "--template", "qa", "--output", str(out), "--max-new-tokens", "4"]
+    for kill_on in ("os.replace:1", "os.replace:2"):  # writing who holds the lock; then summary.json
+        killed(kill_on, *argv, cwd=tmp_path)
+        assert not (out / "summary.json").exists()
+    assert run_cli(*argv) == 0 and (out / "summary.json").is_file()

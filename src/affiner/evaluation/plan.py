@@ -13,7 +13,7 @@ from typing import Callable
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.models import load_for, load_model, load_tokenizer, tokenizer_for
-from affiner.core.runfolder import SUMMARY_FILE, RunFolder, model_names, require_one_base
+from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, build_template
 from affiner.data.formats import to_examples
 from affiner.data.read import read_test_rows
@@ -70,7 +70,11 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
     if not test or output is None:
         raise AffinerError("evaluating --adapter folders needs --test FILE (the held-out questions) and "
                            "--output DIR (where the report goes).")
-    if output.exists() and any(output.iterdir()) and not (output / SUMMARY_FILE).exists():
+    # An evaluation killed before its first file leaves only its lock (and a temporary file) behind: the folder
+    # is still new.
+    others = [p for p in output.iterdir() if p.name not in (LOCK_FILE, LOCK_OWNER) and
+              not (p.name.startswith(".") and p.name.endswith(".partial"))] if output.exists() else []
+    if others and not (output / SUMMARY_FILE).exists():
         raise AffinerError(f"--output {output} is a folder with other files in it; choose a new or empty folder.")
     tokenizer = load_tokenizer(base)
     names = [a.name for a in adapters]
