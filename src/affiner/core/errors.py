@@ -19,3 +19,8 @@ class Incomplete(AffinerError):
     and from bad input."""
 
     exit_code = 3
+
+
+def first_line(error: BaseException) -> str:
+    """What a library's exception says, in one line for a message of ours (its type when it says nothing)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

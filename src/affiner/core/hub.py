@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, first_line
 
 
 def hub_endpoint() -> str:
@@ -42,9 +42,8 @@ def hub_kwargs(name: str) -> dict:
 def hub_error(what: str, name: str, exc: Exception) -> AffinerError:
     reason = "the Hugging Face Hub is unreachable from this machine and it is not in the local cache" \
         if not hub_reachable() else "the Hub has no such repository, or it needs a token (set HF_TOKEN)"
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return AffinerError(f"cannot load {what} '{name}': {reason}. Use a local folder, a .gguf file or "
-                        f"embedded:gemma-3-270m instead. ({first_line})")
+                        f"embedded:gemma-3-270m instead. ({first_line(exc)})")
 
 
 def hub_options(revision: str | None = None, trust_remote_code: bool = False) -> dict:

