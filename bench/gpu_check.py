@@ -161,7 +161,7 @@ def run_check(check: Check, work: Path, base: Path, data: Path, on_gpu: bool) ->
         torch.cuda.reset_peak_memory_stats()
     with output_to(folder / "log.txt"):
         config = config_for(check, folder, base, data)
-        dtype = str(dtype_for(config, training=True)).removeprefix("torch.")  # what the loop autocasts to, the base loads in
+        dtype = str(dtype_for(config)).removeprefix("torch.")  # what the loop autocasts to, the base loads in
         run, evaluation = train_and_evaluate(config)
         exported = export(run, folder / "export", merged=True, gguf=False)
     result = Result(check.name, "PASS", dtype=f"nf4/{dtype}" if check.method == "qlora" else dtype,

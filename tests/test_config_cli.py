@@ -52,10 +52,10 @@ def test_reference_recipes_carry_the_reference_settings():
 
 def test_overrides_are_typed_and_validated():
     config = load_config("quickstart", ["train.learning_rate=1e-4", "lora.target_modules=[q_proj, v_proj]",
-                                        "train.group_by_length=true"])
+                                        "train.group_by_length=false"])
     assert config.train.learning_rate == 1e-4
     assert config.lora.target_modules == ["q_proj", "v_proj"]
-    assert config.train.group_by_length is True
+    assert config.train.group_by_length is False
     with pytest.raises(AffinerError, match=r"train\.lerning_rate: unknown key, did you mean 'learning_rate'"):
         load_config("quickstart", ["train.lerning_rate=1e-4"])
     with pytest.raises(AffinerError, match="section.key=value"):

@@ -246,7 +246,7 @@ def test_what_sharding_cannot_do_is_refused_before_anything_is_written(tiny_llam
     check_strategy(config.model_copy(update={"method": "qlora"}), Processes(count=2, rank=0))  # DDP: fine
     from affiner.training import run as training_run
 
-    monkeypatch.setattr(training_run, "dtype_for", lambda config, training=False: torch.float16)  # a T4
+    monkeypatch.setattr(training_run, "dtype_for", lambda config: torch.float16)  # a T4
     with pytest.raises(AffinerError, match="fp16 needs a gradient scaler"):
         check_strategy(config, Processes(count=2, rank=0, strategy=Strategy("fsdp2")))
 

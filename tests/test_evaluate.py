@@ -219,13 +219,14 @@ def test_generation_out_of_memory_retries_the_batch_at_half_size(capsys, monkeyp
     model = load_model(str(tiny_llama))
     template = build_template("qa", tokenizer)
     expected = generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
-    failing, ran = _out_of_memory_above(2, model.generate, lambda **kw: kw["input_ids"].shape[0])
-    monkeypatch.setattr(model, "generate", failing)
+    rows = lambda model, input_ids, *args: input_ids.shape[0]  # noqa: E731
+    failing, ran = _out_of_memory_above(2, generation.decode_rows, rows)
+    monkeypatch.setattr(generation, "decode_rows", failing)
     assert generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5) == expected
     assert "out of memory with batch 5: retrying with 2" in capsys.readouterr().out
     assert ran == [2, 2, 1]  # the finished batches are never generated again
 
-    monkeypatch.setattr(model, "generate", _out_of_memory_above(0, model.generate, lambda **kw: 1)[0])
+    monkeypatch.setattr(generation, "decode_rows", _out_of_memory_above(0, failing, lambda *args: 1)[0])
     with pytest.raises(AffinerError, match=r"--max-new-tokens.*eval\.batch_size / --batch-size"):
         generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=2)
 

@@ -208,12 +208,11 @@ def test_on_a_cpu_without_native_bf16_nothing_changes(machine, loads):
 
 def test_a_cpu_with_native_bf16_computes_in_bf16_and_says_why(machine, loads, capsys):
     machine("cpu", cpu_bf16_speedup=5.8)  # AMX
-    assert resolve_dtype("auto", training=True) == torch.bfloat16
-    assert "training in bf16 on this CPU (its bf16 matrix products run 5.8x faster" in capsys.readouterr().out
-    assert resolve_dtype("auto") == torch.float32  # generation stays fp32: one-token products gain nothing
-    assert resolve_dtype("fp32", training=True) == torch.float32 and resolve_dtype("fp16", training=True) == torch.float32
+    assert resolve_dtype("auto") == torch.bfloat16
+    assert "bf16 on this CPU (its bf16 matrix products run 5.8x faster" in capsys.readouterr().out
+    assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("fp16") == torch.float32
     machine("cpu", cpu_bf16_speedup=1.5)  # faster, but not enough to pay for bf16's coarser forward
-    assert resolve_dtype("auto", training=True) == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype("auto") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
 
 
 def test_the_cpu_measurement_is_real_and_overridable(machine, monkeypatch):
@@ -222,9 +221,9 @@ def test_the_cpu_measurement_is_real_and_overridable(machine, monkeypatch):
     devices.cpu_bf16_speedup.cache_clear()
     assert devices.cpu_bf16_speedup() > 0
     monkeypatch.setenv("AFFINER_CPU_BF16", "1")
-    assert resolve_dtype("auto", training=True) == torch.bfloat16
+    assert resolve_dtype("auto") == torch.bfloat16
     monkeypatch.setenv("AFFINER_CPU_BF16", "0")
-    assert resolve_dtype("auto", training=True) == torch.float32
+    assert resolve_dtype("auto") == torch.float32
 
 
 def test_mps_loads_onto_mps(machine, loads):

@@ -44,11 +44,9 @@ def test_a_stream_without_marker_is_let_out_whole_even_if_it_looks_like_one_for_
 
 def test_each_row_of_a_batch_stops_at_its_own_new_turn(tiny_gpt2):
     tokenizer = load_tokenizer(str(tiny_gpt2))
-    prompt = tokenizer("### Question: What is it?\n### Answer:")["input_ids"]
     turned = tokenizer(" It is X.\n### Question:", add_special_tokens=False)["input_ids"]
     going_on = tokenizer(" It is X, and ### more and more words", add_special_tokens=False)["input_ids"]
-    batch = torch.tensor([prompt + turned, prompt + going_on[:len(turned)]])
-    assert TurnStop(turn_markers(QA), tokenizer, len(prompt))(batch, None).tolist() == [True, False]
+    assert TurnStop(turn_markers(QA), tokenizer)([turned, going_on[:len(turned)]]) == [True, False]
 
 
 def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):
@@ -65,21 +63,19 @@ class Scripted(torch.nn.Module):
     """A model that writes a given answer after any prompt, one token per step, then the next turn."""
 
     def __init__(self, tokenizer, continuation: str):
+        from transformers import PretrainedConfig
+
         super().__init__()
         self.tokens = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-        self.vocab, self.config = len(tokenizer), type("Config", (), {"max_position_embeddings": 512})()
+        self.vocab, self.config = len(tokenizer), PretrainedConfig(num_hidden_layers=1, max_position_embeddings=512)
         self.steps = 0
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, stopping_criteria,
-                 **kwargs):
-        out = input_ids
-        for step in range(max_new_tokens):
-            self.steps += 1
-            token = self.tokens[step] if step < len(self.tokens) else pad_token_id
-            out = torch.cat([out, torch.full((out.shape[0], 1), token)], dim=1)
-            if all(bool(c(out, None).all()) for c in stopping_criteria):
-                break
-        return out
+    def forward(self, input_ids, **kwargs):
+        token = self.tokens[self.steps] if self.steps < len(self.tokens) else 0
+        self.steps += 1
+        logits = torch.zeros(input_ids.shape[0], 1, self.vocab)
+        logits[:, :, token] = 1.0
+        return type("Output", (), {"logits": logits})()
 
 
 def test_evaluation_stops_generating_at_the_new_turn(tiny_gpt2):

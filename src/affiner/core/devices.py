@@ -45,21 +45,19 @@ def native_bf16() -> bool:
     return torch.cuda.get_device_capability(device())[0] >= 8
 
 
-def resolve_dtype(precision: str = "auto", model_type: str | None = None, training: bool = False) -> torch.dtype:
+def resolve_dtype(precision: str = "auto", model_type: str | None = None) -> torch.dtype:
     """The dtype a model of `model_type` computes in on this process's device, for the config's `precision`.
 
-    CPU: for `training`, bf16 where this CPU multiplies bf16 matrices much faster than fp32 ones (AMX,
-    AVX512-BF16: measured, see `cpu_bf16_speedup`), else fp32 (an AVX2 CPU emulates bf16, slower); generation
-    stays fp32 (measured on an AMX CPU: its one-token products gain little, and a merged adapter's bf16
-    weights generated 7x slower than fp32). MPS: fp32 unless fp16 or bf16 is
-    asked. CUDA: bf16 where native, else fp16 with the gradient scaler, except models that overflow in fp16
+    CPU: bf16 where this CPU multiplies bf16 matrices much faster than fp32 ones (AMX, AVX512-BF16: measured,
+    see `cpu_bf16_speedup`), for training and generation alike, else fp32 (an AVX2 CPU emulates bf16, slower).
+    MPS: fp32 unless fp16 or bf16 is asked. CUDA: bf16 where native, else fp16 with the gradient scaler, except models that overflow in fp16
     (FP16_OVERFLOW): fp32. Trainable weights, the optimizer and the loss stay fp32 whatever this says.
     """
     kind = device().type
     if precision == "fp32":
         return torch.float32
     if kind == "cpu":
-        return _cpu_dtype(precision, training)
+        return _cpu_dtype(precision)
     bf16 = torch.backends.mps.is_macos_or_newer(14, 0) if kind == "mps" else native_bf16()
     overflows = model_type in FP16_OVERFLOW
     if precision == "bf16" or (precision == "auto" and bf16 and kind == "cuda"):
@@ -106,9 +104,7 @@ def cpu_bf16_speedup() -> float:
     return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
 
 
-def _cpu_dtype(precision: str, training: bool) -> torch.dtype:
-    if precision == "auto" and not training:
-        return torch.float32
+def _cpu_dtype(precision: str) -> torch.dtype:
     if precision == "auto" and os.environ.get("AFFINER_CPU_BF16") in {"0", "1"}:
         # Set by whoever needs one answer on every machine (the test suite, a benchmark of fp32 against bf16).
         return torch.bfloat16 if os.environ["AFFINER_CPU_BF16"] == "1" else torch.float32
@@ -121,8 +117,8 @@ def _cpu_dtype(precision: str, training: bool) -> torch.dtype:
             note(f"bf16 is emulated on this CPU ({speedup:.1f}x the speed of fp32): expect slower steps.")
         return torch.bfloat16
     if speedup >= CPU_BF16_MIN_SPEEDUP:
-        note(f"precision auto: training in bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than "
-             "fp32); trained weights, optimizer and loss stay fp32. Set model.precision: fp32 to compare.")
+        note(f"precision auto: bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than fp32); "
+             "trained weights, optimizer and loss stay fp32. Set model.precision: fp32 to compare.")
         return torch.bfloat16
     return torch.float32
 

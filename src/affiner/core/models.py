@@ -95,18 +95,18 @@ def max_positions(model: nn.Module) -> int | None:
 
 
 def dtype_of(base: str, precision: str = "auto", revision: str | None = None,
-             trust_remote_code: bool = False, training: bool = False) -> torch.dtype:
+             trust_remote_code: bool = False) -> torch.dtype:
     """`resolve_dtype` for a base, reading its model type only where it can change the answer (off the CPU)."""
     if device().type == "cpu" or precision == "fp32":
-        return resolve_dtype(precision, training=training)
-    return resolve_dtype(precision, model_type_of(base, revision, trust_remote_code), training)
+        return resolve_dtype(precision)
+    return resolve_dtype(precision, model_type_of(base, revision, trust_remote_code))
 
 
-def dtype_for(config: RunConfig, training: bool = False) -> torch.dtype:
-    """The dtype a run computes in when `training` (what it autocasts to, what its base loads in) or when it
-    generates (evaluation, chat, serve); export saves in it too."""
+def dtype_for(config: RunConfig) -> torch.dtype:
+    """The dtype a run computes in: what its base loads in and training autocasts to, and what evaluation,
+    chat and serve generate in."""
     model = config.model
-    return dtype_of(model.base, model.precision, model.revision, model.trust_remote_code, training)
+    return dtype_of(model.base, model.precision, model.revision, model.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------- bases
@@ -242,7 +242,7 @@ def load_model(base: str, adapter: str | Path | None = None, quantization: str |
 
 
 def load_for(config: RunConfig, adapter: str | Path | None = None, full_precision: bool = False,
-             quantized: bool = True, on: torch.device | None = None, training: bool = False):
+             quantized: bool = True, on: torch.device | None = None):
     """The run's base model as its config describes it (revision, quantisation, precision, remote code),
     with `adapter` on it when given: the one way train, evaluate, the engine and export load a base.
     `quantized=False` loads a QLoRA run's base unquantised (export merges into full weights)."""
@@ -250,7 +250,7 @@ def load_for(config: RunConfig, adapter: str | Path | None = None, full_precisio
     return load_model(model.base, adapter=adapter, quantization=config.quantization if quantized else None,
                       precision=model.precision, double_quant=model.double_quant, full_precision=full_precision,
                       revision=model.revision, trust_remote_code=model.trust_remote_code,
-                      dtype=None if full_precision else dtype_for(config, training), on=on)
+                      dtype=None if full_precision else dtype_for(config), on=on)
 
 
 def tokenizer_for(config: RunConfig, run_folder: Path | None = None):

@@ -8,8 +8,6 @@ the answer is counted as having run into a new turn, not as having stopped by it
 
 from __future__ import annotations
 
-import torch
-
 from affiner.core.templates import Template
 
 TAIL_TOKENS = 16  # how many of the newest tokens are decoded to look for a marker (markers are a few tokens)
@@ -35,15 +33,14 @@ def cut_at_turn(text: str, markers: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class TurnStop:
-    """A transformers stopping criterion: each row of a batch is done once its new tokens contain a marker."""
+    """For a batch decoder: which rows have started a new turn, given each row's new tokens so far."""
 
-    def __init__(self, markers: tuple[str, ...], tokenizer, prompt_length: int):
-        self.markers, self.tokenizer, self.prompt_length = markers, tokenizer, prompt_length
+    def __init__(self, markers: tuple[str, ...], tokenizer):
+        self.markers, self.tokenizer = markers, tokenizer
 
-    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        new = input_ids[:, self.prompt_length:]
-        tails = self.tokenizer.batch_decode(new[:, -TAIL_TOKENS:], skip_special_tokens=True)
-        return torch.tensor([any(m in tail for m in self.markers) for tail in tails], device=input_ids.device)
+    def __call__(self, new_tokens: list[list[int]]) -> list[bool]:
+        tails = self.tokenizer.batch_decode([tokens[-TAIL_TOKENS:] for tokens in new_tokens], skip_special_tokens=True)
+        return [any(m in tail for m in self.markers) for tail in tails]
 
 
 class TurnCutter:

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
+from affiner.core.decoding import decode_rows
 from affiner.core.devices import device
 from affiner.core.models import max_positions
 from affiner.core.stopping import TurnStop, cut_at_turn, turn_markers
@@ -32,11 +33,10 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
              batch_size: int = 16, sampling: Settings = GREEDY, desc: str = "generating") -> list[Answer]:
     """Answers generated in left-padded batches of similar lengths, returned in the examples' order.
 
-    Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked
-    and every stop token of the template ends a row. A batch out of memory is retried at half the size.
+    Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked, every
+    stop token of the template ends a row, and a row leaves its batch as soon as it ends (a stop token, a new
+    turn of the template, or the limit). A batch out of memory is retried at half the size.
     """
-    from transformers import StoppingCriteriaList
-
     prompts = [encode_prompt(template, tokenizer, e) for e in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
@@ -56,18 +56,15 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
             input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
             budget = max(1, min(max_new_tokens, window - input_ids.shape[1])) if window else max_new_tokens
             try:
-                output = model.generate(input_ids=input_ids.to(device()), attention_mask=attention.to(device()),
-                                        max_new_tokens=budget, eos_token_id=stop_ids,
-                                        pad_token_id=tokenizer.pad_token_id, **sampling.generate_kwargs(),
-                                        stopping_criteria=StoppingCriteriaList(
-                                            [TurnStop(markers, tokenizer, input_ids.shape[1])] if markers else []))
+                output = decode_rows(model, input_ids.to(device()), attention.to(device()), budget, stop_ids,
+                                     sampling, TurnStop(markers, tokenizer) if markers else None)
             except torch.OutOfMemoryError:
                 output = None  # handled outside the except block, whose traceback still holds the batch's tensors
             if output is None:
                 size = halve_batch(size)
                 continue
             for row, index in enumerate(chunk):
-                answers[index] = decode(output[row, input_ids.shape[1]:].tolist(), stop_ids, tokenizer, markers)
+                answers[index] = decode(output[row], stop_ids, tokenizer, markers)
             start += len(chunk)
             progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]

@@ -10,9 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import load_for, load_model, load_tokenizer, tokenizer_for
+from affiner.core.models import dtype_for, dtype_of, load_for, load_model, load_tokenizer, tokenizer_for
 from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, build_template
 from affiner.data.formats import to_examples
@@ -47,7 +49,9 @@ def tuned_model(run: RunFolder, config: RunConfig):
     """The run's model for generation; LoRA weights merged into the base (faster) unless it is 4-bit."""
     if config.method == "full":
         return load_model(str(run.path), trust_remote_code=config.model.trust_remote_code)
-    return _merged(load_for(config, adapter=run.path), config.quantization)
+    if config.quantization:
+        return load_for(config, adapter=run.path)
+    return _merged(load_for(config, adapter=run.path, full_precision=True), dtype_for(config))
 
 
 def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) -> Plan:
@@ -82,13 +86,16 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
         raise AffinerError("adapter folders must have distinct names, none called 'base': they name the columns.")
     loaders: dict[str, Callable[[], object]] = {"base": lambda: load_model(base, quantization=quantization)}
     for adapter in adapters:
-        loaders[adapter.name] = lambda a=adapter: _merged(load_model(base, adapter=a, quantization=quantization),
-                                                         quantization)
+        loaders[adapter.name] = lambda a=adapter: (
+            load_model(base, adapter=a, quantization=quantization) if quantization else
+            _merged(load_model(base, adapter=a, full_precision=True), dtype_of(base)))
     examples = to_examples(read_test_rows(test))[:max_questions]
     output.mkdir(parents=True, exist_ok=True)
     return Plan(output=output, template=build_template(template_name, tokenizer), tokenizer=tokenizer,
                 examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None)
 
 
-def _merged(model, quantization: str | None):
-    return model if quantization else model.merge_and_unload()
+def _merged(model, dtype: torch.dtype):
+    """The adapter merged into fp32 weights, then cast to `dtype` once: added to bf16 weights, the update would
+    lose every change smaller than 1/256 of a weight. A 4-bit base is never merged (it stays unmerged)."""
+    return model.merge_and_unload().to(dtype)

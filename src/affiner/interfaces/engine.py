@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
+from affiner.core.decoding import last_position
 from affiner.core.settings import Settings
 from affiner.core.stopping import TurnCutter, turn_markers
 from affiner.core.devices import device
@@ -249,7 +250,8 @@ class Engine:
                 output["ids"] = self.model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
                     eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]), **settings.generate_kwargs())
+                    stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    logits_to_keep=last_position(ids.device), **settings.generate_kwargs())
         except Exception as exc:  # surfaced in the caller's thread by _generate
             output["error"] = exc
             streamer.end()

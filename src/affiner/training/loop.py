@@ -131,7 +131,7 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
         if processes.is_main:  # only now: a checkpoint that cannot be resumed from leaves run.json as it was
             run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
             print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
-    dtype, kind = dtype_for(config, training=True), device().type
+    dtype, kind = dtype_for(config), device().type
     # Weights stay as loaded (a bf16 frozen base, fp32 LoRA weights; fp32 masters for full fine-tuning); the
     # forward runs in the run's precision, on a CPU with native bf16 too; the loss is computed in fp32.
     mixed = dtype != torch.float32
@@ -276,7 +276,7 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Tracke
     if not processes.is_main:
         return None
     trackers = Trackers(config, run.path, run.info())
-    dtype = dtype_for(config, training=True)
+    dtype = dtype_for(config)
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
                parallelism=processes.parallelism, precision=str(dtype).removeprefix("torch."),
                precision_reason=precision_reason(dtype))

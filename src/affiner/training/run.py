@@ -204,7 +204,7 @@ def check_strategy(config: RunConfig, processes: Processes) -> None:
     if config.train.optimizer != "adamw":
         raise AffinerError(f"train.optimizer {config.train.optimizer} keeps bitsandbytes state that {name} does not "
                            "partition; use train.optimizer: adamw with train.accelerate_config.")
-    if dtype_for(config, training=True) == torch.float16:
+    if dtype_for(config) == torch.float16:
         raise AffinerError(f"{name} with fp16 needs a gradient scaler that sees every partition, which affiner does "
                            "not have yet; set model.precision: fp32 (or bf16 on a GPU that has it natively).")
     if processes.sharded:

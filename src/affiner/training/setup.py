@@ -20,7 +20,7 @@ def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.d
         model = load_model(str(checkpoint), full_precision=True, trust_remote_code=config.model.trust_remote_code,
                            on=on)
     else:
-        model = load_for(config, full_precision=full, on=on, training=True)
+        model = load_for(config, full_precision=full, on=on)
     # Non-reentrant checkpointing for every method: the reentrant kind (peft's default for QLoRA) needs inputs
     # that require grad and breaks with frozen embeddings and DDP's unused-parameter checks.
     non_reentrant = {"use_reentrant": False}

@@ -1,0 +1,98 @@
+"""Decoding a batch of prompts where each row leaves the batch as soon as it is done.
+
+`model.generate` computes every row of a batch until its longest row ends: a row that stopped is still
+run through the model, as padding, at every later step. On the quickstart's base model 83 % of the answers
+run into a new turn of the template after ~24 tokens while their batch goes on to the 48-token limit, so
+about half of the decoding work was for rows already done. Here a finished row's entries are dropped from
+the KV cache (`Cache.batch_select_indices`, the cache's public API) and the batch shrinks as rows end.
+
+Only the loop is ours: the cache, the attention masks and the sampling warpers are transformers'. Greedy
+answers are token for token those of `model.generate` (tested on GPT-2, Llama and Gemma 3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from affiner.core.settings import Settings
+
+# Given the new tokens of the rows still in the batch, which of them are done (besides stop tokens and the limit).
+RowsDone = Callable[[list[list[int]]], list[bool]]
+
+
+@torch.no_grad()
+def decode_rows(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
+                settings: Settings, done: RowsDone | None = None) -> list[list[int]]:
+    """The new tokens of each left-padded row, up to and including its first stop token, up to where `done`
+    said it was done, or `max_new_tokens` long."""
+    from transformers import DynamicCache
+
+    new_tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # original index of each row still decoding
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts its positions from 0
+    cache = DynamicCache(config=model.config)
+    pick = _picker(settings)
+    stops = torch.tensor(stop_ids, device=input_ids.device)
+    sequences = input_ids
+    cache_argument = {_cache_keyword(model): cache}
+    output = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                   logits_to_keep=last_position(input_ids.device), **cache_argument)
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        chosen = pick(sequences, output.logits[:, -1, :].float())
+        for row, token in zip(rows.tolist(), chosen.tolist()):  # one host sync per step, whatever the batch
+            new_tokens[row].append(token)
+        finished = torch.isin(chosen, stops)
+        if done is not None:
+            finished |= torch.tensor(done([new_tokens[row] for row in rows.tolist()]), device=finished.device)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        if bool(finished.any()):
+            keep = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, chosen, attention, position = rows[keep], chosen[keep], attention[keep], position[keep]
+            sequences = sequences[keep]
+        sequences = torch.cat([sequences, chosen[:, None]], dim=1)
+        attention = torch.cat([attention, attention.new_ones((attention.shape[0], 1))], dim=1)
+        position = position + 1
+        output = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=position, use_cache=True,
+                       **cache_argument)
+    return new_tokens
+
+
+def last_position(device: torch.device) -> torch.Tensor:
+    """`logits_to_keep` for the last position only, given as an index rather than as `1`: the model then takes
+    its last hidden states by indexing (a contiguous copy), not as a strided view, which for a frozen bf16 head
+    sent torch's matmul through a batched product copying the whole 262k-row head once per row (measured on
+    Gemma 3: 12 s for the prefill of 20 rows, against 0.03 s)."""
+    return torch.tensor([-1], device=device)
+
+
+def _cache_keyword(model) -> str:
+    """transformers 5.24 renamed the forward's `past_key_values` to `cache` (the old name warns until 5.40);
+    earlier 5.x releases know only the old one."""
+    import inspect
+
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+def _picker(settings: Settings) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Next token of each row from its logits: the argmax, or a draw after transformers' own warpers."""
+    if settings.greedy:
+        return lambda sequences, logits: logits.argmax(dim=-1)
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(settings.temperature)])
+    if settings.top_k:
+        warpers.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(settings.top_p))
+
+    def draw(sequences: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        probabilities = torch.softmax(warpers(sequences, logits), dim=-1)
+        return torch.multinomial(probabilities, num_samples=1).squeeze(1)
+
+    return draw

@@ -1,0 +1,74 @@
+"""affiner's batch decoder: rows leave the batch when they end, and the answers are model.generate's."""
+
+import pytest
+import torch
+
+from affiner.core.decoding import decode_rows
+from affiner.core.models import load_model, load_tokenizer
+from affiner.core.settings import GREEDY, Settings
+from affiner.evaluation.generation import left_pad
+
+PROMPTS = ["QUILT?", "What does the acronym FROND stand for, in full, please?", "Define MAPLE.", "TANGO"]
+
+
+def _batch(tokenizer):
+    return left_pad([tokenizer(p)["input_ids"] for p in PROMPTS], tokenizer.pad_token_id)
+
+
+def _until_stop(tokens: list[int], stop: int) -> list[int]:
+    return tokens[:tokens.index(stop) + 1] if stop in tokens else tokens
+
+
+def _a_stop_that_ends_rows_at_different_steps(free_run: torch.Tensor) -> int:
+    """A token the rows of a free run first write at different steps, so that rows leave one by one."""
+    firsts: dict[int, set[int]] = {}
+    for row in free_run.tolist():
+        for step, token in enumerate(row):
+            firsts.setdefault(token, set())
+        for token in set(row):
+            firsts[token].add(row.index(token))
+    return max(firsts, key=lambda token: (len(firsts[token]), -min(firsts[token])))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gemma"])
+def test_greedy_rows_are_model_generate_s_even_as_rows_leave_the_batch(request, fixture):
+    folder = request.getfixturevalue(fixture)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder))
+    input_ids, attention = _batch(tokenizer)
+    width = input_ids.shape[1]
+    free = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=16, do_sample=False,
+                          eos_token_id=None, pad_token_id=tokenizer.pad_token_id)[:, width:]
+    stop = _a_stop_that_ends_rows_at_different_steps(free)
+    expected = [_until_stop(row, stop) for row in free.tolist()]
+    assert len({len(row) for row in expected}) > 1  # rows do leave the batch at different steps
+
+    assert decode_rows(model, input_ids, attention, 16, [stop], GREEDY) == expected
+
+
+def test_a_row_done_by_the_caller_leaves_the_batch_and_the_others_go_on(tiny_llama):
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    input_ids, attention = _batch(tokenizer)
+    whole = decode_rows(model, input_ids, attention, 10, [], GREEDY)
+    seen: list[int] = []
+
+    def second_row_done_after_three(rows: list[list[int]]) -> list[bool]:
+        seen.append(len(rows))
+        return [len(tokens) == 3 and tokens == whole[1][:3] for tokens in rows]
+
+    cut = decode_rows(model, input_ids, attention, 10, [], GREEDY, second_row_done_after_three)
+    assert cut[1] == whole[1][:3] and [cut[i] for i in (0, 2, 3)] == [whole[i] for i in (0, 2, 3)]
+    assert seen == [4, 4, 4] + [3] * 7  # the batch shrank once the row was done
+
+
+def test_sampling_draws_through_the_warpers_and_is_reproducible(tiny_llama):
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    input_ids, attention = _batch(tokenizer)
+    settings = Settings(temperature=1.0, top_k=1, top_p=1.0)  # top-k 1 leaves one token to draw: the argmax
+    assert decode_rows(model, input_ids, attention, 8, [], settings) == decode_rows(model, input_ids, attention, 8, [],
+                                                                                    GREEDY)
+    hot = Settings(temperature=2.0, top_k=0, top_p=1.0)
+    torch.manual_seed(3)
+    first = decode_rows(model, input_ids, attention, 8, [], hot)
+    torch.manual_seed(3)
+    assert decode_rows(model, input_ids, attention, 8, [], hot) == first
+    assert first != decode_rows(model, input_ids, attention, 8, [], GREEDY)
