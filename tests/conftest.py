@@ -214,3 +214,43 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT_STATUS[0])
+
+
+def make_gemma_shaped(folder: Path) -> Path:
+    """Tiny Gemma 3 shaped like the real 270M (head_dim 256 = query_pre_attn_scalar, no logit soft-cap), norms
+    away from zero so that GGUF's +1 offset on them is exercised: what transformers reads back from a GGUF."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = _sentencepiece_like_tokenizer(chat=False)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                              max_position_embeddings=256, sliding_window=64, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = Gemma3ForCausalLM(config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(0, 0.2)
+    return _save(folder, model, tokenizer)
+
+
+def copy_run(run: Path, target: Path, **config_changes) -> Path:
+    """A copy of a run folder under `target` (without its engine exports), its config.yaml changed by
+    `section__key=value` pairs."""
+    import shutil
+
+    import yaml
+
+    copy = target / run.name
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("engines"))
+    if config_changes:
+        raw = yaml.safe_load((copy / "config.yaml").read_text())
+        for dotted, value in config_changes.items():
+            node = raw
+            *parents, leaf = dotted.split("__")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        (copy / "config.yaml").write_text(yaml.safe_dump(raw))
+    return copy

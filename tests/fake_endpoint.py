@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -28,6 +28,7 @@ class Reply:
     status: int = 200
     body: bytes | None = None  # sent as is instead of a chat completion
     delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)  # sent besides Content-Type and Content-Length
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -86,15 +87,17 @@ class Handler(BaseHTTPRequestHandler):
                                       "choices": [{"index": 0, "finish_reason": "stop",
                                                    "message": {"role": "assistant", "content": reply.content}}]}
                                      ).encode()
-            self._send(reply.status, payload)
+            self._send(reply.status, payload, reply.headers)
         except OSError:
             pass  # the client gave up (timeout) before the reply was written
         finally:
             with server.lock:
                 server.in_flight -= 1
 
-    def _send(self, status: int, payload: bytes) -> None:
+    def _send(self, status: int, payload: bytes, headers: dict[str, str] | None = None) -> None:
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()

@@ -226,6 +226,55 @@ def test_page_reports_a_missing_run_instead_of_failing(monkeypatch, tmp_path):
     assert "does not exist" in at.error[0].value
 
 
+def test_the_fields_follow_the_runs_template(monkeypatch, runs, tmp_path, tiny_llama):
+    at = page(monkeypatch, runs[:1]).run()  # a qa run: one question, no input of its own
+    assert [(t.key, t.label) for t in at.text_area] == [("instruction", "Question")]
+    at.button(key="generate").click().run()
+    assert "Write a question first." in [w.value for w in at.warning]
+
+    config = write_config(tmp_path, tiny_llama, "embedded:glossary-train.json", name="instructions",
+                          data={"template": "alpaca"}, train={"max_steps": 1, "batch_size": 2})
+    alpaca = train(load_config(str(config)))
+    at = page(monkeypatch, [alpaca]).run()
+    assert [(t.key, t.label) for t in at.text_area] == [("instruction", "Instruction"), ("input", "Input (optional)")]
+    at.text_area(key="input").input("QUILT, FROND")
+    at.number_input(key="max_new_tokens").set_value(4)
+    generate(at, "Define the first acronym.")
+    prompt = at.expander[0].code[0].value
+    assert "### Instruction:" in prompt and "### Input:\nQUILT, FROND" in prompt
+
+
+def test_generating_leaks_no_library_warning_into_the_terminal(monkeypatch, runs, capfd, tmp_path):
+    from transformers.utils import logging as transformers_logging
+
+    fresh = shutil.copytree(runs[0], tmp_path / "runs" / "delta")  # a new set of folders: the base is loaded here
+    level = transformers_logging.get_verbosity()
+    capfd.readouterr()
+    at = page(monkeypatch, [fresh])
+    at.query_params.update(prompt=QUESTION, temperature="0.7", top_k="5", max_new_tokens="6", seed="1")
+    at.run()
+    assert not at.exception, at.exception
+    assert len(boxes(at, "tuned")) == 1
+    out, err = capfd.readouterr()
+    # AppTest runs the page without a server, and Streamlit says so; `affiner app` has a server.
+    shown = [line for line in (out + err).splitlines() if "missing ScriptRunContext" not in line]
+    assert not [line for line in shown if line.strip()], shown
+    assert transformers_logging.get_verbosity() == level  # quiet while the page works, not for the whole process
+
+
+def test_runs_page_shows_durations_and_paths_as_a_person_reads_them(monkeypatch, runs, tmp_path):
+    copy = shutil.copytree(runs[0], tmp_path / "runs" / "gamma")
+    write_json(copy / "run.json", {**read_json(copy / "run.json"), "train_seconds": 133.2})
+    monkeypatch.chdir(tmp_path)
+    at = page(monkeypatch, [copy]).run()
+    at.sidebar.radio(key="page").set_value("Runs").run()
+    assert not at.exception, at.exception
+    facts = next(m.value for m in at.markdown if m.value.startswith("status"))
+    assert "training 2 min 13 s" in facts and "133" not in facts
+    assert facts.endswith("`runs/gamma`") and str(tmp_path) not in facts
+    assert any("`affiner evaluate runs/gamma`" in i.value for i in at.info)
+
+
 # ---------------------------------------------------------------------------------------- helpers
 
 
@@ -234,6 +283,19 @@ def test_answer_boxes_escape_the_model_text():
     assert "<script>" not in box and "&lt;script&gt;" in box and "<br><br>next &amp; last" in box
     assert 'data-testid="answer-tuned"' in box and "\n" not in box
     assert "generating" in app.answer_box("base", "", pending=True)
+
+
+@pytest.mark.parametrize("seconds,shown", [(0.532, "0.53 s"), (4.26, "4.3 s"), (42.4, "42 s"), (59.6, "1 min 0 s"),
+                                            (133.2, "2 min 13 s"), (3725, "1 h 02 min")])
+def test_durations_read_as_a_person_says_them(seconds, shown):
+    assert app.human_duration(seconds) == shown
+
+
+def test_paths_are_shown_from_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert app.display_path(tmp_path / "project" / "runs" / "a", cwd=tmp_path / "project") == "runs/a"
+    assert app.display_path(tmp_path / "home" / "runs" / "a", cwd=tmp_path / "project") == "~/runs/a"
+    assert app.display_path(Path("/opt/runs/a"), cwd=tmp_path) == "/opt/runs/a"
 
 
 def test_default_runs_are_the_latest_and_its_siblings(runs, tmp_path, tiny_gpt2):
@@ -423,6 +485,8 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
         _stop(browser)
         _stop(server)
 
+    terminal = log.read_text(errors="replace")  # what `affiner app` shows its user while the page generates
+    assert not re.search(r"warn|Loading weights|Failed to load|deprecat", terminal, re.IGNORECASE), terminal
     (tmp_path / "page.png").write_bytes(png)
     (tmp_path / "page.html").write_text(dom, encoding="utf-8")
     assert len(shown["base"]) == 1 and len(shown["tuned"]) == 1

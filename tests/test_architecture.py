@@ -162,7 +162,7 @@ def test_the_layering_check_catches_an_upward_import(tmp_path, monkeypatch):
 
 HEAVY = ("torch", "transformers", "peft", "streamlit", "datasets")
 VERBS_TO_CHECK = [[], ["run"], ["prepare"], ["synth"], ["generate"], ["train"], ["evaluate"], ["sweep"],
-                  ["export"], ["runs"], ["chat"], ["app"], ["serve"]]
+                  ["export"], ["runs"], ["chat"], ["app"], ["serve"], ["config"]]
 
 
 @pytest.mark.parametrize("verb", VERBS_TO_CHECK, ids=lambda v: " ".join(v) or "affiner")

@@ -124,7 +124,7 @@ TRAIN: list[Case] = [
     ("method-unknown", lambda w: ["train", w.config(method="dora")], r"method"),
     ("precision-unknown", lambda w: ["train", w.config(model={"precision": "fp8"})], r"precision"),
     ("template-unknown", lambda w: ["train", w.config(data={"template": "vicuna"})], r"template"),
-    ("tracking-unknown", lambda w: ["train", w.config(train={"tracking": ["wandb"]})], r"tracking"),
+    ("tracking-unknown", lambda w: ["train", w.config(train={"tracking": ["neptune"]})], r"tracking"),
     ("optimizer-unknown", lambda w: ["train", w.config(train={"optimizer": "sgd"})], r"optimizer"),
     ("duplicated-section", lambda w: ["train", w.write("dup.yaml", open(w.config()).read() + "train:\n  max_steps: 9\n")],
      r"dup.yaml.*line \d+.*'train' is given twice"),

@@ -36,6 +36,10 @@ def _type(session: str, text: str) -> None:
     subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
 
 
+def _keys(session: str, *keys: str) -> None:
+    subprocess.run(["tmux", "send-keys", "-t", session, *keys], check=True)
+
+
 def _alive(session: str) -> bool:
     return subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
 
@@ -44,7 +48,9 @@ def test_chat_session_in_a_terminal(tmp_path, tiny_llama):
     run = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
                                              data={"template": "chat"}))))
     session = f"affiner-chat-{tmp_path.name}"
-    command = f"{sys.executable} -m affiner chat {run} --greedy --max-new-tokens 60; echo CHAT-ENDED-$?; sleep 30"
+    cache = tmp_path / "cache"  # where the line history is kept
+    command = (f"AFFINER_CACHE={cache} {sys.executable} -m affiner chat {run} --greedy --max-new-tokens 60; "
+               "echo CHAT-ENDED-$?; sleep 30")
     subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "160", "-y", "60", command], check=True)
     try:
         _wait_for(session, lambda s: "Chatting with" in s and "multi-turn" in s)
@@ -66,9 +72,22 @@ def test_chat_session_in_a_terminal(tmp_path, tiny_llama):
 
         _type(session, "/reset")
         _wait_for(session, lambda s: "(conversation cleared)" in s)
+        _keys(session, "Up")  # readline recalls the previous line, ready to be sent again or edited
+        screen = _wait_for(session, lambda s: s.rstrip().endswith("> /reset"))
+        assert "^[[A" not in screen and "\x1b[A" not in screen
+        _keys(session, "Enter")
+        _wait_for(session, lambda s: s.count("(conversation cleared)") == 2)
+        shown = _screen(session).count("temperature=0.5")
+        _keys(session, "Up", "Up")  # further back: /reset (kept once, as bash does), then /settings
+        _wait_for(session, lambda s: s.rstrip().endswith("> /settings"))
+        _keys(session, "Enter")
+        _wait_for(session, lambda s: s.count("temperature=0.5") == shown + 1)
         assert "CHAT-ENDED" not in _screen(session)
         _type(session, "exit")
         screen = _wait_for(session, lambda s: "CHAT-ENDED-" in s, timeout=20)
         assert "CHAT-ENDED-0" in screen and "Traceback" not in screen
+        history = (cache / "chat_history").read_text(encoding="utf-8").splitlines()
+        assert history[0] == "What does QUILT stand for?" and history[-4:] == ["/settings", "/reset", "/settings", "exit"]
+        assert (cache / "chat_history").stat().st_mode & 0o077 == 0  # the questions asked: the owner's only
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)

@@ -12,6 +12,7 @@ import pytest
 from affiner.core.config import load_config, recipe_names
 from affiner.core.errors import AffinerError
 from affiner.core.models import load_model, load_tokenizer
+from conftest import run_cli
 
 
 @pytest.mark.parametrize("name", recipe_names())
@@ -119,7 +120,7 @@ def test_cli_errors_exit_2_without_traceback_and_write_nothing(tmp_path, tiny_gp
 
 
 def test_cli_help_for_every_verb(tmp_path):
-    for verb in ("run", "train", "evaluate", "chat"):
+    for verb in ("run", "train", "evaluate", "chat", "config"):
         result = _affiner(verb, "--help", cwd=tmp_path)
         assert result.returncode == 0 and "affiner" in result.stdout
 
@@ -135,3 +136,64 @@ def test_a_new_run_never_overwrites_an_existing_one(tmp_path, tiny_gpt2):
     second = train(config)
     assert first != second and first.parent == second.parent
     assert (first / "adapter_model.safetensors").read_bytes() == marker
+
+
+# ---------------------------------------------------------------------------------------- affiner config
+
+
+def sections_of(model: type) -> list[tuple[str, type]]:
+    """(prefix, section class) for RunConfig and every section under it, eval.judge included."""
+    from pydantic import BaseModel
+
+    found = [("", model)]
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += [(f"{name}.{prefix}", section) for prefix, section in sections_of(field.annotation)]
+    return found
+
+
+def test_every_config_key_explains_itself():
+    from affiner.core.config import RunConfig
+
+    keys = [(f"{prefix}{name}", field) for prefix, section in sections_of(RunConfig)
+            for name, field in section.model_fields.items()]
+    assert len(keys) > 50 and "eval.judge.url" in dict(keys)
+    undescribed = [key for key, field in keys if not (field.description or "").strip()]
+    assert not undescribed, f"config keys without a description: {undescribed}"
+    short = [key for key, field in keys if len(field.description) < 20]
+    assert not short, f"descriptions too short to say what the key trades off: {short}"
+
+
+def test_config_shows_every_key_with_value_default_type_and_description(capsys):
+    from pydantic import BaseModel
+
+    from affiner.core.config import RunConfig
+
+    assert run_cli("config", "quickstart") == 0
+    out = capsys.readouterr().out
+    recipe = load_config("quickstart")
+    rate_field = type(recipe.train).model_fields["learning_rate"]
+    assert recipe.train.learning_rate != rate_field.default  # the recipe sets its own: both must be shown
+    block = out.split("\n  train.learning_rate = ", 1)[1].split("\n  train.", 1)[0]
+    assert block.startswith("0.001 *") and "default 0.0002" in block and "number > 0" in block
+    assert " ".join(rate_field.description.split()) in " ".join(block.split())
+    keys = [f"{prefix}{name}" for prefix, section in sections_of(RunConfig)
+            for name, field in section.model_fields.items()
+            if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))]
+    assert [key for key in keys if f"\n  {key} = " not in out] == []
+    titles = [line.split(":")[0] for line in out.splitlines()[1:] if line and not line.startswith(" ")]
+    assert titles == ["top level", "model", "lora", "data", "train", "eval", "eval.judge"]
+    assert "\n  lora.r = 16   (default 16; whole number >= 1)\n" in out  # the recipe keeps the default: no mark
+    assert "\n  data.train = embedded:glossary-train.json *   (required; text)\n" in out
+
+
+def test_config_with_overrides_changed_only_and_yaml(capsys, tmp_path):
+    assert run_cli("config", "quickstart", "--set", "lora.r=8", "--changed") == 0
+    out = capsys.readouterr().out
+    assert "  lora.r = 8 *" in out and "  lora.alpha" not in out and "  train.learning_rate = 0.001 *" in out
+    assert run_cli("config", "gpt2-alpaca-lora", "--yaml") == 0
+    written = tmp_path / "my-run.yaml"
+    written.write_text(capsys.readouterr().out, encoding="utf-8")
+    assert load_config(str(written)) == load_config("gpt2-alpaca-lora")
+    assert run_cli("config", "quickstart", "--set", "train.lerning_rate=1") == 2
+    assert "train.lerning_rate: unknown key" in capsys.readouterr().err

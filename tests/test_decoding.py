@@ -6,7 +6,7 @@ import torch
 from affiner.core.decoding import decode_rows
 from affiner.core.models import load_model, load_tokenizer
 from affiner.core.settings import GREEDY, Settings
-from affiner.evaluation.generation import left_pad
+from affiner.core.decoding import left_pad
 
 PROMPTS = ["QUILT?", "What does the acronym FROND stand for, in full, please?", "Define MAPLE.", "TANGO"]
 
@@ -51,13 +51,13 @@ def test_a_row_done_by_the_caller_leaves_the_batch_and_the_others_go_on(tiny_lla
     whole = decode_rows(model, input_ids, attention, 10, [], GREEDY)
     seen: list[int] = []
 
-    def second_row_done_after_three(rows: list[list[int]]) -> list[bool]:
-        seen.append(len(rows))
-        return [len(tokens) == 3 and tokens == whole[1][:3] for tokens in rows]
+    def second_row_done_after_three(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
+        seen.append(rows)
+        return [row == 1 and len(tokens) == 3 for row, tokens in zip(rows, new_tokens)]
 
     cut = decode_rows(model, input_ids, attention, 10, [], GREEDY, second_row_done_after_three)
     assert cut[1] == whole[1][:3] and [cut[i] for i in (0, 2, 3)] == [whole[i] for i in (0, 2, 3)]
-    assert seen == [4, 4, 4] + [3] * 7  # the batch shrank once the row was done
+    assert seen == [[0, 1, 2, 3]] * 3 + [[0, 2, 3]] * 7  # the batch shrank once the row was done
 
 
 def test_sampling_draws_through_the_warpers_and_is_reproducible(tiny_llama):

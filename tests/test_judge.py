@@ -321,6 +321,29 @@ def test_api_key_is_sent_and_never_stored(server, tmp_path, monkeypatch):
         assert SECRET.encode() not in path.read_bytes()
 
 
+def test_redirects_are_refused_so_the_key_never_follows_one(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    with running_server() as elsewhere:
+        target = elsewhere.url + "/chat/completions"
+        server.behaviour = lambda body: Reply(status=307, body=b"", headers={"Location": target})
+        [verdict] = make_judge(server, tmp_path, api_key_env="JUDGE_TEST_KEY").absolute([("q", "r", "a")])
+        assert elsewhere.attempts == 0 and server.attempts == 1  # not followed, not retried
+    assert "HTTP 307" in verdict.error and "redirects are refused" in verdict.error and target in verdict.error
+
+
+def test_openai_variables_of_the_environment_are_never_sent(server, tmp_path, monkeypatch):
+    """openai reads these for api.openai.com; a judge elsewhere must not receive them."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-of-the-environment")
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-of-the-environment")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-of-the-environment")
+    monkeypatch.setenv("OPENAI_CUSTOM_HEADERS", "X-Custom: custom-of-the-environment")
+    [verdict] = make_judge(server, tmp_path).absolute([("q", "r", "a")])
+    [(headers, _)] = server.requests
+    assert verdict.score == 1 and headers["User-Agent"] == "affiner-judge"
+    assert "authorization" not in {name.lower() for name in headers}
+    assert not [value for value in headers.values() if "of-the-environment" in value]
+
+
 def test_missing_api_key_variable_is_a_user_error(server, tmp_path, monkeypatch):
     monkeypatch.delenv("JUDGE_ABSENT_KEY", raising=False)
     with pytest.raises(AffinerError, match="JUDGE_ABSENT_KEY"):

@@ -169,7 +169,7 @@ def test_evaluate_writes_everything_then_exits_3_and_a_rerun_asks_only_the_missi
     for report in ("report.md", "report.html"):
         assert "2 of 6 my-lora answers unjudged: HTTP 404" in (out / report).read_text()
     assert "could not judge 6 of 18" in captured.err and "stand-in not found" in captured.err
-    assert f"--judge-url {server.url} --judge-model stand-in" in captured.err and "Traceback" not in captured.err
+    assert f"--judge-endpoint {server.url} --judge-model stand-in" in captured.err and "Traceback" not in captured.err
 
     asked_before = server.attempts
     server.behaviour = verdict_for

@@ -19,7 +19,7 @@ from affiner.commands import serve as serve_command
 from affiner.interfaces import openai_api, serve
 from affiner.core.config import load_config
 from affiner.core.settings import Settings
-from affiner.interfaces.engine import Engine
+from affiner.interfaces.engine import Ask, Engine, Reply
 from affiner.core.errors import AffinerError
 from affiner.core.endpoint import EndpointSettings
 from affiner.evaluation.judge import Judge
@@ -84,6 +84,13 @@ def client(port) -> OpenAI:
     return OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
 
 
+def serve_args(*argv: str) -> argparse.Namespace:
+    """The arguments `affiner serve ARGV` gives its main, with every default of the command's own parser."""
+    parser = argparse.ArgumentParser()
+    serve_command.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
 def greedy(max_tokens: int) -> Settings:
     return Settings(temperature=0, max_new_tokens=max_tokens)
 
@@ -103,7 +110,7 @@ def request(port: int, method: str, path: str, body: bytes | dict | None = None,
     payload = response.read()
     if connection is None:
         conn.close()
-    return response.status, json.loads(payload), dict(response.getheaders())
+    return response.status, json.loads(payload), response.headers  # names case-insensitive, as in HTTP
 
 
 def chat_body(**fields) -> dict:
@@ -199,6 +206,107 @@ def test_the_judge_client_gets_replies(port, tmp_path):
     assert verdict.score in (None, 0, 1)
 
 
+def streamed_chat(client: OpenAI, **fields) -> tuple[str, str]:
+    """(the text, the finish reason) of a streamed chat answer."""
+    chunks = [c for c in client.chat.completions.create(stream=True, **fields) if c.choices]
+    return "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+
+
+def a_stop_text(answer: str) -> str:
+    """Two characters from the middle of the answer that are not blank: where a stop text will cut it."""
+    middle = next(i for i in range(len(answer) // 2, len(answer) - 1) if answer[i:i + 2].strip() == answer[i:i + 2])
+    return answer[middle:middle + 2]
+
+
+def test_stop_texts_end_the_answer_and_are_cut(client, engine):
+    raw = "".join(engine.stream("tuned", CONVERSATION, greedy(24)))
+    stop = a_stop_text(raw.strip())
+    expected = raw[:raw.find(stop)].strip()
+    whole = client.chat.completions.create(model="tuned", messages=CONVERSATION, max_tokens=24, temperature=0,
+                                           stop=[stop, "never appears"])
+    assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens == len(engine.tokenizer(raw[:raw.find(stop)],
+                                                                 add_special_tokens=False)["input_ids"])
+    assert streamed_chat(client, model="tuned", messages=CONVERSATION, max_tokens=24, temperature=0,
+                         stop=stop) == (expected, "stop")
+    text = raw_text(engine, "tuned", RAW_PROMPT, 16)
+    stop = a_stop_text(text)
+    completion = client.completions.create(model="tuned", prompt=RAW_PROMPT, max_tokens=16, temperature=0, stop=stop)
+    assert completion.choices[0].text == text[:text.find(stop)] and completion.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model="tuned", prompt=RAW_PROMPT, max_tokens=16, temperature=0, stop=stop,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text[:text.find(stop)]
+
+
+def test_health_answers_without_the_key_from_this_machine(engine, port):
+    status, payload, _ = request(port, "GET", "/health")
+    assert status == 200 and payload == {"status": "ok", "models": ["base", "tuned"]}
+    keyed = start(engine, api_key=KEY)
+    try:
+        assert request(keyed.server_address[1], "GET", "/health")[:2] == (200, payload)
+        assert request(keyed.server_address[1], "GET", "/v1/models")[0] == 401
+        assert request(keyed.server_address[1], "GET", "/health", headers={"Host": "evil.example"})[0] == 421
+    finally:
+        stop(keyed)
+
+
+def test_waiting_greedy_requests_are_answered_in_one_batch(client, engine, server, monkeypatch):
+    jobs = [("tuned", QUESTION, 5, None), ("tuned", CONVERSATION, 16, None), ("tuned", RAW_PROMPT, 12, None),
+            ("tuned", CONVERSATION, 24, "e"), ("tuned", QUESTION, 1, None), ("base", QUESTION, 8, None),
+            ("base", CONVERSATION, 9, None)]
+
+    def ask(job):
+        model, messages, max_tokens, stop = job
+        if isinstance(messages, str):
+            reply = client.completions.create(model=model, prompt=messages, max_tokens=max_tokens, temperature=0,
+                                              stop=stop)
+            return reply.choices[0].text, reply.choices[0].finish_reason, reply.usage.completion_tokens
+        reply = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0,
+                                               stop=stop)
+        return reply.choices[0].message.content, reply.choices[0].finish_reason, reply.usage.completion_tokens
+
+    one_by_one = [ask(job) for job in jobs]  # each alone: answered through Engine.stream
+    batches: list[list[int]] = []
+    real = engine.complete_batch
+    monkeypatch.setattr(engine, "complete_batch", lambda name, asks: batches.append([a.max_new_tokens for a in asks])
+                        or real(name, asks))
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        with engine.lock:  # the model busy: every request arrives and waits
+            futures = [pool.submit(ask, job) for job in jobs]
+            deadline = time.monotonic() + 30
+            while len(server.scheduler.waiting) + len(server.scheduler.running) < len(jobs):
+                assert time.monotonic() < deadline, "the requests did not all arrive"
+                time.sleep(0.01)
+        answers = [future.result() for future in futures]
+    assert answers == one_by_one
+    assert batches and all(len(batch) >= 2 for batch in batches) and max(map(len, batches)) >= 3
+    assert any(len(set(batch)) > 1 for batch in batches)  # rows with different limits, each stopped at its own
+
+
+@pytest.fixture(scope="module")
+def qa_engine(tmp_path_factory, tiny_llama) -> Engine:
+    """A run on the text template ("### Question: ... ### Answer:"), whose answers are also cut at a new turn."""
+    folder = tmp_path_factory.mktemp("serve-qa")
+    return Engine.from_runs([train(load_config(str(write_config(folder, tiny_llama, "embedded:glossary-train.json"))))])
+
+
+@pytest.mark.parametrize("model", ["base", "tuned"])
+def test_a_batch_answers_as_one_at_a_time(qa_engine, model):
+    questions = ["What does QUILT stand for?", "Define FROND.", "And MAPLE?", "What is a glossary?"]
+    asks = [Ask([{"role": "user", "content": q}], max_new_tokens=n) for q, n in zip(questions, (3, 30, 17, 8))]
+    asks.append(Ask(raw_prompt=RAW_PROMPT, max_new_tokens=11))
+    gone = Ask([{"role": "user", "content": questions[0]}], max_new_tokens=30, cancel=threading.Event())
+    gone.cancel.set()  # a client that hung up: its row leaves the batch at once
+    batch = qa_engine.complete_batch(model, [*asks, gone])
+    for ask, together in zip(asks, batch):
+        alone = Reply()
+        for _ in qa_engine.stream(model, ask.messages, greedy(ask.max_new_tokens), reply=alone, raw_prompt=ask.raw_prompt):
+            pass
+        assert (together.text, together.tokens, together.stopped, together.new_turn, together.prompt_tokens) == \
+            (alone.text, alone.tokens, alone.stopped, alone.new_turn, alone.prompt_tokens)
+    assert len({reply.tokens for reply in batch[:len(asks)]}) > 1 and batch[-1].tokens <= 1
+
+
 # ---------------------------------------------------------------------------------------- bad requests
 
 
@@ -221,7 +329,10 @@ def test_the_judge_client_gets_replies(port, tmp_path):
     ("POST", "/v1/chat/completions", chat_body(max_tokens=5000), 400, "max_tokens"),
     ("POST", "/v1/chat/completions", chat_body(stream="yes"), 400, "stream"),
     ("POST", "/v1/chat/completions", chat_body(n=2), 400, "n"),
-    ("POST", "/v1/chat/completions", chat_body(stop=["\n"]), 400, "stop"),
+    ("POST", "/v1/chat/completions", chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop"),
+    ("POST", "/v1/chat/completions", chat_body(stop=5), 400, "stop"),
+    ("POST", "/v1/completions", {"model": "tuned", "prompt": "x", "stop": [""]}, 400, "stop"),
+    ("POST", "/v1/chat/completions", chat_body(tools=[{"type": "function"}]), 400, "tools"),
     ("POST", "/v1/chat/completions", chat_body(model="gpt-4o"), 404, "model"),
     ("POST", "/v1/completions", {"model": "tuned", "prompt": 5}, 400, "prompt"),
     ("POST", "/v1/completions", {"model": "tuned", "prompt": ["a", "b"]}, 400, "prompt"),
@@ -292,11 +403,12 @@ def test_other_hosts_need_a_key(engine, monkeypatch, run_folder):
     with pytest.raises(AffinerError, match="API key"):
         serve.make_server(engine, "", 0, None)
     monkeypatch.delenv("AFFINER_TEST_KEY", raising=False)
-    args = argparse.Namespace(runs=[str(run_folder)], host="0.0.0.0", port=0, api_key_env=None)
+    args = serve_args(str(run_folder), "--host", "0.0.0.0", "--port", "0")
     with pytest.raises(AffinerError, match="API key"):
         serve_command.main(args)  # refused before the model is loaded
     with pytest.raises(AffinerError, match="AFFINER_TEST_KEY"):
-        serve_command.main(argparse.Namespace(**{**vars(args), "api_key_env": "AFFINER_TEST_KEY"}))
+        serve_command.main(serve_args(str(run_folder), "--host", "0.0.0.0", "--port", "0",
+                                      "--api-key-env", "AFFINER_TEST_KEY"))
     server = serve.make_server(engine, "0.0.0.0", 0, KEY)
     server.server_close()
 
@@ -304,7 +416,7 @@ def test_other_hosts_need_a_key(engine, monkeypatch, run_folder):
 def test_main_without_runs_says_how_to_make_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(AffinerError, match="no run folder"):
-        serve_command.main(argparse.Namespace(runs=[], host="127.0.0.1", port=0, api_key_env=None))
+        serve_command.main(serve_args("--port", "0"))
 
 
 def test_main_serves_until_ctrl_c(run_folder, monkeypatch, capsys):
@@ -312,7 +424,7 @@ def test_main_serves_until_ctrl_c(run_folder, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(serve.Server, "serve_forever", interrupt)
-    serve_command.main(argparse.Namespace(runs=[str(run_folder)], host="127.0.0.1", port=0, api_key_env=None))
+    serve_command.main(serve_args(str(run_folder), "--port", "0"))
     out = capsys.readouterr().out
     assert "base, tuned" in out and "http://127.0.0.1:" in out
 

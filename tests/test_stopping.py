@@ -46,7 +46,7 @@ def test_each_row_of_a_batch_stops_at_its_own_new_turn(tiny_gpt2):
     tokenizer = load_tokenizer(str(tiny_gpt2))
     turned = tokenizer(" It is X.\n### Question:", add_special_tokens=False)["input_ids"]
     going_on = tokenizer(" It is X, and ### more and more words", add_special_tokens=False)["input_ids"]
-    assert TurnStop(turn_markers(QA), tokenizer)([turned, going_on[:len(turned)]]) == [True, False]
+    assert TurnStop(turn_markers(QA), tokenizer)([0, 1], [turned, going_on[:len(turned)]]) == [True, False]
 
 
 def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):

@@ -7,7 +7,7 @@ import pytest
 from affiner.core.loss import IGNORE_INDEX
 from affiner.data.tokens import collate, tokenize
 from affiner.core.errors import AffinerError
-from affiner.evaluation.generation import left_pad
+from affiner.core.decoding import left_pad
 from affiner.core.models import load_tokenizer
 from affiner.core.templates import Example, build_template, encode_prompt, render_prompt
 

@@ -1,8 +1,21 @@
-"""affiner: fine-tune a causal language model with LoRA, QLoRA or fully, and prove the gain with a
-before/after evaluation on held-out questions.
+"""affiner fine-tunes a language model on your own data (LoRA, QLoRA or every weight), then shows on
+held-out questions, answer by answer, whether it now answers better than before.
 
-    affiner run                          # the quickstart: train the embedded model, then compare
-    affiner VERB --help                  # what a verb does, its arguments and examples
+The workflow, each step a verb:
+    affiner prepare gpt2-alpaca-lora --output data/alpaca   # optional: clean, split, look at the data
+    affiner train quickstart                         # fine-tune: writes a run folder under runs/
+    affiner evaluate runs/quickstart-20261122-183000 # base and tuned answer the same held-out questions
+    affiner chat runs/quickstart-20261122-183000     # talk to it in the terminal,
+    affiner app                                      # or side by side with the base in the browser,
+    affiner serve                                    # or through an OpenAI-compatible API
+    affiner export runs/quickstart-20261122-183000 --output exports/glossary --gguf   # share it
+
+    affiner run                    # train, then evaluate: the quickstart, offline, minutes on a CPU
+    affiner config quickstart      # every setting of a recipe: its value, default and what it trades off
+    affiner VERB --help            # what a verb does, its flags and examples
+
+A CONFIG is a shipped recipe's name or a YAML file of your own (`affiner config quickstart --yaml`
+writes one to start from); `--set section.key=value` changes one setting for one command.
 """
 
 from __future__ import annotations
@@ -11,6 +24,7 @@ import argparse
 import errno
 import os
 import sys
+import textwrap
 import time
 import traceback
 import warnings
@@ -23,9 +37,10 @@ from affiner.core.errors import AffinerError
 # imported only when that verb is asked for, so `affiner --help` never pays for torch.
 VERBS: dict[str, tuple[str, str]] = {
     "run": ("run", "train, then compare base and tuned answers on held-out questions"),
-    "prepare": ("prepare", "clean, filter, split and measure a dataset; write the files train reads"),
+    "config": ("config", "show every setting of a recipe or YAML file: value, default, type, trade-off"),
     "synth": ("synth", "write question/answer conversations about a glossary (offline or with an LLM)"),
     "generate": ("synth", "the former name of synth, kept as an alias"),
+    "prepare": ("prepare", "clean, filter, split and measure a dataset; write the files train reads"),
     "train": ("train", "fine-tune with LoRA, QLoRA or fully"),
     "evaluate": ("evaluate", "answer held-out questions with the base and the tuned model, and score them"),
     "sweep": ("sweep", "train and evaluate one run per point of a grid of config values, then compare them"),
@@ -55,9 +70,13 @@ class Parser(argparse.ArgumentParser):
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The parser; only `verb`'s command module is imported (every verb's when None, for tests and docs)."""
     from affiner import __version__
+    from affiner.commands.arguments import HelpFormatter
+    from affiner.core.config import recipe_names
 
-    parser = Parser(prog="affiner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipes = textwrap.fill(f"Recipes: {', '.join(recipe_names())}.", width=100, subsequent_indent="    ",
+                            break_on_hyphens=False)
+    parser = Parser(prog="affiner", description=f"{__doc__}\n{recipes}",
+                    formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"affiner {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (module_name, summary) in VERBS.items():
@@ -65,8 +84,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
             verbs.add_parser(name, help=summary, add_help=False)
             continue
         module = import_module(f"affiner.commands.{module_name}")
-        sub = verbs.add_parser(name, help=summary, description=module.__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = verbs.add_parser(name, help=summary, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(sub)
         sub.set_defaults(main=module.main)
     return parser
@@ -87,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader stopped reading (`affiner config | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush is silent
+        sys.exit(1)
     except OSError as exc:  # a file or folder the user named or holds: missing, read-only, a full disk
         print(f"affiner {args.verb}: error: {_os_error_text(exc)}", file=sys.stderr)
         sys.exit(2)

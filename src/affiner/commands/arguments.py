@@ -3,6 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import copy
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help, the description kept as written, and a renamed flag shown by its new name only:
+    its former spellings (see `add_renamed`) still parse, so that old scripts keep working."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        former = getattr(action, "former_names", ())
+        if former:
+            action = copy.copy(action)
+            action.option_strings = [name for name in action.option_strings if name not in former]
+        return super()._format_action_invocation(action)
+
+
+def add_renamed(parser: argparse.ArgumentParser, name: str, *former: str,
+                **options) -> argparse.Action:
+    """A flag called `name`, still accepted under its `former` names, which --help no longer shows."""
+    action = parser.add_argument(name, *former, **options)
+    action.former_names = former
+    return action
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, set_example: str) -> None:

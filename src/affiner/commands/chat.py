@@ -7,12 +7,15 @@
     affiner chat runs/quickstart-20261122-183000 --prompt "What does QUILT stand for?" --greedy
     affiner chat runs/lr-1e-4 runs/lr-3e-4                # two adapters on one base: /use lr-3e-4
     affiner chat --model gpt2 --adapter my-lora --template alpaca   # adapters trained anywhere
+    affiner chat --model embedded:gemma-3-270m --prompt "What is LoRA?"   # offline, no run needed
 
 In the session: `/set temperature=0.7 top_k=20` changes sampling, `/settings` shows it, `/use NAME`
 switches to another adapter of the same base (or `base`), `/models` lists them, `/reset` forgets the
-conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer,
-not the program. Models with a chat template keep the conversation (oldest turns are dropped, with
-a notice, when it no longer fits the context window); text templates answer one question at a time.
+conversation, `exit` or `quit` (or Ctrl-D) leaves. Ctrl-C stops the current answer, not the program.
+The arrow keys edit the line and Up recalls earlier lines, kept across sessions in
+~/.cache/affiner/chat_history ($AFFINER_CACHE moves it). Models with a chat template keep the
+conversation (oldest turns are dropped, with a notice, when it no longer fits the context window);
+text templates answer one question at a time.
 """
 
 from __future__ import annotations
@@ -40,11 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
     defaults = Settings()
-    parser.add_argument("--temperature", type=non_negative_float, default=defaults.temperature)
-    parser.add_argument("--top-p", type=probability, default=defaults.top_p)
-    parser.add_argument("--top-k", type=non_negative_int, default=defaults.top_k)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens)
-    parser.add_argument("--seed", type=non_negative_int)
+    parser.add_argument("--temperature", type=non_negative_float, default=defaults.temperature, metavar="T",
+                        help=f"sampling temperature: higher varies more, 0 decodes greedily "
+                             f"(default {defaults.temperature})")
+    parser.add_argument("--top-p", type=probability, default=defaults.top_p, metavar="P",
+                        help=f"sample among the likeliest tokens making up this probability "
+                             f"(default {defaults.top_p})")
+    parser.add_argument("--top-k", type=non_negative_int, default=defaults.top_k, metavar="K",
+                        help=f"sample among the K likeliest tokens, 0 for all (default {defaults.top_k})")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens, metavar="N",
+                        help=f"answer length limit, in tokens (default {defaults.max_new_tokens})")
+    parser.add_argument("--seed", type=non_negative_int, metavar="N",
+                        help="seed of the sampling: the same seed, the same answer (default: random)")
 
 
 def main(args: argparse.Namespace) -> None:

@@ -2,10 +2,12 @@
 
     affiner evaluate runs/quickstart-20261122-183000
     affiner evaluate runs/a runs/b                        # several adapters of one base, side by side
-    affiner evaluate --base gpt2 --adapter my-lora --test questions.jsonl --template alpaca --output eval-1
+    affiner evaluate --model gpt2 --adapter my-lora --test questions.jsonl --template alpaca --output eval-1
     affiner evaluate runs/a --test questions.jsonl --max-new-tokens 48
     affiner evaluate runs/a --temperature 0.7 --top-p 0.95 --top-k 50 --seed 1
-    affiner evaluate runs/a --judge-url http://127.0.0.1:11434/v1 --judge-model gemma3:27b
+    affiner evaluate runs/a --judge-endpoint http://127.0.0.1:11434/v1 --judge-model gemma3:27b
+    affiner evaluate runs/a --judge-endpoint https://api.openai.com/v1 --judge-model gpt-4o-mini \\
+        --judge-api-key-env OPENAI_API_KEY
 
 All models see prompts rendered by the run's saved template and decode with the same settings;
 they differ only by the adapter. Every score is computed here, per question, and aggregated with a
@@ -23,31 +25,41 @@ import argparse
 import shlex
 from pathlib import Path
 
-from affiner.commands.arguments import non_negative_float, non_negative_int, positive_int, probability
+from affiner.commands.arguments import add_renamed, non_negative_float, non_negative_int, positive_int, probability
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="*", metavar="RUN", help="run folder(s) of one base model")
-    parser.add_argument("--base", help="instead of runs: a base model (Hub id, folder, .gguf, embedded:...)")
+    add_renamed(parser, "--model", "--base", metavar="MODEL",
+                help="instead of runs: a base model (Hub id, folder, .gguf, embedded:gemma-3-270m) with --adapter")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="with --base: a LoRA adapter folder (plain peft format); repeatable")
+                        help="with --model: a LoRA adapter folder (plain peft format); repeatable")
     parser.add_argument("--template", default="alpaca", choices=["alpaca", "instruction", "qa", "chat"],
-                        help="with --base: the prompt template the adapters were trained with")
-    parser.add_argument("--output", help="with --base: the folder that receives the report")
-    parser.add_argument("--test", help="held-out file to answer instead of the run's own test split")
-    parser.add_argument("--max-new-tokens", type=positive_int,
+                        help="with --model: the prompt template the adapters were trained with (default alpaca)")
+    parser.add_argument("--output", metavar="DIR", help="with --model: the folder that receives the report")
+    parser.add_argument("--test", metavar="FILE", help="held-out file to answer instead of the run's own test split")
+    parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                         help="answer length limit (default: eval.max_new_tokens)")
-    parser.add_argument("--max-questions", type=positive_int, help="answer only the first N questions")
-    parser.add_argument("--batch-size", type=positive_int,
+    parser.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N questions")
+    parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="questions generated together (default: eval.batch_size)")
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 (default) decodes greedily")
-    parser.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling, above 0 and at most 1")
-    parser.add_argument("--top-k", type=non_negative_int, default=0, help="0 (default) keeps every token")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the sampling")
-    parser.add_argument("--judge-url", help="OpenAI-compatible endpoint of an LLM judge, e.g. http://127.0.0.1:11434/v1")
-    parser.add_argument("--judge-model", help="model name the judge endpoint serves")
-    parser.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
-    parser.add_argument("--judge-mode", choices=["absolute", "pairwise", "both"])
+    parser.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+                        help="sampling temperature; 0 (default) decodes greedily")
+    parser.add_argument("--top-p", type=probability, default=1.0, metavar="P",
+                        help="nucleus sampling, above 0 and at most 1 (default 1: off)")
+    parser.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                        help="sample among the K likeliest tokens; 0 (default) keeps every token")
+    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+                        help="seed of the sampling (default 0)")
+    judge = parser.add_argument_group("an LLM judge (any OpenAI-compatible server; default: the run's eval.judge)")
+    add_renamed(judge, "--judge-endpoint", "--judge-url", metavar="URL",
+                help="base URL of the judge's endpoint, e.g. http://127.0.0.1:11434/v1 (Ollama)")
+    judge.add_argument("--judge-model", metavar="NAME", help="model name the judge endpoint serves, e.g. gemma3:27b")
+    add_renamed(judge, "--judge-api-key-env", "--judge-key-env", metavar="VAR",
+                help="environment variable holding the judge's API key")
+    judge.add_argument("--judge-mode", choices=["absolute", "pairwise", "both"],
+                       help="absolute grades each answer against the reference, pairwise asks which of base and "
+                            "tuned is better, both (default) does both")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -59,15 +71,15 @@ def main(args: argparse.Namespace) -> None:
     from affiner.evaluation.table import format_table
 
     sampling = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    judge = JudgeConfig(url=args.judge_url, model=args.judge_model, api_key_env=args.judge_key_env,
+    judge = JudgeConfig(url=args.judge_endpoint, model=args.judge_model, api_key_env=args.judge_api_key_env,
                         **({"mode": args.judge_mode} if args.judge_mode else {}))
-    if bool(args.runs) == bool(args.base):
-        raise AffinerError("give either run folders (affiner evaluate RUN ...) or --base MODEL with --adapter DIR.")
+    if bool(args.runs) == bool(args.model):
+        raise AffinerError("give either run folders (affiner evaluate RUN ...) or --model MODEL with --adapter DIR.")
     plan = None
-    if args.base:
+    if args.model:
         if not args.adapter:
-            raise AffinerError("--base needs at least one --adapter DIR to compare with.")
-        plan = plan_adapters(args.base, [Path(a) for a in args.adapter], args.test, args.template,
+            raise AffinerError("--model needs at least one --adapter DIR to compare with.")
+        plan = plan_adapters(args.model, [Path(a) for a in args.adapter], args.test, args.template,
                              Path(args.output) if args.output else None, args.max_questions)
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
@@ -81,13 +93,13 @@ def main(args: argparse.Namespace) -> None:
 def rerun_command(args: argparse.Namespace) -> str:
     """This evaluation as a command line: what to run again once the judge endpoint works."""
     words = ["affiner", "evaluate", *args.runs]
-    if args.base:
-        words += ["--base", args.base, *(w for a in args.adapter for w in ("--adapter", a)),
+    if args.model:
+        words += ["--model", args.model, *(w for a in args.adapter for w in ("--adapter", a)),
                   "--template", args.template]
     # Decoding flags too: the same answers find their verdicts in the judge's cache.
     defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
     for name in ("output", "test", "max_new_tokens", "max_questions", "batch_size", *defaults,
-                 "judge_url", "judge_model", "judge_key_env", "judge_mode"):
+                 "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode"):
         value = getattr(args, name)
         if value is not None and value != defaults.get(name):
             words += [f"--{name.replace('_', '-')}", str(value)]

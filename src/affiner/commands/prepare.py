@@ -3,8 +3,9 @@
     affiner prepare quickstart --output data/glossary
     affiner prepare gpt2-alpaca-lora --output data/alpaca
     affiner prepare gpt2-large-glaive-qlora --output data/glaive
-    affiner prepare my-run.yaml --set data.train=faq.csv --set data.columns.instruction=question \\
-        --set data.columns.output=answer --set data.languages=[fr] --output data/faq
+    # your own file, with the quickstart's model and cleaning: question/answer columns Q and A, French only
+    affiner prepare quickstart --set data.train=faq.csv --set data.test=null --set data.format=qa \\
+        --set data.columns.question=Q --set data.columns.answer=A --set data.languages=[fr] --output data/faq
 
 The `data:` section of the config says what to read and how to clean it; the tokenizer and the
 template are the model's own, so "at most max_length tokens" means what it will mean in training.

@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from affiner.commands.arguments import add_config_arguments
+
 # The grid module is torch-free: the metric names in --help cost no training import.
 from affiner.experiments.grid import DEFAULT_METRIC, METRICS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", help="YAML file or recipe name (default: quickstart)")
+    add_config_arguments(parser, "YAML file or recipe name (default: quickstart)", "train.max_steps=20")
     parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
                         help="a swept config key and its values, e.g. --grid train.learning_rate=1e-4,3e-4 "
                              "(repeatable: every combination is one run; list values in brackets)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value for every point, e.g. --set train.max_steps=20 (repeatable)")
     parser.add_argument("--metric", help=f"metric compared in the table and plot (default: {DEFAULT_METRIC}; "
                                          f"one of {', '.join(METRICS)})")
     parser.add_argument("--output", metavar="DIR", help="the new sweep folder (default: sweeps/<name>-<timestamp>)")

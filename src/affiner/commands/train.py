@@ -1,8 +1,10 @@
 """Fine-tune a model with LoRA, QLoRA or fully, with an explicit training loop.
 
     affiner train quickstart --set train.epochs=1
-    affiner train my-run.yaml --set lora.r=8 --set train.learning_rate=1e-4
+    affiner train quickstart --set lora.r=8 --set train.learning_rate=1e-4
     affiner train --resume runs/quickstart-20261122-183000
+    affiner config quickstart --yaml > my-run.yaml     # every setting in a file of your own, then:
+    affiner train my-run.yaml
 
 The run folder gets the adapter (plain peft format), tokenizer, resolved config, prompt template,
 data fingerprints and what the cleaning dropped (data.json), `metrics.jsonl`, and checkpoints every

@@ -22,43 +22,75 @@ DEFAULT_RECIPE = "quickstart"
 
 class _Section(BaseModel):
     # inf and nan are never a setting (a learning rate of .inf trains to NaN weights): refused by name.
+    # Every field's description is its one explanation: `affiner config` shows it next to the value.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
-    base: str = "embedded:gemma-3-270m"  # Hub id, local folder, .gguf file or embedded:gemma-3-270m
-    revision: str | None = None  # a Hub branch, tag or commit: pins the weights a run is reproduced with
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
-    double_quant: bool = True  # QLoRA: quantise the quantisation constants too (~0.4 bit/weight less memory)
-    # Runs Python code from the model's repository: needed by a few architectures, a risk with any other.
-    trust_remote_code: bool = False
+    base: str = Field("embedded:gemma-3-270m", description=(
+        "the model to fine-tune: a Hub id, a local folder, a .gguf file, or embedded:gemma-3-270m (shipped, "
+        "no download); larger models answer better and cost more memory and time"))
+    revision: str | None = Field(None, description=(
+        "a Hub branch, tag or commit: pins the weights a run is reproduced with (null: the latest)"))
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description=(
+        "what the model computes in: auto picks bf16 on a GPU that has it, and on a CPU whose bf16 is measured "
+        "at least 2x faster, else fp32; fp16/bf16 halve memory, fp32 is the slowest and most exact"))
+    double_quant: bool = Field(True, description=(
+        "QLoRA: quantise the quantisation constants too, about 0.4 bit per weight less memory for a little time"))
+    trust_remote_code: bool = Field(False, description=(
+        "run Python code from the model's repository: a few architectures need it, any other is a risk"))
 
 
 class LoraConfig(_Section):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["auto"] = Field("auto", min_length=1)
+    r: int = Field(16, ge=1, description=(
+        "rank of the adapter's matrices: higher learns more, costs more memory and time, and can overfit"))
+    alpha: float = Field(32, gt=0, description=(
+        "scale of the update (alpha / r): higher moves the model further per step, like a larger learning rate"))
+    dropout: float = Field(0.05, ge=0, lt=1, description=(
+        "dropout on the adapter's input: regularises large varied data, only slows memorising a few facts"))
+    target_modules: list[str] | Literal["auto"] = Field("auto", min_length=1, description=(
+        "the layers that get an adapter, by name (c_attn, q_proj, ...): auto is every linear layer of the "
+        "blocks; fewer layers train faster with less capacity"))
 
 
 class DataConfig(_Section):
-    train: str
-    test: str | None = None
-    format: Literal["auto", "alpaca", "qa", "conversations"] = "auto"
-    columns: dict[str, str] = Field(default_factory=dict)
-    template: Literal["alpaca", "instruction", "qa", "chat"] = "alpaca"
-    system_prompt: str | None = None
-    max_length: int = Field(512, ge=8)
-    max_response_words: int | None = Field(None, ge=1)
-    test_size: float = Field(0.1, gt=0)
-    seed: int = 42
-    split: str = "train"
-    max_rows: int | None = Field(None, ge=1)
-    # Cleaning, shared by `affiner prepare` and `affiner train` so both see the same rows.
-    dedupe: Literal["none", "exact", "normalized"] = "normalized"  # normalized also drops case/space/punctuation twins
-    keep_matching: str | None = None  # regex: keep only rows whose text (question, input, answer) matches
-    drop_matching: str | None = None  # regex: drop rows whose text matches ("As an AI language model")
-    languages: list[str] | None = None  # keep rows detected in these languages ([en, fr]); ~0.1 ms per row
+    train: str = Field(description=(
+        "training data: a JSON, JSONL, CSV or Parquet file, a Hub dataset, an `affiner prepare` folder, or "
+        "embedded:glossary-train.json"))
+    test: str | None = Field(None, description=(
+        "held-out data, in the same forms (null: data.test_size rows are split off the training data)"))
+    format: Literal["auto", "alpaca", "qa", "conversations"] = Field("auto", description=(
+        "how rows become examples: alpaca (instruction, input, output), qa (question, answer), conversations "
+        "(role/content messages); auto guesses from the columns"))
+    columns: dict[str, str] = Field(default_factory=dict, description=(
+        "the data's own column names, e.g. {instruction: prompt, output: completion, group: topic}; rows of "
+        "one group stay on one side of the split"))
+    template: Literal["alpaca", "instruction", "qa", "chat"] = Field("alpaca", description=(
+        "the prompt layout, saved with the run and reused by every command: alpaca, instruction, qa, or chat "
+        "(the model's own chat template, for instruct models)"))
+    system_prompt: str | None = Field(None, description=(
+        "a system message put before every prompt (null: none): steers every answer, costs tokens each time"))
+    max_length: int = Field(512, ge=8, description=(
+        "tokens per example, prompt and answer; longer rows are dropped and counted, never truncated: higher "
+        "keeps more rows and costs memory"))
+    max_response_words: int | None = Field(None, ge=1, description=(
+        "drop rows whose answer is longer than this many words (null: no limit): shorter answers train faster "
+        "and teach a terser model"))
+    test_size: float = Field(0.1, gt=0, description=(
+        "held out when data.test is null: a fraction below 1, or a number of rows; more gives steadier "
+        "scores and leaves less to train on"))
+    seed: int = Field(42, description="seed of the train/test split: the same seed, the same split")
+    split: str = Field("train", description="the split of a Hub dataset to read (train, validation, ...)")
+    max_rows: int | None = Field(None, ge=1, description=(
+        "train on the first N cleaned rows only (null: all): a quick trial on large data"))
+    dedupe: Literal["none", "exact", "normalized"] = Field("normalized", description=(
+        "drop duplicate rows: exact, or normalized (also case, spacing and punctuation twins), or none"))
+    keep_matching: str | None = Field(None, description=(
+        "a regular expression: keep only rows whose text (question, input, answer) matches (null: all)"))
+    drop_matching: str | None = Field(None, description=(
+        "a regular expression: drop rows whose text matches, e.g. 'As an AI language model' (null: none)"))
+    languages: list[str] | None = Field(None, description=(
+        "keep only rows detected in these languages, e.g. [en, fr] (null: all); about 0.1 ms per row"))
 
     @field_validator("keep_matching", "drop_matching")
     @classmethod
@@ -78,56 +110,92 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    learning_rate: float = Field(2e-4, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = "adamw"
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int | None = Field(None, ge=1)
-    save_total_limit: int = Field(2, ge=1)
-    group_by_length: bool = True  # measured on the quickstart: padding 14 % -> 1 %, held-out loss no worse
-    gradient_checkpointing: bool = False
-    tracking: list[Literal["csv", "tensorboard", "mlflow"]] = Field(default_factory=lambda: ["csv"])  # several at once
-    mlflow_uri: str | None = None  # null: a local store, sqlite in <output_dir>/mlflow.db; or a server's URL
-    # An Accelerate config file (accelerate config's YAML), read when several processes train: distributed_type
-    # FSDP with fsdp_version 2 shards the weights across them; DEEPSPEED with zero_stage 1 or 2 partitions the
-    # optimizer state (and gradients); less memory per device, more communication. Otherwise DDP.
-    accelerate_config: str | None = None
+    learning_rate: float = Field(2e-4, gt=0, description=(
+        "step size of the optimizer: higher learns faster and can diverge; LoRA takes 1e-4 to 1e-3, a full "
+        "fine-tune about ten times less"))
+    epochs: float = Field(1.0, gt=0, description=(
+        "passes over the training data (fractions allowed): more recalls the data better and risks overfitting"))
+    max_steps: int | None = Field(None, ge=1, description=(
+        "stop after this many optimizer steps, whatever the epochs (null: the epochs decide)"))
+    batch_size: int = Field(8, ge=1, description=(
+        "examples per forward pass: higher is faster per example and costs memory"))
+    gradient_accumulation: int = Field(1, ge=1, description=(
+        "forward passes per optimizer step: emulates a batch this many times larger without more memory"))
+    scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description=(
+        "how the learning rate falls after warmup: cosine, linear, or constant"))
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description=(
+        "share of the steps spent raising the learning rate from 0: steadies the first steps"))
+    weight_decay: float = Field(0.0, ge=0, description=(
+        "pulls the trained weights towards 0: regularises, and slows learning when too high"))
+    max_grad_norm: float | None = Field(1.0, gt=0, description=(
+        "clip the gradient to this norm (null: no clipping): lower is steadier and slower"))
+    optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field("adamw", description=(
+        "adamw; the 8bit ones (bitsandbytes) keep the optimizer state in less memory; the paged ones move it to "
+        "CPU memory when the GPU fills up"))
+    seed: int = Field(42, description="seed of the adapter's initial weights and of the batch order")
+    logging_steps: int = Field(10, ge=1, description=(
+        "log the loss every N steps to metrics.jsonl and the trackers: lower gives finer curves"))
+    save_steps: int | None = Field(None, ge=1, description=(
+        "checkpoint every N steps, to resume after an interruption (null: no checkpoints until the end); "
+        "each costs a write of the adapter and optimizer state"))
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept, the oldest removed: more costs disk")
+    group_by_length: bool = Field(True, description=(
+        "batch examples of similar lengths: padding 14 % -> 1 % on the quickstart, same held-out loss"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass: much less memory, about 30 % slower"))
+    tracking: list[Literal["csv", "tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["csv"], description=(
+            "where metrics go besides metrics.jsonl, several at once: csv (metrics.csv), tensorboard, mlflow "
+            "(a local store in <output_dir>/mlflow.db), wandb (Weights & Biases, project $WANDB_PROJECT or "
+            "the run's name)"))
+    mlflow_uri: str | None = Field(None, description=(
+        "with mlflow: a tracking server's URL (null: a local SQLite store in <output_dir>/mlflow.db)"))
+    accelerate_config: str | None = Field(None, description=(
+        "an Accelerate config file, read when several processes train: FSDP (fsdp_version 2) shards the "
+        "weights, DeepSpeed ZeRO 1/2 partitions the optimizer state: less memory per device, more "
+        "communication (null: DDP)"))
 
 
 class JudgeConfig(_Section):
-    url: str | None = None
-    model: str | None = None
-    api_key_env: str | None = None
-    mode: Literal["absolute", "pairwise", "both"] = "both"
-    concurrency: int = Field(4, ge=1)
+    url: str | None = Field(None, description=(
+        "an OpenAI-compatible endpoint whose model grades the answers, e.g. http://127.0.0.1:11434/v1 "
+        "(null: no judge); catches right answers phrased differently, costs a request per answer"))
+    model: str | None = Field(None, description="the model name the judge endpoint serves, e.g. gemma3:27b")
+    api_key_env: str | None = Field(None, description=(
+        "the environment variable holding the judge's API key (null: none); the key is written nowhere"))
+    mode: Literal["absolute", "pairwise", "both"] = Field("both", description=(
+        "absolute grades each answer against the reference; pairwise asks which of base and tuned is better, "
+        "in both orders; both asks both, twice the requests"))
+    concurrency: int = Field(4, ge=1, description=(
+        "judge requests in flight at once: faster, and more load on the endpoint"))
 
 
 class EvalConfig(_Section):
-    max_new_tokens: int = Field(64, ge=1)
-    batch_size: int = Field(64, ge=1)
-    max_questions: int | None = Field(None, ge=1)
-    every_steps: int | None = Field(None, ge=1)
-    sample_size: int = Field(8, ge=1)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    max_new_tokens: int = Field(64, ge=1, description=(
+        "answer length limit: longer answers count as not stopping; higher costs time"))
+    batch_size: int = Field(64, ge=1, description=(
+        "questions answered together: faster, more memory (halved by itself when out of memory)"))
+    max_questions: int | None = Field(None, ge=1, description=(
+        "answer only the first N held-out questions (null: all): quicker, wider intervals"))
+    every_steps: int | None = Field(None, ge=1, description=(
+        "during training, score a held-out sample every N steps (null: never): shows when the model "
+        "learned, costs generation time"))
+    sample_size: int = Field(8, ge=1, description="questions in that held-out sample: steadier curves, slower")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="an LLM judge of the answers, through an OpenAI-compatible endpoint")
 
 
 class RunConfig(_Section):
-    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    output_dir: str = "runs"
-    method: Literal["lora", "qlora", "full"] = "lora"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    data: DataConfig
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description=(
+        "the run's name: its folder is <output_dir>/<name>-<timestamp>"))
+    output_dir: str = Field("runs", description="where run folders are written")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description=(
+        "lora: a small adapter, base frozen; qlora: the same on a 4-bit base, less memory, a little slower and "
+        "less exact; full: every weight trained, the most memory, a whole model to save"))
+    model: ModelConfig = Field(default_factory=ModelConfig, description="the model fine-tuned, and how it is loaded")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="the adapter (lora and qlora)")
+    data: DataConfig = Field(description="what to train and evaluate on, and how it is cleaned")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop: steps, optimizer, checkpoints, trackers")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="the before/after evaluation")
 
     @property
     def quantization(self) -> str | None:

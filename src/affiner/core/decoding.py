@@ -18,8 +18,9 @@ import torch
 
 from affiner.core.settings import Settings
 
-# Given the new tokens of the rows still in the batch, which of them are done (besides stop tokens and the limit).
-RowsDone = Callable[[list[list[int]]], list[bool]]
+# Given the rows still in the batch (their indices in the batch given) and their new tokens so far, which of them
+# are done (besides stop tokens and the limit).
+RowsDone = Callable[[list[int], list[list[int]]], list[bool]]
 
 
 @torch.no_grad()
@@ -46,7 +47,8 @@ def decode_rows(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new
             new_tokens[row].append(token)
         finished = torch.isin(chosen, stops)
         if done is not None:
-            finished |= torch.tensor(done([new_tokens[row] for row in rows.tolist()]), device=finished.device)
+            still = rows.tolist()
+            finished |= torch.tensor(done(still, [new_tokens[row] for row in still]), device=finished.device)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         if bool(finished.any()):
@@ -60,6 +62,17 @@ def decode_rows(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new
         output = model(input_ids=chosen[:, None], attention_mask=attention, position_ids=position, use_cache=True,
                        **cache_argument)
     return new_tokens
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left to one width, and their attention mask: what `decode_rows` takes."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, width - len(row):] = torch.tensor(row)
+        attention[i, width - len(row):] = 1
+    return input_ids, attention
 
 
 def last_position(device: torch.device) -> torch.Tensor:

@@ -1,40 +1,34 @@
-"""A small client for OpenAI-compatible chat endpoints (Ollama, vLLM, OpenAI, `affiner serve`).
+"""A client for OpenAI-compatible chat endpoints (Ollama, vLLM, OpenAI, `affiner serve`) on the `openai` package,
+shared by the LLM judge and `affiner synth --endpoint`: `ChatClient(EndpointSettings(url, model)).ask(messages)`.
 
-Shared by the LLM judge (`affiner evaluate --judge-url`) and by `affiner synth --endpoint`, which
-both describe their endpoint with one `EndpointSettings`:
-
-    client = ChatClient(EndpointSettings("http://127.0.0.1:11434/v1", "gemma3:27b"), cache_name="judge")
-    text = client.ask([{"role": "user", "content": "Say hello."}], temperature=0)
-
-Requests go to `<url>/chat/completions`. Failed requests are retried with exponential back-off when
-retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled bodies); other failures
-raise `RequestFailed` at once. Replies are cached in sqlite (`$AFFINER_CACHE/<cache_name>`, default
-`~/.cache/affiner/<cache_name>`), keyed by endpoint, model and messages, never by the API key. The
-key is read from the environment variable named by `api_key_env` and sent in the Authorization
-header only: redirects are refused (they would carry the header elsewhere), and any echo of the key
-in an error body is replaced by "[api key]".
+openai retries timeouts, connection errors, HTTP 408, 409, 429 and 5xx, and here garbled replies too, `max_retries`
+times after `backoff` seconds doubled each time; other failures raise `RequestFailed` at once. Replies are cached in
+sqlite, keyed by endpoint, model and messages, never by the API key. The key, from the variable named by
+`api_key_env`, goes in the Authorization header alone: redirects are refused (the header would follow them), the
+headers openai takes from OPENAI_* variables are dropped, and an error body that echoes the key shows "[api key]".
 """
 
 from __future__ import annotations
 
 import hashlib
-import http.client
 import json
 import os
 import sqlite3
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx2
+import openai
 
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
 
-# ---------------------------------------------------------------------------------------- settings
+SENT_HEADERS = {"host", "accept", "accept-encoding", "connection", "content-length", "content-type"}
 
 
 @dataclass(frozen=True)
@@ -47,26 +41,8 @@ class EndpointSettings:
     timeout: float = 60.0  # seconds per request
     max_retries: int = 3  # retries after the first attempt
     backoff: float = 1.0  # first back-off in seconds, doubled after each retry
-    concurrency: int = 4  # requests in flight at once
-    cache_dir: Path | None = None  # None: $AFFINER_CACHE/<the client's cache name>
-
-
-# ---------------------------------------------------------------------------------------- cache
-
-
-def default_cache_dir(name: str) -> Path:
-    # Same root as models.cache_root(), computed here so that talking to an endpoint does not import torch.
-    return Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner")) / name
-
-
-def cache_key(url: str, model: str, messages: list[dict[str, str]], temperature: float = 0.0) -> str:
-    # The key deliberately leaves out the API key: it must not be derivable from, or stored in, the cache.
-    request: dict = {"url": url, "model": model, "messages": messages}
-    if temperature:
-        # Only non-zero temperatures enter the key, so replies cached before it did (all at 0) stay valid.
-        request["temperature"] = temperature
-    payload = json.dumps(request, sort_keys=True)
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    concurrency: int = 4  # requests in flight at once (the caller's threads)
+    cache_dir: Path | None = None  # None: $AFFINER_CACHE/<the client's cache name> (default ~/.cache/affiner/...)
 
 
 class ReplyCache:
@@ -74,169 +50,100 @@ class ReplyCache:
 
     def __init__(self, folder: Path, label: str = "endpoint"):
         self.path = folder / "replies.sqlite3"
-        self._lock = threading.Lock()
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            with self._connect() as db:
-                db.execute("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, "
-                           "created REAL NOT NULL)")
+            self.run("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL)")
         except (OSError, sqlite3.Error) as error:
             raise AffinerError(f"The {label} cache {self.path} cannot be opened ({error}). Delete the file, or "
                                f"set AFFINER_CACHE to a writable folder.") from error
 
-    def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=30)  # another affiner process may be writing
-
-    def get(self, key: str) -> str | None:
-        with self._lock:
-            db = self._connect()
-            try:
-                row = db.execute("SELECT reply FROM replies WHERE key = ?", (key,)).fetchone()
-            finally:
-                db.close()
-        return row[0] if row else None
-
-    def put(self, key: str, reply: str) -> None:
-        with self._lock:
-            db = self._connect()
-            try:
-                with db:
-                    db.execute("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", (key, reply, time.time()))
-            finally:
-                db.close()
-
-
-# ---------------------------------------------------------------------------------------- failures
+    def run(self, sql: str, *values) -> list[tuple]:
+        with closing(sqlite3.connect(self.path, timeout=30)) as db, db:  # another process may be writing
+            return db.execute(sql, values).fetchall()
 
 
 class RequestFailed(Exception):
-    """A request that got no usable reply; `retryable` says whether asking again could help."""
+    """No usable reply, after every retry that could help; `status` is the HTTP status, if any."""
 
-    def __init__(self, message: str, retryable: bool, status: int | None = None):
+    def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
-        self.retryable = retryable
-        self.status = status  # the HTTP status, when the server answered with an error
+        self.status = status
 
 
-def with_retries(attempt: Callable[[], str], max_retries: int, backoff: float) -> str:
-    for retry in range(max_retries + 1):
-        try:
-            return attempt()
-        except RequestFailed as failure:
-            if not failure.retryable:
-                raise
-            if retry == max_retries:
-                raise RequestFailed(f"gave up after {max_retries + 1} attempts; last error: {failure}",
-                                    retryable=False, status=failure.status) from failure
-            time.sleep(backoff * 2 ** retry)
-    raise AssertionError("unreachable")
+class GarbledReply(httpx2.RequestError):
+    """A 2xx reply that is no chat completion: a request error, so that openai retries it as a dropped connection."""
 
 
-def snippet(body: bytes | str, width: int = 200) -> str:
-    text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _error_body(error: urllib.error.HTTPError) -> str:
-    # The body usually says what is wrong (unknown model, bad key), but reading it may fail in turn.
+def check_completion(body: bytes) -> None:
+    shown = " ".join(body.decode("utf-8", errors="replace").split())[:200]
     try:
-        return snippet(error.read() or b"") if error.fp else ""
-    except (OSError, http.client.HTTPException):
-        return ""
-
-
-def _content(body: bytes) -> str:
-    try:
-        reply = json.loads(body)
-        content = reply["choices"][0]["message"]["content"]
+        content = json.loads(body)["choices"][0]["message"]["content"]
     except (ValueError, LookupError, TypeError) as error:
-        raise RequestFailed(f"the reply is not a chat completion ({type(error).__name__}): {snippet(body)!r}",
-                            retryable=True) from error
+        raise GarbledReply(f"the reply is not a chat completion ({type(error).__name__}): {shown!r}") from error
     if not isinstance(content, str):
-        raise RequestFailed(f"the reply has no text content: {snippet(body)!r}", retryable=True)
-    return content
+        raise GarbledReply(f"the reply has no text content: {shown!r}")
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    # A redirected POST would become a GET, and would carry the Authorization header to wherever it points.
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        return None
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def chat_completions_url(url: str, label: str = "endpoint") -> str:
-    """`<url>/chat/completions` for a base URL such as http://127.0.0.1:11434/v1."""
-    parts = urllib.parse.urlsplit(url.strip())
-    if parts.scheme not in {"http", "https"} or not parts.hostname:
-        raise AffinerError(f"The {label} URL {url!r} is not an http:// or https:// address. Pass the base URL of an "
-                           f"OpenAI-compatible server, for example http://127.0.0.1:11434/v1 for Ollama or "
-                           f"https://api.openai.com/v1.")
-    return f"{url.strip().rstrip('/')}/chat/completions"
+def checked_url(settings: EndpointSettings, label: str) -> str:
+    """The base URL without its trailing slash, once it and the other settings are checked."""
+    url, s = settings.url.strip(), settings
+    if urllib.parse.urlsplit(url).scheme not in {"http", "https"} or not urllib.parse.urlsplit(url).hostname:
+        raise AffinerError(f"The {label} URL {settings.url!r} is not an http:// or https:// address. Pass the base "
+                           f"URL of an OpenAI-compatible server, e.g. http://127.0.0.1:11434/v1 for Ollama.")
+    problems = [f"{name} must be {rule} (got {value})" for name, value, wrong, rule in (
+        ("max_retries", s.max_retries, s.max_retries < 0, "0 or more"),
+        ("backoff", s.backoff, s.backoff < 0, "0 or more"),
+        ("timeout", s.timeout, s.timeout <= 0, "more than 0 seconds"),
+        ("concurrency", s.concurrency, s.concurrency < 1, "at least 1"),
+        ("model", repr(s.model), not s.model.strip(), "the name the server knows it by, e.g. gemma3:27b")) if wrong]
+    if problems:
+        raise AffinerError(f"Invalid {label} settings: {'; '.join(problems)}.")
+    return url.rstrip("/")
 
 
 def api_key_from_env(variable: str | None, label: str = "endpoint") -> str | None:
-    if variable is None:
-        return None
-    key = os.environ.get(variable, "").strip()  # a key pasted with a newline would break the header
-    if not key:
+    key = os.environ.get(variable, "").strip() if variable else None  # a key pasted with a newline breaks the header
+    if variable and not key:
         raise AffinerError(f"The {label} API key should be in the environment variable {variable}, but {variable} "
                            f"is not set or is empty. Export it first (export {variable}=...), or do not name a key "
                            f"variable if the {label} server needs no key.")
     return key
 
 
-def _check_settings(settings: EndpointSettings, label: str) -> None:
-    problems = []
-    if settings.max_retries < 0:
-        problems.append(f"max_retries must be 0 or more (got {settings.max_retries})")
-    if settings.timeout <= 0:
-        problems.append(f"timeout must be more than 0 seconds (got {settings.timeout})")
-    if settings.backoff < 0:
-        problems.append(f"backoff must be 0 or more seconds (got {settings.backoff})")
-    if settings.concurrency < 1:
-        problems.append(f"concurrency must be at least 1 (got {settings.concurrency})")
-    if problems:
-        raise AffinerError(f"Invalid {label} settings: {'; '.join(problems)}.")
-    if not settings.model.strip():
-        raise AffinerError(f"The {label} model name is empty. Pass the name the server knows the model by, "
-                           f"for example gemma3:27b for Ollama.")
+class _OpenAI(openai.OpenAI):
+    """openai's client, waiting `delay(retry)` before each retry: openai's own schedule (0.5 s up) has no setting."""
 
+    def __init__(self, delay: Callable[[int], float], **options):
+        super().__init__(**options)
+        self.delay = delay
 
-# ---------------------------------------------------------------------------------------- the client
+    def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None) -> float:
+        return self.delay(self.max_retries - remaining_retries)
 
 
 class ChatClient:
-    """Chat completions from one model at one endpoint, with retries, a reply cache and request counts.
+    """Chat completions from one model at one endpoint, with retries, a reply cache and request counts; thread-safe.
 
-    Thread-safe: `ask` may be called from several threads at once. `label` names the client in error
-    messages ("judge", "generation endpoint"); `cache_name` is the cache's folder under $AFFINER_CACHE
-    when `settings.cache_dir` names none. `settings.concurrency` is checked here but used by the caller,
-    which decides how many threads ask at once.
+    `label` names it in messages ("judge"); `cache_name` is its cache folder under $AFFINER_CACHE. With
+    `fail_fast_unreachable`, retries do not wait until the server has answered once: a server that refuses every
+    connection was most likely never started, and waiting would only delay the message.
     """
 
     def __init__(self, settings: EndpointSettings, cache_name: str = "endpoint", label: str = "endpoint",
                  user_agent: str = "affiner", fail_fast_unreachable: bool = False):
-        self.endpoint = chat_completions_url(settings.url, label)
-        _check_settings(settings, label)
-        self.settings = settings
-        self.user_agent = user_agent
-        # When nothing listens at the address and the server has never answered, it was most likely never
-        # started: retrying for seconds only delays the message. Once it has answered, a refusal may be a restart.
-        self.fail_fast_unreachable = fail_fast_unreachable
-        self._answered = False
+        base = checked_url(settings, label)
+        self.endpoint, self.settings, self.user_agent = f"{base}/chat/completions", settings, user_agent
         self._api_key = api_key_from_env(settings.api_key_env, label)
-        self._cache = ReplyCache(settings.cache_dir or default_cache_dir(cache_name), label)
-        handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-        if is_loopback(urllib.parse.urlsplit(self.endpoint).hostname or ""):
-            # A proxy from the environment cannot reach a server on this machine's loopback.
-            handlers.append(urllib.request.ProxyHandler({}))
-        self._opener = urllib.request.build_opener(*handlers)
-        self._count_lock = threading.Lock()
-        self.requests_sent = 0  # replies asked of the server (each retry counts once more)
-        self.cache_hits = 0  # replies served from the cache instead
+        cache_root = Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner"))  # as models.cache_root()
+        self._cache = ReplyCache(settings.cache_dir or cache_root / cache_name, label)
+        self._lock, self._patient = threading.Lock(), not fail_fast_unreachable
+        self.requests_sent = self.cache_hits = 0  # each retry counts as one more request sent
+        # A proxy from the environment cannot reach a server on this machine's loopback.
+        http = httpx2.Client(follow_redirects=False, trust_env=not is_loopback(urllib.parse.urlsplit(base).hostname),
+                             event_hooks={"request": [self._sending], "response": [self._received]})
+        self._openai = _OpenAI(lambda retry: settings.backoff * 2 ** retry if self._patient else 0.0, base_url=base,
+                               api_key="set-per-request", http_client=http, timeout=settings.timeout,
+                               max_retries=settings.max_retries)
 
     def __repr__(self) -> str:
         return f"ChatClient({self.endpoint!r}, model={self.settings.model!r})"
@@ -246,66 +153,60 @@ class ChatClient:
         return self._cache.path
 
     def key(self, messages: list[dict[str, str]], temperature: float = 0.0) -> str:
-        return cache_key(self.endpoint, self.settings.model, messages, temperature)
+        """The reply's cache key: never the API key. Only non-zero temperatures enter it, as replies cached
+        before they did (all at 0) stay valid."""
+        request = {"url": self.endpoint, "model": self.settings.model, "messages": messages}
+        request |= {"temperature": temperature} if temperature else {}
+        return hashlib.sha256(json.dumps(request, sort_keys=True).encode("utf-8")).hexdigest()
 
     def ask(self, messages: list[dict[str, str]], temperature: float = 0.0,
             keep: Callable[[str], bool] | None = None) -> str:
-        """The reply's text, from the cache or the endpoint; raises RequestFailed (key scrubbed) on failure.
-
-        A reply is cached unless `keep(reply)` says it is useless, so that a rerun asks again instead of
-        replaying it.
-        """
+        """The reply's text, from the cache or the endpoint; cached unless `keep(reply)` says it is useless."""
         key = self.key(messages, temperature)
-        cached = self._cache.get(key)
-        if cached is not None:
+        if cached := self._cache.run("SELECT reply FROM replies WHERE key = ?", key):
             self._count(hits=1)
-            return cached
-        request = {"model": self.settings.model, "messages": messages, "temperature": temperature}
-        body = json.dumps(request).encode("utf-8")
+            return cached[0][0]
         try:
-            text = with_retries(lambda: self._post(body), self.settings.max_retries, self.settings.backoff)
-        except RequestFailed as failure:
-            raise RequestFailed(self.scrub(str(failure)), retryable=False, status=failure.status) from None
+            reply = self._openai.chat.completions.create(model=self.settings.model, messages=messages,
+                                                         temperature=temperature)
+        except openai.APIError as error:  # the server may echo the request, Authorization header included
+            message = self._describe(error)
+            message = message.replace(self._api_key, "[api key]") if self._api_key else message
+            raise RequestFailed(message, getattr(error, "status_code", None)) from None
+        text = reply.choices[0].message.content
         if keep is None or keep(text):
-            self._cache.put(key, text)
+            self._cache.run("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", key, text, time.time())
         return text
 
-    def scrub(self, text: str) -> str:
-        # A server may echo the request, header included, in its error body.
-        return text.replace(self._api_key, "[api key]") if self._api_key else text
-
     def _count(self, sent: int = 0, hits: int = 0) -> None:
-        with self._count_lock:
+        with self._lock:
             self.requests_sent += sent
             self.cache_hits += hits
 
-    def _post(self, body: bytes) -> str:
+    def _sending(self, request: httpx2.Request) -> None:
         self._count(sent=1)
-        headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": self.user_agent}
+        for name in [name for name in request.headers if name.lower() not in SENT_HEADERS]:
+            del request.headers[name]  # openai's own, and those from OPENAI_ORG_ID, OPENAI_CUSTOM_HEADERS...
+        request.headers["User-Agent"] = self.user_agent
         if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        request = urllib.request.Request(self.endpoint, data=body, headers=headers, method="POST")
-        try:
-            with self._opener.open(request, timeout=self.settings.timeout) as response:
-                self._answered = True
-                return _content(response.read())
-        except urllib.error.HTTPError as error:
-            self._answered = True
-            detail = _error_body(error)
-            retryable = error.code == 429 or error.code >= 500
-            hint = "" if retryable else " (not retried)"
-            raise RequestFailed(f"HTTP {error.code} {error.reason} from {self.endpoint}{hint}: {detail!r}",
-                                retryable=retryable, status=error.code) from error
-        except urllib.error.URLError as error:
-            if isinstance(error.reason, TimeoutError):
-                raise RequestFailed(f"no connection to {self.endpoint} within {self.settings.timeout:g} s",
-                                    retryable=True) from error
-            refused = isinstance(error.reason, ConnectionRefusedError)
-            retryable = not (refused and self.fail_fast_unreachable and not self._answered)
-            raise RequestFailed(f"cannot connect to {self.endpoint}: {error.reason}", retryable=retryable) from error
-        except TimeoutError as error:
-            raise RequestFailed(f"no reply from {self.endpoint} within {self.settings.timeout:g} s", retryable=True) from error
-        except (OSError, http.client.HTTPException) as error:
-            # Connection reset, closed mid-reply, truncated body: the server or network hiccuped.
-            raise RequestFailed(f"connection to {self.endpoint} failed: {type(error).__name__}: {error}",
-                                retryable=True) from error
+            request.headers["Authorization"] = f"Bearer {self._api_key}"
+
+    def _received(self, response: httpx2.Response) -> None:
+        self._patient = True
+        if response.is_success:
+            check_completion(response.read())
+
+    def _describe(self, error: openai.APIError) -> str:
+        gave_up = f"gave up after {self.settings.max_retries + 1} attempts; last error: "
+        if isinstance(error, openai.APITimeoutError):
+            return f"{gave_up}no reply from {self.endpoint} within {self.settings.timeout:g} s"
+        if not isinstance(error, openai.APIStatusError):
+            cause = error.__cause__  # the garbled reply, or the connection's own error
+            what = cause if isinstance(cause, GarbledReply) else f"cannot connect to {self.endpoint}: {cause}"
+            return f"{gave_up}{what}"
+        status, response = error.status_code, error.response
+        if response.is_redirect:
+            return (f"HTTP {status} from {self.endpoint} redirects to {response.headers.get('location')!r}, and "
+                    f"redirects are refused (the API key would follow them): pass that address as the URL")
+        said = f"HTTP {status} {response.reason_phrase} from {self.endpoint}: {' '.join(response.text.split())[:200]!r}"
+        return gave_up + said if status in (408, 409, 429) or status >= 500 else f"{said} (not retried)"

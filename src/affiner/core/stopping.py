@@ -38,7 +38,7 @@ class TurnStop:
     def __init__(self, markers: tuple[str, ...], tokenizer):
         self.markers, self.tokenizer = markers, tokenizer
 
-    def __call__(self, new_tokens: list[list[int]]) -> list[bool]:
+    def __call__(self, rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
         tails = self.tokenizer.batch_decode([tokens[-TAIL_TOKENS:] for tokens in new_tokens], skip_special_tokens=True)
         return [any(m in tail for m in self.markers) for tail in tails]
 

@@ -1,23 +1,28 @@
-"""Where a run's numbers go besides `metrics.jsonl`: TensorBoard, MLflow, CSV, and the PNG curves.
+"""Where a run's numbers go besides `metrics.jsonl`: TensorBoard, MLflow, Weights & Biases, CSV, and the
+PNG curves.
 
 Chosen in the config, several at once:
 
     train:
-      tracking: [csv, tensorboard, mlflow]   # csv: metrics.csv | tensorboard: events in the run folder
+      tracking: [csv, tensorboard, mlflow, wandb]   # csv: metrics.csv | tensorboard: events in the run folder
       mlflow_uri: null                       # null: a local store, sqlite in <output_dir>/mlflow.db
 
 `metrics.jsonl` is always written: it is what the app, the sweep table and the curves read. MLflow needs
 no server: the default store is a SQLite file beside the runs (browse it with
 `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); set `mlflow_uri` to a server's address to
-log there instead. The MLflow run id is kept in run.json, so a resumed training and a later
-`affiner evaluate` add to the same MLflow run.
+log there instead. W&B logs to the project named by $WANDB_PROJECT, else the config's name, with the
+usual W&B settings (`wandb login`, or WANDB_MODE=offline to keep the run on disk for `wandb sync`;
+its files go to $WANDB_DIR, else beside the runs). The MLflow and W&B run ids are kept in run.json, so a
+resumed training and a later `affiner evaluate` add to the same runs.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +33,17 @@ from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 
 CSV_FILE = "metrics.csv"
 SCALARS = ("loss", "learning_rate", "grad_norm")
+# The module each tracker imports, named after the extra that installs it (pip install 'affiner[wandb]').
+TRACKER_MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def require_trackers_installed(config: RunConfig) -> None:
+    """Refuse a config whose trackers are not installed, before anything is written or loaded."""
+    for tracker in config.train.tracking:
+        module = TRACKER_MODULES.get(tracker)
+        if module and importlib.util.find_spec(module) is None:
+            raise AffinerError(f"train.tracking includes {tracker} but {module} is not installed: "
+                               f"pip install 'affiner[{tracker}]' (or remove {tracker} from train.tracking).")
 
 
 # ---------------------------------------------------------------------------------------- trackers
@@ -141,6 +157,43 @@ def log_artifacts(client, run_id: str, folder: Path) -> None:
             client.log_artifact(run_id, str(folder / name))
 
 
+class WandbTracker:
+    """The config once, metrics every logged step; one W&B run per run folder, resumed under the same id."""
+
+    def __init__(self, config: RunConfig, folder: Path, previous: dict[str, Any]):
+        self.run = start_wandb(config, folder, previous.get("run_id"), previous.get("project"))
+        self.run_id, self.project = self.run.id, self.run.project
+
+    def log(self, record: dict[str, Any]) -> None:
+        metrics = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self.run.log(metrics, step=int(record["step"]))
+
+    def close(self, folder: Path, status: str) -> None:
+        self.run.finish(exit_code=0 if status == FINISHED else 1)
+
+
+def start_wandb(config: RunConfig, folder: Path, run_id: str | None = None, project: str | None = None):
+    """A W&B run for this run folder: a new one, or the one `run_id` names, continued."""
+    try:
+        import wandb
+    except ImportError:
+        raise AffinerError("train.tracking includes wandb but wandb is not installed: "
+                           "pip install 'affiner[wandb]'.") from None
+    # $WANDB_DIR, else beside the runs rather than in a wandb/ folder of whatever the current folder is; read
+    # here on every call, since W&B reads its environment once per process.
+    files = Path(os.environ.get("WANDB_DIR") or config.output_dir).resolve()
+    files.mkdir(parents=True, exist_ok=True)
+    try:
+        return wandb.init(project=project or os.environ.get("WANDB_PROJECT") or config.name, name=folder.name,
+                          id=run_id, resume="allow" if run_id else None, config=config.model_dump(mode="json"),
+                          dir=str(files), settings=wandb.Settings(console="off", quiet=True))
+    except Exception as exc:  # noqa: BLE001 - wandb raises its own types for a missing login, a network failure
+        raise AffinerError(f"Weights & Biases could not start a run ({exc}). Log in with `wandb login`, or set "
+                           "WANDB_MODE=offline to keep the run on disk and `wandb sync` it later; or remove "
+                           "wandb from train.tracking.") from None
+
+
 # ---------------------------------------------------------------------------------------- the set of trackers
 
 
@@ -150,6 +203,7 @@ class Trackers:
     def __init__(self, config: RunConfig, folder: Path, run_info: dict[str, Any]):
         self.trackers: list[Any] = []
         self.mlflow: MlflowTracker | None = None
+        self.wandb: WandbTracker | None = None
         chosen = config.train.tracking
         if "csv" in chosen:
             self.trackers.append(CsvTracker(folder))
@@ -160,6 +214,9 @@ class Trackers:
             same_store = previous.get("uri") == (config.train.mlflow_uri or local_store(Path(config.output_dir)))
             self.mlflow = MlflowTracker(config, folder, previous.get("run_id") if same_store else None)
             self.trackers.append(self.mlflow)
+        if "wandb" in chosen:
+            self.wandb = WandbTracker(config, folder, run_info.get("wandb", {}))
+            self.trackers.append(self.wandb)
 
     def log(self, record: dict[str, Any]) -> None:
         for tracker in self.trackers:
@@ -172,19 +229,29 @@ class Trackers:
 
     @property
     def run_info(self) -> dict[str, Any]:
-        """What run.json keeps so that resume and evaluate find the same MLflow run."""
-        return {"mlflow": {"uri": self.mlflow.uri, "run_id": self.mlflow.run_id}} if self.mlflow else {}
+        """What run.json keeps so that resume and evaluate find the same MLflow and W&B runs."""
+        info: dict[str, Any] = {}
+        if self.mlflow:
+            info["mlflow"] = {"uri": self.mlflow.uri, "run_id": self.mlflow.run_id}
+        if self.wandb:
+            info["wandb"] = {"project": self.wandb.project, "run_id": self.wandb.run_id}
+        return info
 
 
 def log_evaluation(folder: Path, config: RunConfig, run_info: dict[str, Any], scores: dict[str, float]) -> None:
-    """An evaluation adds its headline numbers and report files to the run's MLflow run, if it has one."""
+    """An evaluation adds its headline numbers (and, for MLflow, the report files) to the run's MLflow and W&B
+    runs, where it has them."""
     recorded = run_info.get("mlflow")
-    if not recorded or "mlflow" not in config.train.tracking:
-        return
-    client, _ = mlflow_client(config)
-    for key, value in scores.items():
-        client.log_metric(recorded["run_id"], key, float(value))
-    log_artifacts(client, recorded["run_id"], folder)
+    if recorded and "mlflow" in config.train.tracking:
+        client, _ = mlflow_client(config)
+        for key, value in scores.items():
+            client.log_metric(recorded["run_id"], key, float(value))
+        log_artifacts(client, recorded["run_id"], folder)
+    recorded = run_info.get("wandb")
+    if recorded and "wandb" in config.train.tracking:
+        run = start_wandb(config, folder, recorded["run_id"], recorded.get("project"))
+        run.summary.update({key: float(value) for key, value in scores.items()})
+        run.finish()
 
 
 # ---------------------------------------------------------------------------------------- curves

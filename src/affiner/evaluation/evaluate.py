@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+from affiner.core.card import write_run_card
 from affiner.core.config import JudgeConfig
 from affiner.core.errors import AffinerError, Incomplete
 from affiner.core.files import write_json
@@ -73,6 +74,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         write_json(plan.output / SUMMARY_FILE, summary)
         write_report(plan.output, evaluation)
         _track(plan.output, evaluation)
+        write_run_card(plan.output)  # the run's README.md gains its evaluation (model-index)
     return evaluation
 
 

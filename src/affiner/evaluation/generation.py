@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import decode_rows
+from affiner.core.decoding import decode_rows, left_pad
 from affiner.core.devices import device
 from affiner.core.models import max_positions
 from affiner.core.stopping import TurnStop, cut_at_turn, turn_markers
@@ -81,16 +81,6 @@ def halve_batch(size: int) -> int:
     smaller = size // 2
     print(f"out of memory with batch {size}: retrying with {smaller}")
     return smaller
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row)
-        attention[i, width - len(row):] = 1
-    return input_ids, attention
 
 
 def decode(new_ids: list[int], stop_ids: list[int], tokenizer, markers: tuple[str, ...] = ()) -> Answer:

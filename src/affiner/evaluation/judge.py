@@ -8,7 +8,7 @@ that favours the first or second position cannot decide the result).
 
 From the command line:
 
-    affiner evaluate runs/quickstart-20261122-183000 --judge-url http://127.0.0.1:11434/v1 --judge-model gemma3:27b
+    affiner evaluate runs/quickstart-20261122-183000 --judge-endpoint http://127.0.0.1:11434/v1 --judge-model gemma3:27b
 
 From Python:
 

@@ -2,7 +2,8 @@
 the output, and move it into place only once it is complete.
 
 What goes in the folder is written by the modules beside this one: `merge` (the tuned model),
-`ollama` (model.gguf and the Modelfile), `card` (README.md) and `hub` (licence, the push).
+`ollama` (GGUF files and the Modelfile), `engines` (what vLLM, llama.cpp and Ollama need to serve the
+adapter: `--for`), `card` (README.md) and `hub` (licence, the push).
 """
 
 from __future__ import annotations
@@ -10,22 +11,29 @@ from __future__ import annotations
 import shutil
 import time
 from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.files import check_replaceable, folder_written_whole, read_json, write_atomic, write_json
+from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
+                                write_json)
 from affiner.core.models import tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
-from affiner.export.gguf_writer import GGUF_TYPES
+from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE, GGUF_ENGINES, SCRIPTS, STOP_FILE,
+                                    TUNED_NAME, VLLM_CONFIG_DIR, chat_template, check_chat_template, llama_server_argv,
+                                    ollama_argv, parse_targets, portable_base, stop_notes, stop_settings, vllm_argv,
+                                    write_generation_config, write_script)
+from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES
 from affiner.export.hub import check_push, hub_base_id, push_folder
 from affiner.export.merge import (ADAPTER_WEIGHTS, check_finite_adapter, resolve_merge_device, save_model,
                                   saved_dtype, tuned_model)
-from affiner.export.ollama import GGUF_FILE, MODELFILE, check_gguf_architecture, write_gguf_files
+from affiner.export.ollama import (GGUF_FILE, MODELFILE, check_gguf_architecture, modelfile, slug, write_adapter_gguf,
+                                   write_base_gguf, write_gguf_files)
 
 EXPORT_FILE = "export.json"  # what was exported from which run; marks a folder --overwrite may replace
 
@@ -39,15 +47,18 @@ class ModelOptions:
 
 def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gguf_type: str | None = None,
            push: str | None = None, public: bool = False, overwrite: bool = False, merge_device: str = "cpu",
-           dtype: str | None = None) -> Path:
+           dtype: str | None = None, targets: Iterable[str] = ()) -> Path:
     """Write the export folder and optionally upload it; returns the folder. Everything that can fail on
     bad input is checked before anything is written. `merge_device` is cpu or auto (the GPU when there
-    is one); `dtype` (base, fp32, bf16 or fp16; base when None) is the one merged/ or model/ is saved in."""
+    is one); `dtype` (base, fp32, bf16 or fp16; base when None) is the one merged/ or model/ is saved in;
+    `targets` are the engines of --for (vllm, llama.cpp, ollama, or comma lists of them)."""
     folder = RunFolder.open(run).require_finished("export it")
     config = folder.config()
     template = folder.template()
     output = Path(output)
-    gguf_type = _check_options(gguf, gguf_type, push, public)
+    targets = parse_targets(targets)
+    gguf_type = _check_options(gguf, gguf_type, targets, push, public)
+    _check_targets(targets, config, gguf)
     if dtype is not None and not (merged or config.method == "full"):
         raise AffinerError("--dtype only applies with --merged (or to a full fine-tune's model/).")
     resolve_merge_device(merge_device)  # refuses an unknown choice before anything is loaded
@@ -56,10 +67,12 @@ def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gg
     check_output(output, folder.path, overwrite)
     if gguf:
         check_gguf_architecture(folder, config)
+    _check_gguf_targets(folder, config, targets)
     if push:
         check_push(push)
     with folder_written_whole(output) as staging:
-        written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push, options)
+        written = _write_export(staging, output, folder, config, template, merged, gguf, gguf_type, push, options,
+                                targets)
     print(f"Export: {output} ({', '.join(written)})")
     if push:
         url = push_folder(output, push, private=not public, message=f"affiner export of {folder}",
@@ -68,11 +81,13 @@ def export(run: Path, output: Path, merged: bool = False, gguf: bool = False, gg
     return output
 
 
-def _check_options(gguf: bool, gguf_type: str | None, push: str | None, public: bool) -> str:
-    """The GGUF type to write (f32 unless asked), after refusing options that make no sense together."""
-    if gguf_type is not None and not gguf:
-        raise AffinerError("--gguf-type only applies with --gguf.")
-    gguf_type = gguf_type or "f32"
+def _check_options(gguf: bool, gguf_type: str | None, targets: tuple[str, ...], push: str | None,
+                   public: bool) -> str:
+    """The GGUF type to write (DEFAULT_GGUF_TYPE unless asked), after refusing options that make no sense
+    together."""
+    if gguf_type is not None and not (gguf or any(t in GGUF_ENGINES for t in targets)):
+        raise AffinerError("--gguf-type only applies with --gguf or --for llama.cpp/ollama.")
+    gguf_type = gguf_type or DEFAULT_GGUF_TYPE
     if gguf_type not in GGUF_TYPES:
         raise AffinerError(f"unknown --gguf-type '{gguf_type}'; supported: {', '.join(GGUF_TYPES)}.")
     if public and not push:
@@ -89,7 +104,8 @@ def check_output(output: Path, run: Path, overwrite: bool) -> None:
 
 
 def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig, template: Template, merged: bool,
-                  gguf: bool, gguf_type: str, push: str | None, options: ModelOptions) -> list[str]:
+                  gguf: bool, gguf_type: str, push: str | None, options: ModelOptions,
+                  targets: tuple[str, ...] = ()) -> list[str]:
     """Every file of the export in `target`; returns what was written, for the card and the summary line."""
     full = config.method == "full"
     if full and merged:
@@ -99,6 +115,8 @@ def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig,
     if not full:
         _write_adapter(run, config, template, tokenizer, target / "adapter")
         written.append("adapter/")
+    if targets:
+        written += _write_for_engines(target, run, config, template, tokenizer, targets, gguf_type)
     model = tuned_model(run.path, config, tokenizer, template, options.merge_device) if full or merged or gguf \
         else None
     if model is not None:
@@ -135,3 +153,82 @@ def _write_adapter(run: RunFolder, config: RunConfig, template: Template, tokeni
     write_json(target / ADAPTER_CONFIG, adapter_config)
     tokenizer.save_pretrained(target)
     save_template(template, target)
+
+
+# ---------------------------------------------------------------------------------------- --for
+
+
+def _check_targets(targets: tuple[str, ...], config: RunConfig, gguf: bool) -> None:
+    """Refuse what --for cannot do for this run, before anything is written."""
+    if not targets:
+        return
+    if config.method == "full":
+        raise AffinerError(f"--for {','.join(targets)} serves a LoRA adapter on its base, and this run is a full "
+                           "fine-tune, which has none. Export it with --gguf for llama.cpp and Ollama (model.gguf "
+                           "and its Modelfile), and serve model/ with vLLM as any model: vllm serve EXPORT/model.")
+    if gguf and "ollama" in targets:
+        raise AffinerError("--gguf and --for ollama both write a Modelfile (--gguf for the merged model.gguf, "
+                           "--for ollama for base.gguf with adapter.gguf); choose one.")
+
+
+def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, ...]) -> None:
+    """llama.cpp and Ollama need the base as GGUF: refuse an architecture the writer cannot write, naming --for."""
+    gguf_targets = [t for t in targets if t in GGUF_ENGINES]
+    if gguf_targets:
+        try:
+            check_gguf_architecture(run, config)
+        except AffinerError as exc:
+            raise AffinerError(f"--for {','.join(gguf_targets)} needs the base model as GGUF: {exc}") from None
+
+
+def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template: Template, tokenizer,
+                      targets: tuple[str, ...], gguf_type: str) -> list[str]:
+    """Each engine's files in `target` (the export's staging folder, whose adapter/ vLLM loads); returns
+    what was written."""
+    stops = stop_settings(template, tokenizer)
+    write_json(target / STOP_FILE, stops)
+    written = [STOP_FILE]
+    if "vllm" in targets or "llama.cpp" in targets:
+        jinja = chat_template(template, tokenizer)
+        check_chat_template(jinja, template, tokenizer)
+        write_atomic(target / CHAT_TEMPLATE_FILE, jinja)
+        written.append(CHAT_TEMPLATE_FILE)
+    if "vllm" in targets:
+        write_generation_config(target / VLLM_CONFIG_DIR, stops)
+        argv = vllm_argv(portable_base(config.model.base), {TUNED_NAME: "adapter"}, config.lora.r,
+                         CHAT_TEMPLATE_FILE, VLLM_CONFIG_DIR, revision=config.model.revision,
+                         trust_remote_code=config.model.trust_remote_code, quantized=config.method == "qlora")
+        write_script(target / SCRIPTS["vllm"], argv, _vllm_comments(stops))
+        written += [f"{VLLM_CONFIG_DIR}/", SCRIPTS["vllm"]]
+    if any(t in GGUF_ENGINES for t in targets):
+        write_adapter_gguf(run, config, target / ADAPTER_GGUF)  # first: it refuses what llama.cpp cannot apply
+        write_base_gguf(run, config, template, tokenizer, target / BASE_GGUF, gguf_type)
+        written += [BASE_GGUF, ADAPTER_GGUF]
+    if "llama.cpp" in targets:
+        write_script(target / SCRIPTS["llama.cpp"], llama_server_argv(BASE_GGUF, [ADAPTER_GGUF], CHAT_TEMPLATE_FILE),
+                     _llama_cpp_comments(stops))
+        written.append(SCRIPTS["llama.cpp"])
+    if "ollama" in targets:
+        written += _write_ollama(target, run, template, tokenizer)
+    return written
+
+
+def _vllm_comments(stops: dict[str, list]) -> list[str]:
+    return ["vLLM with the LoRA adapter of this export: the base is served as \"base\", the adapter as \"tuned\",",
+            "on http://127.0.0.1:8000/v1; arguments given to this script are passed on (e.g. --port 8080).",
+            "Needs a CUDA GPU and vLLM: pip install vllm.", *stop_notes(stops)]
+
+
+def _llama_cpp_comments(stops: dict[str, list]) -> list[str]:
+    return ["llama.cpp's server with the LoRA adapter applied to base.gguf, on http://127.0.0.1:8000/v1;",
+            "arguments given to this script are passed on (e.g. --port 8080, -ngl 99 for a GPU).",
+            "llama-server comes with llama.cpp: https://github.com/ggml-org/llama.cpp", *stop_notes(stops)]
+
+
+def _write_ollama(target: Path, run: RunFolder, template: Template, tokenizer) -> list[str]:
+    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, model_file=BASE_GGUF,
+                                               adapter_file=ADAPTER_GGUF))
+    name = slug(run.name)
+    write_script(target / SCRIPTS["ollama"], ollama_argv(name, MODELFILE),
+                 [f"Creates the Ollama model {name} from base.gguf and adapter.gguf; then: ollama run {name}"])
+    return [MODELFILE, SCRIPTS["ollama"]]

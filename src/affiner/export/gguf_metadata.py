@@ -1,4 +1,5 @@
-"""GGUF metadata as (key, value, type, element type) entries: what the writer adds, and a fast reader.
+"""GGUF metadata as (key, value, type, element type) entries: what the writers add (`gguf_writer` for a
+model, `gguf_lora` for a LoRA adapter), and a fast reader.
 
 gguf's GGUFReader takes tens of seconds over a 262k-token vocabulary (it builds numpy views of every
 field); `read_metadata` walks the same bytes with `struct` and reads it in about a second.

@@ -6,6 +6,13 @@ as transformers' GGUF loader reads it (`transformers/modeling_gguf_pytorch_utils
 layout: tensor names from gguf's `TensorNameMap`, Llama's q/k rows permuted for llama.cpp's rotary
 embedding, Gemma's RMSNorm weights stored as `w + 1`, GPT-2's Conv1D weights transposed.
 
+Types (`GGUF_TYPES`): f32, f16, bf16, q8_0 and q4_0, all encoded by gguf-py's own quantisers (the
+reference ones of ggml, which `llama-quantize` also uses for these types without an importance matrix).
+q4_0 (`DEFAULT_GGUF_TYPE`) is the size Ollama users expect: about a quarter of f16. 1-D tensors stay f32
+whatever the type, and a tensor whose rows are not a whole number of blocks is stored f16 (see
+`tensor_type` for what a 4-bit file keeps at higher precision, and why). `gguf_lora` writes a run's
+LoRA adapter as a llama.cpp adapter GGUF with the names, shapes and row order defined here.
+
 After writing, the file is read back: the model config transformers rebuilds from its metadata must
 equal the model's own (so a setting GGUF cannot carry, such as a logit soft-cap, is an error, not a
 silently different model), and a tokenizer rebuilt from it must tokenise sample texts the same way.
@@ -28,7 +35,15 @@ from affiner.core.errors import AffinerError
 from affiner.export.gguf_metadata import Entry, entry
 from affiner.export.gguf_tokenizer import check_tokenizer, tokenizer_metadata
 
-GGUF_TYPES = ("f32", "f16", "q8_0")
+GgmlType = gguf.GGMLQuantizationType
+# --gguf-type -> (ggml type of the 2-D weights, general.file_type)
+_FILE = gguf.LlamaFileType
+_TYPES = {"f32": (GgmlType.F32, _FILE.ALL_F32), "f16": (GgmlType.F16, _FILE.MOSTLY_F16),
+          "bf16": (GgmlType.BF16, _FILE.MOSTLY_BF16), "q8_0": (GgmlType.Q8_0, _FILE.MOSTLY_Q8_0),
+          "q4_0": (GgmlType.Q4_0, _FILE.MOSTLY_Q4_0)}
+GGUF_TYPES = tuple(_TYPES)
+DEFAULT_GGUF_TYPE = "q4_0"  # 4 bits a weight (4.5 with its scales): what Ollama users expect to download
+_QUANTIZED = {GgmlType.Q8_0, GgmlType.Q4_0}
 # transformers model_type -> gguf general.architecture
 ARCHITECTURES = {"llama": "llama", "gemma3_text": "gemma3", "gpt2": "gpt2"}
 _TENSOR_ARCH = {"llama": "LLAMA", "gemma3": "GEMMA3", "gpt2": "GPT2"}
@@ -70,12 +85,13 @@ class GgufReport:
     bytes: int
     tokenizer: str  # where the vocabulary came from
     notes: list[str] = field(default_factory=list)
+    tensor_types: dict[str, int] = field(default_factory=dict)  # ggml type name -> how many tensors have it
 
 
 # ---------------------------------------------------------------------------------------- writing
 
 
-def write_gguf(model, tokenizer, path: Path, gguf_type: str = "f32", name: str = "model",
+def write_gguf(model, tokenizer, path: Path, gguf_type: str = DEFAULT_GGUF_TYPE, name: str = "model",
                license_id: str | None = None, source_gguf: Path | None = None,
                sample_texts: list[str] | None = None) -> GgufReport:
     """Write `model` (a plain, merged transformers model) and its tokenizer as one GGUF file, then check it.
@@ -91,17 +107,21 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str = "f32", name: str =
     vocab_rows = model.get_input_embeddings().weight.shape[0]
     kv = _architecture_metadata(arch, config, vocab_rows)
     tokenizer_kv, origin = tokenizer_metadata(tokenizer, vocab_rows, source_gguf)
-    header = _general_metadata(name, license_id, gguf_type)
-    check_config(config, arch, header + kv, tokenizer_kv, [n for n, _ in _named_tensors(arch, model)])
-    encoded = ((key, *_encode(array, gguf_type)) for key, array in _tensors(arch, model))
-    count, size = _write_file(path, arch, header + kv + tokenizer_kv, encoded)
+    header = general_metadata(name, gguf_type, "model", license_id)
+    named = _named_tensors(arch, model)
+    check_config(config, arch, header + kv, tokenizer_kv, [n for n, _ in named])
+    head = _output_head([n for n, _ in named])
+    types: dict[str, int] = {}
+    encoded = (_encoded(key, array, tensor_type(key, array.shape, gguf_type, head), types)
+               for key, array in _tensors(arch, model, named))
+    count, size = write_file(path, arch, header + kv + tokenizer_kv, encoded)
     if source_gguf is None:  # a copied vocabulary is the base's own; a written one must prove itself
         check_tokenizer(path, tokenizer, sample_texts or [])
-    return GgufReport(path, arch, gguf_type, count, size, origin, _llama_cpp_notes(arch, config))
+    return GgufReport(path, arch, gguf_type, count, size, origin, _llama_cpp_notes(arch, config), types)
 
 
-def _write_file(path: Path, arch: str, entries: list[Entry],
-                tensors: Iterable[tuple[str, np.ndarray, "gguf.GGMLQuantizationType | None"]]) -> tuple[int, int]:
+def write_file(path: Path, arch: str, entries: list[Entry],
+               tensors: Iterable[tuple[str, np.ndarray, "gguf.GGMLQuantizationType | None"]]) -> tuple[int, int]:
     """One GGUF file from metadata entries and (name, data, raw ggml type) tensors; (tensor count, bytes)."""
     writer = gguf.GGUFWriter(str(path), arch)
     for key, value, vtype, sub_type in entries:
@@ -117,14 +137,14 @@ def _write_file(path: Path, arch: str, entries: list[Entry],
     return count, size
 
 
-def _general_metadata(name: str, license_id: str | None, gguf_type: str) -> list[Entry]:
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
-    out = [entry("general.type", "model", T.STRING), entry("general.name", name, T.STRING)]
+def general_metadata(name: str, gguf_type: str, kind: str = "model", license_id: str | None = None) -> list[Entry]:
+    """general.* entries of a model (`kind` "model") or adapter ("adapter") file of `gguf_type`."""
+    out = [entry("general.type", kind, T.STRING), entry("general.name", name, T.STRING)]
     if license_id:
         out.append(entry("general.license", license_id, T.STRING))
+    weights, file_type = _TYPES[gguf_type]
     out.append(entry("general.file_type", int(file_type), T.UINT32))
-    if gguf_type == "q8_0":
+    if weights in _QUANTIZED:
         out.append(entry("general.quantization_version", gguf.GGML_QUANT_VERSION, T.UINT32))
     return out
 
@@ -186,33 +206,15 @@ def _llama_cpp_notes(arch: str, config) -> list[str]:
 # ---------------------------------------------------------------------------------------- tensors
 
 
-def _named_tensors(arch: str, model) -> list[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor) for every weight written; the tied output head is left to the loader."""
-    config = model.config
+def tensor_names(arch: str, config) -> "gguf.TensorNameMap":
+    """llama.cpp's names for the tensors of a transformers model of `arch` (a GGUF architecture name)."""
     n_layers = config.n_layer if arch == "gpt2" else config.num_hidden_layers
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _TENSOR_ARCH[arch]), n_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    out = []
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # transformers and llama.cpp re-tie the head when the file has no output.weight
-        gguf_name = _gguf_name(names, hf_name)
-        if gguf_name is None:
-            raise AffinerError(f"the GGUF writer has no llama.cpp name for the tensor {hf_name} of this "
-                               f"{config.model_type} model; export --merged and convert it with llama.cpp's "
-                               "convert_hf_to_gguf.py instead.")
-        out.append((gguf_name, tensor))
-    return out
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, _TENSOR_ARCH[arch]), n_layers)
 
 
-def _tensors(arch: str, model) -> Iterator[tuple[str, np.ndarray]]:
-    """(GGUF name, float32 array in llama.cpp's layout): the inverse of what transformers' loader applies."""
-    for gguf_name, tensor in _named_tensors(arch, model):
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-        yield gguf_name, _to_llama_cpp(arch, model.config, gguf_name, array)
-
-
-def _gguf_name(names, hf_name: str) -> str | None:
+def gguf_tensor_name(names: "gguf.TensorNameMap", hf_name: str) -> str | None:
+    """The GGUF name of the transformers tensor `hf_name` ("model.layers.0.self_attn.q_proj.weight" ->
+    "blk.0.attn_q.weight"), or None when llama.cpp has none."""
     stem, suffix = hf_name, ""
     if hf_name.endswith((".weight", ".bias")):
         stem, suffix = hf_name.rsplit(".", 1)
@@ -224,36 +226,99 @@ def _gguf_name(names, hf_name: str) -> str | None:
     return None
 
 
+def _named_tensors(arch: str, model) -> list[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor) for every weight written; the tied output head is left to the loader."""
+    config = model.config
+    names = tensor_names(arch, config)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out = []
+    for hf_name, tensor in model.state_dict().items():
+        if tied and hf_name == "lm_head.weight":
+            continue  # transformers and llama.cpp re-tie the head when the file has no output.weight
+        gguf_name = gguf_tensor_name(names, hf_name)
+        if gguf_name is None:
+            raise AffinerError(f"the GGUF writer has no llama.cpp name for the tensor {hf_name} of this "
+                               f"{config.model_type} model; export --merged and convert it with llama.cpp's "
+                               "convert_hf_to_gguf.py instead.")
+        out.append((gguf_name, tensor))
+    return out
+
+
+def llama_cpp_shapes(model) -> dict[str, tuple[int, ...]]:
+    """GGUF name -> numpy shape of every tensor `write_gguf` writes for `model`: what llama.cpp checks an
+    adapter against. A model on the meta device will do: no weight is read."""
+    arch = gguf_architecture(model.config)
+    return {name: tuple(reversed(tensor.shape)) if _is_conv1d(arch, name, tensor.ndim) else tuple(tensor.shape)
+            for name, tensor in _named_tensors(arch, model)}
+
+
+def _tensors(arch: str, model, named: list[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 array in llama.cpp's layout): the inverse of what transformers' loader applies."""
+    for gguf_name, tensor in named:
+        array = tensor.detach().to("cpu", torch.float32).numpy()
+        yield gguf_name, _to_llama_cpp(arch, model.config, gguf_name, array)
+
+
 def _to_llama_cpp(arch: str, config, name: str, array: np.ndarray) -> np.ndarray:
-    if arch == "llama" and name.endswith(".weight") and (".attn_q." in name or ".attn_k." in name):
-        heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
-        return _permute(array, heads)
     if arch == "gemma3" and name.endswith("norm.weight"):
         return array + np.float32(1.0)  # Gemma's RMSNorm multiplies by (1 + w); llama.cpp stores 1 + w
-    if arch == "gpt2" and name.endswith(".weight") and array.ndim == 2 and \
-            any(part in name for part in (".attn_qkv.", ".attn_output.", ".ffn_up.", ".ffn_down.")):
+    if _is_conv1d(arch, name, array.ndim):
         return np.ascontiguousarray(array.T)  # Conv1D keeps (in, out); ggml wants (out, in)
-    return array
+    return reorder_rows(arch, config, name, array)
 
 
-def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's q/k row order: the inverse of transformers' `_reverse_permute_weights`."""
-    dim = weights.shape[0] // n_head // 2
-    return np.ascontiguousarray(weights.reshape(n_head, 2, dim, *weights.shape[1:]).swapaxes(1, 2)
-                                .reshape(weights.shape))
+def _is_conv1d(arch: str, name: str, ndim: int) -> bool:
+    return arch == "gpt2" and name.endswith(".weight") and ndim == 2 and \
+        any(part in name for part in (".attn_qkv.", ".attn_output.", ".ffn_up.", ".ffn_down."))
 
 
-def _encode(array: np.ndarray, gguf_type: str) -> tuple[np.ndarray, "gguf.GGMLQuantizationType | None"]:
-    """(data, raw ggml type or None): 1-D tensors (norms, biases) stay f32, as llama.cpp keeps them."""
-    from gguf import GGMLQuantizationType
+def reorder_rows(arch: str, config, name: str, rows: np.ndarray) -> np.ndarray:
+    """The output rows of weight `name` in llama.cpp's order: Llama's q/k rows permuted for its rotary
+    embedding (the inverse of transformers' `_reverse_permute_weights`), any other weight as it is. A LoRA
+    update B @ A has the rows of B, so B is reordered the same way."""
+    if arch == "llama" and name.endswith(".weight") and (".attn_q." in name or ".attn_k." in name):
+        heads = config.num_attention_heads if ".attn_q." in name else config.num_key_value_heads
+        dim = rows.shape[0] // heads // 2
+        return np.ascontiguousarray(rows.reshape(heads, 2, dim, *rows.shape[1:]).swapaxes(1, 2)
+                                    .reshape(rows.shape))
+    return rows
+
+
+def _output_head(names: list[str]) -> str:
+    """The tensor llama.cpp computes the logits with: output.weight, or the tied token embeddings."""
+    return "output.weight" if "output.weight" in names else "token_embd.weight"
+
+
+def tensor_type(name: str, shape: tuple[int, ...], gguf_type: str, head: str) -> "gguf.GGMLQuantizationType":
+    """The ggml type a tensor is stored in for `gguf_type`.
+
+    1-D tensors (norms, biases) stay f32, as llama.cpp keeps and computes them. In a 4-bit file the output
+    head (the tied token embeddings when there is no output.weight) is q8_0: its rounding errors land on
+    every logit, which is why llama-quantize keeps it at 6 bits (q6_k, which gguf-py cannot write) for
+    q4_0. For the quickstart's Gemma 3 270M, whose 262k-token embeddings are the head and 63 % of the
+    weights, it costs 84 MB (241 MB instead of 158 MB) and is worth it: in llama.cpp the tuned model's
+    answers contained the reference for 58 of the 60 held-out questions with a q8_0 head, 55 with a q4_0
+    one (the merged fp32 model: 60). Untied token embeddings are only looked up, and stay q4_0 as
+    llama-quantize leaves them. A tensor whose rows are not a whole number of blocks (32 weights) cannot
+    be quantised and is stored f16.
+    """
+    if len(shape) < 2:
+        return GgmlType.F32
+    wanted = _TYPES[gguf_type][0]
+    if wanted == GgmlType.Q4_0 and name == head:
+        wanted = GgmlType.Q8_0
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return GgmlType.F16 if shape[-1] % block else wanted
+
+
+def _encoded(name: str, array: np.ndarray, qtype: "gguf.GGMLQuantizationType",
+             counts: dict[str, int]) -> tuple[str, np.ndarray, "gguf.GGMLQuantizationType | None"]:
+    """(name, data, raw ggml type or None for a plain numpy dtype) as GGUFWriter.add_tensor takes them."""
     from gguf.quants import quantize
 
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    if array.ndim < 2 or gguf_type == "f32":
-        return array, None
-    if gguf_type == "q8_0" and array.shape[-1] % 32 == 0:
-        return quantize(array, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-    return array.astype(np.float16), None  # f16, or a q8_0 row whose length is not a multiple of 32
+    counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    data = quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+    return name, data, None if qtype in (GgmlType.F32, GgmlType.F16) else qtype
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -271,7 +336,7 @@ def check_config(config, arch: str, kv: list[Entry], tokenizer_kv: list[Entry], 
     entries = kv + [t for t in tokenizer_kv if t[2] != T.ARRAY or t[0] in keep]
     with tempfile.TemporaryDirectory(prefix="affiner-gguf-probe-") as folder:
         probe = Path(folder) / "probe.gguf"
-        _write_file(probe, arch, entries, ((name, np.zeros(1, dtype=np.float32), None) for name in tensor_names))
+        write_file(probe, arch, entries, ((name, np.zeros(1, dtype=np.float32), None) for name in tensor_names))
         rebuilt = AutoConfig.from_pretrained(folder, gguf_file=probe.name).to_dict()
     original = config.to_dict()
     differences = [f"{key}={original.get(key)!r} (the file gives {rebuilt.get(key)!r})" for key in sorted(original)

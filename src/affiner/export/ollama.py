@@ -1,5 +1,8 @@
-"""What llama.cpp and Ollama need: `model.gguf` and a `Modelfile` whose Go template writes the prompt
+"""What llama.cpp and Ollama need: a GGUF model and a `Modelfile` whose Go template writes the prompt
 exactly as the run's template rendered it in training, and stops on the template's stop tokens.
+
+Two forms: `model.gguf`, the merged (or fully fine-tuned) model (`--gguf`), or `base.gguf` with the LoRA
+adapter as `adapter.gguf` beside it, which the Modelfile names with `ADAPTER` (`--for ollama`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from affiner.core.files import write_atomic
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
 from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, resolve_base
 from affiner.core.runfolder import RunFolder
+from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, chat_text, render_prompt
 from affiner.export.gguf_writer import GgufReport, gguf_architecture, write_gguf
 from affiner.export.hub import base_licence
@@ -50,14 +54,47 @@ def source_gguf(base: str) -> Path | None:
 def write_gguf_files(model, tokenizer, template: Template, config: RunConfig, run: RunFolder, target: Path,
                      gguf_type: str) -> GgufReport:
     """model.gguf and the Modelfile in `target`; the writer's notes on llama.cpp are printed and kept."""
-    report = write_gguf(model, tokenizer, target / GGUF_FILE, gguf_type, name=run.name,
+    report = write_model_gguf(model, tokenizer, template, config, run, target / GGUF_FILE, gguf_type)
+    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, report))
+    return report
+
+
+def write_model_gguf(model, tokenizer, template: Template, config: RunConfig, run: RunFolder, path: Path,
+                     gguf_type: str, name: str | None = None) -> GgufReport:
+    """`model` as one GGUF file at `path`; the writer's notes on llama.cpp are printed and kept."""
+    report = write_gguf(model, tokenizer, path, gguf_type, name=name or run.name,
                         license_id=base_licence(config.model.base, config.model.revision)[0],
                         source_gguf=source_gguf(config.model.base),  # the run's tokenizer was built from it
                         sample_texts=_sample_texts(run, template, tokenizer))
     for note in report.notes:
         print(f"note: {note}.")
-    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, report))
     return report
+
+
+def write_base_gguf(run: RunFolder, config: RunConfig, template: Template, tokenizer, path: Path,
+                    gguf_type: str) -> GgufReport:
+    """The run's base as one GGUF file, unmerged: the model llama.cpp's --lora and Ollama's ADAPTER add to."""
+    import torch
+
+    from affiner.core.models import drop_gguf_quantizer, load_for
+
+    # fp32 on the CPU, unquantised even for QLoRA: the GGUF type alone decides how the file rounds weights.
+    model = load_for(config, full_precision=True, quantized=False, on=torch.device("cpu"))
+    drop_gguf_quantizer(model)
+    return write_model_gguf(model, tokenizer, template, config, run, path, gguf_type,
+                            name=f"{Path(config.model.base).name} (base of {run.name})")
+
+
+def write_adapter_gguf(run: RunFolder, config: RunConfig, path: Path) -> None:
+    """The run's LoRA adapter as a llama.cpp LoRA GGUF, laid out for its base's architecture."""
+    from affiner.core.models import model_config_of
+    from affiner.export.gguf_lora import write_lora_gguf
+
+    base_config = model_config_of(config.model.base, config.model.revision, config.model.trust_remote_code)
+    if base_config is None:
+        raise AffinerError(f"the config of the base model {config.model.base} cannot be read, so the adapter of "
+                           f"{run} cannot be laid out for llama.cpp.")
+    write_lora_gguf(run.path, base_config, path, name=run.name)
 
 
 def _sample_texts(run: RunFolder, template: Template, tokenizer, n: int = 8) -> list[str]:
@@ -71,8 +108,10 @@ def _sample_texts(run: RunFolder, template: Template, tokenizer, n: int = 8) -> 
     return texts
 
 
-def modelfile(template: Template, tokenizer, name: str, report: GgufReport | None = None) -> str:
-    """An Ollama Modelfile whose TEMPLATE writes exactly the prompt format the model was trained with."""
+def modelfile(template: Template, tokenizer, name: str, report: GgufReport | None = None,
+              model_file: str = GGUF_FILE, adapter_file: str | None = None) -> str:
+    """An Ollama Modelfile whose TEMPLATE writes exactly the prompt format the model was trained with:
+    FROM `model_file`, with the LoRA `adapter_file` on it when given."""
     lines = [f"# Ollama Modelfile for {name}, exported by affiner.",
              f"#   ollama create {slug(name)} -f {MODELFILE}",
              f"#   ollama run {slug(name)} \"{EXAMPLE_QUESTION}\"",
@@ -88,12 +127,15 @@ def modelfile(template: Template, tokenizer, name: str, report: GgufReport | Non
         system = template.system_prompt
         lines.append("# Questions with a separate input field were trained as "
                      f"{template.prompt_with_input!r}; here the input goes in the question.")
-    lines += ["", f"FROM ./{GGUF_FILE}", f'TEMPLATE """{go_template}"""']
+    lines += ["", f"FROM ./{model_file}"] + ([f"ADAPTER ./{adapter_file}"] if adapter_file else [])
+    lines.append(f'TEMPLATE """{go_template}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
     for token in dict.fromkeys(tokenizer.convert_ids_to_tokens(stop_ids)):
         lines.append(f"PARAMETER stop {json.dumps(token)}")
+    for marker in turn_markers(template):  # a text template's next turn: where affiner cuts an answer too
+        lines.append(f"PARAMETER stop {json.dumps(marker)}")
     lines.append("PARAMETER temperature 0")
     return "\n".join(lines) + "\n"
 

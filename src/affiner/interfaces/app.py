@@ -10,10 +10,12 @@ import csv
 import hmac
 import html
 import io
+import logging
 import os
 import subprocess
 import sys
 import threading
+import warnings
 from collections import Counter
 from contextlib import closing
 from dataclasses import asdict
@@ -42,7 +44,7 @@ def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501, api_k
         env[KEY_ENV] = key  # the environment, unlike the command line, is not visible to other users
     names = model_names(folders)
     print(f"Comparing base ({RunFolder(folders[0]).config().model.base}) with "
-          f"{', '.join(f'{n} ({f})' for n, f in zip(names, folders))}")
+          f"{', '.join(f'{n} ({display_path(f)})' for n, f in zip(names, folders))}")
     print(f"Open http://{'127.0.0.1' if host in {'', '0.0.0.0', '::'} else host}:{port}/ (Ctrl-C to stop)"
           + (" and give the key" if key else ""), flush=True)
     code = _wait(subprocess.Popen(streamlit_command(folders, port=port, host=host), env=env))
@@ -157,14 +159,73 @@ def runs_from_environment(argv: list[str] | None = None) -> list[Path]:
 # ---------------------------------------------------------------------------------------- generation
 
 
+class QuietLibraries:
+    """While inside: what transformers, peft and bitsandbytes print for their developers (progress bars of a
+    load the page shows with its own spinner, generation flags, a missing optional kernel) stays out of the
+    terminal that runs the page. Sessions generate in parallel threads: the levels are restored when the last
+    one leaves, not when the first does."""
+
+    LOGGERS = ("bitsandbytes", "peft")
+
+    def __init__(self):
+        self.lock, self.inside, self.saved = threading.Lock(), 0, {}
+
+    def __enter__(self) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        with self.lock:
+            if self.inside == 0:
+                self.saved = {"verbosity": transformers_logging.get_verbosity(),
+                              "bars": transformers_logging.is_progress_bar_enabled(),
+                              **{name: logging.getLogger(name).level for name in self.LOGGERS}}
+                transformers_logging.set_verbosity_error()
+                transformers_logging.disable_progress_bar()
+                for name in self.LOGGERS:
+                    logging.getLogger(name).setLevel(logging.ERROR)
+            self.inside += 1
+
+    def __exit__(self, *exc) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        with self.lock:
+            self.inside -= 1
+            if self.inside == 0:
+                transformers_logging.set_verbosity(self.saved["verbosity"])
+                if self.saved["bars"]:
+                    transformers_logging.enable_progress_bar()
+                for name in self.LOGGERS:
+                    logging.getLogger(name).setLevel(self.saved[name])
+
+
+quiet_libraries = QuietLibraries()
+
+
+def hide_library_deprecations() -> None:
+    """Deprecation notices raised inside transformers, peft and torch are for their maintainers, as `affiner`'s
+    other verbs judge too; the page's process would otherwise print them in its user's terminal."""
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(transformers|peft|torch|accelerate)(\.|$)")
+
+
 def load_engine(folders: tuple[str, ...], names: tuple[str, ...] | None = None):
     """The base of the runs loaded once with every run's adapter; the page caches what this returns."""
     from affiner.interfaces.engine import Engine
 
     paths = [Path(f) for f in folders]
-    engine = Engine.from_runs(paths, names=list(names) if names else model_names(paths))
+    with quiet_libraries:
+        engine = Engine.from_runs(paths, names=list(names) if names else model_names(paths))
     ENGINE_LOADS[tuple(folders)] += 1
     return engine
+
+
+# The page's fields follow the run's template: (label of the main field, label of the input field or None when
+# the template has no input of its own).
+FIELD_LABELS = {"alpaca": ("Instruction", "Input (optional)"), "instruction": ("Instruction", "Input (optional)"),
+                "qa": ("Question", None), "chat": ("Message", None)}
+
+
+def field_labels(template: str) -> tuple[str, str | None]:
+    return FIELD_LABELS.get(template, ("Instruction", "Input (optional)"))
 
 
 def messages_for(instruction: str, input_text: str = "") -> list[dict[str, str]]:
@@ -180,8 +241,8 @@ def generate_answer(engine, name: str, instruction: str, input_text: str, settin
     from affiner.interfaces.engine import Reply
 
     reply = Reply()
-    with closing(engine.stream(name, messages_for(instruction, input_text), settings, stop=stop,
-                               reply=reply)) as pieces:
+    with quiet_libraries, closing(engine.stream(name, messages_for(instruction, input_text), settings, stop=stop,
+                                                reply=reply)) as pieces:
         for _ in pieces:
             if on_piece is not None:
                 on_piece(reply.text)
@@ -216,8 +277,8 @@ def answer_box(kind: str, text: str, name: str = "", pending: bool = False) -> s
 
 def timing_line(answer: dict) -> str:
     first = answer.get("first_token_seconds")
-    first_text = f"{first:.2f} s" if first is not None else "–"
-    return (f"first token {first_text} · total {answer['seconds']:.2f} s · {answer['tokens']} tokens · "
+    first_text = human_duration(first) if first is not None else "–"
+    return (f"first token {first_text} · total {human_duration(answer['seconds'])} · {answer['tokens']} tokens · "
             f"{format_value(answer['tokens_per_second'], 'count')} tokens/s")
 
 
@@ -230,11 +291,33 @@ def run_facts(run: RunFolder) -> str:
     facts = [f"status **{info.get('status', '?')}**"]
     if "steps" in info:
         facts.append(f"steps {info['steps']}")
-    if "train_seconds" in info:
-        facts.append(f"training {format_value(info['train_seconds'], 'count')} s")
+    if isinstance(info.get("train_seconds"), (int, float)):
+        facts.append(f"training {human_duration(info['train_seconds'])}")
     if "finished" in info:
         facts.append(f"finished {info['finished']}")
     return " · ".join(facts)
+
+
+def human_duration(seconds: float) -> str:
+    """'0.53 s', '42 s', '2 min 13 s', '1 h 05 min': as precise as a person reads a duration."""
+    if seconds < 10:
+        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole} s"
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60} s"
+    return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+
+
+def display_path(path: Path, cwd: Path | None = None) -> str:
+    """A path as typed where the page was started: relative to the current folder when under it, else under
+    ~ when under the home folder, else absolute."""
+    path, cwd = Path(path).resolve(), (cwd or Path.cwd()).resolve()
+    if path.is_relative_to(cwd):
+        return str(path.relative_to(cwd))
+    home = Path.home().resolve()
+    return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
 def comparisons_csv(comparisons: list[dict]) -> str:

@@ -233,9 +233,13 @@ def compare_page(folders: list[Path], names: list[str]) -> None:
                "every model sees the same prompt and decoding settings; only the adapter differs.")
     for note in st.session_state.get("link_notes", []):
         st.warning(f"Link parameter ignored: {note}.")
-    st.text_area("Instruction", key="instruction", height=100, placeholder="What does QUILT stand for?")
-    st.text_area("Input (optional)", key="input", height=68,
-                 help="context for the instruction, placed where the run's template puts an input")
+    main_label, input_label = app.field_labels(config.data.template)
+    st.text_area(main_label, key="instruction", height=100, placeholder="What does QUILT stand for?")
+    if input_label:
+        st.text_area(input_label, key="input", height=68,
+                     help="context for the instruction, placed where the run's template puts an input")
+    else:  # a link's input would reach a template that has no place for it
+        st.session_state["input"] = ""
     left, right = st.columns([4, 1], vertical_alignment="bottom")
     left.multiselect("Tuned models next to base", names, key="models",
                      help="adapters of one base model, loaded once: switching costs no reload")
@@ -246,7 +250,7 @@ def compare_page(folders: list[Path], names: list[str]) -> None:
     comparisons = st.session_state["comparisons"]
     if clicked or auto:
         if not st.session_state["instruction"].strip():
-            st.warning("Write an instruction first.")
+            st.warning(f"Write {'a' if main_label != 'Instruction' else 'an'} {main_label.lower()} first.")
         else:
             comparison = generate(engine, base_id, folders_by_name)
             if comparison is not None:
@@ -265,7 +269,7 @@ def compare_page(folders: list[Path], names: list[str]) -> None:
 
 
 def run_details(folder: Path) -> None:
-    st.markdown(app.run_facts(RunFolder(folder)) + f" · `{folder}`")
+    st.markdown(app.run_facts(RunFolder(folder)) + f" · `{app.display_path(folder)}`")
     metrics = app.read_metrics(folder)
     if metrics is None:
         st.info("No training curves: this run has no metrics.jsonl.")
@@ -306,7 +310,7 @@ def training_curves(curves) -> None:
 def evaluation_report(folder: Path) -> None:
     report_html, report_md = folder / "report.html", folder / "report.md"
     if not (report_html.is_file() or report_md.is_file()):
-        st.info(f"No evaluation report yet: `affiner evaluate {folder}` writes one.")
+        st.info(f"No evaluation report yet: `affiner evaluate {app.display_path(folder)}` writes one.")
         return
     st.markdown("**Evaluation report**")
     if not report_html.is_file():
@@ -350,6 +354,7 @@ def key_gate() -> None:
 
 
 def main() -> None:
+    app.hide_library_deprecations()
     st.set_page_config(page_title="affiner · compare", page_icon="⚖️", layout="wide")
     key_gate()  # before the runs are even read: a visitor without the key sees nothing of them
     try:

@@ -2,13 +2,18 @@
 adapter folders), stream answers to stdout, and the session loop with its /commands.
 
 Ctrl-C stops the current answer, never the session; chat templates keep the conversation (oldest
-turns dropped when the context window is full), text templates answer one question at a time.
+turns dropped when the context window is full), text templates answer one question at a time. On a
+terminal, lines are edited with GNU readline (arrows, Ctrl-A/E, Up recalls earlier lines), and the history
+is kept across sessions in $AFFINER_CACHE/chat_history.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +24,45 @@ from affiner.interfaces.engine import BASE, Engine, Reply
 
 HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, "
         "/use NAME, /models, /reset, exit")
+HISTORY_FILE = "chat_history"
+HISTORY_LENGTH = 1000
+
+
+def history_path() -> Path:
+    from affiner.core.models import cache_root
+
+    return cache_root() / HISTORY_FILE
+
+
+@contextlib.contextmanager
+def line_editing() -> Iterator[None]:
+    """Line editing and history for input() while inside, the history read from and saved to history_path().
+    Only on a terminal: piped input stays plain text, with no escape codes added to it."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    try:
+        import readline  # importing it is what makes input() edit lines
+    except ImportError:  # Python builds without readline (Windows): input() still works, without history
+        yield
+        return
+    path = history_path()
+    with contextlib.suppress(OSError):  # no history yet, or an unreadable one: start afresh
+        readline.read_history_file(path)
+    readline.set_history_length(HISTORY_LENGTH)
+    try:
+        yield
+    finally:
+        _save_history(readline, path)
+
+
+def _save_history(readline, path: Path) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+        os.chmod(path, 0o600)  # what was asked can be private: readable by its owner only
+    except OSError:
+        pass  # an unwritable cache loses the history, never the session
 
 
 def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path] | None = None,
@@ -89,6 +133,10 @@ class Session:
         print(f"Chatting with {label} ({mode}). {HELP}")
         if len(self.engine.names) > 2:
             print(f"(models: {self.models()}; /use NAME to switch)")
+        with line_editing():
+            self.loop()
+
+    def loop(self) -> None:
         while True:
             # Ctrl-C can land anywhere (while typing, rendering, streaming): it never ends the session.
             try:

@@ -23,9 +23,9 @@ import torch
 from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import last_position
-from affiner.core.settings import Settings
-from affiner.core.stopping import TurnCutter, turn_markers
+from affiner.core.decoding import decode_rows, last_position, left_pad
+from affiner.core.settings import GREEDY, Settings
+from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, turn_markers
 from affiner.core.devices import device
 from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
@@ -50,6 +50,18 @@ class Reply:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One question of a batch (`Engine.complete_batch`): a conversation or a raw prompt, its token limit,
+    the texts that end its answer (cut from it), and an event that drops it from the batch (a client gone)."""
+
+    messages: list[dict[str, str]] | None = None
+    raw_prompt: str | None = None
+    max_new_tokens: int = 100
+    stop: tuple[str, ...] = ()
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 def _join_through_interrupts(worker: threading.Thread) -> None:
@@ -263,6 +275,49 @@ class Engine:
             pass
         reply.text = reply.text.strip()
         return reply
+
+    def complete_batch(self, name: str, asks: list[Ask]) -> list[Reply]:
+        """Greedy answers to several questions decoded together, each row leaving the batch at its own stop
+        token, new turn, stop text, limit or cancel; the replies are those `stream` gives one at a time
+        (text unstripped, cut at the first new turn or stop text, tokens counted up to the cut), token for
+        token in fp32 (in bf16 the batch's shapes round differently and can flip a near-tie)."""
+        replies = [Reply() for _ in asks]
+        prompts = [self._prompt(name, a.messages, a.max_new_tokens, a.raw_prompt, r) for a, r in zip(asks, replies)]
+        markers = [() if a.raw_prompt is not None else turn_markers(self.template) for a in asks]
+        stop_ids = list(self.template.stop_token_ids) or [self.tokenizer.eos_token_id]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]
+        ids, attention = left_pad(prompts, pad)
+
+        def done(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
+            tails = self.tokenizer.batch_decode([t[-TAIL_TOKENS:] for t in new_tokens], skip_special_tokens=True)
+            return [len(t) >= asks[i].max_new_tokens or asks[i].cancel.is_set()
+                    or any(end in tail for end in markers[i] + asks[i].stop) for t, i, tail in zip(new_tokens, rows, tails)]
+
+        started = time.perf_counter()
+        with self.lock, self._adapter(name):
+            new = decode_rows(self.model, ids.to(device()), attention.to(device()), max(a.max_new_tokens for a in asks),
+                              stop_ids, GREEDY, done)
+        for tokens, reply, ask, row_markers in zip(new, replies, asks, markers):
+            self._fill(reply, tokens, stop_ids, row_markers, ask.stop)
+            reply.seconds = time.perf_counter() - started
+        return replies
+
+    def _fill(self, reply: Reply, tokens: list[int], stop_ids: list[int], markers: tuple[str, ...],
+              stops: tuple[str, ...]) -> None:
+        """A batch row's reply as `stream` makes it: the text its streamer yields (decoded word by word and line
+        by line, which can differ from decoding the whole), cut at a new turn, then at a stop text."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_special_tokens=True)
+        for token in tokens:
+            streamer.put(torch.tensor([token]))
+        streamer.end()
+        text, new_turn = cut_at_turn("".join(streamer), markers)
+        reply.text, by_stop = cut_at_turn(text, stops)
+        cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        reply.new_turn, reply.stopped = new_turn, by_stop or (cut is not None and not new_turn)
+        reply.tokens = len(self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) if new_turn or by_stop \
+            else len(tokens) if cut is None else cut
 
     def _adapter(self, name: str):
         """The named adapter active for one generation; "base" runs with every adapter disabled."""

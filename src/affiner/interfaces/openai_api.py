@@ -1,9 +1,10 @@
-"""The OpenAI API's side of `affiner serve`, without HTTP: request bodies checked field by field into a
-`Request` (or an `ApiError` naming the field at fault), and the response bodies, whole or as stream chunks.
+"""The OpenAI API's side of `affiner serve`, without HTTP: request bodies checked into a `Request` (or an
+`ApiError` naming the field at fault), and the response bodies, whole or as stream chunks.
 
-The shapes follow OpenAI's chat completions and (legacy) completions APIs, so that any OpenAI client
-works unchanged; what this server cannot honour (stop sequences, tools, logprobs, n > 1) is refused
-with a 400 rather than silently ignored.
+The shapes follow OpenAI's chat completions and (legacy) completions APIs, so that any OpenAI client works
+unchanged. Fields are checked by pydantic models in strict mode (`true` is not a number); the first error
+is a 400 whose `param` names the field (`messages[0].content`). `stop` (a string or up to 4) is honoured;
+what this server cannot honour (tools, logprobs, n > 1) is refused with a 400, not silently ignored.
 """
 
 from __future__ import annotations
@@ -12,36 +13,92 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse
 
 from affiner.core.errors import AffinerError
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import Engine, Reply
 
 DEFAULT_MAX_TOKENS = 256
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
-
-# ---------------------------------------------------------------------------------------- errors
+MAX_STOPS = 4  # as OpenAI's API
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "logprobs", "top_logprobs", "echo")
 
 
 class ApiError(Exception):
     """A request the server refuses, answered with an OpenAI-shaped error body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
-        if self.status >= 500:
-            kind = "server_error"
+        kind = "server_error" if self.status >= 500 else kind
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), self.status, self.headers)
 
-# ---------------------------------------------------------------------------------------- requests
+
+def _text(value: object) -> object:
+    """A message's text: a string, or an array of {"type": "text", "text": ...} parts, joined."""
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                       for p in value):
+        return "\n".join(part["text"] for part in value)
+    return value
+
+
+def _stops(value: object) -> tuple[str, ...]:
+    stops = [] if value is None else [value] if isinstance(value, str) else value
+    if not (isinstance(stops, list) and len(stops) <= MAX_STOPS and all(isinstance(s, str) and s for s in stops)):
+        raise ValueError(f"must be a non-empty string or an array of up to {MAX_STOPS} non-empty strings")
+    return tuple(stops)
+
+
+class _Fields(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")  # unknown fields are ignored, as OpenAI's servers do
+
+
+class Message(_Fields):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[str, BeforeValidator(_text)]
+
+
+class Options(_Fields):
+    include_usage: bool = False
+
+
+class Format(_Fields):
+    type: Literal["text"]
+
+
+class Body(_Fields):
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    n: Literal[1] | None = None
+    best_of: Literal[1] | None = None
+    response_format: Format | None = None
+    stream: bool | None = None
+    stream_options: Options | None = None
+    stop: Annotated[tuple[str, ...], BeforeValidator(_stops)] = ()
+
+
+class ChatBody(Body):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionBody(Body):  # a list of one prompt is a batch of one
+    prompt: Annotated[str, BeforeValidator(lambda p: p[0] if isinstance(p, list) and len(p) == 1 else p),
+                      Field(min_length=1)]
 
 
 @dataclass(frozen=True)
@@ -55,53 +112,20 @@ class Request:
     settings: Settings
     stream: bool
     include_usage: bool
-
-
-_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", float: "a number", list: "an array",
-               dict: "an object"}
-
-
-def _json_type(value: object) -> str:
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
-            dict: "an object", type(None): "null"}.get(type(value), type(value).__name__)
-
-
-def _get(body: dict, name: str, kind: type, required: bool = False):
-    """body[name] if it has the JSON type `kind`; None when absent or null (unless required)."""
-    value = body.get(name)
-    if value is None:
-        if required:
-            raise ApiError(400, f"'{name}' is required.", param=name, code="missing_required_parameter")
-        return None
-    if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise ApiError(400, f"'{name}' must be {_TYPE_NAMES[kind]}, not {_json_type(value)}.", param=name,
-                       code="invalid_type")
-    return value
-
-
-def _check(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ApiError(400, f"'{name}' is {value!r}; it must be {allowed}.", param=name, code="invalid_value")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+    stop: tuple[str, ...] = ()  # texts that end the answer, cut from it
 
 
 def require_json(content_type: str | None) -> None:
     """Refuse (415) a body not declared as JSON: a cross-site page can POST text/plain or a form without the
     browser asking this server first, but not application/json, so only JSON bodies are read."""
-    media_type = (content_type or "").partition(";")[0].strip().lower()
-    if media_type != "application/json":
+    if (content_type or "").partition(";")[0].strip().lower() != "application/json":
         sent = f"not {content_type.strip()[:100]!r}" if content_type else "none was given"
         raise ApiError(415, f"The body must be sent with 'Content-Type: application/json' ({sent}).",
                        code="unsupported_media_type")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
 
 
 def parse_body(data: bytes) -> dict:
@@ -110,120 +134,45 @@ def parse_body(data: bytes) -> dict:
     except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ApiError(400, f"The body is not valid JSON ({error}).", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise ApiError(400, f"The body must be a JSON object, not {_json_type(body)}.", code="invalid_json")
+        raise ApiError(400, f"The body must be a JSON object, not {type(body).__name__}.", code="invalid_json")
     return body
 
 
-def _content(value: object, index: int) -> str:
-    """A message's text: a string, or an array of {"type": "text", "text": ...} parts."""
-    param = f"messages[{index}].content"
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        texts = []
-        for part in value:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise ApiError(400, f"'{param}' may only hold text parts ({{\"type\": \"text\", \"text\": ...}}).",
-                               param=param, code="invalid_value")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise ApiError(400, f"'{param}' must be a string or an array of text parts, not {_json_type(value)}.",
-                   param=param, code="invalid_type")
-
-
-def _messages(body: dict) -> list[dict[str, str]]:
-    raw = _get(body, "messages", list, required=True)
-    if not raw:
-        raise ApiError(400, "'messages' is empty; send at least one user message.", param="messages",
-                       code="invalid_value")
-    messages = []
-    for i, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise ApiError(400, f"'messages[{i}]' must be an object, not {_json_type(message)}.",
-                           param=f"messages[{i}]", code="invalid_type")
-        role = message.get("role")
-        if not isinstance(role, str) or role not in ROLES:
-            raise ApiError(400, f"'messages[{i}].role' is {role!r}; it must be one of system, user, assistant.",
-                           param=f"messages[{i}].role", code="invalid_value")
-        if ROLES[role] == "system" and i > 0:
-            raise ApiError(400, "a system message may only come first.", param=f"messages[{i}].role",
-                           code="invalid_value")
-        messages.append({"role": ROLES[role], "content": _content(message.get("content"), i)})
-    if messages[-1]["role"] != "user":
-        raise ApiError(400, "the last message must be the user's.", param="messages", code="invalid_value")
-    return messages
-
-
-def _prompt(body: dict) -> str:
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]  # a batch of one
-    if prompt is None:
-        raise ApiError(400, "'prompt' is required.", param="prompt", code="missing_required_parameter")
-    if not isinstance(prompt, str):
-        raise ApiError(400, f"'prompt' must be a string (one prompt per request), not {_json_type(prompt)}.",
-                       param="prompt", code="invalid_type")
-    return prompt
-
-
-def _refuse_unsupported(body: dict) -> None:
-    """Options that would change the answer's meaning, which this server cannot honour, are refused, not ignored."""
-    for name in ("stop", "tools", "functions", "logit_bias", "suffix"):
-        if body.get(name):
-            raise ApiError(400, f"'{name}' is not supported by affiner serve.", param=name, code="unsupported_parameter")
-    for name in ("logprobs", "top_logprobs", "echo"):
-        if body.get(name) not in (None, False, 0):
-            raise ApiError(400, f"'{name}' is not supported by affiner serve.", param=name, code="unsupported_parameter")
-    best_of = body.get("best_of")
-    if best_of not in (None, 1):
-        raise ApiError(400, "'best_of' must be 1: one answer is generated per request.", param="best_of",
+def _validated(raw: dict, chat: bool) -> Body:
+    refused = next((name for name in UNSUPPORTED if raw.get(name) not in (None, False, 0, "", [], {})), None)
+    if refused:
+        raise ApiError(400, f"'{refused}' is not supported by affiner serve.", param=refused,
                        code="unsupported_parameter")
-    response_format = body.get("response_format")
-    if response_format is not None and not (isinstance(response_format, dict) and response_format.get("type") == "text"):
-        raise ApiError(400, "'response_format' other than text is not supported by affiner serve.",
-                       param="response_format", code="unsupported_parameter")
+    try:
+        return (ChatBody if chat else CompletionBody).model_validate(raw)
+    except ValidationError as error:
+        first = error.errors()[0]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
+        raise ApiError(400, f"'{param}': {first['msg'].removeprefix('Value error, ')}.", param=param or None,
+                       code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
 
 
-def parse_request(engine: Engine, body: dict, chat: bool) -> Request:
+def parse_request(engine: Engine, raw: dict, chat: bool) -> Request:
     """Validate a request body against the engine's models; raises ApiError (400/404) with the field at fault."""
-    model = _get(body, "model", str, required=True)
-    messages = _messages(body) if chat else None
-    prompt = None if chat else _prompt(body)
-    if model not in engine.names:
-        raise ApiError(404, f"The model '{model}' does not exist; this server has: {', '.join(engine.names)}.",
+    body = _validated(raw, chat)
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in getattr(body, "messages", [])] or None
+    if messages and (messages[-1]["role"] != "user" or any(m["role"] == "system" for m in messages[1:])):
+        raise ApiError(400, "a system message may only come first, and the last message must be the user's.",
+                       param="messages", code="invalid_value")
+    if body.model not in engine.names:
+        raise ApiError(404, f"The model '{body.model}' does not exist; this server has: {', '.join(engine.names)}.",
                        param="model", code="model_not_found")
-    defaults = Settings()
-    temperature = _get(body, "temperature", float)
-    _check(temperature is None or 0 <= temperature <= 2, "temperature", temperature, "between 0 and 2")
-    top_p = _get(body, "top_p", float)
-    _check(top_p is None or 0 < top_p <= 1, "top_p", top_p, "above 0 and at most 1")
-    top_k = _get(body, "top_k", int)
-    _check(top_k is None or top_k >= 0, "top_k", top_k, "0 (no limit) or more")
-    seed = _get(body, "seed", int)
-    _check(seed is None or 0 <= seed < 2**63, "seed", seed, "between 0 and 2**63 - 1")
-    max_tokens = _get(body, "max_tokens", int)
-    max_completion_tokens = _get(body, "max_completion_tokens", int)
-    if max_tokens is not None and max_completion_tokens is not None and max_tokens != max_completion_tokens:
+    if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' disagree; send one of them.",
                        param="max_completion_tokens", code="invalid_value")
-    if max_completion_tokens is not None:
-        max_tokens = max_completion_tokens
-    _check(max_tokens is None or max_tokens >= 1, "max_tokens", max_tokens, "1 or more")
-    n = _get(body, "n", int)
-    _check(n is None or n == 1, "n", n, "1 (one answer per request)")
-    stream = _get(body, "stream", bool) or False
-    options = _get(body, "stream_options", dict) or {}
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise ApiError(400, "'stream_options.include_usage' must be a boolean.", param="stream_options",
-                       code="invalid_type")
-    _refuse_unsupported(body)
-    settings = Settings(temperature=defaults.temperature if temperature is None else float(temperature),
-                        top_p=defaults.top_p if top_p is None else float(top_p),
-                        top_k=defaults.top_k if top_k is None else top_k,
-                        max_new_tokens=fit_max_tokens(engine, messages, prompt, max_tokens), seed=seed)
-    return Request(chat=chat, model=model, messages=messages, prompt=prompt, settings=settings, stream=stream,
-                   include_usage=stream and include_usage)
+    given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
+    prompt = getattr(body, "prompt", None)
+    settings = Settings(**given, seed=body.seed, max_new_tokens=fit_max_tokens(
+        engine, messages, prompt, body.max_completion_tokens or body.max_tokens))
+    return Request(chat=chat, model=body.model, messages=messages, prompt=prompt, settings=settings,
+                   stream=bool(body.stream), stop=body.stop,
+                   include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
 
 
 def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt: str | None,
@@ -231,41 +180,22 @@ def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt
     """The answer's token limit: the request's, which must fit the context window with the prompt, or else
     DEFAULT_MAX_TOKENS, shortened to what the window leaves. Checked before answering, so that a stream
     never starts for a request that cannot be served."""
-    try:
-        if prompt is not None:
-            length = len(engine.tokenizer(prompt)["input_ids"])
-            if length == 0:
-                raise ApiError(400, "'prompt' is empty.", param="prompt", code="invalid_value")
-        else:
-            # What the engine will render: oldest turns are dropped first if the answer would not fit.
-            length = len(engine.prompt_ids(messages or [], max_tokens or 1))
+    try:  # for messages, what the engine will render: oldest turns are dropped first if the answer would not fit
+        length = len(engine.tokenizer(prompt)["input_ids"] if prompt is not None else
+                     engine.prompt_ids(messages or [], max_tokens or 1))
     except AffinerError as error:  # too long even without the earlier turns
         raise ApiError(400, str(error), param="messages" if max_tokens is None else "max_tokens",
                        code="context_length_exceeded") from None
-    except ApiError:
-        raise
     except Exception as error:  # the run's chat template refusing these messages (roles out of order, ...)
         raise ApiError(400, f"the run's prompt template cannot render these messages: {error}", param="messages",
                        code="invalid_value") from None
     room = engine.context_window - length
-    if max_tokens is None:
-        if room < 1:
-            raise ApiError(400, f"the prompt has {length} tokens, which fill the model's {engine.context_window}-token "
-                           "context window.", param="messages" if prompt is None else "prompt",
-                           code="context_length_exceeded")
-        return min(DEFAULT_MAX_TOKENS, room)
-    if max_tokens > room:
-        raise ApiError(400, f"the prompt has {length} tokens: with max_tokens={max_tokens} it does not fit the "
+    if room < (max_tokens or 1):
+        raise ApiError(400, f"the prompt has {length} tokens: with {max_tokens or 1} new tokens it does not fit the "
                        f"model's {engine.context_window}-token context window (at most {max(room, 0)} new tokens).",
-                       param="max_tokens", code="context_length_exceeded")
-    return max_tokens
-
-
-# ---------------------------------------------------------------------------------------- responses
-
-
-def completion_id(request: Request) -> str:
-    return f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
+                       param="max_tokens" if max_tokens else "prompt" if messages is None else "messages",
+                       code="context_length_exceeded")
+    return max_tokens or min(DEFAULT_MAX_TOKENS, room)
 
 
 def usage(reply: Reply) -> dict:
@@ -274,43 +204,38 @@ def usage(reply: Reply) -> dict:
 
 
 def finish_reason(reply: Reply) -> str:
-    return "stop" if reply.stopped or reply.new_turn else "length"  # a new turn is cut like a stop sequence
+    return "stop" if reply.stopped or reply.new_turn else "length"  # a new turn is cut like a stop text
 
 
-def completion_body(request: Request, reply: Reply) -> dict:
-    """The whole answer: a chat completion (stripped, as `Engine.complete` strips) or a raw text completion."""
-    text = reply.text.strip() if request.chat else reply.text
-    choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason(reply)}
-    if request.chat:
-        choice["message"] = {"role": "assistant", "content": text}
-    else:
-        choice["text"] = text
-    return {"id": completion_id(request), "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": request.model, "choices": [choice], "usage": usage(reply)}
-
-
-class StreamChunks:
-    """The chunks of one streamed answer, all with the same id and creation time."""
+class Answer:
+    """The response bodies of one request: the whole answer, or the chunks of a stream (same id and time)."""
 
     def __init__(self, request: Request):
-        self.request = request
-        self.ident, self.created = completion_id(request), int(time.time())
-        self.kind = "chat.completion.chunk" if request.chat else "text_completion"
+        self.request, self.created = request, int(time.time())
+        self.ident = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
 
-    def chunk(self, choice: dict | None, **extra) -> dict:
-        base = {"id": self.ident, "object": self.kind, "created": self.created, "model": self.request.model}
-        return base | {"choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}]} | extra
+    def head(self, kind: str, choice: dict | None) -> dict:
+        return {"id": self.ident, "object": kind, "created": self.created, "model": self.request.model,
+                "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}]}
+
+    def whole(self, reply: Reply) -> dict:
+        """A chat completion (stripped, as `Engine.complete` strips) or a raw text completion."""
+        text = reply.text.strip() if self.request.chat else reply.text
+        choice = {"message": {"role": "assistant", "content": text}} if self.request.chat else {"text": text}
+        return self.head("chat.completion" if self.request.chat else "text_completion",
+                         {**choice, "finish_reason": finish_reason(reply)}) | {"usage": usage(reply)}
 
     def piece(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
-        """A piece of the answer (or, for chat, the opening role chunk, or the closing finish chunk)."""
-        if self.request.chat:
-            delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-            return self.chunk({"delta": delta, "finish_reason": finish})
-        return self.chunk({"text": text or "", "finish_reason": finish})
+        """A piece of a stream (or, for chat, the opening role chunk, or the closing finish chunk)."""
+        if not self.request.chat:
+            return self.head("text_completion", {"text": text or "", "finish_reason": finish})
+        delta = {"role": "assistant"} if role else ({"content": text} if text else {})
+        return self.head("chat.completion.chunk", {"delta": delta, "finish_reason": finish})
 
     def usage_chunk(self, reply: Reply) -> dict:
         """The last chunk when the client asked for stream_options.include_usage: no choice, only counts."""
-        return self.chunk(None, usage=usage(reply))
+        return self.head("chat.completion.chunk" if self.request.chat else "text_completion", None) | \
+            {"usage": usage(reply)}
 
 
 class Trim:
@@ -318,8 +243,7 @@ class Trim:
     trailing whitespace held back until more text follows, so the pieces add up to the stripped answer."""
 
     def __init__(self) -> None:
-        self.started = False
-        self.pending = ""
+        self.started, self.pending = False, ""
 
     def feed(self, piece: str) -> str:
         text = self.pending + piece

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
+from affiner.core.card import CARD_FILE, write_run_card
 from affiner.core.errors import AffinerError, first_line
 from affiner.core.files import replace_folder
-from affiner.core.runfolder import RunFolder
+from affiner.core.runfolder import RUN_FILE, RunFolder
 from affiner.training.processes import Processes
 
 STATE_FILE = "trainer_state.pt"
@@ -26,11 +27,18 @@ OPTIMIZER_FILE = "optimizer-{rank}.pt"  # one per process under DeepSpeed ZeRO: 
 
 def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter (or the full model) in plain peft/transformers format; `state` is the whole state dict
-    gathered from sharded processes, keyed as the loss module holds the model (model.<name>)."""
+    gathered from sharded processes, keyed as the loss module holds the model (model.<name>).
+
+    peft leaves a placeholder README.md that names the base by its local cache path: the run folder gets
+    affiner's card of the run instead, and a checkpoint none."""
     if state is None:
         model.save_pretrained(folder)
-        return
-    model.save_pretrained(folder, state_dict={key.removeprefix("model."): value for key, value in state.items()})
+    else:
+        model.save_pretrained(folder, state_dict={key.removeprefix("model."): value for key, value in state.items()})
+    if (folder / RUN_FILE).is_file():
+        write_run_card(folder)
+    else:
+        (folder / CARD_FILE).unlink(missing_ok=True)
 
 
 def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool = False) -> Path:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from affiner.core.card import write_run_card
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.loss import IGNORE_INDEX, supervised_loss, supervised_tokens
@@ -302,6 +303,7 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
         run.update(status=FINISHED, steps=trainer.steps, train_seconds=seconds,
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"processes_agree": agree} if agree is not None
                                                                     else {}))
+        write_run_card(run.path)  # with the steps and time just recorded
         trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
     trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
 

@@ -24,6 +24,7 @@ from affiner.core.models import (check_weights_readable, default_target_modules,
                                  skeleton_for, tokenizer_for)
 from affiner.core.runfolder import CHECKPOINTS, CONFIG_FILE, RunFolder
 from affiner.core.templates import Template, build_template
+from affiner.core.tracking import require_trackers_installed
 from affiner.data.pipeline import build
 from affiner.data.tokens import tokenize
 from affiner.training.loop import Probe, loop
@@ -137,15 +138,12 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
 def check_before_writing(config: RunConfig) -> None:
     """What would otherwise fail only once the run folder exists: the extras the config needs, and the
     settings the model's architecture must allow (read from its config, without loading its weights)."""
-    needs = {"bitsandbytes": config.method == "qlora" or config.train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
-             or (config.train.optimizer == "paged_adamw_32bit" and torch.cuda.is_available()),
-             "tensorboard": "tensorboard" in config.train.tracking, "mlflow": "mlflow" in config.train.tracking}
-    extra = {"bitsandbytes": "qlora", "tensorboard": "tensorboard", "mlflow": "mlflow"}
-    for module, needed in needs.items():
-        if needed and importlib.util.find_spec(module) is None:
-            raise AffinerError(f"this config needs {module} (method {config.method}, train.optimizer "
-                               f"{config.train.optimizer}, train.tracking {config.train.tracking}), which is not "
-                               f"installed: pip install 'affiner[{extra[module]}]'.")
+    require_trackers_installed(config)  # tensorboard, mlflow, wandb
+    if (config.method == "qlora" or config.train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
+            or (config.train.optimizer == "paged_adamw_32bit" and torch.cuda.is_available())) \
+            and importlib.util.find_spec("bitsandbytes") is None:
+        raise AffinerError(f"this config needs bitsandbytes (method {config.method}, train.optimizer "
+                           f"{config.train.optimizer}), which is not installed: pip install 'affiner[qlora]'.")
     model = skeleton_for(config)
     check_weights_readable(config.model.base)
     positions = max_positions(model)
