@@ -37,7 +37,9 @@ def test_quickstart_runs_end_to_end_on_the_embedded_model(tmp_path):
     assert (folder / "report.html").is_file() and (folder / "metrics.json").is_file()
     chat = _affiner("chat", str(folder), "--prompt", "What does QUILT stand for?", "--max-new-tokens", "8", "--greedy",
                     cwd=tmp_path)  # greedy: a sampled first token can be EOS, an empty answer
-    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr[-2000:]
+    # After 3 steps the tuned model may end its turn at once (seen since batches are grouped by length): then the
+    # chat says so instead of printing an empty line.
+    assert chat.returncode == 0 and (chat.stdout.strip() or "(empty answer" in chat.stderr), chat.stderr[-2000:]
 
 
 def test_chat_answers_one_prompt_and_runs_a_session(tmp_path, tiny_gpt2):

@@ -155,3 +155,23 @@ def test_a_full_fine_tune_among_adapters_is_refused_before_loading(runs, tmp_pat
     for folders in ([runs[0], full], [full, runs[0]]):
         with pytest.raises(AffinerError, match=f"{full.name} is a full fine-tune"):
             Engine.from_runs(folders)
+
+
+def test_chat_says_when_an_answer_is_empty_on_stderr_not_stdout(capsys):
+    """A model that ends its turn at once printed a bare empty line; the answer (stdout) stays empty for scripts."""
+    from affiner.interfaces.chat import answer
+
+    class Silent:
+        def stream(self, name, messages, settings, stop=None, reply=None):
+            yield from ()
+
+    class Talking:
+        def stream(self, name, messages, settings, stop=None, reply=None):
+            yield from (" It is", " X.")
+
+    answer(Silent(), "tuned", [{"role": "user", "content": "Hi"}], Settings())
+    out, err = capsys.readouterr()
+    assert out == "\n" and "(empty answer: the model ended its turn at once)" in err
+    answer(Talking(), "tuned", [{"role": "user", "content": "Hi"}], Settings())
+    out, err = capsys.readouterr()
+    assert out == "It is X.\n" and err == ""

@@ -283,6 +283,34 @@ def test_waiting_greedy_requests_are_answered_in_one_batch(client, engine, serve
     assert any(len(set(batch)) > 1 for batch in batches)  # rows with different limits, each stopped at its own
 
 
+def test_max_batch_1_answers_every_request_alone(client, engine, server, monkeypatch):
+    """`affiner serve --max-batch 1`: an answer never depends on the requests waiting with it."""
+    monkeypatch.setattr(server.scheduler, "max_batch", 1)
+    monkeypatch.setattr(engine, "complete_batch", lambda name, asks: pytest.fail("batched despite --max-batch 1"))
+
+    def ask(max_tokens: int) -> str:
+        return client.chat.completions.create(model="tuned", messages=QUESTION, max_tokens=max_tokens,
+                                              temperature=0).choices[0].message.content
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        with engine.lock:
+            futures = [pool.submit(ask, n) for n in (4, 6, 8)]
+            deadline = time.monotonic() + 30
+            while len(server.scheduler.waiting) + len(server.scheduler.running) < 3:
+                assert time.monotonic() < deadline, "the requests did not all arrive"
+                time.sleep(0.01)
+        answers = [future.result() for future in futures]
+    assert answers == [ask(n) for n in (4, 6, 8)]
+
+
+def test_max_batch_below_1_is_refused_before_binding(capsys):
+    from affiner.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--max-batch", "0"])
+    assert exit_.value.code == 2 and "--max-batch 0" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def qa_engine(tmp_path_factory, tiny_llama) -> Engine:
     """A run on the text template ("### Question: ... ### Answer:"), whose answers are also cut at a new turn."""

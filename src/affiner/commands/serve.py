@@ -23,7 +23,8 @@ run, or the run folders' names for several. Decoding follows the request (temper
 top_k, seed, max_tokens); what it leaves out takes affiner's defaults (temperature 0.8, top_p 0.95,
 top_k 50, up to 256 new tokens or what the context window leaves); temperature 0 decodes greedily.
 Sampled and streamed requests are answered one at a time; greedy non-streamed requests waiting
-together are answered in one batch (up to 16); a client that hangs up stops its generation. Only loopback addresses (127.0.0.1) are served unless --api-key-env names a variable
+together are answered in one batch (up to 16, --max-batch N; 1 answers each alone); a client that
+hangs up stops its generation. Only loopback addresses (127.0.0.1) are served unless --api-key-env names a variable
 holding a key, which every request must then send as `Authorization: Bearer KEY`.
 
 Web pages open in a browser on this machine can reach the server too; so it answers only requests
@@ -67,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=port, default=8000, help="port to listen on (default 8000; 0 picks a free one)")
     parser.add_argument("--api-key-env", metavar="NAME",
                         help="environment variable holding the key clients must send as 'Authorization: Bearer KEY'")
+    parser.add_argument("--max-batch", type=int, metavar="N",
+                        help="greedy requests waiting together answered in one batch, at most N (default 16; 1: "
+                             "each alone, so that in bf16 an answer never depends on the other requests)")
     parser.add_argument("--engine", choices=ENGINES, default="affiner",
                         help="affiner (default: the built-in server), vllm or llama.cpp (exported for and started "
                              "with that engine, when it is installed)")
@@ -77,7 +81,8 @@ def main(args: argparse.Namespace) -> None:
     if args.engine == "affiner":
         from affiner.interfaces.serve import serve
 
-        serve(folders, host=args.host, port=args.port, api_key_env=args.api_key_env)
+        serve(folders, host=args.host, port=args.port, api_key_env=args.api_key_env,
+              **({"max_batch": args.max_batch} if args.max_batch is not None else {}))
         return
     from affiner.export.engines import engine_command
     from affiner.interfaces.engines import engine_environment, find_launcher, run_engine

@@ -85,8 +85,9 @@ def settled(item: Reply | Exception) -> Reply:
 class Scheduler:
     """One thread that owns the model; see the module's docstring."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, max_batch: int = BATCH_LIMIT):
         self.engine, self.waiting, self.running, self.closing = engine, [], [], False
+        self.max_batch = max_batch
         self.changed = threading.Condition()
         threading.Thread(target=self._work, name="affiner-serve", daemon=True).start()
 
@@ -109,7 +110,7 @@ class Scheduler:
     def _next(self) -> list[Job]:
         first = self.waiting.pop(0)
         batch = [first, *[j for j in self.waiting if j.batchable and j.request.model == first.request.model]]
-        batch = batch[:BATCH_LIMIT] if first.batchable else [first]
+        batch = batch[:self.max_batch] if first.batchable else [first]
         self.waiting = [j for j in self.waiting if j not in batch]
         return batch
 

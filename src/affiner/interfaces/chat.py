@@ -115,8 +115,12 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
     except KeyboardInterrupt:
         stop.set()
         sys.stdout.write(" [stopped]")
+        started = True
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if not started:  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
+        # which a script reads as the answer)
+        print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
     return reply
 
 

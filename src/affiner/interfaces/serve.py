@@ -31,7 +31,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
 from affiner.core.runfolder import RunFolder
-from affiner.interfaces.api_handler import Api, Scheduler
+from affiner.interfaces.api_handler import BATCH_LIMIT, Api, Scheduler
 from affiner.interfaces.engine import Engine
 from affiner.interfaces.openai_api import ApiError
 
@@ -41,8 +41,12 @@ HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._
 IDLE_SECONDS = 120  # a kept-alive connection with no request for this long is closed
 
 
-def serve(folders: list[Path], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None) -> None:
-    """Serve the runs (default: the latest under runs/) until Ctrl-C; the key, if any, is read from `api_key_env`."""
+def serve(folders: list[Path], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
+          max_batch: int = BATCH_LIMIT) -> None:
+    """Serve the runs (default: the latest under runs/) until Ctrl-C; the key, if any, is read from `api_key_env`;
+    at most `max_batch` greedy requests are answered together (1: each alone, answers independent of the load)."""
+    if max_batch < 1:
+        raise AffinerError(f"--max-batch {max_batch}: at least 1 (1 answers every request alone).")
     if not 0 <= port <= 65535:
         raise AffinerError(f"--port {port} is not a port number (0 to 65535).")
     api_key = read_api_key(api_key_env)
@@ -55,7 +59,7 @@ def serve(folders: list[Path], host: str = "127.0.0.1", port: int = 8000, api_ke
     # Refuse a bad host, key or busy port before spending a minute loading the model.
     server = bind(host, port, api_key)
     try:
-        server.attach(Engine.from_runs(folders))
+        server.attach(Engine.from_runs(folders), max_batch)
         print(f"Serving {', '.join(server.engine.names)} from {', '.join(str(f) for f in folders)}")
         print(f"OpenAI-compatible API at {server.url}" + (" (API key required)" if api_key else ""))
         print("Press Ctrl-C to stop.", flush=True)
@@ -155,8 +159,8 @@ class Server:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
-    def attach(self, engine: Engine) -> None:
-        self.engine, self.scheduler = engine, Scheduler(engine)
+    def attach(self, engine: Engine, max_batch: int = BATCH_LIMIT) -> None:
+        self.engine, self.scheduler = engine, Scheduler(engine, max_batch)
 
     def check_host(self, headers: list[str]) -> None:
         """Refuse (421) a request whose Host header names another server; see `host_allowed`."""
