@@ -13,6 +13,7 @@ sees it (two Host headers, a malformed request line) is answered with an OpenAI-
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import os
@@ -39,6 +40,7 @@ WILDCARDS = {"", "0.0.0.0", "::"}  # --host values that listen on every interfac
 # A Host header: a name or IPv4 address, or a bracketed IPv6 address, then an optional port.
 HOST_HEADER = re.compile(r"(?:\[(?P<ipv6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?")
 IDLE_SECONDS = 120  # a kept-alive connection with no request for this long is closed
+REFUSED_LINGER_SECONDS = 1.0  # a connection refused by the HTTP parser drains its unread request this long
 
 
 def serve(folders: list[Path], host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
@@ -243,4 +245,13 @@ class Protocol(H11Protocol):
         head = h11.Response(status_code=error.status, headers=headers, reason=HTTPStatus(error.status).phrase)
         for event in (head, h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
-        self.transport.close()
+        # Closing while the request's body is still unread makes the kernel reset the connection, which can
+        # destroy this answer on its way (seen in CI): end our side now, drop what still arrives, close later.
+        self.refused = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        asyncio.get_running_loop().call_later(REFUSED_LINGER_SECONDS, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not getattr(self, "refused", False):
+            super().data_received(data)
