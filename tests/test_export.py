@@ -20,6 +20,7 @@ from conftest import copy_run, make_gemma_shaped, make_tiny_gpt2, run_cli, write
 from fake_hub import FakeHub
 from safetensors.torch import load_file, save_file
 
+from affiner.core.card import hub_id
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.files import read_json, write_json
@@ -395,8 +396,8 @@ def test_base_licences(tmp_path, offline_hub):
     assert hub.base_licence(str(folder))[0] == "apache-2.0"
     licence, text = hub.base_licence("some-org/never-downloaded-model")
     assert licence is None and "see the base model's card" in text
-    assert hub.hub_base_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
-    assert hub.hub_base_id(str(folder)) is None and hub.hub_base_id("org/name") == "org/name"
+    assert hub_id("embedded:gemma-3-270m") == "google/gemma-3-270m"
+    assert hub_id(str(folder)) is None and hub_id("org/name") == "org/name"
 
 
 # ---------------------------------------------------------------------------------------- the Hub

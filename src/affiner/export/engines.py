@@ -35,7 +35,7 @@ from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, encode_prompt
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE
-from affiner.export.hub import hub_base_id
+from affiner.core.card import hub_id
 from affiner.export.ollama import write_adapter_gguf, write_base_gguf
 
 ENGINES = ("vllm", "llama.cpp", "ollama")
@@ -232,7 +232,7 @@ def write_generation_config(folder: Path, stops: dict[str, list]) -> None:
 
 def portable_base(base: str) -> str:
     """The base as another machine finds it: its Hub id, else its absolute path on this one."""
-    return hub_base_id(base) or str(Path(resolve_base(base)).resolve())
+    return hub_id(base) or str(Path(resolve_base(base)).resolve())
 
 
 # ---------------------------------------------------------------------------------------- affiner serve --engine

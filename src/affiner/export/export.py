@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from affiner.core.card import hub_id
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
@@ -29,7 +30,7 @@ from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE,
                                     ollama_argv, parse_targets, portable_base, stop_notes, stop_settings, vllm_argv,
                                     write_generation_config, write_script)
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES
-from affiner.export.hub import check_push, hub_base_id, push_folder
+from affiner.export.hub import check_push, push_folder
 from affiner.export.merge import (ADAPTER_WEIGHTS, check_finite_adapter, resolve_merge_device, save_model,
                                   saved_dtype, tuned_model)
 from affiner.export.ollama import (GGUF_FILE, MODELFILE, check_gguf_architecture, modelfile, slug, write_adapter_gguf,
@@ -148,7 +149,7 @@ def _write_adapter(run: RunFolder, config: RunConfig, template: Template, tokeni
     # A copy into the staging folder, which replace_folder swaps in whole: no file is ever seen half written.
     shutil.copyfile(run / ADAPTER_WEIGHTS, target / ADAPTER_WEIGHTS)
     adapter_config = read_json(run / ADAPTER_CONFIG)
-    adapter_config["base_model_name_or_path"] = hub_base_id(config.model.base) or config.model.base
+    adapter_config["base_model_name_or_path"] = hub_id(config.model.base) or config.model.base
     adapter_config["revision"] = config.model.revision
     write_json(target / ADAPTER_CONFIG, adapter_config)
     tokenizer.save_pretrained(target)

@@ -13,14 +13,12 @@ from affiner.core.errors import AffinerError
 from affiner.core.hub import endpoint_reachable, hub_endpoint, hub_reachable
 from affiner.export.gguf_metadata import read_metadata
 
-EMBEDDED_HUB_IDS = {"embedded:gemma-3-270m": "google/gemma-3-270m"}
 EMBEDDED_LICENCES = {
     "embedded:gemma-3-270m": ("gemma", ("Gemma Terms of Use (https://ai.google.dev/gemma/terms) and the Gemma "
                                        "Prohibited Use Policy (https://ai.google.dev/gemma/prohibited_use_policy): "
                                        "this model is a Model Derivative of Gemma and is distributed under them")),
 }
 PROBE_SECONDS = 3.0
-DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}  # a data source with one is a file, not a Hub dataset
 
 
 # ---------------------------------------------------------------------------------------- the push
@@ -73,20 +71,6 @@ def scrub_token(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- the base model
-
-
-def hub_base_id(base: str) -> str | None:
-    """The Hub repository a base model (or dataset) is known by, if any."""
-    if base in EMBEDDED_HUB_IDS:
-        return EMBEDDED_HUB_IDS[base]
-    if base.startswith(("embedded:", ".", "/", "~")) or base.count("/") != 1 or Path(base).expanduser().exists():
-        return None
-    return base
-
-
-def hub_datasets(sources: list[str | None]) -> list[str]:
-    """The data sources that name Hub datasets, each once, for the card's `datasets:`."""
-    return list(dict.fromkeys(s for s in sources if s and hub_base_id(s) == s and Path(s).suffix not in DATA_SUFFIXES))
 
 
 def base_licence(base: str, revision: str | None = None) -> tuple[str | None, str]:
