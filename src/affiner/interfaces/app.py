@@ -55,7 +55,7 @@ def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501, api_k
 
 def page_key_for(host: str, api_key_env: str | None) -> str | None:
     """The key the page will ask for; refused, before anything is loaded, on a public address without one."""
-    from affiner.interfaces.serve import read_api_key
+    from affiner.core.net import read_api_key
 
     key = read_api_key(api_key_env)
     if key is None and not is_loopback(host):

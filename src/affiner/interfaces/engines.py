@@ -21,7 +21,7 @@ from pathlib import Path
 
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
-from affiner.interfaces.serve import read_api_key
+from affiner.core.net import read_api_key
 
 INSTALL = {"vllm": "pip install vllm (vLLM needs a CUDA GPU)",
            "llama.cpp": "pip install 'llama-cpp-python[server]', or put llama.cpp's llama-server on PATH "

@@ -1,21 +1,17 @@
-"""The OpenAI API's side of `affiner serve`, without HTTP: request bodies checked into a `Request` (or an
-`ApiError` naming the field at fault), and the response bodies, whole or as stream chunks.
-
-The shapes follow OpenAI's chat completions and (legacy) completions APIs, so that any OpenAI client works
-unchanged. Fields are checked by pydantic models in strict mode (`true` is not a number); the first error
-is a 400 whose `param` names the field (`messages[0].content`). `stop` (a string or up to 4) is honoured;
-what this server cannot honour (tools, logprobs, n > 1) is refused with a 400, not silently ignored.
+"""The OpenAI API's side of `affiner serve`, without HTTP: a request body checked (or an `ApiError` naming the
+field at fault, `messages[0].content`), and the response bodies, whole or streamed, shaped as OpenAI's chat
+completions and (legacy) completions so that any OpenAI client works unchanged. pydantic checks the fields
+strictly (`true` is no number); what this server cannot honour (tools, logprobs, n > 1) is refused, not ignored.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic_core import from_json
 from starlette.responses import JSONResponse
 
 from affiner.core.errors import AffinerError
@@ -25,6 +21,7 @@ from affiner.interfaces.engine import Engine, Reply
 DEFAULT_MAX_TOKENS = 256
 MAX_STOPS = 4  # as OpenAI's API
 UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "logprobs", "top_logprobs", "echo")
+EMPTY = (None, False, 0, "", [], {})  # an unsupported field sent with one of these asks for nothing
 
 
 class ApiError(Exception):
@@ -37,8 +34,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
-        kind = "server_error" if self.status >= 500 else kind
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": self.message, "type": "server_error" if self.status >= 500 else kind,
+                          "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), self.status, self.headers)
@@ -46,8 +43,8 @@ class ApiError(Exception):
 
 def _text(value: object) -> object:
     """A message's text: a string, or an array of {"type": "text", "text": ...} parts, joined."""
-    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                                       for p in value):
+    if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text"
+                                       and isinstance(part.get("text"), str) for part in value):
         return "\n".join(part["text"] for part in value)
     return value
 
@@ -68,6 +65,14 @@ class Message(_Fields):
     content: Annotated[str, BeforeValidator(_text)]
 
 
+def _turns(messages: list[Message]) -> list[dict[str, str]]:
+    """The messages as the engine takes them (a developer message is a system one), in an order it can render."""
+    turns = [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in messages]
+    if turns[-1]["role"] != "user" or any(turn["role"] == "system" for turn in turns[1:]):
+        raise ValueError("a system message may only come first, and the last message must be the user's")
+    return turns
+
+
 class Options(_Fields):
     include_usage: bool = False
 
@@ -77,6 +82,8 @@ class Format(_Fields):
 
 
 class Body(_Fields):
+    """What both routes take. `chat`, `messages` and `prompt` are read alike: each route's model has one text."""
+
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -89,90 +96,59 @@ class Body(_Fields):
     response_format: Format | None = None
     stream: bool | None = None
     stream_options: Options | None = None
-    stop: Annotated[tuple[str, ...], BeforeValidator(_stops)] = ()
+    stop: Annotated[tuple[str, ...], BeforeValidator(_stops)] = ()  # texts that end the answer, cut from it
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
-class ChatBody(Body):
-    messages: list[Message] = Field(min_length=1)
+class ChatBody(Body):  # /v1/chat/completions: messages rendered by the run's template
+    chat: ClassVar[bool] = True
+    prompt: ClassVar[None] = None
+    messages: Annotated[list[Message], Field(min_length=1), AfterValidator(_turns)]
 
 
-class CompletionBody(Body):  # a list of one prompt is a batch of one
+class CompletionBody(Body):  # /v1/completions: a raw prompt continued (a list of one prompt is a batch of one)
+    chat: ClassVar[bool] = False
+    messages: ClassVar[None] = None
     prompt: Annotated[str, BeforeValidator(lambda p: p[0] if isinstance(p, list) and len(p) == 1 else p),
                       Field(min_length=1)]
 
 
-@dataclass(frozen=True)
-class Request:
-    """A validated generation request."""
-
-    chat: bool  # /v1/chat/completions (messages) or /v1/completions (raw prompt)
-    model: str
-    messages: list[dict[str, str]] | None
-    prompt: str | None
-    settings: Settings
-    stream: bool
-    include_usage: bool
-    stop: tuple[str, ...] = ()  # texts that end the answer, cut from it
+def require_model(engine: Engine, name: str) -> None:
+    if name not in engine.names:
+        raise ApiError(404, f"The model '{name}' does not exist; this server has: {', '.join(engine.names)}.",
+                       param="model", code="model_not_found")
 
 
-def require_json(content_type: str | None) -> None:
-    """Refuse (415) a body not declared as JSON: a cross-site page can POST text/plain or a form without the
-    browser asking this server first, but not application/json, so only JSON bodies are read."""
-    if (content_type or "").partition(";")[0].strip().lower() != "application/json":
-        sent = f"not {content_type.strip()[:100]!r}" if content_type else "none was given"
-        raise ApiError(415, f"The body must be sent with 'Content-Type: application/json' ({sent}).",
-                       code="unsupported_media_type")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def parse_body(data: bytes) -> dict:
+def parse_request(engine: Engine, data: bytes, chat: bool) -> tuple[Body, Settings]:
+    """The body checked against the engine's models and context window, and the decoding it asks for; an
+    ApiError (400, 404) names the field at fault."""
     try:
-        body = json.loads(data, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raw = from_json(data, allow_inf_nan=False)  # NaN and Infinity are no JSON, though Python's json reads them
+    except ValueError as error:
         raise ApiError(400, f"The body is not valid JSON ({error}).", code="invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"The body must be a JSON object, not {type(body).__name__}.", code="invalid_json")
-    return body
-
-
-def _validated(raw: dict, chat: bool) -> Body:
-    refused = next((name for name in UNSUPPORTED if raw.get(name) not in (None, False, 0, "", [], {})), None)
+    if not isinstance(raw, dict):
+        raise ApiError(400, f"The body must be a JSON object, not {type(raw).__name__}.", code="invalid_json")
+    refused = [name for name in UNSUPPORTED if raw.get(name) not in EMPTY]
     if refused:
-        raise ApiError(400, f"'{refused}' is not supported by affiner serve.", param=refused,
+        raise ApiError(400, f"'{refused[0]}' is not supported by affiner serve.", param=refused[0],
                        code="unsupported_parameter")
     try:
-        return (ChatBody if chat else CompletionBody).model_validate(raw)
+        body = (ChatBody if chat else CompletionBody).model_validate(raw)
     except ValidationError as error:
         first = error.errors()[0]
         param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"]).lstrip(".")
         raise ApiError(400, f"'{param}': {first['msg'].removeprefix('Value error, ')}.", param=param or None,
                        code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
-
-
-def parse_request(engine: Engine, raw: dict, chat: bool) -> Request:
-    """Validate a request body against the engine's models; raises ApiError (400/404) with the field at fault."""
-    body = _validated(raw, chat)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in getattr(body, "messages", [])] or None
-    if messages and (messages[-1]["role"] != "user" or any(m["role"] == "system" for m in messages[1:])):
-        raise ApiError(400, "a system message may only come first, and the last message must be the user's.",
-                       param="messages", code="invalid_value")
-    if body.model not in engine.names:
-        raise ApiError(404, f"The model '{body.model}' does not exist; this server has: {', '.join(engine.names)}.",
-                       param="model", code="model_not_found")
+    require_model(engine, body.model)
     if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' disagree; send one of them.",
                        param="max_completion_tokens", code="invalid_value")
     given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
-    prompt = getattr(body, "prompt", None)
-    settings = Settings(**given, seed=body.seed, max_new_tokens=fit_max_tokens(
-        engine, messages, prompt, body.max_completion_tokens or body.max_tokens))
-    return Request(chat=chat, model=body.model, messages=messages, prompt=prompt, settings=settings,
-                   stream=bool(body.stream), stop=body.stop,
-                   include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+    limit = fit_max_tokens(engine, body.messages, body.prompt, body.max_completion_tokens or body.max_tokens)
+    return body, Settings(**given, seed=body.seed, max_new_tokens=limit)
 
 
 def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt: str | None,
@@ -198,11 +174,6 @@ def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt
     return max_tokens or min(DEFAULT_MAX_TOKENS, room)
 
 
-def usage(reply: Reply) -> dict:
-    return {"prompt_tokens": reply.prompt_tokens, "completion_tokens": reply.tokens,
-            "total_tokens": reply.prompt_tokens + reply.tokens}
-
-
 def finish_reason(reply: Reply) -> str:
     return "stop" if reply.stopped or reply.new_turn else "length"  # a new turn is cut like a stop text
 
@@ -210,32 +181,31 @@ def finish_reason(reply: Reply) -> str:
 class Answer:
     """The response bodies of one request: the whole answer, or the chunks of a stream (same id and time)."""
 
-    def __init__(self, request: Request):
+    def __init__(self, request: Body):
         self.request, self.created = request, int(time.time())
         self.ident = f"{'chatcmpl' if request.chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.kind = "chat.completion.chunk" if request.chat else "text_completion"  # of stream chunks
 
-    def head(self, kind: str, choice: dict | None) -> dict:
+    def head(self, kind: str, choice: dict | None, reply: Reply | None = None) -> dict:
+        """A body of `kind` with this choice (none in a stream's usage chunk), and the usage once it is known."""
+        usage = {} if reply is None else {"usage": {"prompt_tokens": reply.prompt_tokens, "completion_tokens":
+                                                    reply.tokens, "total_tokens": reply.prompt_tokens + reply.tokens}}
         return {"id": self.ident, "object": kind, "created": self.created, "model": self.request.model,
-                "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}]}
+                "choices": [] if choice is None else [{"index": 0, "logprobs": None, **choice}]} | usage
 
     def whole(self, reply: Reply) -> dict:
         """A chat completion (stripped, as `Engine.complete` strips) or a raw text completion."""
-        text = reply.text.strip() if self.request.chat else reply.text
-        choice = {"message": {"role": "assistant", "content": text}} if self.request.chat else {"text": text}
-        return self.head("chat.completion" if self.request.chat else "text_completion",
-                         {**choice, "finish_reason": finish_reason(reply)}) | {"usage": usage(reply)}
+        if not self.request.chat:
+            return self.head("text_completion", {"text": reply.text, "finish_reason": finish_reason(reply)}, reply)
+        message = {"role": "assistant", "content": reply.text.strip()}
+        return self.head("chat.completion", {"message": message, "finish_reason": finish_reason(reply)}, reply)
 
     def piece(self, text: str | None = None, finish: str | None = None, role: bool = False) -> dict:
         """A piece of a stream (or, for chat, the opening role chunk, or the closing finish chunk)."""
         if not self.request.chat:
-            return self.head("text_completion", {"text": text or "", "finish_reason": finish})
+            return self.head(self.kind, {"text": text or "", "finish_reason": finish})
         delta = {"role": "assistant"} if role else ({"content": text} if text else {})
-        return self.head("chat.completion.chunk", {"delta": delta, "finish_reason": finish})
-
-    def usage_chunk(self, reply: Reply) -> dict:
-        """The last chunk when the client asked for stream_options.include_usage: no choice, only counts."""
-        return self.head("chat.completion.chunk" if self.request.chat else "text_completion", None) | \
-            {"usage": usage(reply)}
+        return self.head(self.kind, {"delta": delta, "finish_reason": finish})
 
 
 class Trim:
