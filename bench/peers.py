@@ -1,6 +1,11 @@
 """affiner against its peers on the same work: TRL's SFTTrainer and the Trainer recipe of the reference
-projects (Trainer + DataCollatorForLanguageModeling), training the embedded Gemma 3 270M with LoRA r16 on
-every projection, on the same tokenised quickstart rows in the same order, for the same optimizer steps.
+projects, training the embedded Gemma 3 270M with LoRA r16 on every projection, on the same tokenised
+quickstart rows in the same order, for the same optimizer steps.
+
+The Trainer recipe is the reference projects' as they wrote it: every row tokenised with
+`padding="max_length"` (to the quickstart's `data.max_length`, 128, their value too) and
+`DataCollatorForLanguageModeling`, so it computes every padded position and learns the prompts. TRL gets
+the same unpadded rows as affiner, with its completion-only loss: the fairest peer, not a recipe.
 
     pip install -e '.[bench]'                 # TRL: a benchmark dependency, never a runtime one
     .venv/bin/python bench/peers.py           # 30 steps each, two rounds (A B C A B C), fp32
@@ -83,14 +88,22 @@ def train_one(name: str, steps: int, output: Path) -> None:
         from peft import get_peft_model
         from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-        data = Dataset.from_list([{"input_ids": r["input_ids"]} for r in rows])
+        data = Dataset.from_list([padded(r["input_ids"], config.data.max_length, tokenizer.pad_token_id)
+                                  for r in rows])
         trainer = Trainer(model=get_peft_model(model, lora), args=TrainingArguments(**common), train_dataset=data,
                           data_collator=DataCollatorForLanguageModeling(tokenizer=tokenizer, mlm=False),
                           callbacks=[Clock()])
     trainer._get_train_sampler = lambda *args, **kwargs: torch.utils.data.SequentialSampler(data)  # same order
     trainer.train()
     trainer.model.save_pretrained(output / "adapter")
-    _write_timings(output, marks, rows)
+    _write_timings(output, marks, rows, config.data.max_length if name == "trainer" else None)
+
+
+def padded(input_ids: list[int], length: int, pad_id: int) -> dict:
+    """A row as the reference recipe tokenised it: `padding="max_length"`, the padding masked from attention
+    (and from the loss by the collator, which labels every other position)."""
+    pad = length - len(input_ids)
+    return {"input_ids": input_ids + [pad_id] * pad, "attention_mask": [1] * len(input_ids) + [0] * pad}
 
 
 def _train_affiner(steps: int, output: Path) -> None:
@@ -106,11 +119,12 @@ def _train_affiner(steps: int, output: Path) -> None:
     _write_timings(output, [record["seconds"] for record in log], rows)
 
 
-def _write_timings(output: Path, marks: list[float], rows: list[dict]) -> None:
+def _write_timings(output: Path, marks: list[float], rows: list[dict], padded_to: int | None = None) -> None:
+    """Seconds per step, and per step the answer tokens learned and the positions computed (padding included)."""
     steps = [b - a for a, b in zip(marks, marks[1:])]  # the first step (warm-up) has no mark before it
     per_step = len(rows) / max(len(marks), 1)
     answer = sum(sum(label != -100 for label in r["labels"]) for r in rows) / len(rows) * per_step
-    total = sum(len(r["input_ids"]) for r in rows) / len(rows) * per_step
+    total = (padded_to or sum(len(r["input_ids"]) for r in rows) / len(rows)) * per_step
     (output / "timings.json").write_text(json.dumps({"seconds_per_step": statistics.median(steps),
                                                      "answer_tokens_per_step": answer, "tokens_per_step": total}))
 
