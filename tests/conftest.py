@@ -137,7 +137,10 @@ def write_config(folder: Path, base: Path | str, train_file: Path | str, **secti
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
               "data": {"train": str(train_file), "template": "qa", "max_length": 96, "test_size": 2},
               "train": {"learning_rate": 1e-2, "max_steps": 4, "batch_size": 2, "logging_steps": 1, "seed": 0},
-              "eval": {"max_new_tokens": 8, "batch_size": 4}}
+              # No probe and no general set unless a test asks: the default probe keeps the best step, which
+              # tests of other things should not depend on (tests/test_selection.py and test_general.py cover
+              # both), and the general set costs 80 more answers per model.
+              "eval": {"max_new_tokens": 8, "batch_size": 4, "every_steps": None, "general": False}}
     for section, values in sections.items():
         if isinstance(values, dict):
             config.setdefault(section, {}).update(values)

@@ -9,17 +9,25 @@
 
 `server.script` holds replies given first, in order; `server.behaviour(body)` answers the rest.
 Every request is recorded as (headers, body) in `server.requests`.
+
+`server.structured_output` says what a request with a `response_format` gets: "ignore" (the default) answers as
+if it had none, like a server without the feature that drops unknown fields; "refuse" answers REFUSAL, a 400
+naming the field, like llama.cpp's server before it had the feature, without using the script; "honour" answers
+JSON as the schema asks: a reply in the `<result>...</result><explain>...</explain>` form whose result is one of
+the schema's values becomes {"result": ..., "explain": ...}, anything else is sent as is.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Literal
 
 
 @dataclass
@@ -29,6 +37,22 @@ class Reply:
     body: bytes | None = None  # sent as is instead of a chat completion
     delay: float = 0.0
     headers: dict[str, str] = field(default_factory=dict)  # sent besides Content-Type and Content-Length
+
+
+REFUSAL = Reply(status=400, body=json.dumps({"error": {
+    "message": 'response_format type must be one of "text" or "json_object", but got: json_schema',
+    "type": "invalid_request_error", "param": "response_format", "code": None}}).encode())
+
+
+def as_structured(reply: Reply, response_format: dict) -> Reply:
+    """The reply as a server honouring `response_format` would give it: JSON by its schema."""
+    result = re.search(r"<result>\s*(.*?)\s*</result>", reply.content or "", re.DOTALL)
+    explain = re.search(r"<explain>(.*?)</explain>", reply.content or "", re.DOTALL)
+    allowed = response_format["json_schema"]["schema"]["properties"]["result"]["enum"]
+    value = next((v for v in allowed if result and str(v) == result.group(1)), None)
+    if value is None:
+        return reply
+    return replace(reply, content=json.dumps({"result": value, "explain": explain.group(1) if explain else ""}))
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -41,6 +65,7 @@ class FakeServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
         self.script: list[Reply] = []
         self.behaviour: Callable[[dict], Reply] = lambda body: Reply()
+        self.structured_output: Literal["ignore", "refuse", "honour"] = "ignore"
         self.requests: list[tuple[dict, dict]] = []  # (headers, body)
         self.in_flight = 0
         self.max_in_flight = 0
@@ -55,10 +80,15 @@ class FakeServer(ThreadingHTTPServer):
             return len(self.requests)
 
     def next_reply(self, body: dict) -> Reply:
+        response_format = body.get("response_format")
+        if response_format and self.structured_output == "refuse":
+            return REFUSAL
         with self.lock:
-            if self.script:
-                return self.script.pop(0)
-        return self.behaviour(body)
+            reply = self.script.pop(0) if self.script else None
+        reply = reply or self.behaviour(body)
+        if response_format and self.structured_output == "honour":
+            return as_structured(reply, response_format)
+        return reply
 
 
 class Handler(BaseHTTPRequestHandler):

@@ -54,3 +54,20 @@ def test_chat_answers_one_prompt_and_runs_a_session(tmp_path, tiny_gpt2):
     assert session.stdout.count("> ") == 2  # one prompt answered, then exit at the second
     missing = _affiner("chat", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+@pytest.mark.slow
+def test_a_small_glossary_gets_enough_steps_to_be_learned(tmp_path):
+    """30 conversations (3 phrasings of 10 acronyms, written for this test) with the quickstart's settings:
+    `train.epochs: auto` gives them 90+ steps where 3 passes gave 12, and the tuned model recalls the full
+    expansion for questions phrased in ways it never saw."""
+    data = Path(__file__).parent / "data"
+    result = _affiner("run", "--set", f"data.train={data / 'small-glossary-train.json'}",
+                      "--set", f"data.test={data / 'small-glossary-test.json'}", "--set", "eval.general=false",
+                      "--set", f"output_dir={tmp_path / 'runs'}", cwd=tmp_path, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folder = next((tmp_path / "runs").iterdir())
+    info = json.loads((folder / "run.json").read_text())
+    assert info["epochs"] == 23 and info["planned_steps"] == 92
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["tuned"]["questions"] == 20 and summary["tuned"]["accuracy"] >= 0.8, summary["tuned"]

@@ -173,7 +173,7 @@ def test_prepare_writes_clean_measured_files(tiny_gpt2, tmp_path, capsys):
     rows += [rows[0], {**rows[1], "output": rows[1]["output"].upper()},  # exact and near duplicates
              {"instruction": "Empty", "input": "", "output": "  "},
              {"instruction": "Long", "input": "", "output": "word " * 90},
-             {"instruction": "Longer than max_length " + "tokens " * 200, "input": "", "output": "ok"}]
+             {"instruction": "Longer than max_length " + "tokens " * 30, "input": "", "output": "ok"}]
     source = write_jsonl(tmp_path / "alpaca.jsonl", rows)
     output, code = prepare(tmp_path, tiny_gpt2, source, max_response_words=80)
     assert code == 0
@@ -192,9 +192,9 @@ def test_prepare_writes_clean_measured_files(tiny_gpt2, tmp_path, capsys):
                                                            "near duplicate (case, spaces, punctuation)",
                                                            "over max_length=96 tokens (prompt + answer)"])
     assert all(r["origin"].startswith(str(source)) for r in dropped)  # each points at its source line
-    # measured before the split, over every row that reached the token filter
-    assert manifest["token_lengths"]["all"]["max"] > 96 and manifest["over_max_length"] == {"all": 1}
-    assert set(manifest["token_lengths"]["all"]) == {"p50", "p90", "p95", "p99", "max"}
+    # measured on each side of the split, the training side before its token filter
+    assert manifest["token_lengths"]["train"]["max"] > 96 and manifest["over_max_length"] == {"train": 1, "test": 0}
+    assert set(manifest["token_lengths"]["train"]) == {"p50", "p90", "p95", "p99", "max"}
     assert (output / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     card = (output / "data_card.md").read_text()
     assert "| train | duplicates | 44 | 2 | 42 |" in card and "![token lengths](lengths.png)" in card

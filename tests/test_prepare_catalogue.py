@@ -52,7 +52,9 @@ def parquet(rows: list[dict]) -> bytes:
 
 # tiny GPT-2's longest token is "<|endoftext|>" (13 characters): no row over 96 x 13 characters fits in
 # max_length=96 tokens; rows up to 4 times that are still tokenised, so that the histogram shows them.
-CERTAINLY_TOO_LONG = "over max_length=96 tokens (over 4992 characters, not tokenised)"
+# Before the split, a row is measured against the model's context (256 positions for the tiny GPT-2): a held-out
+# row may be longer than data.max_length, a training limit, but not than what the model can read.
+CERTAINLY_TOO_LONG = "over the model's context (256 tokens) (over 13312 characters, not tokenised)"
 
 
 ERRORS = [
@@ -146,8 +148,11 @@ DROPS = [
          drop="near duplicate (case, spaces, punctuation)"),
     Case("long-answer", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": "word " * 9}])},
          data={"max_response_words": 8}, drop="answer over 8 words"),
-    Case("prompt-over-max-length", {"d.jsonl": jsonl([*GOOD, {"instruction": "token " * 200, "output": "a"}])},
-         drop="over max_length=96 tokens (prompt + answer)"),
+    Case("prompt-over-the-context", {"d.jsonl": jsonl([*GOOD, {"instruction": "token " * 200, "output": "a"}])},
+         drop="prompt over the model's context (256 tokens)"),
+    Case("train-row-over-max-length", {"d.jsonl": jsonl(GOOD), "t.jsonl": jsonl([{"instruction": "new", "output": "x"}]),
+                                        "long.jsonl": jsonl([*GOOD, {"instruction": "token " * 100, "output": "a"}])},
+         data={"train": "{in}/long.jsonl", "test": "{in}/t.jsonl"}, drop="over max_length=96 tokens (prompt + answer)"),
     Case("test-overlaps-train", {"d.jsonl": jsonl(GOOD), "t.jsonl": jsonl([GOOD[0], {"instruction": "new", "output": "x"}])},
          data={"test": "{in}/t.jsonl"}, drop="question also in train"),
     Case("drop-pattern", {"d.jsonl": jsonl([*GOOD, {"instruction": "q", "output": "As an AI language model, no."}])},
@@ -225,7 +230,8 @@ def test_bad_row_is_dropped_and_counted_with_its_reason(case, tmp_path, tiny_gpt
     assert [r["reason"] for r in dropped] == [case.drop]
     assert case.drop in (output / "data_card.md").read_text()
     if case.drop == CERTAINLY_TOO_LONG:  # dropped by its length alone, never tokenised
-        assert manifest["token_lengths"]["all"]["max"] <= 96 and manifest["over_max_length"] == {"all": 0}
+        assert all(side["max"] <= 96 for side in manifest["token_lengths"].values())
+        assert set(manifest["over_max_length"].values()) == {0}
 
 
 def test_an_existing_output_is_refused_and_left_untouched(tmp_path, tiny_gpt2, request, capsys):

@@ -62,6 +62,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "tuned is better, both (default) does both")
 
 
+    bench = parser.add_argument_group(
+        "standard benchmarks through EleutherAI's lm-evaluation-harness (pip install 'affiner[benchmarks]')")
+    bench.add_argument("--benchmarks", metavar="TASKS",
+                       help="lm-eval tasks separated by commas, e.g. arc_easy,hellaswag: each runs on the base and on "
+                            "every tuned model, and the report pairs their scores with standard errors")
+    bench.add_argument("--benchmarks-include", metavar="DIR",
+                       help="a folder of your own lm-eval task YAML files (a relative data_files path in them is read "
+                            "from the working folder; an absolute one works from anywhere)")
+    bench.add_argument("--benchmarks-limit", type=positive_int, metavar="N",
+                       help="at most N items per task: a quick check, not the published benchmark")
+
+
 def main(args: argparse.Namespace) -> None:
     from affiner.core.config import JudgeConfig
     from affiner.core.errors import AffinerError
@@ -83,11 +95,20 @@ def main(args: argparse.Namespace) -> None:
                              Path(args.output) if args.output else None, args.max_questions)
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
-                          judge=judge if judge.url else None, plan=plan)
+                          judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args))
     report = (plan.output if plan else Path(args.runs[0])) / "report.html"
     print(format_table(evaluation))
     print(f"Report: {report}")
     require_judged(evaluation, report, rerun_command(args))
+
+
+def _benchmarks(args: argparse.Namespace):
+    from affiner.evaluation.benchmarks import Benchmarks
+
+    if not args.benchmarks:
+        return None
+    return Benchmarks([t.strip() for t in args.benchmarks.split(",") if t.strip()],
+                      Path(args.benchmarks_include) if args.benchmarks_include else None, args.benchmarks_limit)
 
 
 def rerun_command(args: argparse.Namespace) -> str:
@@ -99,7 +120,8 @@ def rerun_command(args: argparse.Namespace) -> str:
     # Decoding flags too: the same answers find their verdicts in the judge's cache.
     defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
     for name in ("output", "test", "max_new_tokens", "max_questions", "batch_size", *defaults,
-                 "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode"):
+                 "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode", "benchmarks",
+                 "benchmarks_include", "benchmarks_limit"):
         value = getattr(args, name)
         if value is not None and value != defaults.get(name):
             words += [f"--{name.replace('_', '-')}", str(value)]

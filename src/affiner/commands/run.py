@@ -22,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from affiner.core.config import load_config
+    from affiner.core.runfolder import RunFolder
     from affiner.evaluation.evaluate import require_judged
     from affiner.evaluation.table import format_table
     from affiner.experiments.workflow import train_and_evaluate
@@ -35,6 +36,8 @@ def main(args: argparse.Namespace) -> None:
         return
     print()
     print(format_table(evaluation))
+    for note in RunFolder(folder).info().get("advice") or []:  # said after training, repeated where it is read
+        print(f"Training: {note}")
     print(f"\nReport: {folder / 'report.html'}")
     require_judged(evaluation, folder / "report.html", f"affiner evaluate {folder}")  # exit 3 if verdicts are missing
     print(f"Run folder: {folder}  ({(time.time() - started) / 60:.1f} min)")

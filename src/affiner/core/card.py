@@ -157,12 +157,16 @@ def training_section(config: RunConfig, info: dict[str, Any]) -> list[str]:
     if config.method == "qlora":
         rows.append(("quantisation", f"4-bit NF4, double quantisation {'on' if config.model.double_quant else 'off'}"))
     rows += [("learning rate", t.learning_rate), ("scheduler", f"{t.scheduler}, warm-up ratio {t.warmup_ratio}"),
-             ("epochs", t.epochs if not t.max_steps else f"{t.max_steps} steps (max_steps)"),
+             ("epochs", f"{t.max_steps} steps (max_steps)" if t.max_steps else
+              f"auto ({info['epochs']:g})" if t.epochs == "auto" and info.get("epochs") else t.epochs),
              ("batch size", f"{t.batch_size} x {t.gradient_accumulation} (gradient accumulation)"),
              ("optimizer", f"{t.optimizer}, weight decay {t.weight_decay}, gradient clipping {t.max_grad_norm}"),
              ("precision", config.model.precision), ("max length", f"{config.data.max_length} tokens"),
              ("seed", t.seed)]
     if "finished" in info:  # a card written as the weights are saved comes before run.json says how it went
+        best = info.get("best") or {}
+        if best.get("kept"):
+            rows.append(("weights kept", f"step {best['step']}, best held-out {best['by']} ({best['value']:.4g})"))
         rows += [("steps trained", info.get("steps", "?")), ("training time", f"{info.get('train_seconds', '?')} s"),
                  ("trained", f"{info.get('started', '?')} to {info['finished']}")]
     return ["## Training", "", "| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]

@@ -10,7 +10,7 @@ import difflib
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -113,8 +113,10 @@ class TrainConfig(_Section):
     learning_rate: float = Field(2e-4, gt=0, description=(
         "step size of the optimizer: higher learns faster and can diverge; LoRA takes 1e-4 to 1e-3, a full "
         "fine-tune about ten times less"))
-    epochs: float = Field(1.0, gt=0, description=(
-        "passes over the training data (fractions allowed): more recalls the data better and risks overfitting"))
+    epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
+        "passes over the training data (fractions allowed): more recalls the data better and risks overfitting; "
+        "auto: at least 3 passes and 90 optimizer steps on small data (30 rows of batch 8: 23 passes), about "
+        "3000 steps on large data, never under one pass (training/batches.py)"))
     max_steps: int | None = Field(None, ge=1, description=(
         "stop after this many optimizer steps, whatever the epochs (null: the epochs decide)"))
     batch_size: int = Field(8, ge=1, description=(
@@ -132,6 +134,15 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit"] = Field("adamw", description=(
         "adamw; the 8bit ones (bitsandbytes) keep the optimizer state in less memory; the paged ones move it to "
         "CPU memory when the GPU fills up"))
+    patience: int | None = Field(None, ge=1, description=(
+        "stop when this many held-out probes in a row (eval.every_steps) did not beat the best one by "
+        "train.best_by (null: never stop early): saves the steps past the best, a noisy probe may stop too soon"))
+    best_by: Literal["loss", "contains", "rouge_l"] = Field("loss", description=(
+        "the held-out probe's figure that picks the best step and drives train.patience: loss (of the reference "
+        "answers, steady even on a few questions) or contains / rouge_l (of generated answers, noisier)"))
+    keep_best: bool = Field(True, description=(
+        "the run's adapter is the best probed step's (by train.best_by), not the last step's: protects against "
+        "over-training; false keeps the last step"))
     seed: int = Field(42, description="seed of the adapter's initial weights and of the batch order")
     logging_steps: int = Field(10, ge=1, description=(
         "log the loss every N steps to metrics.jsonl and the trackers: lower gives finer curves"))
@@ -177,10 +188,17 @@ class EvalConfig(_Section):
         "questions answered together: faster, more memory (halved by itself when out of memory)"))
     max_questions: int | None = Field(None, ge=1, description=(
         "answer only the first N held-out questions (null: all): quicker, wider intervals"))
-    every_steps: int | None = Field(None, ge=1, description=(
-        "during training, score a held-out sample every N steps (null: never): shows when the model "
-        "learned, costs generation time"))
-    sample_size: int = Field(8, ge=1, description="questions in that held-out sample: steadier curves, slower")
+    every_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field("auto", description=(
+        "during training, score a held-out sample every N steps (auto: 10 times per run; null: never): shows "
+        "when the model learned, picks the best step (train.keep_best) and can stop early (train.patience); "
+        "costs generation time"))
+    sample_size: int = Field(0, ge=0, description=(
+        "held-out questions the probe also answers (its first ones), logging eval_contains, eval_stop_rate and "
+        "eval_rouge_l: costs generation time at every probe (0: the held-out loss alone, of the first 32 questions, "
+        "a forward pass; the step chosen by it favours the held-out loss of the final report slightly)"))
+    general: bool = Field(True, description=(
+        "also answer affiner's general set (80 everyday questions, English and French) with base and tuned: the "
+        "report says whether the fine-tune cost general ability; false saves that time"))
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="an LLM judge of the answers, through an OpenAI-compatible endpoint")
 
 

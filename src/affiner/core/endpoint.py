@@ -1,11 +1,8 @@
-"""A client for OpenAI-compatible chat endpoints (Ollama, vLLM, OpenAI, `affiner serve`) on the `openai` package,
-shared by the LLM judge and `affiner synth --endpoint`: `ChatClient(EndpointSettings(url, model)).ask(messages)`.
-
-openai retries timeouts, connection errors, HTTP 408, 409, 429 and 5xx, and here garbled replies too, `max_retries`
-times after `backoff` seconds doubled each time; other failures raise `RequestFailed` at once. Replies are cached in
-sqlite, keyed by endpoint, model and messages, never by the API key. The key, from the variable named by
-`api_key_env`, goes in the Authorization header alone: redirects are refused (the header would follow them), the
-headers openai takes from OPENAI_* variables are dropped, and an error body that echoes the key shows "[api key]".
+"""The client of OpenAI-compatible chat endpoints (Ollama, vLLM, OpenAI, `affiner serve`) that the LLM judge and
+`affiner synth --endpoint` share, on the `openai` package, which retries timeouts, dropped connections, HTTP 408,
+409, 429 and 5xx (and here garbled replies) after `backoff` seconds doubled each time. Replies are cached in sqlite,
+never keyed by the API key. The key goes in the Authorization header alone: redirects are refused (the header would
+follow them), the headers openai takes from OPENAI_* variables are dropped, an error that echoes it shows "[api key]".
 """
 
 from __future__ import annotations
@@ -18,7 +15,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from contextlib import closing
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +23,7 @@ import httpx2
 import openai
 
 from affiner.core.errors import AffinerError
-from affiner.core.net import is_loopback
+from affiner.core.net import is_loopback, read_api_key
 
 SENT_HEADERS = {"host", "accept", "accept-encoding", "connection", "content-length", "content-type"}
 
@@ -45,23 +42,6 @@ class EndpointSettings:
     cache_dir: Path | None = None  # None: $AFFINER_CACHE/<the client's cache name> (default ~/.cache/affiner/...)
 
 
-class ReplyCache:
-    """Successful replies by request key; one short-lived connection per access, so threads never share one."""
-
-    def __init__(self, folder: Path, label: str = "endpoint"):
-        self.path = folder / "replies.sqlite3"
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.run("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL)")
-        except (OSError, sqlite3.Error) as error:
-            raise AffinerError(f"The {label} cache {self.path} cannot be opened ({error}). Delete the file, or "
-                               f"set AFFINER_CACHE to a writable folder.") from error
-
-    def run(self, sql: str, *values) -> list[tuple]:
-        with closing(sqlite3.connect(self.path, timeout=30)) as db, db:  # another process may be writing
-            return db.execute(sql, values).fetchall()
-
-
 class RequestFailed(Exception):
     """No usable reply, after every retry that could help; `status` is the HTTP status, if any."""
 
@@ -72,16 +52,6 @@ class RequestFailed(Exception):
 
 class GarbledReply(httpx2.RequestError):
     """A 2xx reply that is no chat completion: a request error, so that openai retries it as a dropped connection."""
-
-
-def check_completion(body: bytes) -> None:
-    shown = " ".join(body.decode("utf-8", errors="replace").split())[:200]
-    try:
-        content = json.loads(body)["choices"][0]["message"]["content"]
-    except (ValueError, LookupError, TypeError) as error:
-        raise GarbledReply(f"the reply is not a chat completion ({type(error).__name__}): {shown!r}") from error
-    if not isinstance(content, str):
-        raise GarbledReply(f"the reply has no text content: {shown!r}")
 
 
 def checked_url(settings: EndpointSettings, label: str) -> str:
@@ -101,15 +71,6 @@ def checked_url(settings: EndpointSettings, label: str) -> str:
     return url.rstrip("/")
 
 
-def api_key_from_env(variable: str | None, label: str = "endpoint") -> str | None:
-    key = os.environ.get(variable, "").strip() if variable else None  # a key pasted with a newline breaks the header
-    if variable and not key:
-        raise AffinerError(f"The {label} API key should be in the environment variable {variable}, but {variable} "
-                           f"is not set or is empty. Export it first (export {variable}=...), or do not name a key "
-                           f"variable if the {label} server needs no key.")
-    return key
-
-
 class _OpenAI(openai.OpenAI):
     """openai's client, waiting `delay(retry)` before each retry: openai's own schedule (0.5 s up) has no setting."""
 
@@ -123,19 +84,23 @@ class _OpenAI(openai.OpenAI):
 
 class ChatClient:
     """Chat completions from one model at one endpoint, with retries, a reply cache and request counts; thread-safe.
-
-    `label` names it in messages ("judge"); `cache_name` is its cache folder under $AFFINER_CACHE. With
-    `fail_fast_unreachable`, retries do not wait until the server has answered once: a server that refuses every
-    connection was most likely never started, and waiting would only delay the message.
-    """
+    `label` names it in messages ("judge"), `cache_name` its cache folder under $AFFINER_CACHE. With
+    `fail_fast_unreachable`, retries do not wait until the server has answered once: one that refuses every
+    connection was most likely never started, and waiting would only delay the message."""
 
     def __init__(self, settings: EndpointSettings, cache_name: str = "endpoint", label: str = "endpoint",
                  user_agent: str = "affiner", fail_fast_unreachable: bool = False):
         base = checked_url(settings, label)
         self.endpoint, self.settings, self.user_agent = f"{base}/chat/completions", settings, user_agent
-        self._api_key = api_key_from_env(settings.api_key_env, label)
+        self._api_key = read_api_key(settings.api_key_env, f"The {label} key variable")
         cache_root = Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner"))  # as models.cache_root()
-        self._cache = ReplyCache(settings.cache_dir or cache_root / cache_name, label)
+        self.cache_path = (settings.cache_dir or cache_root / cache_name) / "replies.sqlite3"
+        try:
+            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+            self._cache("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL)")
+        except (OSError, sqlite3.Error) as error:
+            raise AffinerError(f"The {label} cache {self.cache_path} cannot be opened ({error}). Delete the file, or "
+                               f"set AFFINER_CACHE to a writable folder.") from error
         self._lock, self._patient = threading.Lock(), not fail_fast_unreachable
         self.requests_sent = self.cache_hits = 0  # each retry counts as one more request sent
         # A proxy from the environment cannot reach a server on this machine's loopback.
@@ -145,46 +110,44 @@ class ChatClient:
                                api_key="set-per-request", http_client=http, timeout=settings.timeout,
                                max_retries=settings.max_retries)
 
-    def __repr__(self) -> str:
-        return f"ChatClient({self.endpoint!r}, model={self.settings.model!r})"
+    def _cache(self, sql: str, *values) -> list[tuple]:
+        """One short-lived connection per access, so that threads never share one."""
+        with closing(sqlite3.connect(self.cache_path, timeout=30)) as db, db:  # another process may be writing
+            return db.execute(sql, values).fetchall()
 
-    @property
-    def cache_path(self) -> Path:
-        return self._cache.path
-
-    def key(self, messages: list[dict[str, str]], temperature: float = 0.0) -> str:
-        """The reply's cache key: never the API key. Only non-zero temperatures enter it, as replies cached
-        before they did (all at 0) stay valid."""
+    def key(self, messages: list[dict[str, str]], temperature: float = 0.0, response_format: dict | None = None) -> str:
+        """The reply's cache key: never the API key. Only non-zero temperatures and a response format enter it,
+        as replies cached before they did (all at 0, all free text) stay valid."""
         request = {"url": self.endpoint, "model": self.settings.model, "messages": messages}
         request |= {"temperature": temperature} if temperature else {}
+        request |= {"response_format": response_format} if response_format else {}
         return hashlib.sha256(json.dumps(request, sort_keys=True).encode("utf-8")).hexdigest()
 
     def ask(self, messages: list[dict[str, str]], temperature: float = 0.0,
-            keep: Callable[[str], bool] | None = None) -> str:
-        """The reply's text, from the cache or the endpoint; cached unless `keep(reply)` says it is useless."""
-        key = self.key(messages, temperature)
-        if cached := self._cache.run("SELECT reply FROM replies WHERE key = ?", key):
-            self._count(hits=1)
+            keep: Callable[[str], bool] | None = None, response_format: dict | None = None) -> str:
+        """The reply's text, from the cache or the endpoint; cached unless `keep(reply)` says it is useless.
+        `response_format` is chat-completions' own, e.g. {"type": "json_schema", "json_schema": {...}}."""
+        key = self.key(messages, temperature, response_format)
+        if cached := self._cache("SELECT reply FROM replies WHERE key = ?", key):
+            with self._lock:
+                self.cache_hits += 1
             return cached[0][0]
         try:
             reply = self._openai.chat.completions.create(model=self.settings.model, messages=messages,
-                                                         temperature=temperature)
+                                                         temperature=temperature,
+                                                         response_format=response_format or openai.omit)
         except openai.APIError as error:  # the server may echo the request, Authorization header included
             message = self._describe(error)
             message = message.replace(self._api_key, "[api key]") if self._api_key else message
             raise RequestFailed(message, getattr(error, "status_code", None)) from None
         text = reply.choices[0].message.content
         if keep is None or keep(text):
-            self._cache.run("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", key, text, time.time())
+            self._cache("INSERT OR REPLACE INTO replies VALUES (?, ?, ?)", key, text, time.time())
         return text
 
-    def _count(self, sent: int = 0, hits: int = 0) -> None:
-        with self._lock:
-            self.requests_sent += sent
-            self.cache_hits += hits
-
     def _sending(self, request: httpx2.Request) -> None:
-        self._count(sent=1)
+        with self._lock:
+            self.requests_sent += 1
         for name in [name for name in request.headers if name.lower() not in SENT_HEADERS]:
             del request.headers[name]  # openai's own, and those from OPENAI_ORG_ID, OPENAI_CUSTOM_HEADERS...
         request.headers["User-Agent"] = self.user_agent
@@ -193,8 +156,14 @@ class ChatClient:
 
     def _received(self, response: httpx2.Response) -> None:
         self._patient = True
-        if response.is_success:
-            check_completion(response.read())
+        if not response.is_success:
+            return
+        body = response.read()
+        with suppress(ValueError, LookupError, TypeError):
+            if isinstance(json.loads(body)["choices"][0]["message"]["content"], str):
+                return
+        shown = " ".join(body.decode("utf-8", errors="replace").split())[:200]
+        raise GarbledReply(f"the reply is not a chat completion with a text content: {shown!r}")
 
     def _describe(self, error: openai.APIError) -> str:
         gave_up = f"gave up after {self.settings.max_retries + 1} attempts; last error: "

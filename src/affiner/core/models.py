@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from safetensors import SafetensorError
@@ -85,6 +86,12 @@ def check_weights_readable(base: str) -> None:
                 pass
         except (SafetensorError, OSError) as exc:
             raise damaged("model weights", folder, exc) from None
+
+
+def context_length(config: RunConfig) -> int | None:
+    """How many tokens the config's base can attend to, from its config.json alone (None when it does not say)."""
+    model = config.model
+    return max_positions(SimpleNamespace(config=model_config_of(model.base, model.revision, model.trust_remote_code)))
 
 
 def max_positions(model: nn.Module) -> int | None:

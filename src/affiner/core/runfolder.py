@@ -258,6 +258,11 @@ class RunFolder:
     def checkpoint_path(self, step: int) -> Path:
         return self.path / CHECKPOINTS / f"step-{step:06d}"
 
+    @property
+    def best_path(self) -> Path:
+        """The weights of the best probed step so far (train.keep_best), until the run ends."""
+        return self.path / CHECKPOINTS / "best"
+
 
 def base_key(config: RunConfig) -> tuple:
     """What runs must share to be compared on one base: the same weights, quantisation and prompt format."""

@@ -104,13 +104,13 @@ LENGTH_MARGIN = 4
 
 
 def drop_too_many_characters(examples: list[Example], max_length: int, chars_per_token: int,
-                             chat: bool) -> tuple[list[Example], Dropped]:
+                             chat: bool, limit_name: str | None = None) -> tuple[list[Example], Dropped]:
     """Rows certainly over max_length tokens, told by their length alone, before anything copies, normalises or
     tokenises them (a 50 MB cell would take gigabytes there). `chars_per_token`: the most characters a token
     of this tokenizer stands for. A chat template may trim each message and drop earlier turns, so only the
     trimmed question and answer count there."""
     limit = LENGTH_MARGIN * max_length * chars_per_token
-    reason = f"over max_length={max_length} tokens (over {limit} characters, not tokenised)"
+    reason = f"over {limit_name or f'max_length={max_length} tokens'} (over {limit} characters, not tokenised)"
     kept, dropped = [], []
     for e in examples:
         texts = (e.instruction, e.response) if chat else (e.instruction, e.input, e.response)

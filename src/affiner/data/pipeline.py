@@ -7,6 +7,10 @@ max_length tokens" means what it will mean in training; a row far too long to fi
 character count first, before anything copies or tokenises it. Rows sharing a group (one acronym's
 paraphrases) stay on one side of the seeded split, and test questions also asked in train are
 dropped: a held-out question the model trained on measures memory, not learning.
+
+data.max_length is a training limit: held-out rows are kept whatever their answer's length, as long as
+their prompt fits the model's context (`context`), so that the evaluation does not favour short answers;
+the split is made before the training rows are measured against max_length.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, 
 from affiner.data.formats import to_examples
 from affiner.data.ledger import Ledger
 from affiner.data.read import PREPARED_FILE, is_prepared, read_rows
-from affiner.data.tokens import chars_per_token, token_lengths
+from affiner.data.tokens import chars_per_token, response_lengths, token_lengths
 
 
 @dataclass
@@ -41,12 +45,13 @@ class Prepared:
 
 
 def clean(examples: list[Example], data: DataConfig, tokenizer, template: Template, ledger: Ledger,
-          side: str) -> tuple[list[Example], list[int]]:
-    """Every filter of the config, in order, each counted; returns the kept rows and the measured token lengths."""
-    per_token = chars_per_token(tokenizer)
-    if per_token is not None:  # first: the other filters copy and normalise every row in full
-        examples = ledger.record(side, "characters", len(examples),
-                                 *drop_too_many_characters(examples, data.max_length, per_token, template.is_chat))
+          side: str, context: int | None = None, to_train: bool | None = None) -> tuple[list[Example], list[int]]:
+    """Every filter of the config, in order, each counted; returns the kept rows and the measured token lengths.
+    Rows to train on (`to_train`, by default the train side's) must fit data.max_length; held-out rows only
+    need their prompt to fit `context`."""
+    to_train = side == "train" if to_train is None else to_train
+    examples = _drop_far_too_long(examples, data.max_length if to_train else context, tokenizer, template, ledger,
+                                  side, data.max_length)
     steps = [("empty fields", True, lambda rows: drop_empty(rows)),
              ("duplicates", data.dedupe != "none", lambda rows: drop_duplicates(rows, data.dedupe)),
              ("answer words", bool(data.max_response_words),
@@ -57,10 +62,43 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
     for name, active, step in steps:
         if active:  # a filter that is off is not a step: the data card lists what was done
             examples = ledger.record(side, name, len(examples), *step(examples))
+    return _fit(examples, data, tokenizer, template, ledger, side, context, to_train)
+
+
+def _drop_far_too_long(examples: list[Example], limit: int | None, tokenizer, template: Template, ledger: Ledger,
+                       side: str, data_max_length: int) -> list[Example]:
+    """First of all, rows certainly over `limit` tokens by their characters: the other filters copy and normalise
+    every row in full."""
+    per_token = chars_per_token(tokenizer)
+    if per_token is None or limit is None:
+        return examples
+    name = None if limit == data_max_length else f"the model's context ({limit} tokens)"
+    return ledger.record(side, "characters", len(examples),
+                         *drop_too_many_characters(examples, limit, per_token, template.is_chat, name))
+
+
+def _fit(examples: list[Example], data: DataConfig, tokenizer, template: Template, ledger: Ledger, side: str,
+         context: int | None, to_train: bool) -> tuple[list[Example], list[int]]:
+    """The rows that fit: whole within data.max_length to train on, the prompt within the context to evaluate."""
     _check_renderable(examples, template)
     lengths = token_lengths(examples, template, tokenizer)
-    kept = ledger.record(side, "tokens", len(examples), *drop_too_many_tokens(examples, lengths, data.max_length))
-    return kept, lengths
+    if to_train:
+        kept = ledger.record(side, "tokens", len(examples), *drop_too_many_tokens(examples, lengths, data.max_length))
+        return kept, lengths
+    return ledger.record(side, "prompt tokens", len(examples),
+                         *prompts_that_fit(examples, template, tokenizer, context, lengths)), lengths
+
+
+def prompts_that_fit(examples: list[Example], template: Template, tokenizer, context: int | None,
+                     lengths: list[int] | None = None) -> tuple[list[Example], list[tuple[Example, str]]]:
+    """The held-out rows whose prompt leaves the model room to answer, and the others with why."""
+    if context is None:
+        return examples, []
+    lengths = lengths or token_lengths(examples, template, tokenizer)
+    prompts = [n - r for n, r in zip(lengths, response_lengths(examples, template, tokenizer))]
+    reason = f"prompt over the model's context ({context} tokens)"
+    return [e for e, n in zip(examples, prompts) if n < context], [(e, reason) for e, n in zip(examples, prompts)
+                                                                   if n >= context]
 
 
 def _check_renderable(examples: list[Example], template: Template) -> None:
@@ -79,33 +117,43 @@ def read_examples(source: str, data: DataConfig, split_name: str, ledger: Ledger
     return examples
 
 
-def build(data: DataConfig, tokenizer, template: Template) -> Prepared:
-    """The rows a run trains and is evaluated on: read, cleaned, split, de-overlapped, measured."""
+def build(data: DataConfig, tokenizer, template: Template, context: int | None = None) -> Prepared:
+    """The rows a run trains and is evaluated on: read, cleaned, split, de-overlapped, measured; `context`: the
+    model's, which a held-out prompt must fit (None: no limit)."""
     ledger = Ledger()
     train = read_examples(data.train, data, data.split, ledger, "train")
     if not train:
         raise AffinerError(f"{data.train} holds no rows.")
-    train, train_lengths = clean(train, data, tokenizer, template, ledger, "train")
-    if not train:
-        reasons = "; ".join(f"{n} {reason}" for step in ledger.steps for reason, n in step["dropped"].items())
-        raise AffinerError(f"no row of {data.train} survives cleaning ({reasons}), so there is nothing to train "
-                           "on. Loosen the filters (data.max_length, data.max_response_words, data.keep_matching, "
-                           "data.drop_matching, data.languages) or fix the data.")
     test_source = data.test or (data.train if is_prepared(data.train) else None)
     if test_source:
+        train, train_lengths = clean(train, data, tokenizer, template, ledger, "train")
+    else:  # split first, so that held-out rows are not chosen among those short enough to train on
+        train, _ = clean(train, data, tokenizer, template, ledger, "train", context, to_train=False)
+    if not train:
+        raise _nothing_to_train(data, ledger)
+    if test_source:
+        mark = len(ledger.dropped)
         test_split = "test" if is_prepared(test_source) else data.split
         test = read_examples(test_source, data, test_split, ledger, "test")
-        test, test_lengths = clean(test, data, tokenizer, template, ledger, "test")
+        test, test_lengths = clean(test, data, tokenizer, template, ledger, "test", context)
         origin = test_source
     else:
         before = len(train)
         train, test = split(train, data.test_size, data.seed)
         ledger.steps.append({"split": "train", "step": "split", "in": before, "dropped": {}, "kept": len(train)})
         ledger.steps.append({"split": "test", "step": "split", "in": before, "dropped": {}, "kept": len(test)})
+        train = _drop_far_too_long(train, data.max_length, tokenizer, template, ledger, "train", data.max_length)
+        train, train_lengths = _fit(train, data, tokenizer, template, ledger, "train", None, to_train=True)
+        test_lengths = token_lengths(test, template, tokenizer)
+        if not train:
+            raise _nothing_to_train(data, ledger, f" once {len(test)} rows are held out")
         origin = f"{data.test_size} of {data.train} held out with seed {data.seed}"
+        mark = len(ledger.dropped)
     test = ledger.record("test", "overlap with train", len(test), *drop_overlap(test, train))
+    dropped = [(e, reason) for e, reason in ledger.dropped[mark:] if isinstance(e, Example)]
     info = {"train": {"source": data.train, "examples": len(train), "sha256": fingerprint(train)},
-            "test": {"source": origin, "examples": len(test), "sha256": fingerprint(test)},
+            "test": {"source": origin, "examples": len(test), "sha256": fingerprint(test),
+                     "dropped": dropped_rows(dropped)},
             "groups": {"train": len({e.group for e in train if e.group}),
                        "test": len({e.group for e in test if e.group}),
                        "on_both_sides": len({e.group for e in train if e.group} & {e.group for e in test if e.group})},
@@ -114,9 +162,21 @@ def build(data: DataConfig, tokenizer, template: Template) -> Prepared:
         if is_prepared(source):  # the prepared files' own fingerprints, as their data card shows them
             manifest = read_json(Path(source).expanduser() / PREPARED_FILE)
             info[side]["prepared"] = {"folder": source, **manifest["files"].get(f"{side}.jsonl", {})}
-    # Lengths are measured before any split: with a split, they describe both sides together.
-    lengths = {"train": train_lengths, "test": test_lengths} if test_source else {"all": train_lengths}
+    lengths = {"train": train_lengths, "test": test_lengths}
     return Prepared(train, test, ledger, lengths, info)
+
+
+def _nothing_to_train(data: DataConfig, ledger: Ledger, when: str = "") -> AffinerError:
+    reasons = "; ".join(f"{n} {reason}" for step in ledger.steps for reason, n in step["dropped"].items())
+    return AffinerError(f"no row of {data.train} survives cleaning{when} ({reasons}), so there is nothing to train "
+                        "on. Loosen the filters (data.max_length, data.max_response_words, data.keep_matching, "
+                        "data.drop_matching, data.languages) or fix the data.")
+
+
+def dropped_rows(dropped: list[tuple[Example, str]], shown: int = 200) -> dict:
+    """Held-out rows left out of the evaluation, with why: the report lists them (the first `shown`)."""
+    return {"count": len(dropped), "rows": [{"question": e.instruction[:300], "reason": reason}
+                                            for e, reason in dropped[:shown]]}
 
 
 def split(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -135,13 +135,13 @@ def data_card(prepared: Prepared, config: RunConfig, manifest: dict[str, Any]) -
 
 
 def prepare(config: RunConfig, output: Path, overwrite: bool = False, label: str = "CONFIG") -> Path:
-    from affiner.core.models import tokenizer_for
+    from affiner.core.models import context_length, tokenizer_for
 
     output = output.expanduser()
     check_replaceable(output, overwrite, PREPARED_FILE, "prepare")  # before minutes of work, not after
     tokenizer = tokenizer_for(config)
     template = build_template(config.data.template, tokenizer, config.data.system_prompt)
-    prepared = build(config.data, tokenizer, template)
+    prepared = build(config.data, tokenizer, template, context_length(config))
     folder = write_prepared(prepared, config, output, overwrite)
     print(prepared.ledger.summary())
     for side, values in prepared.lengths.items():

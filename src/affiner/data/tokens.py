@@ -63,6 +63,13 @@ _COMPOSES = {"NFC": 4, "NFKC": 4}
 _KEEPS_TEXT = {"ByteLevel", "Metaspace", "Digits", "Punctuation", "UnicodeScripts"}
 
 
+def response_lengths(examples: list[Example], template: Template, tokenizer) -> list[int]:
+    """len(encode_response) of every example, counted as `token_lengths` counts it (with its stop token)."""
+    if template.is_chat:
+        return [len(encode_response(template, tokenizer, e)) for e in examples]
+    return [n + 1 for n in _count_tokens(tokenizer, [template.response_prefix + e.response for e in examples], False)]
+
+
 @functools.lru_cache(maxsize=4)
 def chars_per_token(tokenizer) -> int | None:
     """The most characters of text one token can stand for: no row of more than max_length times this

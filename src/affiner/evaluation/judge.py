@@ -17,19 +17,25 @@ From Python:
     print(summarise_absolute(verdicts))
 
 Replies are cached in sqlite (`$AFFINER_CACHE/judge`, default `~/.cache/affiner/judge`), keyed by
-endpoint, model and prompt, so evaluating again costs no request. The transport (retries, cache,
-key handling) is `affiner.core.endpoint.ChatClient`, shared with `affiner synth`. Failed requests are retried with
-exponential back-off when retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled
-bodies), and reported in `Verdict.error` otherwise. A reply the parser cannot read is counted as
-unparseable, never guessed. `unjudged(verdicts)` counts the answers left without a verdict and says
-why; an evaluation records it for every model, so that a failing endpoint shows in the report (and in
-the exit code) instead of silently shrinking the sample the judge's scores are over. The API key, if any, is read from the environment variable named by
+endpoint, model, prompt and response format, so evaluating again costs no request. The transport (retries,
+cache, key handling) is `affiner.core.endpoint.ChatClient`, shared with `affiner synth`. Failed requests are
+retried with exponential back-off when retrying can help (timeouts, connection errors, HTTP 429 and 5xx, garbled
+bodies), and reported in `Verdict.error` otherwise. Verdicts are asked for as JSON by a schema (structured
+output, which OpenAI, vLLM, Ollama >= 0.5 and llama.cpp's server enforce); a server that ignores it answers in
+the prompt's `<result>` form, read by a tolerant parser, and one that refuses it is asked again without it, for
+the rest of the run. A reply the parser cannot read is counted as unparseable, never guessed.
+`unjudged(verdicts)` counts the answers left without a verdict and says why; an evaluation records it for every
+model, so that a failing endpoint shows in the report (and in the exit code) instead of silently shrinking the
+sample the judge's scores are over. The API key, if any, is read from the environment variable named by
 `api_key_env`; it is sent in the Authorization header and nowhere else.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -99,6 +105,18 @@ def pairwise_messages(question: str, reference: str, answer_a: str, answer_b: st
     return [{"role": "system", "content": PAIRWISE_SYSTEM}, {"role": "user", "content": user}]
 
 
+def _response_format(name: str, result: dict) -> dict:
+    """Chat completions' structured output: a reply that is this JSON object and nothing else."""
+    schema = {"type": "object", "properties": {"result": result, "explain": {"type": "string"}},
+              "required": ["result", "explain"], "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
+
+
+# The verdict comes before its explanation, as the prompts ask: constrained decoding follows this order.
+ABSOLUTE_FORMAT = _response_format("absolute_verdict", {"type": "integer", "enum": [0, 1]})
+PAIRWISE_FORMAT = _response_format("pairwise_verdict", {"type": "string", "enum": ["A", "B", "tie"]})
+
+
 # ---------------------------------------------------------------------------------------- parsing
 
 # Reasoning models may think aloud before answering, and may quote the reply format while doing so.
@@ -129,6 +147,20 @@ def _agreed(values: list[object | None]) -> object | None:
     return values[0]
 
 
+def _structured(text: str, response_format: dict) -> dict | None:
+    """The reply as the schema's object, or None when it is anything else (the text form, or JSON that differs)."""
+    try:
+        reply = json.loads(_THINK.sub("", text))
+    except (ValueError, RecursionError):  # a glitching judge may nest brackets past Python's limit
+        return None
+    schema = response_format["json_schema"]["schema"]
+    if not isinstance(reply, dict) or set(reply) != set(schema["required"]) or not isinstance(reply["explain"], str):
+        return None
+    # By type too: JSON's true is no 1, and 1.0 is no integer.
+    allowed = schema["properties"]["result"]["enum"]
+    return reply if any(type(reply["result"]) is type(v) and reply["result"] == v for v in allowed) else None
+
+
 def _verdict(text: str, allowed: dict[str, object]) -> object | None:
     text = _THINK.sub("", text)
     tags = _RESULT_TAG.findall(text)
@@ -143,6 +175,8 @@ def _verdict(text: str, allowed: dict[str, object]) -> object | None:
 
 def parse_absolute(text: str) -> tuple[int | None, str]:
     """(1 or 0, reason), or (None, reason) when the reply holds no clear verdict."""
+    if structured := _structured(text, ABSOLUTE_FORMAT):
+        return structured["result"], " ".join(structured["explain"].split())
     explain = _EXPLAIN.search(_THINK.sub("", text))
     reason = " ".join(explain.group(1).split()) if explain else ""
     score = _verdict(text, _ABSOLUTE_VALUES)
@@ -151,6 +185,8 @@ def parse_absolute(text: str) -> tuple[int | None, str]:
 
 def parse_pairwise(text: str) -> str | None:
     """"A", "B" or "tie", or None when the reply holds no clear verdict."""
+    if structured := _structured(text, PAIRWISE_FORMAT):
+        return structured["result"]
     winner = _verdict(text, _PAIRWISE_VALUES)
     return winner if isinstance(winner, str) else None
 
@@ -175,6 +211,7 @@ def summarise_pairwise(verdicts: Sequence[PairVerdict]) -> dict:
 
 
 UNPARSEABLE = "no verdict in the judge's reply"
+NO_STRUCTURED_OUTPUT = "note: the judge endpoint does not support structured output; using text verdicts"
 REASON_WIDTH = 160  # an error message, e.g. the server's own explanation, cut to fit one line
 MAX_REASONS = 3
 
@@ -236,6 +273,8 @@ class Judge:
         # Replies are cached in settings.cache_dir, else $AFFINER_CACHE/judge (default ~/.cache/affiner/judge).
         self._client = ChatClient(settings, cache_name="judge", label="judge", user_agent="affiner-judge")
         self.endpoint = self._client.endpoint
+        self.structured_output = True  # until the endpoint refuses it: then text verdicts for the rest of the run
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"Judge({self.endpoint!r}, model={self.settings.model!r})"
@@ -244,7 +283,7 @@ class Judge:
 
     def absolute(self, items: list[tuple[str, str, str]]) -> list[Verdict]:
         """One verdict per (question, reference, answer), in input order."""
-        replies = self._ask_all([absolute_messages(q, ref, answer) for q, ref, answer in items])
+        replies = self._ask_all([absolute_messages(q, ref, answer) for q, ref, answer in items], ABSOLUTE_FORMAT)
         verdicts = []
         for reply in replies:
             if reply.text is None:
@@ -260,27 +299,48 @@ class Judge:
         for question, reference, base, tuned in items:
             prompts.append(pairwise_messages(question, reference, base, tuned))
             prompts.append(pairwise_messages(question, reference, tuned, base))
-        replies = self._ask_all(prompts)
+        replies = self._ask_all(prompts, PAIRWISE_FORMAT)
         return [_pair_verdict(replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
 
     # -- requests
 
-    def _ask_all(self, prompts: list[list[dict[str, str]]]) -> list[_Reply]:
+    def _ask_all(self, prompts: list[list[dict[str, str]]], response_format: dict) -> list[_Reply]:
         keys = [self._client.key(m) for m in prompts]
         # Identical prompts in one batch are asked once: the cache only helps after a reply has arrived.
         unique = {key: messages for key, messages in zip(keys, prompts)}
         if not unique:
             return []
         with ThreadPoolExecutor(max_workers=self.settings.concurrency, thread_name_prefix="judge") as pool:
-            futures = {key: pool.submit(self._ask, messages) for key, messages in unique.items()}
+            futures = {key: pool.submit(self._ask, messages, response_format) for key, messages in unique.items()}
             replies = {key: future.result() for key, future in futures.items()}
         return [replies[key] for key in keys]
 
-    def _ask(self, messages: list[dict[str, str]]) -> _Reply:
+    def _ask(self, messages: list[dict[str, str]], response_format: dict) -> _Reply:
         try:
+            if self.structured_output:
+                try:
+                    return _Reply(self._client.ask(messages, temperature=0, response_format=response_format))
+                except RequestFailed as failure:
+                    if not _refuses_structured_output(failure):
+                        raise
+                    self._without_structured_output()
             return _Reply(self._client.ask(messages, temperature=0))
         except RequestFailed as failure:
             return _Reply(None, error=str(failure))
+
+    def _without_structured_output(self) -> None:
+        # Requests already in flight may be refused too; the user reads the note once.
+        with self._lock:
+            if self.structured_output:
+                self.structured_output = False
+                print(NO_STRUCTURED_OUTPUT, file=sys.stderr)
+
+
+def _refuses_structured_output(failure: RequestFailed) -> bool:
+    """A server without structured output: its 400 names the field (llama.cpp, `affiner serve`), or its
+    request validation answers 422 (FastAPI servers)."""
+    said = str(failure).lower()
+    return failure.status == 422 or (failure.status == 400 and ("response_format" in said or "json_schema" in said))
 
 
 def _pair_verdict(base_first: _Reply, tuned_first: _Reply) -> PairVerdict:

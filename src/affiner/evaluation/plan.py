@@ -14,10 +14,12 @@ import torch
 
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.models import dtype_for, dtype_of, load_for, load_model, load_tokenizer, tokenizer_for
+from affiner.core.models import (context_length, dtype_for, dtype_of, load_for, load_model, load_tokenizer,
+                                 tokenizer_for)
 from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, build_template
 from affiner.data.formats import to_examples
+from affiner.data.pipeline import dropped_rows, prompts_that_fit
 from affiner.data.read import read_test_rows
 
 
@@ -34,15 +36,21 @@ class Plan:
     batch_size: int
     test: str
     judge: JudgeConfig | None
+    general: bool = True  # also the no-harm check on affiner's general set
+    dropped: dict | None = None  # held-out rows not evaluated, with why: {"count", "rows": [{question, reason}]}
 
 
-def held_out(run: RunFolder, test: str | None, config: RunConfig) -> list[Example]:
-    """The questions to answer: --test FILE when given, else the run's own held-out split."""
+def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Template,
+             tokenizer) -> tuple[list[Example], dict | None]:
+    """The questions to answer, and those left out with why: --test FILE when given (whatever the length of its
+    answers, as long as each prompt fits the model's context), else the run's own held-out split."""
     if test:
-        return to_examples(read_test_rows(test), config.data.format, config.data.columns)
+        examples = to_examples(read_test_rows(test), config.data.format, config.data.columns)
+        kept, dropped = prompts_that_fit(examples, template, tokenizer, context_length(config))
+        return kept, dropped_rows(dropped)
     if not run.has_held_out:
         raise AffinerError(f"{run} has no held-out examples; pass --test FILE.")
-    return run.held_out()
+    return run.held_out(), run.data_info().get("test", {}).get("dropped")
 
 
 def tuned_model(run: RunFolder, config: RunConfig):
@@ -61,11 +69,14 @@ def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) 
     loaders: dict[str, Callable[[], object]] = {"base": lambda: load_for(config)}
     for name, other, other_config in zip(model_names([r.path for r in runs]), runs, configs):
         loaders[name] = lambda r=other, c=other_config: tuned_model(r, c)
-    return Plan(output=run.path, template=run.template(), tokenizer=tokenizer_for(config, run.path),
-                examples=held_out(run, test, config)[: max_questions or config.eval.max_questions],
+    template, tokenizer = run.template(), tokenizer_for(config, run.path)
+    examples, dropped = held_out(run, test, config, template, tokenizer)
+    return Plan(output=run.path, template=template, tokenizer=tokenizer,
+                examples=examples[: max_questions or config.eval.max_questions],
                 loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 test=test or (config.data.test or "held-out split of the run"),
-                judge=config.eval.judge if config.eval.judge.url else None)
+                judge=config.eval.judge if config.eval.judge.url else None, general=config.eval.general,
+                dropped=dropped)
 
 
 def plan_adapters(base: str, adapters: list[Path], test: str | None, template_name: str, output: Path | None,

@@ -7,6 +7,8 @@ import base64
 import html
 from typing import Any
 
+from affiner.evaluation.benchmarks import benchmarks_tables
+from affiner.evaluation.general import GENERAL_NOTE, general_tables
 from affiner.evaluation.report_content import (BASE_TINT, EMPTY_TEXT, HEADLINE_NOTE, TUNED_TINT, answer_of, comparison_note,
                                                example_score, format_example_change, format_example_score,
                                                format_settings, headline_rows, judge_tables, question_text, role,
@@ -108,7 +110,10 @@ def render_html(evaluation: dict, plots: dict[str, bytes], captions: dict[str, s
     parts = [f"<h1>{escape(title)}</h1>",
              f'<p class="settings">{escape(format_settings(evaluation.get("settings", {})))}</p>',
              headline_section(evaluation), figures_section(plots, captions or {}),
-             judge_section(evaluation.get("judge")), examples_sections(evaluation),
+             general_section(evaluation.get("general")), not_evaluated_section(evaluation.get("not_evaluated")),
+             benchmarks_section(evaluation.get("benchmarks")),
+             judge_section(evaluation.get("judge")),
+             examples_sections(evaluation),
              every_question_section(evaluation)]
     return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_POLICY}">\n'
@@ -142,6 +147,37 @@ def figures_section(plots: dict[str, bytes], captions: dict[str, str]) -> str:
                       f"<figcaption>{escape(captions.get(name, name))}</figcaption></figure>"
                       for name, png in plots.items())
     return f'<section class="plots">{figures}</section>'
+
+
+def general_section(general: dict | None) -> str:
+    if not general:
+        return ""
+    verdicts, tables = general_tables(general)
+    parts = ["<h2>General ability (no-harm check)</h2>"]
+    parts += [f'<p class="verdict"><strong>{escape(v)}</strong></p>' for v in verdicts]
+    parts.append(f'<p class="note">{escape(GENERAL_NOTE)}</p>')
+    for table_title, head, body in tables:
+        parts.append(f"<h3>{escape(table_title)}</h3>")
+        parts.append(table([(h, "") for h in head], [[escape(c) for c in r] for r in body]))
+    return "\n".join(parts)
+
+
+def benchmarks_section(benchmarks: dict | None) -> str:
+    if not benchmarks:
+        return ""
+    notes, tables = benchmarks_tables(benchmarks)
+    parts = ["<h2>Benchmarks (lm-evaluation-harness)</h2>", f"<p>{escape(notes[0])}</p>"]
+    parts += [table([(h, "") for h in head], [[escape(c) for c in r] for r in body]) for _, head, body in tables]
+    return "\n".join(parts + [f'<p class="note">{escape(note)}</p>' for note in notes[1:]])
+
+
+def not_evaluated_section(dropped: dict | None) -> str:
+    if not dropped:
+        return ""
+    more = dropped["count"] - len(dropped["rows"])
+    return ("<h2>Held-out rows not evaluated</h2>\n" +
+            table([("question", ""), ("why", "")], [[escape(r["question"]), escape(r["reason"])] for r in dropped["rows"]])
+            + (f"\n<p class=\"note\">... and {more} more.</p>" if more > 0 else ""))
 
 
 def judge_section(judge: dict | None) -> str:

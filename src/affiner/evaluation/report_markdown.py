@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from affiner.evaluation.benchmarks import benchmarks_tables
+from affiner.evaluation.general import GENERAL_NOTE, general_tables
 from affiner.evaluation.report_content import (EMPTY_TEXT, HEADLINE_NOTE, answer_of, comparison_note, example_score,
                                                format_example_change, format_example_score, format_settings,
                                                headline_rows, judge_tables, question_text, tie_break_metric,
@@ -29,6 +31,9 @@ def render_markdown(evaluation: dict) -> str:
     lines = [f"# {' '.join(str(evaluation.get('title', 'Evaluation')).split())}", "",
              f"Settings: {format_settings(evaluation.get('settings', {}))}", ""]
     lines += headline_section(evaluation)
+    lines += general_section(evaluation.get("general"))
+    lines += not_evaluated_section(evaluation.get("not_evaluated"))
+    lines += benchmarks_section(evaluation.get("benchmarks"))
     lines += judge_section(evaluation.get("judge"))
     lines += examples_sections(evaluation)
     lines += every_question_section(evaluation)
@@ -45,6 +50,35 @@ def headline_section(evaluation: dict) -> list[str]:
     warnings = [f"**Judge:** {md_cell(note)}" for note in unjudged_notes(evaluation.get("judge"))]
     return ["## Headline", ""] + md_table(header, rows) + ["", HEADLINE_NOTE, ""] + \
         [line for note in warnings for line in (note, "")]
+
+
+def general_section(general: dict | None) -> list[str]:
+    if not general:
+        return []
+    verdicts, tables = general_tables(general)
+    lines = ["## General ability (no-harm check)", "", *[f"**{md_cell(v)}**" for v in verdicts], "", GENERAL_NOTE, ""]
+    for title, head, body in tables:
+        lines += [f"### {title}", ""] + md_table(head, [[md_cell(c) for c in r] for r in body]) + [""]
+    return lines
+
+
+def benchmarks_section(benchmarks: dict | None) -> list[str]:
+    if not benchmarks:
+        return []
+    notes, tables = benchmarks_tables(benchmarks)
+    lines = ["## Benchmarks (lm-evaluation-harness)", "", notes[0], ""]
+    for _, head, body in tables:
+        lines += md_table([md_cell(h) for h in head], [[md_cell(c) for c in r] for r in body]) + [""]
+    return lines + notes[1:] + [""]
+
+
+def not_evaluated_section(dropped: dict | None) -> list[str]:
+    if not dropped:
+        return []
+    rows = [[md_cell(r["question"]), md_cell(r["reason"])] for r in dropped["rows"]]
+    more = dropped["count"] - len(rows)
+    return ["## Held-out rows not evaluated", ""] + md_table(["question", "why"], rows) + \
+        ([""] + [f"... and {more} more."] if more > 0 else []) + [""]
 
 
 def judge_section(judge: dict | None) -> list[str]:

@@ -7,7 +7,8 @@ import torch
 from affiner.core.loss import token_losses
 from affiner.core.devices import device
 from affiner.core.templates import Example, Template
-from affiner.data.tokens import collate, tokenize
+from affiner.core.models import max_positions
+from affiner.data.tokens import collate, token_lengths, tokenize
 from affiner.evaluation import metrics
 from affiner.evaluation.generation import Answer, halve_batch
 
@@ -15,11 +16,14 @@ from affiner.evaluation.generation import Answer, halve_batch
 @torch.no_grad()
 def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
                     batch_size: int = 16) -> tuple[list[float], list[int]]:
-    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced.
+    """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced; a reference
+    running past the model's context is scored on the part that fits (`over_context` counts them).
     A batch out of memory is retried at half the size; the finished batches are kept."""
     if any(not e.instruction.strip() or not e.response.strip() for e in examples):  # nothing to score
         return [], []
-    features = tokenize(examples, template, tokenizer)
+    context = max_positions(model)
+    features = [{k: v[:context] for k, v in f.items()} if context else f
+                for f in tokenize(examples, template, tokenizer)]
     sums, counts = [], []
     start, size = 0, batch_size
     while start < len(features):
@@ -38,6 +42,12 @@ def held_out_losses(model, tokenizer, template: Template, examples: list[Example
         counts += torch.bincount(rows, minlength=n_rows).tolist()
         start += len(rows_here)
     return sums, counts
+
+
+def over_context(model, tokenizer, template: Template, examples: list[Example]) -> int:
+    """How many examples' prompt + reference run past the model's context (their loss is on the part that fits)."""
+    context = max_positions(model)
+    return sum(n > context for n in token_lengths(examples, template, tokenizer)) if context else 0
 
 
 def score_answers(examples: list[Example], answers: list[Answer]) -> list[dict[str, float]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from affiner.core.formatting import format_value, shorten, text_table
+from affiner.evaluation.general import verdict_line
 from affiner.evaluation.report_content import unjudged_notes
 
 
@@ -19,6 +20,8 @@ def format_table(evaluation: dict) -> str:
                     and not x["answers"]["base"]["scores"]["contains"]), evaluation["examples"][0])
     # The judge's means are over the answers it judged: the reader must see how many it did not.
     notes = [f"Judge: {note}" for note in unjudged_notes(evaluation.get("judge"))]
+    general = evaluation.get("general")
+    notes += [f"General ability: {verdict_line(general, m)}" for m in models[1:]] if general else []
     lines = [text_table(rows), *notes, "", f"Q: {example['question']}"]
     lines += [f"  {m:5s}: {shorten(example['answers'][m]['text'])}" for m in models]
     return "\n".join(lines)

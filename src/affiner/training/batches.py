@@ -33,9 +33,40 @@ def micro_batches(lengths: list[int], batch_size: int, seed: int, group_by_lengt
         epoch += 1
 
 
+# train.epochs: auto. Small data needs many passes to be learned (30 glossary rows at batch 8 give 12 steps in 3
+# passes, and the model then recalls a third of them); large data is learned in one pass or less.
+AUTO_MIN_STEPS = 90  # optimizer steps a small set gets at least: what the 240-row quickstart needs in 3 passes
+AUTO_MIN_PASSES = 3
+AUTO_MAX_PASSES = 30  # a handful of rows is not repeated without end
+AUTO_LARGE_STEPS = 3000  # data that gives this many steps in 3 passes gets this many steps (at least one pass)
+PROBES_PER_RUN = 10  # eval.every_steps: auto
+
+
+def auto_epochs(steps_per_epoch: int) -> float:
+    """The passes `train.epochs: auto` makes over data that gives `steps_per_epoch` optimizer steps per pass."""
+    if steps_per_epoch * AUTO_MIN_PASSES > AUTO_LARGE_STEPS:
+        return max(1.0, AUTO_LARGE_STEPS / steps_per_epoch)
+    return float(min(AUTO_MAX_PASSES, max(AUTO_MIN_PASSES, math.ceil(AUTO_MIN_STEPS / steps_per_epoch))))
+
+
+def steps_per_epoch(config: RunConfig, n_rows: int, processes: int = 1) -> float:
+    return math.ceil(n_rows / (config.train.batch_size * processes)) / config.train.gradient_accumulation
+
+
+def epochs_of(config: RunConfig, n_rows: int, processes: int = 1) -> float:
+    """train.epochs, or what `auto` makes of it for this data and batch."""
+    epochs = config.train.epochs
+    return auto_epochs(max(1, math.ceil(steps_per_epoch(config, n_rows, processes)))) if epochs == "auto" else epochs
+
+
 def total_steps(config: RunConfig, n_rows: int, processes: int = 1) -> int:
     """Optimizer steps of the run: train.max_steps, else train.epochs over the rows, at the global batch size."""
     if config.train.max_steps:
         return config.train.max_steps
-    per_epoch = math.ceil(n_rows / (config.train.batch_size * processes))
-    return max(1, math.ceil(config.train.epochs * per_epoch / config.train.gradient_accumulation))
+    return max(1, math.ceil(epochs_of(config, n_rows, processes) * steps_per_epoch(config, n_rows, processes)))
+
+
+def probe_interval(config: RunConfig, steps: int) -> int | None:
+    """Steps between held-out probes: eval.every_steps, `auto` spreading PROBES_PER_RUN over the run."""
+    every = config.eval.every_steps
+    return max(1, math.ceil(steps / PROBES_PER_RUN)) if every == "auto" else every

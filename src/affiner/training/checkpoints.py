@@ -70,6 +70,28 @@ def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool =
     return target
 
 
+def save_best(trainer, run: RunFolder) -> None:
+    """The weights just probed as the best so far, in `run.best_path` (written aside, then moved into place);
+    every process calls it (sharded weights are gathered first)."""
+    state = trainer.processes.full_state(trainer.loss)
+    if trainer.processes.is_main:
+        partial = run.best_path.with_name(run.best_path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        save_model(trainer.model, partial, state)
+        replace_folder(partial, run.best_path)
+    trainer.processes.wait()
+
+
+def adopt_best(run: RunFolder) -> None:
+    """The best step's weights become the run's: its files replace the last step's in the run folder."""
+    for path in sorted(run.best_path.iterdir()):
+        if path.is_file():
+            partial = run.path / f".{path.name}.partial"
+            shutil.copyfile(path, partial)
+            partial.replace(run.path / path.name)  # each file whole or not at all
+    shutil.rmtree(run.best_path)
+
+
 def rng_states() -> dict[str, object]:
     """Every random generator training draws from (dropout on the CPU and on each GPU), to resume identically."""
     return {"torch_rng": torch.get_rng_state(),

@@ -3,7 +3,8 @@
     for step in steps:
         gradients of `gradient_accumulation` micro-batches (loss on answer tokens only)
         clip, optimizer step, scheduler step
-        log (and probe a held-out sample every eval.every_steps steps), checkpoint every save_steps
+        log (and probe a held-out sample every eval.every_steps steps, keeping the best step's weights and
+        stopping after train.patience probes without a better one), checkpoint every save_steps
 
 Ctrl-C, a loss that is no longer finite and an out-of-memory error stop it with one paragraph, keeping
 the last good step as a checkpoint (with sharded weights or a partitioned optimizer state: the last
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +35,12 @@ from affiner.core.models import describe, dtype_for
 from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
-from affiner.training.batches import micro_batches, total_steps
-from affiner.training.checkpoints import restore_state, save_checkpoint, save_model
+from affiner.training.batches import epochs_of, micro_batches, probe_interval, total_steps
+from affiner.training.checkpoints import adopt_best, restore_state, save_best, save_checkpoint, save_model
 from affiner.training.processes import Processes
-from affiner.training.stops import Stop, ctrl_c_after_step, ctrl_c_deferred
+from affiner.training.stops import (Stop, ctrl_c_after_step, ctrl_c_deferred, diverged_message,
+                                    out_of_memory_message)
+from affiner.training.selection import Selection
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
@@ -105,6 +110,8 @@ class Trainer:
     start_step: int
     autocast: Any
     scaler: Any
+    selection: Selection
+    probe_every: int | None = None  # steps between held-out probes (None: no probe)
 
 
 def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | None,
@@ -123,9 +130,13 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     scheduler = make_scheduler(config, optimizer, steps)  # stepped here once per step, never by Accelerate
     loss = processes.engine(loss, optimizer, config.train)  # DeepSpeed's, which partitions the optimizer state
     if processes.is_main:
+        epochs = epochs_of(config, n_rows, processes.count)
+        passes = f"{epochs:.3g} pass{'' if epochs == 1 else 'es'}" + (
+            " (train.epochs: auto)" if config.train.epochs == "auto" else "")
         print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
-              f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes)}); "
-              f"run folder {run}")
+              f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes)}"
+              f"{'' if config.train.max_steps else ', ' + passes}); run folder {run}")
+        run.update(epochs=None if config.train.max_steps else round(epochs, 3))
     start_step = 0
     if checkpoint is not None:
         start_step = restore_state(checkpoint, loss, optimizer, scheduler, processes)
@@ -138,7 +149,13 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     mixed = dtype != torch.float32
     autocast = torch.autocast(kind, dtype=dtype) if mixed else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
-    return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler)
+    selection = Selection(config.train.best_by, config.train.patience, config.train.keep_best)
+    if start_step:  # the resumed run compares its probes with the best one before the interruption
+        selection.restore(run.info().get("best"), [(r["step"], r[selection.key]) for r in run.log()
+                                                   if selection.key in r and r["step"] <= start_step],
+                          saved=run.best_path.is_dir())
+    return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler,
+                   selection)
 
 
 def _blocks(model) -> set[str]:
@@ -200,6 +217,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     """Train to the last step; `probe(model)`, when given, scores a held-out sample every eval.every_steps steps."""
     processes = processes or Processes()
     trainer = setup(config, run, len(features), checkpoint, processes)
+    trainer.probe_every = probe_interval(config, trainer.steps) if probe else None
     train, accumulation = config.train, config.train.gradient_accumulation
     global_rows = train.batch_size * processes.count  # one micro-batch of every process
     batches = micro_batches([len(f["input_ids"]) for f in features], global_rows, train.seed, train.group_by_length)
@@ -212,7 +230,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     started = time.time()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
                     desc="training", unit="step", disable=not processes.is_main)
-    completed, stopped = trainer.start_step, None
+    completed, stopped, early = trainer.start_step, None, False
     try:
         with ctrl_c_after_step(processes) as ctrl_c:
             for index in progress:
@@ -221,7 +239,9 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
                           **step(trainer, group), "seconds": round(time.time() - started, 1)}
                 completed = index + 1
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
-                _after_step(trainer, run, record, probe, trackers)
+                early = _after_step(trainer, run, record, probe, trackers)
+                if early:
+                    break
                 if ctrl_c.pressed() and completed < trainer.steps:  # every process agrees to stop here
                     stopped = Stop("interrupted", together=True, save=True, message=lambda kept: (
                         f"training interrupted after step {completed}; {kept}; continue with: "
@@ -235,10 +255,11 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     except Diverged as diverged:  # the loss is summed over processes: every one of them stops here
         reason = str(diverged)
         stopped = Stop(FAILED, together=True, save=True,
-                       message=lambda kept: _diverged_message(trainer, run, completed, reason, kept))
+                       message=lambda kept: diverged_message(trainer.config, trainer.scheduler.get_last_lr()[0], run,
+                                                             completed, reason, kept))
     except torch.OutOfMemoryError:  # perhaps in one process only: nobody is waited for
         stopped = Stop(FAILED, together=False, save=True,
-                       message=lambda kept: _out_of_memory_message(trainer, run, completed, kept))
+                       message=lambda kept: out_of_memory_message(trainer.config, run, completed, kept))
     except OSError as error:  # writing the log or a checkpoint failed (a full disk): nothing more is saved
         failure = f"{error.filename or run}: {error.strerror or error}"
         stopped = Stop(FAILED, together=False, save=False, message=lambda kept: (
@@ -249,7 +270,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     if stopped:
         _free_memory(trainer)
         _stop(trainer, run, completed, trackers, stopped)
-    _finish(trainer, run, trackers, round(time.time() - started, 1))
+    _finish(trainer, run, trackers, round(time.time() - started, 1), completed, early)
 
 
 def _free_memory(trainer: Trainer) -> None:
@@ -295,32 +316,54 @@ def _local_batch(features: list[dict], rows: list[int], processes: Processes, pa
     return batch
 
 
-def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds: float) -> None:
+def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds: float, completed: int,
+            early: bool) -> None:
     agree = _processes_agree(trainer)
-    state = trainer.processes.full_state(trainer.loss)  # gathered from the shards, when sharded
+    selection = trainer.selection
+    best = selection.keeps_best(completed)  # the same in every process: none looks at the disk
+    state = None if best else trainer.processes.full_state(trainer.loss)  # gathered from the shards, when sharded
     if trainer.processes.is_main:
-        save_model(trainer.model, run.path, state)  # adapter_model.safetensors + adapter_config.json, or the model
-        run.update(status=FINISHED, steps=trainer.steps, train_seconds=seconds,
-                   finished=time.strftime("%Y-%m-%d %H:%M:%S"), **({"processes_agree": agree} if agree is not None
-                                                                    else {}))
+        if best:
+            adopt_best(run)
+        else:
+            save_model(trainer.model, run.path, state)  # adapter_model.safetensors + adapter_config.json, or the model
+            shutil.rmtree(run.best_path, ignore_errors=True)
+        advice = selection.advice(completed, early)
+        for line in advice:
+            print(f"note: {line}", file=sys.stderr)
+        kept = {"best": {**selection.summary(), "kept": best}} if selection.summary() else {}
+        run.update(status=FINISHED, steps=completed, planned_steps=trainer.steps, train_seconds=seconds,
+                   finished=time.strftime("%Y-%m-%d %H:%M:%S"), advice=advice, **kept,
+                   **({"stopped_early": f"train.patience: {selection.patience} probes without a better "
+                       f"{selection.key} than step {selection.best_step}'s"} if early else {}),
+                   **({"processes_agree": agree} if agree is not None else {}))
         write_run_card(run.path)  # with the steps and time just recorded
         trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
     trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
 
 
 def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | None,
-                trackers: Trackers | None) -> None:
-    """Probe, log and checkpoint as the config asks, at the step just completed."""
+                trackers: Trackers | None) -> bool:
+    """Probe, log and checkpoint as the config asks, at the step just completed; True to stop early."""
     config, done = trainer.config, record["step"]
     last = done == trainer.steps
-    probing = probe is not None and (done % config.eval.every_steps == 0 or last)
+    probing = probe is not None and (done % trainer.probe_every == 0 or last)
+    stop = False
     if probing:
-        with trainer.processes.gathered(trainer.loss):
+        with trainer.processes.gathered(trainer.loss), trainer.autocast:  # in the precision it trains in
             record.update(probe(trainer.model))
-    if (probing or done % config.train.logging_steps == 0 or last) and trainer.processes.is_main:
+        selection = trainer.selection
+        if selection.record(done, record) and selection.keep_best and not last:
+            save_best(trainer, run)  # every process takes part, as the probe's scores are the same in each
+            selection.saved_step = done
+        stop = selection.should_stop() and not last
+    if (probing or done % config.train.logging_steps == 0 or last or stop) and trainer.processes.is_main:
         log_metrics(run, record, trackers)
-    if config.train.save_steps and done % config.train.save_steps == 0 and not last:
+        if probing and trainer.selection.summary():
+            run.update(best=trainer.selection.summary())  # a resumed run compares with it
+    if config.train.save_steps and done % config.train.save_steps == 0 and not last and not stop:
         save_checkpoint(trainer, run, done, config.train.save_total_limit)
+    return stop
 
 
 def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, stop: Stop) -> None:
@@ -349,20 +392,3 @@ def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers |
     if stop.together:
         processes.wait()
     raise (Interrupted if stop.status == "interrupted" else AffinerError)(text) from None
-
-
-def _diverged_message(trainer: Trainer, run: RunFolder, completed: int, reason: str, kept: str) -> str:
-    train = trainer.config.train
-    return (f"training stopped at step {completed + 1} of {run}: {reason} (learning rate "
-            f"{trainer.scheduler.get_last_lr()[0]:.2e}), so that step was not applied; {kept}. "
-            f"Lower train.learning_rate (now {train.learning_rate:g}), keep train.max_grad_norm set, train in fp32 or "
-            "bf16 rather than fp16 (model.precision), and look for unusual rows in the data; then start a new run.")
-
-
-def _out_of_memory_message(trainer: Trainer, run: RunFolder, completed: int, kept: str) -> str:
-    config = trainer.config
-    return (f"out of memory on {device()} at step {completed + 1} of {run}: {config.train.batch_size} rows per "
-            f"micro-batch of up to {config.data.max_length} tokens did not fit; {kept}. "
-            "Lower train.batch_size (raise train.gradient_accumulation to keep the same batch), lower "
-            "data.max_length, set train.gradient_checkpointing: true, or use method: qlora (a 4-bit base); "
-            "then start a new run with those settings.")

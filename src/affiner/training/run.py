@@ -20,8 +20,8 @@ import torch
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import file_sha256, remove_leftovers
-from affiner.core.models import (check_weights_readable, default_target_modules, dtype_for, max_positions,
-                                 skeleton_for, tokenizer_for)
+from affiner.core.models import (check_weights_readable, context_length, default_target_modules, dtype_for,
+                                 max_positions, skeleton_for, tokenizer_for)
 from affiner.core.runfolder import CHECKPOINTS, CONFIG_FILE, RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.core.tracking import require_trackers_installed
@@ -49,7 +49,7 @@ def prepare_new(config: RunConfig, say: Callable[[str], None] = print) -> tuple[
     """A new run's tokenizer, template and cleaned data; returns the start, the held-out rows and data.json."""
     tokenizer = tokenizer_for(config)
     template = build_template(config.data.template, tokenizer, config.data.system_prompt)
-    prepared = build(config.data, tokenizer, template)
+    prepared = build(config.data, tokenizer, template, context_length(config))
     say(prepared.ledger.summary())
     return Start(config, tokenizer, template, tokenize(prepared.train, template, tokenizer)), prepared.test, \
         prepared.info
@@ -69,7 +69,7 @@ def prepare_resume(run: RunFolder) -> Start:
                            f"with the new settings (affiner train {run / CONFIG_FILE} trains a copy).")
     config, template = run.config(), run.template()
     tokenizer = tokenizer_for(config, run.path)
-    prepared = build(config.data, tokenizer, template)
+    prepared = build(config.data, tokenizer, template, context_length(config))
     recorded = run.data_info()
     if any(prepared.info[side]["sha256"] != recorded[side]["sha256"] for side in ("train", "test")):
         raise AffinerError(f"the data of {run} ({config.data.train}) changed since the run started (its "

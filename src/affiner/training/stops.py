@@ -9,6 +9,8 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from affiner.core.config import RunConfig
+from affiner.core.devices import device
 from affiner.training.processes import Processes
 
 
@@ -69,3 +71,19 @@ def ctrl_c_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def diverged_message(config: RunConfig, learning_rate: float, run: object, completed: int, reason: str,
+                     kept: str) -> str:
+    return (f"training stopped at step {completed + 1} of {run}: {reason} (learning rate {learning_rate:.2e}), so "
+            f"that step was not applied; {kept}. Lower train.learning_rate (now {config.train.learning_rate:g}), "
+            "keep train.max_grad_norm set, train in fp32 or bf16 rather than fp16 (model.precision), and look for "
+            "unusual rows in the data; then start a new run.")
+
+
+def out_of_memory_message(config: RunConfig, run: object, completed: int, kept: str) -> str:
+    return (f"out of memory on {device()} at step {completed + 1} of {run}: {config.train.batch_size} rows per "
+            f"micro-batch of up to {config.data.max_length} tokens did not fit; {kept}. "
+            "Lower train.batch_size (raise train.gradient_accumulation to keep the same batch), lower "
+            "data.max_length, set train.gradient_checkpointing: true, or use method: qlora (a 4-bit base); "
+            "then start a new run with those settings.")
