@@ -50,8 +50,7 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
     Rows to train on (`to_train`, by default the train side's) must fit data.max_length; held-out rows only
     need their prompt to fit `context`."""
     to_train = side == "train" if to_train is None else to_train
-    examples = _drop_far_too_long(examples, data.max_length if to_train else context, tokenizer, template, ledger,
-                                  side, data.max_length)
+    examples = _drop_far_too_long(examples, data, tokenizer, template, ledger, side, to_train, context)
     steps = [("empty fields", True, lambda rows: drop_empty(rows)),
              ("duplicates", data.dedupe != "none", lambda rows: drop_duplicates(rows, data.dedupe)),
              ("answer words", bool(data.max_response_words),
@@ -65,14 +64,15 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
     return _fit(examples, data, tokenizer, template, ledger, side, context, to_train)
 
 
-def _drop_far_too_long(examples: list[Example], limit: int | None, tokenizer, template: Template, ledger: Ledger,
-                       side: str, data_max_length: int) -> list[Example]:
-    """First of all, rows certainly over `limit` tokens by their characters: the other filters copy and normalise
-    every row in full."""
+def _drop_far_too_long(examples: list[Example], data: DataConfig, tokenizer, template: Template, ledger: Ledger,
+                       side: str, to_train: bool, context: int | None) -> list[Example]:
+    """First of all, rows certainly over data.max_length tokens (to train on) or the model's context (held out)
+    by their characters: the other filters copy and normalise every row in full."""
     per_token = chars_per_token(tokenizer)
+    limit = data.max_length if to_train else context
     if per_token is None or limit is None:
         return examples
-    name = None if limit == data_max_length else f"the model's context ({limit} tokens)"
+    name = None if to_train else f"the model's context ({limit} tokens)"
     return ledger.record(side, "characters", len(examples),
                          *drop_too_many_characters(examples, limit, per_token, template.is_chat, name))
 
@@ -142,7 +142,7 @@ def build(data: DataConfig, tokenizer, template: Template, context: int | None =
         train, test = split(train, data.test_size, data.seed)
         ledger.steps.append({"split": "train", "step": "split", "in": before, "dropped": {}, "kept": len(train)})
         ledger.steps.append({"split": "test", "step": "split", "in": before, "dropped": {}, "kept": len(test)})
-        train = _drop_far_too_long(train, data.max_length, tokenizer, template, ledger, "train", data.max_length)
+        train = _drop_far_too_long(train, data, tokenizer, template, ledger, "train", True, None)
         train, train_lengths = _fit(train, data, tokenizer, template, ledger, "train", None, to_train=True)
         test_lengths = token_lengths(test, template, tokenizer)
         if not train:
