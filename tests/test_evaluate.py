@@ -58,7 +58,8 @@ def test_contains_reference(answer, reference, expected):
 def test_headline_is_counted_from_answers():
     answers = [generation.Answer("QUILT means Queue", True, 3), generation.Answer("no idea", False, 8)]
     assert scoring.headline(scoring.score_answers(QUESTIONS[:2], answers)) == {
-        "questions": 2, "correct": 1, "accuracy": 0.5, "stopped": 1, "stop_rate": 0.5, "mean_answer_tokens": 5.5}
+        "questions": 2, "correct": 1, "accuracy": 0.5, "judged_by": "contains", "stopped": 1, "stop_rate": 0.5,
+        "mean_answer_tokens": 5.5}
 
 
 def test_evaluate_writes_summary_and_report_and_keeps_the_previous_one(tmp_path, tiny_llama):

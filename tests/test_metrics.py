@@ -49,6 +49,18 @@ def test_behaviour_metrics():
     assert not metrics.echoes("QUILT is a queue.", "What is QUILT?")
 
 
+def test_an_answer_repeating_the_input_is_an_echo():
+    task, text = "Correct the grammar of this sentence.", "She go to school every days and like it."
+    assert metrics.echoes("She go to school every days and like it.", task, text)  # the input, unchanged
+    assert metrics.echoes("she go to school every days and like it", task, text)  # up to case and punctuation
+    assert metrics.echoes("She go to school every days and like", task, text)  # most of it, copied
+    assert not metrics.echoes("She goes to school every day and likes it.", task, text)  # the rewrite asked for
+    assert not metrics.echoes("school every days", task, text)  # a short quote is not an echo
+    assert not metrics.echoes("", task, text) and not metrics.echoes("Anything.", task, "")
+    assert metrics.per_example_scores(task, "She goes to school.", text, input=text)["echo"] == 1.0
+    assert metrics.per_example_scores(task, "She goes to school.", text)["echo"] == 0.0
+
+
 def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     values = [0, 1, 1, 0, 1, 1, 1, 0, 1, 1]
     low, high = metrics.bootstrap_interval(values)

@@ -163,7 +163,7 @@ def test_metrics_json_round_trips(tmp_path: Path) -> None:
     evaluation = _evaluation()
     write_report(tmp_path, evaluation)
     saved = json.loads((tmp_path / "metrics.json").read_text(encoding="utf-8"))
-    assert set(saved) == {"settings", "models", "metrics", "metric_info", "judge"}
+    assert set(saved) == {"settings", "models", "primary_metric", "metrics", "metric_info", "judge"}
     for key in saved:
         assert saved[key] == evaluation[key]
     assert saved["metrics"]["rouge_l"]["tuned"] == {"mean": 0.66, "low": 0.45, "high": 0.85}
@@ -259,7 +259,7 @@ def test_markdown_wins_regressions_and_examples(tmp_path: Path) -> None:
     assert "| -1 | -0.600 |" in regressions
     every = _section(markdown, "Every question")
     assert ("| 5 | What does &lt;script>alert(1)&lt;/script> a\\|b mean? | x\\|y<br>next line | base says 4<br>more"
-            " | 1 | tuned says 4 \\| piped | 0 |") in every
+            " | reference 1 | tuned says 4 \\| piped | reference 0 |") in every
     # Every row of the per-example table has the header's number of cells once pipes are escaped.
     rows = [line for line in every.splitlines() if line.startswith("|")]
     assert len(rows) == 2 + 5
@@ -313,7 +313,7 @@ def test_two_tuned_models(tmp_path: Path) -> None:
                                                                  "What is QUILT?"]
     assert "run-a against base" in _section(markdown, "Largest wins")
     every = _section(markdown, "Every question")
-    assert "| run-a answer | run-a contains | run-b answer | run-b contains |" in every
+    assert "| run-a answer | run-a: right or wrong | run-b answer | run-b: right or wrong |" in every
     with (tmp_path / "answers.csv").open(encoding="utf-8", newline="") as handle:
         header_row = next(csv.reader(handle))
     assert header_row[3:] == [f"{m}_{f}" for m in ("base", "run-a", "run-b")

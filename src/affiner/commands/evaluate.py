@@ -13,6 +13,13 @@ All models see prompts rendered by the run's saved template and decode with the 
 they differ only by the adapter. Every score is computed here, per question, and aggregated with a
 bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
 a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
+Several runs evaluated together: each run folder gets its own evaluation (base against that run), and
+the side-by-side comparison goes to the first run's `comparison/` folder.
+
+With --test FILE, questions the run trained on (word for word, or up to case, spacing and punctuation)
+are left out of the scores and listed in the report (--keep-overlap keeps them). With --key-before SEP
+(or eval.key_before, or a `key` field per row), "contains the key" is scored beside "contains the
+reference" and becomes the headline: an answer with the right key and a reworded rest is right.
 
 Exit code 3 when the judge could not judge some answers (endpoint down, unreadable replies): everything
 is written, the report says how many and why, and running the same command again asks only for the
@@ -38,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --model: the prompt template the adapters were trained with (default alpaca)")
     parser.add_argument("--output", metavar="DIR", help="with --model: the folder that receives the report")
     parser.add_argument("--test", metavar="FILE", help="held-out file to answer instead of the run's own test split")
+    parser.add_argument("--keep-overlap", action="store_true",
+                        help="with --test: also score the questions the run trained on (by default they are left "
+                             "out of the scores, counted and listed in the report: they measure memory)")
+    parser.add_argument("--key-before", metavar="SEP",
+                        help="score 'contains the key' too, the key of a reference being its text before SEP (e.g. "
+                             "':' for 'Expansion: a description'); it becomes the headline (default: eval.key_before; "
+                             "a row's own `key` field wins)")
     parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                         help="answer length limit (default: eval.max_new_tokens)")
     parser.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N questions")
@@ -92,13 +106,17 @@ def main(args: argparse.Namespace) -> None:
         if not args.adapter:
             raise AffinerError("--model needs at least one --adapter DIR to compare with.")
         plan = plan_adapters(args.model, [Path(a) for a in args.adapter], args.test, args.template,
-                             Path(args.output) if args.output else None, args.max_questions)
+                             Path(args.output) if args.output else None, args.max_questions,
+                             key_before=args.key_before)
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
-                          judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args))
-    report = (plan.output if plan else Path(args.runs[0])) / "report.html"
+                          judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args),
+                          keep_overlap=args.keep_overlap, key_before=args.key_before)
+    report = Path(evaluation["report"])
     print(format_table(evaluation))
     print(f"Report: {report}")
+    if len(args.runs) > 1:
+        print(f"Each run's own evaluation (base against it): {', '.join(str(Path(r) / report.name) for r in args.runs)}")
     require_judged(evaluation, report, rerun_command(args))
 
 
@@ -113,13 +131,13 @@ def _benchmarks(args: argparse.Namespace):
 
 def rerun_command(args: argparse.Namespace) -> str:
     """This evaluation as a command line: what to run again once the judge endpoint works."""
-    words = ["affiner", "evaluate", *args.runs]
+    words = ["affiner", "evaluate", *args.runs, *(["--keep-overlap"] if args.keep_overlap else [])]
     if args.model:
         words += ["--model", args.model, *(w for a in args.adapter for w in ("--adapter", a)),
                   "--template", args.template]
     # Decoding flags too: the same answers find their verdicts in the judge's cache.
     defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
-    for name in ("output", "test", "max_new_tokens", "max_questions", "batch_size", *defaults,
+    for name in ("output", "test", "key_before", "max_new_tokens", "max_questions", "batch_size", *defaults,
                  "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode", "benchmarks",
                  "benchmarks_include", "benchmarks_limit"):
         value = getattr(args, name)

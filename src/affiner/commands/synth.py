@@ -1,4 +1,4 @@
-"""Write question/answer conversations about a glossary's acronyms, in English and French, ready for `affiner train`.
+"""Write question/answer conversations about a glossary's acronyms, in its own language, ready for `affiner train`.
 
     affiner synth glossary.csv --output data/glossary-train.json --test-output data/glossary-test.json
     affiner synth glossary.json --output data/train.json --per-entry 12 --languages en --seed 3
@@ -14,6 +14,8 @@
 
     affiner train llama-3.2-1b-instruct-glossary-lora --set data.train=data/glossary-train.json \\
         --set data.test=data/glossary-test.json
+    # without the Hub: the embedded Gemma 3 270M (the summary's last line names the one that fits)
+    affiner train quickstart --set data.train=data/glossary-train.json --set data.test=data/glossary-test.json
 
 `affiner generate`, the former name of this verb, still works.
 
@@ -22,6 +24,12 @@ The glossary is a JSON list (or {"data": [...]}), JSONL or CSV of `acronym` and 
 label the definition, and skos:definition a description; with a single label, skos:definition is the
 definition. Entries without an acronym or definition, and exact duplicates, are dropped and counted;
 one acronym with two definitions is an error.
+
+The conversations are in the glossary's own language (--languages auto, the default): English or
+French, or both when at least a fifth of the entries read as each. An entry's language is its SKOS
+xml:lang tags, else a count of English and French function words (the, of, and... / de, la, et...)
+and French accents in its definition and description; a glossary of names and acronyms alone gives
+English. The summary says what was chosen and why; --languages en, fr or en,fr chooses.
 
 Offline (the default), conversations come from phrasing templates, reproducible with --seed; the
 held-out file (--test-output) uses question phrasings never used for training. With --endpoint, any
@@ -49,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, metavar="FILE", help="training conversations (JSON)")
     parser.add_argument("--per-entry", type=positive_int, default=8, metavar="N",
                         help="training conversations per entry and language (default 8)")
-    parser.add_argument("--languages", default="en,fr", metavar="CODES", help="comma-separated: en, fr (default en,fr)")
+    parser.add_argument("--languages", default="auto", metavar="CODES",
+                        help="comma-separated: en, fr; or auto, the glossary's own language(s), detected from its "
+                             "definitions and SKOS xml:lang tags (default auto)")
     parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N", help="offline phrasing choice (default 0)")
     parser.add_argument("--test-output", metavar="FILE", help="held-out conversations, with unseen questions")
     parser.add_argument("--test-per-entry", type=positive_int, metavar="K",

@@ -196,6 +196,11 @@ class EvalConfig(_Section):
         "held-out questions the probe also answers (its first ones), logging eval_contains, eval_stop_rate and "
         "eval_rouge_l: costs generation time at every probe (0: the held-out loss alone, of the first 32 questions, "
         "a forward pass; the step chosen by it favours the held-out loss of the final report slightly)"))
+    key_before: Annotated[str, Field(min_length=1)] | None = Field(None, description=(
+        "the key part of each reference, scored as 'contains the key' beside 'contains the reference': the text "
+        "before this separator (':' when references read 'Expansion: a description'); a row's own `key` field "
+        "wins; null: only rows with a key field have one. The key is the headline when any row has one: an "
+        "answer with the right key and a reworded rest is right"))
     general: bool = Field(True, description=(
         "also answer affiner's general set (80 everyday questions, English and French) with base and tuned: the "
         "report says whether the fine-tune cost general ability; false saves that time"))

@@ -16,6 +16,7 @@ MISSING = "-"
 # higher_is_better None: neither direction is better in general (answer length).
 METRIC_INFO: dict[str, dict] = {
     "contains": {"label": "contains the reference", "higher_is_better": True, "kind": "rate"},
+    "contains_key": {"label": "contains the key", "higher_is_better": True, "kind": "rate"},
     "exact_match": {"label": "exact match", "higher_is_better": True, "kind": "rate"},
     "rouge_l": {"label": "ROUGE-L F1", "higher_is_better": True, "kind": "score"},
     "bleu": {"label": "BLEU", "higher_is_better": True, "kind": "score"},
@@ -26,7 +27,7 @@ METRIC_INFO: dict[str, dict] = {
     "tokens": {"label": "answer length (tokens)", "higher_is_better": None, "kind": "count"},
     "repetition": {"label": "repeated 3-grams", "higher_is_better": False, "kind": "rate"},
     "empty": {"label": "empty answers", "higher_is_better": False, "kind": "rate"},
-    "echo": {"label": "echoes the question", "higher_is_better": False, "kind": "rate"},
+    "echo": {"label": "echoes the question or input", "higher_is_better": False, "kind": "rate"},
     "loss": {"label": "test loss (held-out answers)", "higher_is_better": False, "kind": "loss"},
     "perplexity": {"label": "perplexity (held-out answers)", "higher_is_better": False, "kind": "loss"},
 }

@@ -27,6 +27,7 @@ class Example:
     input: str = ""
     history: tuple[tuple[str, str], ...] = ()  # earlier (role, content) turns, chat templates only
     reference: str = ""  # what a correct answer must contain (a glossary definition); default: response
+    key: str = ""  # the part of the reference that makes an answer right ("contains the key"); "": eval.key_before
     group: str = ""  # items that must stay on one side of a split (one acronym's paraphrases)
     source: str = ""  # file:line, for messages
 

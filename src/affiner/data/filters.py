@@ -127,6 +127,23 @@ def drop_too_many_tokens(examples: list[Example], lengths: list[int], max_length
     return kept, [(e, reason) for e, n in zip(examples, lengths) if n > max_length]
 
 
+EXACT_OVERLAP = "question word for word in the run's training set"
+NORMALISED_OVERLAP = "question in the run's training set up to case, spacing and punctuation"
+
+
+def training_overlap(test: list[Example], train: list[Example]) -> Dropped:
+    """Held-out rows whose question (with its input and earlier turns) the model trained on, word for word
+    (EXACT_OVERLAP) or once case, spacing and punctuation are set aside (NORMALISED_OVERLAP)."""
+    exact, loose = {question_key(e, normalize=False) for e in train}, {question_key(e) for e in train}
+    found = []
+    for example in test:
+        if question_key(example, normalize=False) in exact:
+            found.append((example, EXACT_OVERLAP))
+        elif question_key(example) in loose:
+            found.append((example, NORMALISED_OVERLAP))
+    return found
+
+
 def drop_overlap(test: list[Example], train: list[Example]) -> tuple[list[Example], Dropped]:
     """A held-out question the model trained on measures memory, not learning: drop it from the test side."""
     asked = {question_key(e) for e in train}

@@ -90,9 +90,11 @@ def _from_qa(record: dict[str, Any], where: str) -> list[Example]:
 
 
 def _optional(record: dict[str, Any], where: str) -> dict[str, Any]:
-    """reference, group (map a column to `group` for a grouped split) and earlier turns (prepared files)."""
+    """reference, its key part, group (map a column to `group` for a grouped split) and earlier turns (prepared
+    files)."""
     history = record.get("history") or []
-    return {"reference": _field(record, "reference", where, False), "group": _field(record, "group", where, False),
+    return {"reference": _field(record, "reference", where, False), "key": _field(record, "key", where, False),
+            "group": _field(record, "group", where, False),
             "history": tuple(_messages(history, where)) if history else (), "source": where}
 
 
@@ -104,10 +106,11 @@ def _from_conversations(record: dict[str, Any], where: str) -> list[Example]:
     conversations = value if nested else [value]
     reference = _field(record, "ground_truth", where, required=False)
     group = _field(record, "acronym", where, required=False)
+    key = _field(record, "key", where, required=False)
     examples = []
     for index, conversation in enumerate(conversations, start=1):
         at = f"{where} conversation {index}" if nested else where
-        examples += _turns(_messages(conversation, at), at, reference, group)
+        examples += _turns(_messages(conversation, at), at, reference, group, key)
     return examples
 
 
@@ -126,7 +129,7 @@ def _messages(conversation: Any, where: str) -> list[tuple[str, str]]:
     return messages
 
 
-def _turns(messages: list[tuple[str, str]], where: str, reference: str, group: str) -> list[Example]:
+def _turns(messages: list[tuple[str, str]], where: str, reference: str, group: str, key: str = "") -> list[Example]:
     """One example per assistant turn, each with the conversation before it as history."""
     examples = []
     for i, (role, content) in enumerate(messages):
@@ -135,7 +138,7 @@ def _turns(messages: list[tuple[str, str]], where: str, reference: str, group: s
         if i == 0 or messages[i - 1][0] != "user":
             raise AffinerError(f"{where}: assistant message {i + 1} must follow a user message.")
         examples.append(Example(instruction=messages[i - 1][1], response=content, history=tuple(messages[: i - 1]),
-                                reference=reference, group=group, source=where))
+                                reference=reference, key=key, group=group, source=where))
     if not examples:
         raise AffinerError(f"{where}: the conversation has no assistant message to learn from.")
     return examples

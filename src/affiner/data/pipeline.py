@@ -28,7 +28,7 @@ from affiner.core.files import read_json
 from affiner.core.templates import Example, Template, render_prompt
 from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, drop_long_answers,
                                   drop_other_languages, drop_overlap, drop_too_many_characters,
-                                  drop_too_many_tokens)
+                                  drop_too_many_tokens, question_key)
 from affiner.data.formats import to_examples
 from affiner.data.ledger import Ledger
 from affiner.data.read import PREPARED_FILE, is_prepared, read_rows
@@ -115,6 +115,16 @@ def read_examples(source: str, data: DataConfig, split_name: str, ledger: Ledger
         examples = ledger.record(side, "max_rows", len(examples), examples[: data.max_rows],
                                  [(e, f"beyond max_rows={data.max_rows}") for e in examples[data.max_rows:]])
     return examples
+
+
+def training_rows(data: DataConfig, held_out: list[Example]) -> list[Example]:
+    """The rows a run's config trains on, read again (before cleaning, which only removes rows): its training
+    source, less the held-out rows it split off when it had no data.test."""
+    train = read_examples(data.train, data, data.split, Ledger(), "train")
+    if data.test or is_prepared(data.train):
+        return train
+    split_off = {question_key(e, normalize=False) for e in held_out}
+    return [e for e in train if question_key(e, normalize=False) not in split_off]
 
 
 def build(data: DataConfig, tokenizer, template: Template, context: int | None = None) -> Prepared:

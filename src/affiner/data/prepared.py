@@ -59,6 +59,8 @@ def canonical_record(example: Example) -> dict[str, Any]:
         record["history"] = [{"role": role, "content": content} for role, content in example.history]
     if example.reference:
         record["reference"] = example.reference
+    if example.key:
+        record["key"] = example.key
     if example.group:
         record["group"] = example.group
     record["origin"] = example.source

@@ -160,6 +160,20 @@ def paired_results(raw: dict[str, dict], version: str, limit: int | None) -> dic
     return {"lm_eval_version": version, "models": models, "baseline": models[0], "limit": limit, "tasks": tasks}
 
 
+def benchmarks_of(results: dict, names: dict[str, str]) -> dict:
+    """paired_results' output for the models in `names` only, under their names there (a run's own evaluation
+    out of several runs evaluated together)."""
+    def keep(by_model: dict) -> dict:
+        return {names[m]: value for m, value in by_model.items() if m in names}
+
+    tasks = {task: {**info, "metrics": {label: {**metric, "models": keep(metric["models"]),
+                                                   "differences": keep(metric["differences"])}
+                                        for label, metric in info["metrics"].items()}}
+             for task, info in results["tasks"].items()}
+    return {**results, "models": [names[m] for m in results["models"] if m in names],
+            "baseline": names.get(results["baseline"], results["baseline"]), "tasks": tasks}
+
+
 def metric_keys(scores: dict) -> dict[str, str]:
     """lm-eval's 'metric,filter' result keys, labelled 'metric' (no filter) or 'metric (filter)'."""
     keys = {}

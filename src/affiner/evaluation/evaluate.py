@@ -3,7 +3,8 @@
 All models see prompts rendered by the run's saved template and decode with the same settings;
 they differ only by the adapter. Every score is computed here, per question, and aggregated with a
 bootstrap interval. The run folder gets `summary.json`, `metrics.json`, `answers.csv`, `report.md`,
-a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`.
+a self-contained `report.html` and plots; an earlier evaluation is moved to `evaluations/N/`. Several runs
+evaluated together: each run folder gets its own evaluation, linked to the comparison in the first's `comparison/`.
 
 Answers the LLM judge could not judge (failed requests, unreadable replies) are counted, with their
 reasons, in metrics.json and the reports; `require_judged` then turns them into exit code 3.
@@ -27,16 +28,17 @@ from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example
 from affiner.core.tracking import log_evaluation
 from affiner.evaluation import metrics
-from affiner.evaluation.benchmarks import Benchmarks, check_benchmarks, run_benchmarks
+from affiner.evaluation.benchmarks import Benchmarks, benchmarks_of, check_benchmarks, run_benchmarks
 from affiner.evaluation.general import general_examples, no_harm
 from affiner.evaluation.generation import generate
 from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
-from affiner.evaluation.report import REPORT_FILES, write_report
+from affiner.evaluation.report import REPORT_FILES, REPORT_HTML, write_report
 from affiner.evaluation.report_content import unjudged_of
-from affiner.evaluation.scoring import headline, held_out_losses, over_context, score_answers
+from affiner.evaluation.scoring import correct, headline, held_out_losses, over_context, score_answers
 
-TEXT_METRICS = ("contains", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
+COMPARISON_FOLDER = "comparison"  # in the first run's folder: several runs side by side
+TEXT_METRICS = ("contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
                 "tokens", "repetition", "empty", "echo")
 
 
@@ -48,15 +50,20 @@ class Answered:
     losses: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     general: dict = field(default_factory=dict)  # model -> (answers, losses) on the general set
+    general_scores: dict = field(default_factory=dict)  # model -> scores of its answers on the general set
+    benchmarks: dict | None = None  # lm-eval's results of every model, paired with the base
     past_context: int = 0  # references running past the model's context (scored on the part that fits)
 
 
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
-             judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None) -> dict:
-    """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run."""
+             judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
+             keep_overlap: bool = False, key_before: str | None = None) -> dict:
+    """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run;
+    `keep_overlap`: score the --test questions the run trained on too; `key_before`: eval.key_before's value."""
     if plan is None:
-        plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions)
+        plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions, keep_overlap,
+                         key_before)
     judge = judge or plan.judge
     # Fail on a bad judge setting or benchmark task before hours of generation.
     judge_client = Judge(judge_settings(judge)) if judge else None
@@ -66,24 +73,70 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     limit, size = max_new_tokens or plan.max_new_tokens, batch_size or plan.batch_size
     examples, template, general = plan.examples, plan.template, general_examples() if plan.general else []
     done = answer_all(plan, general, limit, size, sampling)
-    answers = done.answers
-    scores = {name: score_answers(examples, answers[name]) for name in answers}
-    verdicts = judge_answers(judge_client, judge, examples, answers, scores) if judge_client else None
-    evaluation = build_evaluation(plan.output.name, examples, answers, scores, done.losses, verdicts, {
+    scores = {name: score_answers(examples, done.answers[name], plan.key_before) for name in done.answers}
+    verdicts = judge_answers(judge_client, judge, examples, done.answers, scores) if judge_client else None
+    done.general_scores = {n: score_answers(general, a) for n, (a, _) in done.general.items()}
+    settings = {
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
         "questions": len(examples), **_left_out(plan.dropped, done.past_context),
-        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())})
+        **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
+        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())}
+    if tasks:  # last: lm-eval resets the random seeds
+        done.benchmarks = run_benchmarks(plan.loaders, plan.tokenizer, tasks, benchmarks.include, benchmarks.limit,
+                                         size)
+    return _write_all(plan, done, scores, verdicts, settings, general)
+
+
+def _write_all(plan: Plan, done: Answered, scores: dict, verdicts: dict | None, settings: dict,
+               general: list[Example]) -> dict:
+    """One tuned model: its evaluation in its folder. Several runs: each run folder gets its own evaluation
+    (base against that run, so that every later command sees it evaluated), linked to the side-by-side
+    comparison written in the first run's comparison/ folder. Returns the evaluation printed (the comparison)."""
+    models = list(done.answers)
+    if len(models) == 2 or not plan.folders:
+        evaluation = _assemble(plan, done, scores, verdicts, settings, general, models, plan.output.name)
+        _write(plan.output, evaluation, _summary(plan.output, plan, evaluation, done, scores, models))
+        return evaluation
+    comparison = plan.output / COMPARISON_FOLDER
+    for name, folder in plan.folders.items():
+        others = ", ".join(m for m in plan.folders if m != name)
+        own = {**settings, "compared with": f"{others}, side by side in {comparison / REPORT_HTML}"}
+        evaluation = _assemble(plan, done, scores, verdicts, own, general, ["base", name], folder.name)
+        _write(folder, evaluation, _summary(folder, plan, evaluation, done, scores, ["base", name]))
+    evaluation = _assemble(plan, done, scores, verdicts, {
+        **settings, "each run's own report": ", ".join(str(f / REPORT_HTML) for f in plan.folders.values())},
+        general, models, f"{plan.output.name} and {len(models) - 2} other run(s)")
+    _write(comparison, evaluation, _summary(comparison, plan, evaluation, done, scores, models))
+    return evaluation
+
+
+def _assemble(plan: Plan, done: Answered, scores: dict, verdicts: dict | None, settings: dict,
+              general: list[Example], models: list[str], title: str) -> dict:
+    """The evaluation of `models` (the base first); a run's own evaluation (base and one run) names its model
+    "tuned", as a single run's does."""
+    names = dict(zip(models, models)) if len(models) > 2 or not plan.folders else {"base": "base", models[1]: "tuned"}
+
+    def pick(by_model: dict) -> dict:
+        return {names[m]: by_model[m] for m in models}
+
+    evaluation = build_evaluation(title, plan.examples, pick(done.answers), pick(scores), pick(done.losses),
+                                  judged_by(verdicts, names), settings)
     if plan.dropped and plan.dropped.get("count"):
         evaluation["not_evaluated"] = plan.dropped
     if general:
-        evaluation["general"] = no_harm(general, {n: a for n, (a, _) in done.general.items()},
-                                        {n: score_answers(general, a) for n, (a, _) in done.general.items()},
-                                        {n: loss for n, (_, loss) in done.general.items()})
-    if tasks:  # last: lm-eval resets the random seeds
-        evaluation["benchmarks"] = run_benchmarks(plan.loaders, plan.tokenizer, tasks, benchmarks.include,
-                                                  benchmarks.limit, size)
-    _write(plan.output, evaluation, _summary(plan, evaluation, done, scores))
+        evaluation["general"] = no_harm(general, {names[m]: done.general[m][0] for m in models},
+                                        pick(done.general_scores), {names[m]: done.general[m][1] for m in models})
+    if done.benchmarks:
+        evaluation["benchmarks"] = benchmarks_of(done.benchmarks, names)
     return evaluation
+
+
+def judged_by(verdicts: dict | None, names: dict[str, str]) -> dict | None:
+    """The judge's summaries of the models in `names`, under their names there."""
+    if not verdicts:
+        return verdicts
+    return {**verdicts, **{mode: {names[m]: summary for m, summary in (verdicts.get(mode) or {}).items() if m in names}
+                           for mode in ("absolute", "pairwise")}}
 
 
 def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampling: Settings) -> Answered:
@@ -106,18 +159,22 @@ def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampli
     return done
 
 
-def _summary(plan: Plan, evaluation: dict, done: Answered, scores: dict) -> dict:
-    answers = done.answers
-    return {"run": str(plan.output), **evaluation["settings"], "generation_seconds": done.seconds,
+def _summary(folder: Path, plan: Plan, evaluation: dict, done: Answered, scores: dict, models: list[str]) -> dict:
+    names = evaluation["models"]  # the models' names in this evaluation, in the order of `models`
+    answers = {name: done.answers[m] for name, m in zip(names, models)}
+    scores = {name: scores[m] for name, m in zip(names, models)}
+    return {"run": str(folder), **evaluation["settings"],
+            "generation_seconds": {name: done.seconds[m] for name, m in zip(names, models)},
             **{name: headline(scores[name]) for name in answers},
             **({"general": {m: c["verdict"] for m, c in evaluation["general"]["changes"].items()}}
                if evaluation.get("general") else {}),
             "answers": [{"question": e.instruction, "input": e.input, "reference": e.expected,
-                         **{name: answers[name][i].__dict__ | {"correct": bool(scores[name][i]["contains"])}
+                         **{name: answers[name][i].__dict__ | {"correct": bool(correct(scores[name][i]))}
                             for name in answers}} for i, e in enumerate(plan.examples)]}
 
 
 def _write(folder: Path, evaluation: dict, summary: dict) -> None:
+    evaluation["report"] = str(folder / REPORT_HTML)  # where the reader is sent
     folder.mkdir(parents=True, exist_ok=True)
     with RunFolder(folder).writing("evaluate"):  # two evaluations of one run never interleave their files
         _archive_previous(folder)
@@ -167,8 +224,9 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
                      verdicts: dict | None, settings: dict) -> dict:
     """The evaluation as the report reads it: aggregates with intervals, and every answer with its scores."""
     models = list(answers)
-    info = {k: METRIC_INFO[k] for k in TEXT_METRICS}
-    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in TEXT_METRICS}
+    measured = [k for k in TEXT_METRICS if all(k in s for m in models for s in scores[m])]
+    info = {k: METRIC_INFO[k] for k in measured}
+    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in measured}
     if all(losses[m][0] for m in models):
         per_model = {m: metrics.aggregate_loss(*losses[m]) for m in models}
         for key in ("loss", "perplexity"):
@@ -178,7 +236,8 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
         info["judge"] = JUDGE_INFO
         aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
     return {
-        "title": title, "models": models, "primary_metric": "contains", "settings": settings,
+        "title": title, "models": models, "settings": settings,
+        "primary_metric": "contains_key" if "contains_key" in measured else "contains",
         "metric_info": info, "metrics": aggregates, "judge": verdicts,
         "examples": [{"question": e.instruction, "input": e.input, "reference": e.expected,
                       "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}

@@ -74,10 +74,21 @@ def is_empty(answer: str) -> bool:
     return not answer.strip()
 
 
-def echoes(answer: str, question: str) -> bool:
-    """The answer merely repeats the question (a base model's favourite move)."""
-    q, a = normalise(question), normalise(answer)
-    return bool(q) and (a == q or a.startswith(q))
+def echoes(answer: str, question: str, input: str = "") -> bool:
+    """The answer merely repeats the question or the task's input (a base model's favourite move, and a tuned
+    model's on tasks whose input it should rewrite): it is one of them, starts with it whole, or is a stretch
+    copied from it that covers most of it (ECHO_SHARE of its words)."""
+    said = normalise(answer)
+    return bool(said) and any(_repeats(said, normalise(text)) for text in (question, input))
+
+
+ECHO_SHARE = 0.8
+
+
+def _repeats(said: str, text: str) -> bool:
+    if not text:
+        return False
+    return said.startswith(text) or (f" {said} " in f" {text} " and len(said.split()) >= ECHO_SHARE * len(text.split()))
 
 
 @functools.cache
@@ -98,11 +109,12 @@ def embedding_similarity(answers: Sequence[str], references: Sequence[str]) -> l
     return [float(x) for x in np.sum(a * r, axis=1)]
 
 
-def per_example_scores(question: str, reference: str, answer: str) -> dict[str, float]:
-    """Every text score of one answer (embedding similarity is added in batch by the caller)."""
+def per_example_scores(question: str, reference: str, answer: str, input: str = "") -> dict[str, float]:
+    """Every text score of one answer (embedding similarity is added in batch by the caller); `input`: the
+    task's input, which an answer must not merely repeat either."""
     return {"contains": float(contains_reference(answer, reference)), "exact_match": float(exact_match(answer, reference)),
             "rouge_l": rouge_l(answer, reference), "bleu": bleu(answer, reference), "chrf": chrf(answer, reference),
-            "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question))}
+            "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question, input))}
 
 
 def bootstrap_interval(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean,

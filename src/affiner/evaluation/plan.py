@@ -6,6 +6,7 @@ adapter, so every comparison is fair by construction.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -13,13 +14,14 @@ from typing import Callable
 import torch
 
 from affiner.core.config import JudgeConfig, RunConfig
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, first_line
 from affiner.core.models import (context_length, dtype_for, dtype_of, load_for, load_model, load_tokenizer,
                                  tokenizer_for)
 from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, build_template
 from affiner.data.formats import to_examples
-from affiner.data.pipeline import dropped_rows, prompts_that_fit
+from affiner.data.filters import EXACT_OVERLAP, training_overlap
+from affiner.data.pipeline import dropped_rows, prompts_that_fit, training_rows
 from affiner.data.read import read_test_rows
 
 
@@ -38,19 +40,48 @@ class Plan:
     judge: JudgeConfig | None
     general: bool = True  # also the no-harm check on affiner's general set
     dropped: dict | None = None  # held-out rows not evaluated, with why: {"count", "rows": [{question, reason}]}
+    folders: dict[str, Path] | None = None  # model name -> its run folder (None: adapters trained elsewhere)
+    key_before: str | None = None  # eval.key_before: the key part of a reference is the text before it
+    overlap: str | None = None  # what was found of --test questions also in the training rows (None: not asked)
 
 
-def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Template,
-             tokenizer) -> tuple[list[Example], dict | None]:
-    """The questions to answer, and those left out with why: --test FILE when given (whatever the length of its
-    answers, as long as each prompt fits the model's context), else the run's own held-out split."""
+def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Template, tokenizer,
+             keep_overlap: bool = False) -> tuple[list[Example], dict | None, str | None]:
+    """The questions to answer, those left out with why, and what was found of overlap with the training rows:
+    --test FILE when given (whatever the length of its answers, as long as each prompt fits the model's context;
+    questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
+    overlap with the training rows was dropped when the run was trained)."""
     if test:
         examples = to_examples(read_test_rows(test), config.data.format, config.data.columns)
+        examples, overlapping, overlap = _overlap(run, config, examples, keep_overlap)
         kept, dropped = prompts_that_fit(examples, template, tokenizer, context_length(config))
-        return kept, dropped_rows(dropped)
+        return kept, dropped_rows(overlapping + dropped), overlap
     if not run.has_held_out:
         raise AffinerError(f"{run} has no held-out examples; pass --test FILE.")
-    return run.held_out(), run.data_info().get("test", {}).get("dropped")
+    return run.held_out(), run.data_info().get("test", {}).get("dropped"), None
+
+
+def _overlap(run: RunFolder, config: RunConfig, examples: list[Example],
+             keep: bool) -> tuple[list[Example], list[tuple[Example, str]], str]:
+    """Rows of a --test file the run trained on: a held-out figure on them measures memory, not learning.
+    Returns the rows to answer, those left out with why, and the line the report's settings show."""
+    try:
+        found = training_overlap(examples, training_rows(config.data, run.held_out()))
+    except (AffinerError, OSError) as error:  # moved, deleted, or a Hub dataset out of reach
+        line = f"not checked: the training rows ({config.data.train}) could not be read again ({first_line(error)})"
+        print(f"note: overlap of the test questions with the run's training rows {line}.", file=sys.stderr)
+        return examples, [], line
+    exact = sum(reason == EXACT_OVERLAP for _, reason in found)
+    line = (f"{len(found)} of {len(examples)} test questions also in the training rows "
+            f"({exact} word for word, {len(found) - exact} up to case, spacing and punctuation)")
+    if not found:
+        return examples, [], line
+    if keep:
+        return examples, [], line + ", kept in the scores (--keep-overlap)"
+    overlapping = {id(e) for e, _ in found}
+    print(f"note: {line}: left out of the scores and listed in the report (--keep-overlap keeps them).",
+          file=sys.stderr)
+    return [e for e in examples if id(e) not in overlapping], found, line + ", left out of the scores"
 
 
 def tuned_model(run: RunFolder, config: RunConfig):
@@ -62,25 +93,27 @@ def tuned_model(run: RunFolder, config: RunConfig):
     return _merged(load_for(config, adapter=run.path, full_precision=True), dtype_for(config))
 
 
-def plan_runs(folders: list[Path], test: str | None, max_questions: int | None) -> Plan:
+def plan_runs(folders: list[Path], test: str | None, max_questions: int | None, keep_overlap: bool = False,
+              key_before: str | None = None) -> Plan:
     runs = [RunFolder.open(folder).require_finished("evaluate it") for folder in folders]
     configs = require_one_base(runs, "only runs of one base can be compared on the same prompts.")
     run, config = runs[0], configs[0]
     loaders: dict[str, Callable[[], object]] = {"base": lambda: load_for(config)}
-    for name, other, other_config in zip(model_names([r.path for r in runs]), runs, configs):
+    names = model_names([r.path for r in runs])
+    for name, other, other_config in zip(names, runs, configs):
         loaders[name] = lambda r=other, c=other_config: tuned_model(r, c)
     template, tokenizer = run.template(), tokenizer_for(config, run.path)
-    examples, dropped = held_out(run, test, config, template, tokenizer)
+    examples, dropped, overlap = held_out(run, test, config, template, tokenizer, keep_overlap)
     return Plan(output=run.path, template=template, tokenizer=tokenizer,
                 examples=examples[: max_questions or config.eval.max_questions],
                 loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 test=test or (config.data.test or "held-out split of the run"),
                 judge=config.eval.judge if config.eval.judge.url else None, general=config.eval.general,
-                dropped=dropped)
+                dropped=dropped, overlap=overlap, folders={n: r.path for n, r in zip(names, runs)}, key_before=key_before or config.eval.key_before)
 
 
 def plan_adapters(base: str, adapters: list[Path], test: str | None, template_name: str, output: Path | None,
-                  max_questions: int | None, quantization: str | None = None) -> Plan:
+                  max_questions: int | None, quantization: str | None = None, key_before: str | None = None) -> Plan:
     """A base model and LoRA adapters trained anywhere (plain peft folders), on a test file."""
     if not test or output is None:
         raise AffinerError("evaluating --adapter folders needs --test FILE (the held-out questions) and "
@@ -103,7 +136,9 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
     examples = to_examples(read_test_rows(test))[:max_questions]
     output.mkdir(parents=True, exist_ok=True)
     return Plan(output=output, template=build_template(template_name, tokenizer), tokenizer=tokenizer,
-                examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None)
+                examples=examples, loaders=loaders, max_new_tokens=64, batch_size=16, test=test, judge=None,
+                key_before=key_before,
+                overlap="not checked: affiner does not know the training rows of adapters trained elsewhere")
 
 
 def _merged(model, dtype: torch.dtype):

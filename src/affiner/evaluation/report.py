@@ -84,6 +84,7 @@ def answers_csv(evaluation: dict) -> str:
 
 def metrics_json(evaluation: dict) -> str:
     content = {"settings": evaluation.get("settings", {}), "models": list(evaluation["models"]),
+               "primary_metric": evaluation.get("primary_metric"),
                "metrics": evaluation.get("metrics", {}), "metric_info": evaluation.get("metric_info", {}),
                "judge": evaluation.get("judge"),
                **{key: evaluation[key] for key in ("general", "not_evaluated", "benchmarks") if evaluation.get(key)}}

@@ -128,6 +128,73 @@ def headline_rows(evaluation: dict) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------- which correctness figure to trust
+
+# What each figure that says "right or wrong" measures, in one line each.
+CORRECTNESS = {
+    "contains_key": "the answer holds the reference's key part (its own `key`, or the text before eval.key_before), "
+                    "whatever it says around it",
+    "contains": "the answer holds the whole reference, word for word (case, accents and punctuation aside): a "
+                "reworded reference counts as wrong",
+    "embedding": "closeness of meaning to the reference (0 to 1): rewards paraphrase, but extra words around a right "
+                 "answer (\"X stands for ...\") lower it",
+    "judge": "an LLM judge's verdict against the reference",
+}
+SIMILAR, DISSIMILAR = 0.8, 0.4  # similarity above: "reads as right"; below: "reads as wrong"
+
+
+def correctness_lines(evaluation: dict) -> list[str]:
+    """One line per correctness figure measured: what it means, the headline first and named so; then any
+    pair of models two figures rank in opposite orders (plain text, escaped by the renderer)."""
+    info, primary = evaluation.get("metric_info", {}), evaluation["primary_metric"]
+    present = sorted((m for m in CORRECTNESS if m in info), key=lambda m: m != primary)
+    lines = [f"{metric_label(evaluation, m)}{' (the headline)' if m == primary else ''}: {CORRECTNESS[m]}."
+             for m in present]
+    return lines + rank_disagreements(evaluation, present)
+
+
+def rank_disagreements(evaluation: dict, figures: list[str]) -> list[str]:
+    """'embedding similarity ranks tuned below base, contains the key above': the reader must not pick one."""
+    primary, notes = evaluation["primary_metric"], []
+    for model in tuned_models(evaluation):
+        by_primary = delta(evaluation, primary, model)
+        for other in figures:
+            by_other = delta(evaluation, other, model)
+            if other != primary and by_primary and by_other and (by_primary > 0) != (by_other > 0):
+                notes.append(f"The figures disagree on {model}: {metric_label(evaluation, other)} ranks it "
+                             f"{'above' if by_other > 0 else 'below'} {evaluation['models'][0]}, "
+                             f"{metric_label(evaluation, primary)} {'above' if by_primary > 0 else 'below'}; "
+                             "the answers where they part are marked under Every question.")
+    return notes
+
+
+def figures_of(example: dict, model: str, evaluation: dict) -> str:
+    """The correctness figures of one answer, and where they disagree: 'key 1 · reference 0 · similarity 0.62 ·
+    ⚠ right key, reworded reference'."""
+    info = evaluation.get("metric_info", {})
+    names = {"contains_key": "key", "contains": "reference", "embedding": "similarity", "judge": "judge"}
+    scores = {m: example_score(example, model, m) for m in CORRECTNESS if m in info}
+    parts = [f"{names[m]} {format_example_score(v)}" for m, v in scores.items()]
+    clash = disagreement(scores)
+    return " · ".join(parts + ([f"⚠ {clash}"] if clash else []))
+
+
+def disagreement(scores: dict[str, float | None]) -> str:
+    """Why the figures of one answer disagree, or "" when they agree."""
+    key, whole, similarity, judge = (scores.get(m) for m in ("contains_key", "contains", "embedding", "judge"))
+    verdict = key if key is not None else whole
+    if key and not whole:
+        return "right key, reworded reference"
+    if verdict is not None and judge is not None and bool(verdict) != bool(judge):
+        return f"the judge says {'right' if judge else 'wrong'}"
+    if similarity is not None and verdict is not None:
+        if verdict and similarity < DISSIMILAR:
+            return "right by the text, far by meaning"
+        if not verdict and similarity >= SIMILAR:
+            return "close by meaning, wrong by the text"
+    return ""
+
+
 # --------------------------------------------------------------------------- wins and regressions
 
 def tie_break_metric(evaluation: dict) -> str | None:

@@ -10,7 +10,7 @@ from typing import Any
 from affiner.evaluation.benchmarks import benchmarks_tables
 from affiner.evaluation.general import GENERAL_NOTE, general_tables
 from affiner.evaluation.report_content import (BASE_TINT, EMPTY_TEXT, HEADLINE_NOTE, TUNED_TINT, answer_of, comparison_note,
-                                               example_score, format_example_change, format_example_score,
+                                               correctness_lines, figures_of, format_example_change,
                                                format_settings, headline_rows, judge_tables, question_text, role,
                                                tie_break_metric, tuned_models, unjudged_notes,
                                                wins_and_regressions)
@@ -136,7 +136,9 @@ def headline_section(evaluation: dict) -> str:
     # Right under the headline, where the judge's means are: they are over the judged answers only.
     warnings = "".join(f'\n<p class="warning"><strong>Judge:</strong> {escape(note)}</p>'
                        for note in unjudged_notes(evaluation.get("judge")))
-    return table(header, rows, table_id="headline") + f'\n<p class="note">{escape(HEADLINE_NOTE)}</p>' + warnings
+    figures = "".join(f"<li>{escape(line)}</li>" for line in correctness_lines(evaluation))
+    return (table(header, rows, table_id="headline") + f'\n<p class="note">{escape(HEADLINE_NOTE)}</p>' + warnings
+            + f'\n<p class="note"><strong>Which figure says right or wrong:</strong></p>\n<ul class="note">{figures}</ul>')
 
 
 def figures_section(plots: dict[str, bytes], captions: dict[str, str]) -> str:
@@ -216,15 +218,15 @@ def examples_sections(evaluation: dict) -> str:
 
 
 def every_question_section(evaluation: dict) -> str:
-    models, primary = evaluation["models"], evaluation["primary_metric"]
+    models = evaluation["models"]
     head = [("#", ""), ("question", ""), ("reference", "")]
     for m in models:
-        head += [(f"{m} answer", role(evaluation, m)), (f"{m} {primary}", role(evaluation, m))]
+        head += [(f"{m} answer", role(evaluation, m)), (f"{m}: right or wrong", role(evaluation, m))]
     body = []
     for index, example in enumerate(evaluation.get("examples", [])):
         row = [escape(index + 1), text_span(question_text(example)), text_span(example.get("reference"))]
         for m in models:
             row += [(answer_cell(example, m), role(evaluation, m)),
-                    (escape(format_example_score(example_score(example, m, primary))), f"num {role(evaluation, m)}")]
+                    (escape(figures_of(example, m, evaluation)), role(evaluation, m))]
         body.append(row)
     return "<h2>Every question</h2>\n" + (table(head, body, css="examples") if body else "<p>none</p>")

@@ -6,9 +6,9 @@ from typing import Any, Iterable
 
 from affiner.evaluation.benchmarks import benchmarks_tables
 from affiner.evaluation.general import GENERAL_NOTE, general_tables
-from affiner.evaluation.report_content import (EMPTY_TEXT, HEADLINE_NOTE, answer_of, comparison_note, example_score,
-                                               format_example_change, format_example_score, format_settings,
-                                               headline_rows, judge_tables, question_text, tie_break_metric,
+from affiner.evaluation.report_content import (EMPTY_TEXT, HEADLINE_NOTE, answer_of, comparison_note,
+                                               correctness_lines, figures_of, format_example_change,
+                                               format_settings, headline_rows, judge_tables, question_text, tie_break_metric,
                                                tuned_models, unjudged_notes, wins_and_regressions)
 
 
@@ -48,8 +48,10 @@ def headline_section(evaluation: dict) -> list[str]:
             for r in headline_rows(evaluation)]
     # Right under the headline, where the judge's means are: they are over the judged answers only.
     warnings = [f"**Judge:** {md_cell(note)}" for note in unjudged_notes(evaluation.get("judge"))]
+    figures = ["**Which figure says right or wrong:**", ""] + [f"- {md_cell(line)}" for line in
+                                                               correctness_lines(evaluation)] + [""]
     return ["## Headline", ""] + md_table(header, rows) + ["", HEADLINE_NOTE, ""] + \
-        [line for note in warnings for line in (note, "")]
+        [line for note in warnings for line in (note, "")] + figures
 
 
 def general_section(general: dict | None) -> list[str]:
@@ -112,14 +114,14 @@ def examples_sections(evaluation: dict) -> list[str]:
 
 
 def every_question_section(evaluation: dict) -> list[str]:
-    models, primary = evaluation["models"], evaluation["primary_metric"]
+    models = evaluation["models"]
     head = ["#", "question", "reference"]
     for m in models:
-        head += [md_cell(f"{m} answer"), md_cell(f"{m} {primary}")]
+        head += [md_cell(f"{m} answer"), md_cell(f"{m}: right or wrong")]
     body = []
     for index, example in enumerate(evaluation.get("examples", [])):
         row = [str(index + 1), md_cell(question_text(example)), md_cell(example.get("reference"))]
         for m in models:
-            row += [md_cell(answer_of(example, m).get("text")), format_example_score(example_score(example, m, primary))]
+            row += [md_cell(answer_of(example, m).get("text")), md_cell(figures_of(example, m, evaluation))]
         body.append(row)
     return ["## Every question", ""] + (md_table(head, body) if body else ["none"])

@@ -50,22 +50,44 @@ def over_context(model, tokenizer, template: Template, examples: list[Example]) 
     return sum(n > context for n in token_lengths(examples, template, tokenizer)) if context else 0
 
 
-def score_answers(examples: list[Example], answers: list[Answer]) -> list[dict[str, float]]:
-    scores = [metrics.per_example_scores(e.instruction, e.expected, a.text) | {"stopped": float(a.stopped),
+def key_of(example: Example, key_before: str | None = None) -> str:
+    """The part of the reference that makes an answer right: the row's own key, else the reference's text before
+    `key_before` (eval.key_before), else "" (no key: "contains the key" falls back to the whole reference)."""
+    if example.key:
+        return example.key
+    if key_before and key_before in example.expected:
+        return example.expected.split(key_before, 1)[0].strip()
+    return ""
+
+
+def score_answers(examples: list[Example], answers: list[Answer], key_before: str | None = None) -> list[dict[str, float]]:
+    """Every score of every answer; "contains_key" only when some row has a key (its own, or by `key_before`)."""
+    scores = [metrics.per_example_scores(e.instruction, e.expected, a.text, e.input) | {"stopped": float(a.stopped),
                                                                               "new_turn": float(a.new_turn),
                                                                               "tokens": float(a.tokens)}
               for e, a in zip(examples, answers)]
     for row, similarity in zip(scores, metrics.embedding_similarity([a.text for a in answers],
                                                                     [e.expected for e in examples])):
         row["embedding"] = similarity
+    keys = [key_of(e, key_before) for e in examples]
+    if any(keys):
+        for row, key, example, answer in zip(scores, keys, examples, answers):
+            row["contains_key"] = float(metrics.contains_reference(answer.text, key or example.expected))
     return scores
 
 
+def correct(scores: dict[str, float]) -> float:
+    """The headline's verdict on one answer: it contains the key when the rows have keys, else the reference."""
+    return scores.get("contains_key", scores["contains"])
+
+
 def headline(scores: list[dict[str, float]]) -> dict:
-    """The two figures of the quickstart, as counts and rates."""
+    """The two figures of the quickstart, as counts and rates: answers right (by the headline's measure,
+    `judged_by`) and answers that stopped."""
     n = len(scores)
-    correct = int(sum(s["contains"] for s in scores))
+    correct_answers = int(sum(correct(s) for s in scores))
     stopped = int(sum(s["stopped"] for s in scores))
-    return {"questions": n, "correct": correct, "accuracy": correct / n if n else 0.0, "stopped": stopped,
+    return {"questions": n, "correct": correct_answers, "accuracy": correct_answers / n if n else 0.0,
+            "judged_by": "contains_key" if scores and "contains_key" in scores[0] else "contains", "stopped": stopped,
             "stop_rate": stopped / n if n else 0.0,
             "mean_answer_tokens": sum(s["tokens"] for s in scores) / n if n else 0.0}

@@ -15,9 +15,9 @@ def format_table(evaluation: dict) -> str:
     for key, info in evaluation["metric_info"].items():
         rows.append([info["label"], *(format_value(evaluation["metrics"][key][m]["mean"], info["kind"])
                                       for m in models)])
-    tuned = models[1]
-    example = next((x for x in evaluation["examples"] if x["answers"][tuned]["scores"]["contains"]
-                    and not x["answers"]["base"]["scores"]["contains"]), evaluation["examples"][0])
+    tuned, primary = models[1], evaluation["primary_metric"]
+    example = next((x for x in evaluation["examples"] if x["answers"][tuned]["scores"][primary]
+                    and not x["answers"]["base"]["scores"][primary]), evaluation["examples"][0])
     # The judge's means are over the answers it judged: the reader must see how many it did not.
     notes = [f"Judge: {note}" for note in unjudged_notes(evaluation.get("judge"))]
     general = evaluation.get("general")

@@ -40,6 +40,7 @@ def describe_run(folder: Path) -> dict[str, Any]:
             "train_rows": data.get("train", {}).get("examples"), "steps": info.get("steps", info.get("step")),
             "minutes": round(info["train_seconds"] / 60, 1) if "train_seconds" in info else None,
             "started": info.get("started"), "scores": scores,
+            "primary": (evaluation or {}).get("primary_metric") or "contains",
             "config": flatten(config.model_dump(mode="json"))}
 
 
@@ -55,7 +56,7 @@ def list_runs(root: Path) -> str:
               "correct base→tuned", "stops tuned", "loss tuned"]
     rows = [header] + [[Path(r["run"]).name, r["status"], r["model"], r["method"], r["data"],
                         str(r["train_rows"] or "-"), str(r["steps"] or "-"), str(r["minutes"] or "-"),
-                        f"{_score(r, 'contains', 'base')} → {_score(r, 'contains')}" if r["scores"] else "not evaluated",
+                        f"{_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}" if r["scores"] else "not evaluated",
                         _score(r, "stopped"), _score(r, "loss")] for r in runs]
     return text_table(rows)
 

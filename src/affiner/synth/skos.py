@@ -119,10 +119,11 @@ def read_skos(text: str, label: str, drops: Ledger) -> tuple[list[Entry], int]:
         if isinstance(term, str):
             drops.drop(where, term)
             continue
+        tagged = frozenset(f.language.split("-")[0] for f in fields if f.language)
         localized = {}
-        for code in sorted({f.language.split("-")[0] for f in fields if f.language}):
+        for code in sorted(tagged):
             other = _skos_term(fields, code)
             if isinstance(other, Term) and other != term:
                 localized[code] = other
-        entries.append(Entry(term, where, localized))
+        entries.append(Entry(term, where, localized, tagged))
     return entries, read

@@ -5,8 +5,9 @@ run (`generate`), the output files and the summary.
                       test_output=Path("data/test.json"))
     print(summary(generate(options), options))
 
-The glossary is read by `glossary.read_glossary`; the conversations come from the phrasing banks
-(`offline`), or from a model at an endpoint when `Options.llm` is set (`llm`). The output is the
+The glossary is read by `glossary.read_glossary`; its languages are detected (`language`) unless
+`Options.languages` names them; the conversations come from the phrasing banks (`offline`), or from a
+model at an endpoint when `Options.llm` is set (`llm`). The output is the
 nested glossary layout `train` reads: one record per acronym,
 {acronym, ground_truth, languages, conversation: [[user, assistant], ...]}.
 """
@@ -22,14 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.errors import AffinerError
+from affiner.core.hub import hub_reachable
 from affiner.core.files import json_text, remove_leftovers, write_together
 from affiner.synth.banks import LANGUAGES
 from affiner.synth.glossary import COLUMN_KEYS, Glossary, read_glossary
+from affiner.synth.language import LanguageChoice, detect_languages
 from affiner.synth.llm import EndpointReport, LLMOptions, llm_pairs
 from affiner.synth.offline import offline_capacity, offline_pairs
 from affiner.synth.terms import Pairs
 
-RECIPE = "llama-3.2-1b-instruct-glossary-lora"
+RECIPE = "llama-3.2-1b-instruct-glossary-lora"  # the next step when the Hub can be reached
+OFFLINE_RECIPE = "quickstart"  # the embedded Gemma 3 270M and the qa template: nothing to download
 
 
 @dataclass(frozen=True)
@@ -37,7 +41,7 @@ class Options:
     glossary: Path
     output: Path
     per_entry: int = 8
-    languages: tuple[str, ...] = ("en", "fr")
+    languages: tuple[str, ...] | None = None  # None: detected from the glossary (`language.detect_languages`)
     seed: int = 0
     test_output: Path | None = None
     test_per_entry: int = 2
@@ -49,6 +53,7 @@ class Options:
 @dataclass
 class Result:
     glossary: Glossary
+    languages: LanguageChoice  # the languages written, and why
     train: list[dict[str, Any]]  # records in the nested glossary layout
     test: list[dict[str, Any]]
     counts: dict[str, Counter]  # "train"/"test" -> conversations per language
@@ -61,15 +66,16 @@ def generate(options: Options, say: Callable[[str], None] = print) -> Result:
     _check_options(options)
     _check_outputs(options)
     glossary = read_glossary(options.glossary, options.columns)
+    choice = detect_languages(glossary.entries) if options.languages is None \
+        else LanguageChoice(options.languages, "as --languages asked")
+    languages = choice.languages
     held_out = options.test_per_entry if options.test_output else 0
     report = None
     if options.llm is None:
-        train, test = offline_pairs(glossary.entries, options.languages, options.per_entry, held_out, options.seed)
+        train, test = offline_pairs(glossary.entries, languages, options.per_entry, held_out, options.seed)
     else:
-        train, test, report = llm_pairs(glossary.entries, options.languages, options.per_entry, held_out,
-                                        options.llm, say)
-    result = Result(glossary, _records(glossary, options.languages, train),
-                    _records(glossary, options.languages, test),
+        train, test, report = llm_pairs(glossary.entries, languages, options.per_entry, held_out, options.llm, say)
+    result = Result(glossary, choice, _records(glossary, languages, train), _records(glossary, languages, test),
                     {"train": _per_language(train), "test": _per_language(test)}, report)
     files = [(options.output, result.train)] + ([(options.test_output, result.test)] if options.test_output else [])
     for path, records in files:
@@ -86,8 +92,8 @@ def _check_options(options: Options) -> None:
         problems.append(f"--per-entry must be at least 1 (got {options.per_entry})")
     if options.test_output is not None and options.test_per_entry < 1:
         problems.append(f"--test-per-entry must be at least 1 (got {options.test_per_entry})")
-    unknown = [code for code in options.languages if code not in LANGUAGES]
-    if unknown or not options.languages:
+    unknown = [code for code in options.languages or () if code not in LANGUAGES]
+    if unknown or options.languages == ():
         problems.append(f"--languages has unknown language code(s) {', '.join(map(repr, unknown)) or '(none)'}; "
                         f"supported: {', '.join(LANGUAGES)}")
     if options.llm is not None:
@@ -173,8 +179,9 @@ def summary(result: Result, options: Options) -> str:
     drops = glossary.drops
     lines = [f"{options.glossary}: read {glossary.read} entries, kept {len(glossary.entries)}"
              + (f", dropped {drops.total}: {drops.describe()}" if drops.total else "")]
+    lines.append(f"languages: {', '.join(result.languages.languages)} ({result.languages.reason})")
     per_language = []
-    for language in options.languages:
+    for language in result.languages.languages:
         text = f"{language} {result.counts['train'][language]} train"
         if options.test_output:
             text += f" + {result.counts['test'][language]} held-out"
@@ -184,10 +191,20 @@ def summary(result: Result, options: Options) -> str:
         lines += _endpoint_lines(result.endpoint, options.llm)
     for path, records, conversations in result.written:
         lines.append(f"wrote {path} ({records} records, {conversations} conversations)")
+    lines.append(next_step(options))
+    return "\n".join(lines)
+
+
+def next_step(options: Options) -> str:
+    """The `affiner train` line that learns the output, with the recipe this machine can run and why, as a
+    shell comment so that the line still pastes as it is."""
+    if hub_reachable():
+        recipe, why = RECIPE, "Llama 3.2 1B Instruct from the Hub (gated: accept its licence, set HF_TOKEN)"
+    else:
+        recipe, why = OFFLINE_RECIPE, "the Hub is unreachable: the embedded Gemma 3 270M, nothing to download"
     # The recipe's own test file holds other acronyms: without a held-out file of ours, hold out part of ours.
     test = f"data.test={shlex.quote(str(options.test_output))}" if options.test_output else "data.test=null"
-    lines.append(f"next: affiner train {RECIPE} --set data.train={shlex.quote(str(options.output))} --set {test}")
-    return "\n".join(lines)
+    return f"next: affiner train {recipe} --set data.train={shlex.quote(str(options.output))} --set {test}  # {why}"
 
 
 def _endpoint_lines(report: EndpointReport, llm: LLMOptions) -> list[str]:
@@ -224,11 +241,14 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return columns
 
 
-def parse_languages(text: str) -> tuple[str, ...]:
-    """--languages "en,FR" as ("en", "fr"), refusing codes without phrasing banks."""
+def parse_languages(text: str) -> tuple[str, ...] | None:
+    """--languages "en,FR" as ("en", "fr"), "auto" as None (detected from the glossary); refuses codes without
+    phrasing banks."""
+    if text.strip().lower() == "auto":
+        return None
     codes = tuple(dict.fromkeys(code.strip().lower() for code in text.split(",") if code.strip()))
     unknown = [code for code in codes if code not in LANGUAGES]
     if unknown or not codes:
         raise AffinerError(f"--languages {text!r}: unknown language code(s) {', '.join(unknown) or '(none given)'}; "
-                           f"supported: {', '.join(LANGUAGES)} (e.g. --languages en,fr).")
+                           f"supported: {', '.join(LANGUAGES)} (e.g. --languages en,fr), or auto.")
     return codes

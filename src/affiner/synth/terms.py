@@ -20,6 +20,7 @@ class Entry:
     term: Term
     where: str  # "glossary.csv:4", "glossary.json item 3", "thesaurus.rdf concept 2 (line 14)"
     localized: dict[str, Term] = field(default_factory=dict)  # xml:lang -> term, when labels differ by language
+    tagged: frozenset[str] = frozenset()  # the xml:lang codes its labels and definitions carry (SKOS), "en", "fr"
 
     def in_language(self, language: str) -> Term:
         return self.localized.get(language, self.term)
