@@ -117,6 +117,15 @@ def tiny_gemma(tmp_path_factory) -> Path:
     return _save(tmp_path_factory.mktemp("tiny-gemma"), Gemma3ForCausalLM(config), tokenizer)
 
 
+@pytest.fixture(autouse=True)
+def own_base_cache(tmp_path, monkeypatch):
+    """Each test starts with no base answers kept by an earlier evaluation (tests/test_base_cache.py tests the
+    cache), and never writes into the user's cache."""
+    from affiner.evaluation import base_cache
+
+    monkeypatch.setattr(base_cache, "folder", lambda: tmp_path / "base-evaluations")
+
+
 @pytest.fixture
 def qa_file(tmp_path) -> Path:
     rows = [{"question": f"What does {a} stand for?", "answer": f"{a} stands for {d}."}

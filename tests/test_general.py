@@ -82,3 +82,13 @@ def test_eval_general_false_skips_it(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path, eval__general=False)
     evaluation = evaluate(run, max_questions=2)
     assert "general" not in evaluation and "General ability" not in (run / "report.md").read_text()
+
+
+def test_the_command_line_overrides_eval_general_both_ways(tiny_run, tmp_path):
+    from conftest import copy_run, run_cli
+
+    assert run_cli("evaluate", str(tiny_run), "--max-questions", "2", "--no-general") == 0
+    assert "general" not in json.loads((tiny_run / "metrics.json").read_text())
+    run = copy_run(tiny_run, tmp_path, eval__general=False)
+    assert run_cli("evaluate", str(run), "--max-questions", "2", "--general") == 0
+    assert json.loads((run / "metrics.json").read_text())["general"]["models"] == ["base", "tuned"]

@@ -52,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score 'contains the key' too, the key of a reference being its text before SEP (e.g. "
                              "':' for 'Expansion: a description'); it becomes the headline (default: eval.key_before; "
                              "a row's own `key` field wins)")
+    parser.add_argument("--general", action=argparse.BooleanOptionalAction, default=None,
+                        help="also answer affiner's general set, the no-harm check (default: eval.general; "
+                             "--no-general saves 80 answers and losses per model)")
+    parser.add_argument("--no-base-cache", dest="base_cache", action="store_false",
+                        help="answer with the base again even if an earlier evaluation with the same base weights, "
+                             "questions, template and decoding kept its answers and losses")
     parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
                         help="answer length limit (default: eval.max_new_tokens)")
     parser.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N questions")
@@ -111,7 +117,8 @@ def main(args: argparse.Namespace) -> None:
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
                           judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args),
-                          keep_overlap=args.keep_overlap, key_before=args.key_before)
+                          keep_overlap=args.keep_overlap, key_before=args.key_before, general=args.general,
+                          reuse_base=args.base_cache)
     report = Path(evaluation["report"])
     print(format_table(evaluation))
     print(f"Report: {report}")
@@ -137,6 +144,10 @@ def rerun_command(args: argparse.Namespace) -> str:
                   "--template", args.template]
     # Decoding flags too: the same answers find their verdicts in the judge's cache.
     defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
+    if not args.base_cache:
+        words.append("--no-base-cache")
+    if args.general is not None:
+        words.append("--general" if args.general else "--no-general")
     for name in ("output", "test", "key_before", "max_new_tokens", "max_questions", "batch_size", *defaults,
                  "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode", "benchmarks",
                  "benchmarks_include", "benchmarks_limit"):

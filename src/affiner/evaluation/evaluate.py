@@ -27,7 +27,7 @@ from affiner.core.runfolder import RUN_FILE, SUMMARY_FILE, RunFolder
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example
 from affiner.core.tracking import log_evaluation
-from affiner.evaluation import metrics
+from affiner.evaluation import base_cache, metrics
 from affiner.evaluation.benchmarks import Benchmarks, benchmarks_of, check_benchmarks, run_benchmarks
 from affiner.evaluation.general import general_examples, no_harm
 from affiner.evaluation.generation import generate
@@ -52,19 +52,26 @@ class Answered:
     general: dict = field(default_factory=dict)  # model -> (answers, losses) on the general set
     general_scores: dict = field(default_factory=dict)  # model -> scores of its answers on the general set
     benchmarks: dict | None = None  # lm-eval's results of every model, paired with the base
+    base_from_cache: bool = False  # the base's answers and losses came from an earlier evaluation (base_cache)
     past_context: int = 0  # references running past the model's context (scored on the part that fits)
 
 
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
              judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
-             keep_overlap: bool = False, key_before: str | None = None) -> dict:
+             keep_overlap: bool = False, key_before: str | None = None, general: bool | None = None,
+             reuse_base: bool = True) -> dict:
     """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run;
-    `keep_overlap`: score the --test questions the run trained on too; `key_before`: eval.key_before's value."""
+    `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`: eval.key_before's
+    and eval.general's values (None: the run's); `reuse_base`: the base's answers may come from an earlier
+    evaluation with the same base weights, questions, template and decoding."""
     if plan is None:
         plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions, keep_overlap,
                          key_before)
     judge = judge or plan.judge
+    if general is not None:
+        plan.general = general
+    plan.base_cache = plan.base_cache and reuse_base
     # Fail on a bad judge setting or benchmark task before hours of generation.
     judge_client = Judge(judge_settings(judge)) if judge else None
     tasks = check_benchmarks(benchmarks.tasks, benchmarks.include) if benchmarks else None
@@ -80,7 +87,9 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
         "questions": len(examples), **_left_out(plan.dropped, done.past_context),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
-        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())}
+        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items()),
+        **({"base answers and losses": "from an earlier evaluation with the same base weights, questions, template "
+            "and decoding (--no-base-cache answers again)"} if done.base_from_cache else {})}
     if tasks:  # last: lm-eval resets the random seeds
         done.benchmarks = run_benchmarks(plan.loaders, plan.tokenizer, tasks, benchmarks.include, benchmarks.limit,
                                          size)
@@ -140,23 +149,40 @@ def judged_by(verdicts: dict | None, names: dict[str, str]) -> dict | None:
 
 
 def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampling: Settings) -> Answered:
-    """Each model in turn, loaded once: its answers and held-out losses, on the task and the general set."""
+    """Each model in turn, loaded once: its answers and held-out losses, on the task and the general set. The
+    base's come from an earlier evaluation with the same weights, questions, template and decoding when one
+    left them (`base_cache`), unless `plan.base_cache` is off."""
     done, tokenizer, template, examples = Answered(), plan.tokenizer, plan.template, plan.examples
     for name, load in plan.loaders.items():
         model = load()
-        if name == next(iter(plan.loaders)):
+        key, kept = None, None
+        if name == "base":
             done.past_context = over_context(model, tokenizer, template, examples)
-        started = time.time()
-        done.answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling,
-                                      desc=f"{name} answers")
-        done.seconds[name] = round(time.time() - started, 1)
-        done.losses[name] = held_out_losses(model, tokenizer, template, examples, size)
-        if general:  # the no-harm check: the same model, settings and template on everyday questions
-            done.general[name] = (generate(model, tokenizer, template, general, limit, size, sampling,
-                                           desc=f"{name} general"),
-                                  held_out_losses(model, tokenizer, template, general, size))
+            key = base_cache.cache_key(model, template, examples, general, limit, size, sampling)
+            kept = base_cache.load(key) if plan.base_cache else None
+        if kept is not None and (kept["general"] is not None or not general):
+            done.answers[name], done.losses[name], done.seconds[name] = kept["answers"], kept["losses"], 0.0
+            done.general.update({name: kept["general"]} if general else {})
+            done.base_from_cache = True
+        else:
+            _answer(done, name, model, plan, general, limit, size, sampling)
+        if key is not None and not done.base_from_cache:
+            base_cache.save(key, done.answers[name], done.losses[name], done.seconds[name], done.general.get(name))
         del model
     return done
+
+
+def _answer(done: Answered, name: str, model, plan: Plan, general: list[Example], limit: int, size: int,
+            sampling: Settings) -> None:
+    tokenizer, template, examples = plan.tokenizer, plan.template, plan.examples
+    started = time.time()
+    done.answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling, desc=f"{name} answers")
+    done.seconds[name] = round(time.time() - started, 1)
+    done.losses[name] = held_out_losses(model, tokenizer, template, examples, size)
+    if general:  # the no-harm check: the same model, settings and template on everyday questions
+        done.general[name] = (generate(model, tokenizer, template, general, limit, size, sampling,
+                                       desc=f"{name} general"),
+                              held_out_losses(model, tokenizer, template, general, size))
 
 
 def _summary(folder: Path, plan: Plan, evaluation: dict, done: Answered, scores: dict, models: list[str]) -> dict:

@@ -40,6 +40,7 @@ class Plan:
     judge: JudgeConfig | None
     general: bool = True  # also the no-harm check on affiner's general set
     dropped: dict | None = None  # held-out rows not evaluated, with why: {"count", "rows": [{question, reason}]}
+    base_cache: bool = True  # the base's answers may come from an earlier evaluation (evaluation.base_cache)
     folders: dict[str, Path] | None = None  # model name -> its run folder (None: adapters trained elsewhere)
     key_before: str | None = None  # eval.key_before: the key part of a reference is the text before it
     overlap: str | None = None  # what was found of --test questions also in the training rows (None: not asked)

@@ -1,0 +1,81 @@
+"""The base model's part of an evaluation, kept for the next one: its answers and held-out losses depend only
+on its weights, the questions, the template and the decoding, never on the run evaluated. A sweep of eight runs
+of one base, or a run evaluated again, answers with the base once (as lm-evaluation-harness caches a model's
+responses). The key is computed from the loaded weights themselves (names, shapes, dtypes and bytes), so a
+changed checkpoint, precision or quantisation never meets an older entry; it also holds the torch and
+transformers versions and the device kind, whose kernels may round differently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from affiner.core.files import read_json, write_json
+from affiner.core.models import cache_root
+from affiner.core.settings import Settings
+from affiner.core.templates import Example, Template
+from affiner.evaluation.generation import Answer
+
+FOLDER = "base-evaluations"
+
+
+@torch.no_grad()
+def weights_fingerprint(model) -> str:
+    """What the model computes with: every tensor's name, shape, dtype and bytes, hashed (blake2b: about a second
+    for a 270M model on a CPU, against minutes of answers saved)."""
+    digest = hashlib.blake2b(digest_size=32)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
+    return digest.hexdigest()
+
+
+def cache_key(model, template: Template, examples: list[Example], general: list[Example], limit: int,
+              batch_size: int, sampling: Settings) -> str:
+    import transformers
+
+    parts = {"weights": weights_fingerprint(model), "device": next(model.parameters()).device.type,
+             "torch": torch.__version__, "transformers": transformers.__version__,
+             "template": template.__dict__, "limit": limit, "batch_size": batch_size, "sampling": sampling.__dict__,
+             "questions": [_fields(e) for e in examples], "general": [_fields(e) for e in general]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _fields(example: Example) -> list:
+    return [example.instruction, example.input, list(example.history), example.response, example.expected]
+
+
+def folder() -> Path:
+    """$AFFINER_CACHE/base-evaluations: one JSON file per key, safe to delete."""
+    return cache_root() / FOLDER
+
+
+def _path(key: str) -> Path:
+    return folder() / f"{key}.json"
+
+
+def load(key: str) -> dict[str, Any] | None:
+    """{"answers", "losses", "seconds", "general"} as an earlier evaluation left them, or None."""
+    path = _path(key)
+    try:
+        saved = read_json(path)
+        return {"answers": [Answer(**a) for a in saved["answers"]], "losses": tuple(saved["losses"]),
+                "seconds": saved["seconds"],
+                "general": ([Answer(**a) for a in saved["general"][0]], tuple(saved["general"][1]))
+                if saved.get("general") else None}
+    except (OSError, ValueError, KeyError, TypeError):  # absent, or damaged: answered again, then rewritten
+        return None
+
+
+def save(key: str, answers: list[Answer], losses: tuple, seconds: float, general: tuple | None) -> None:
+    try:
+        folder().mkdir(parents=True, exist_ok=True)
+        write_json(_path(key), {"answers": [a.__dict__ for a in answers], "losses": list(losses), "seconds": seconds,
+                                "general": [[a.__dict__ for a in general[0]], list(general[1])] if general else None})
+    except OSError:  # a read-only cache costs the next evaluation time, never this one
+        pass

@@ -1,0 +1,86 @@
+"""The base's answers and losses are kept for the next evaluation with the same base weights, questions, template
+and decoding: a run evaluated again, or the runs of a sweep, answer with the base once. Anything that could
+change them (weights, decoding, questions) misses the cache; --no-base-cache answers again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from affiner.core.config import load_config
+from affiner.evaluation import base_cache, evaluate as evaluate_module
+from affiner.evaluation.evaluate import evaluate
+from affiner.experiments import workflow
+from conftest import run_cli, write_config
+
+KEPT = "base answers and losses"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_gpt2):
+    folder = tmp_path_factory.mktemp("base-cache")
+    config = write_config(folder, tiny_gpt2, "embedded:glossary-train.json", train={"max_steps": 1},
+                          eval={"max_new_tokens": 6, "max_questions": 4, "general": True})
+    return workflow.train(load_config(str(config)))
+
+
+@pytest.fixture
+def generations(monkeypatch):
+    """Which models generated answers in this test."""
+    seen: list[str] = []
+    real = evaluate_module.generate
+
+    def counting(*args, desc: str = "", **kwargs):
+        seen.append(desc)
+        return real(*args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", counting)
+    return seen
+
+
+def test_a_second_evaluation_answers_with_the_base_from_the_cache(run, generations):
+    first = evaluate(run)
+    assert KEPT not in first["settings"]
+    assert generations == ["base answers", "base general", "tuned answers", "tuned general"]
+    generations.clear()
+    second = evaluate(run)
+    assert generations == ["tuned answers", "tuned general"]
+    assert second["settings"][KEPT].startswith("from an earlier evaluation")
+    for key in ("contains", "rouge_l", "loss"):
+        assert second["metrics"][key]["base"] == first["metrics"][key]["base"]
+    assert second["general"]["figures"]["base"] == first["general"]["figures"]["base"]
+    assert [e["answers"]["base"] for e in second["examples"]] == [e["answers"]["base"] for e in first["examples"]]
+
+
+def test_other_decoding_or_no_base_cache_answers_again(run, generations):
+    evaluate(run)
+    generations.clear()
+    evaluate(run, max_new_tokens=5)  # another limit: other answers
+    assert "base answers" in generations
+    generations.clear()
+    assert run_cli("evaluate", str(run), "--no-base-cache") == 0
+    assert "base answers" in generations
+    assert KEPT not in json.loads((run / "metrics.json").read_text())["settings"]
+
+
+def test_changed_weights_change_the_key(tiny_gpt2):
+    from affiner.core.models import load_model
+
+    model = load_model(str(tiny_gpt2))
+    before = base_cache.weights_fingerprint(model)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-3
+    assert base_cache.weights_fingerprint(model) != before
+
+
+def test_a_damaged_entry_is_answered_again_and_rewritten(run, generations):
+    evaluate(run)
+    entries = list(base_cache.folder().glob("*.json"))
+    assert len(entries) == 1
+    entries[0].write_text("{ cut sho")
+    generations.clear()
+    evaluate(run)
+    assert "base answers" in generations
+    assert json.loads(entries[0].read_text())["answers"]
