@@ -92,3 +92,22 @@ def test_the_command_line_overrides_eval_general_both_ways(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path, eval__general=False)
     assert run_cli("evaluate", str(run), "--max-questions", "2", "--general") == 0
     assert json.loads((run / "metrics.json").read_text())["general"]["models"] == ["base", "tuned"]
+
+
+def test_general_answers_keep_their_own_limit_under_a_longer_task_limit(tiny_run, monkeypatch):
+    from affiner.evaluation import evaluate as evaluate_module
+    from affiner.evaluation.general import MAX_NEW_TOKENS
+
+    limits = {}
+    real = evaluate_module.generate
+
+    def recording(model, tokenizer, template, examples, limit, *args, desc="", **kwargs):
+        limits[desc] = limit
+        return real(model, tokenizer, template, examples, limit, *args, desc=desc, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "generate", recording)
+    evaluate(tiny_run, max_questions=1, max_new_tokens=MAX_NEW_TOKENS + 20)
+    assert limits == {"base answers": MAX_NEW_TOKENS + 20, "base general": MAX_NEW_TOKENS,
+                      "tuned answers": MAX_NEW_TOKENS + 20, "tuned general": MAX_NEW_TOKENS}
+    evaluate(tiny_run, max_questions=1, max_new_tokens=8, reuse_base=False)
+    assert limits["base general"] == limits["tuned general"] == 8  # a lower task limit applies to both

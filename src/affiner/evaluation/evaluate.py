@@ -29,7 +29,7 @@ from affiner.core.templates import Example
 from affiner.core.tracking import log_evaluation
 from affiner.evaluation import base_cache, metrics
 from affiner.evaluation.benchmarks import Benchmarks, benchmarks_of, check_benchmarks, run_benchmarks
-from affiner.evaluation.general import general_examples, no_harm
+from affiner.evaluation.general import answer_limit as general_limit, general_examples, no_harm
 from affiner.evaluation.generation import generate
 from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
@@ -180,7 +180,7 @@ def _answer(done: Answered, name: str, model, plan: Plan, general: list[Example]
     done.seconds[name] = round(time.time() - started, 1)
     done.losses[name] = held_out_losses(model, tokenizer, template, examples, size)
     if general:  # the no-harm check: the same model, settings and template on everyday questions
-        done.general[name] = (generate(model, tokenizer, template, general, limit, size, sampling,
+        done.general[name] = (generate(model, tokenizer, template, general, general_limit(limit), size, sampling,
                                        desc=f"{name} general"),
                               held_out_losses(model, tokenizer, template, general, size))
 

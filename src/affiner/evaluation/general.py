@@ -23,14 +23,23 @@ GENERAL_SET = "embedded:general.json"
 HARMED_ITEM = 0.5  # nats per token: the reference became 1.65x less likely per token for the tuned model
 TEXT_METRICS = ("contains", "rouge_l", "chrf", "stopped", "repetition")
 SHOWN_ITEMS = 5
+# The general set's own answer limit: its references are 4-31 words (at most ~45 tokens), so a task's longer
+# limit (the instruct recipe's 256) would only let a base model that never stops ramble on: 4x the decoding.
+MAX_NEW_TOKENS = 64
 GENERAL_NOTE = ("Everyday questions the fine-tune was not about (affiner's general set), answered by each model "
-                "with the same settings. The verdict rests on the loss of the reference answers, paired item by "
+                f"with the same settings (answers up to {MAX_NEW_TOKENS} tokens, or the task's limit if lower). "
+                "The verdict rests on the loss of the reference answers, paired item by "
                 "item (mean change with a 95 % bootstrap interval): harm is measurable when the whole interval "
                 "is above zero.")
 
 
 def general_examples() -> list[Example]:
     return to_examples(read_rows(GENERAL_SET))
+
+
+def answer_limit(task_limit: int) -> int:
+    """The general set's answer limit under a task whose answers may run to `task_limit` tokens."""
+    return min(task_limit, MAX_NEW_TOKENS)
 
 
 def no_harm(examples: list[Example], answers: dict[str, list[Answer]], scores: dict[str, list[dict]],
