@@ -160,9 +160,10 @@ def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampli
             done.past_context = over_context(model, tokenizer, template, examples)
             key = base_cache.cache_key(model, template, examples, general, limit, size, sampling)
             kept = base_cache.load(key) if plan.base_cache else None
-        if kept is not None and (kept["general"] is not None or not general):
+        if kept is not None:  # the key holds the general set too: kept["general"] is there exactly when asked
             done.answers[name], done.losses[name], done.seconds[name] = kept["answers"], kept["losses"], 0.0
-            done.general.update({name: kept["general"]} if general else {})
+            if general:
+                done.general[name] = kept["general"]
             done.base_from_cache = True
         else:
             _answer(done, name, model, plan, general, limit, size, sampling)
