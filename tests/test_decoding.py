@@ -1,9 +1,12 @@
 """affiner's batch decoder: rows leave the batch when they end, and the answers are model.generate's."""
 
+from dataclasses import replace
+
 import pytest
 import torch
+from transformers import LogitsProcessorList
 
-from affiner.core.decoding import decode_rows
+from affiner.core.decoding import decode_rows, penalties
 from affiner.core.models import load_model, load_tokenizer
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.decoding import left_pad
@@ -72,3 +75,32 @@ def test_sampling_draws_through_the_warpers_and_is_reproducible(tiny_llama):
     torch.manual_seed(3)
     assert decode_rows(model, input_ids, attention, 8, [], hot) == first
     assert first != decode_rows(model, input_ids, attention, 8, [], GREEDY)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_gemma"])
+def test_a_repetition_penalty_gives_model_generate_s_answers_and_breaks_loops(request, fixture):
+    folder = request.getfixturevalue(fixture)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder))
+    input_ids, attention = _batch(tokenizer)
+    width, penalised = input_ids.shape[1], replace(GREEDY, repetition_penalty=1.5)
+    free = model.generate(input_ids=input_ids, attention_mask=attention, max_new_tokens=24, do_sample=False,
+                          logits_processor=LogitsProcessorList(penalties(penalised, width)), eos_token_id=None,
+                          pad_token_id=tokenizer.pad_token_id)[:, width:]
+    stop = _a_stop_that_ends_rows_at_different_steps(free)
+    expected = [_until_stop(row, stop) for row in free.tolist()]
+
+    assert decode_rows(model, input_ids, attention, 24, [stop], penalised) == expected  # rows leaving as they end
+    plain = decode_rows(model, input_ids, attention, 24, [], GREEDY)
+    assert sum(len(row) - len(set(row)) for row in free.tolist()) < sum(len(row) - len(set(row)) for row in plain)
+    assert penalised.describe() == "greedy, repetition penalty 1.5"
+
+
+def test_the_penalty_counts_the_answer_s_tokens_not_the_prompt_s():
+    sequences = torch.tensor([[5, 6, 7, 8]])  # a prompt of two tokens (5, 6), an answer of two (7, 8)
+    logits = torch.full((1, 10), 3.0)
+    logits[0, 8] = -3.0
+    (penalty,) = penalties(replace(GREEDY, repetition_penalty=1.5), prompt_width=2)
+    out = penalty(sequences, logits.clone())
+    assert out[0, 5] == out[0, 6] == 3.0  # the question's words stay as likely
+    assert out[0, 7] == 2.0 and out[0, 8] == -4.5  # the answer's own: less likely, whatever the logit's sign
+    assert penalties(GREEDY, prompt_width=2) == []

@@ -249,3 +249,47 @@ def test_held_out_loss_out_of_memory_retries_the_batch_at_half_size(capsys, monk
     monkeypatch.setattr(scoring, "token_losses", _out_of_memory_above(0, scoring.token_losses, lambda *a: 1)[0])
     with pytest.raises(AffinerError, match="--batch-size"):
         scoring.held_out_losses(model, tokenizer, template, examples, batch_size=1)
+
+
+def test_the_run_s_repetition_penalty_decodes_its_evaluation_its_probe_and_its_chat(tmp_path, monkeypatch,
+                                                                                      tiny_llama):
+    from affiner.evaluation import probe
+    from affiner.interfaces.chat import run_repetition_penalty
+
+    probed = []
+    monkeypatch.setattr(probe, "generate", lambda *args, **kwargs: probed.append(args[6]) or
+                        generation.generate(*args, **kwargs))
+    config = write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                          eval={"repetition_penalty": 1.5, "every_steps": 2, "sample_size": 2})
+    folder = train(load_config(str(config)))
+    assert probed and {s.repetition_penalty for s in probed} == {1.5}
+    evaluation = ev.evaluate(folder, max_questions=3)
+    assert evaluation["settings"]["decoding"] == "greedy, repetition penalty 1.5"
+    penalised = [e["answers"]["tuned"]["text"] for e in evaluation["examples"]]
+    plain = ev.evaluate(folder, max_questions=3, repetition_penalty=1.0)  # the flag's value replaces the run's
+    assert plain["settings"]["decoding"] == "greedy"
+    assert penalised != [e["answers"]["tuned"]["text"] for e in plain["examples"]]
+    assert run_repetition_penalty([folder], None) == 1.5 and run_repetition_penalty([], "some/model") == 1.0
+
+
+def test_a_graded_headline_leads_the_report_and_ranks_its_wins(tmp_path, tiny_llama):
+    config = write_config(tmp_path, tiny_llama, "embedded:glossary-train.json", eval={"headline": "rouge_l"})
+    folder = train(load_config(str(config)))
+    evaluation = ev.evaluate(folder, max_questions=4)
+    assert evaluation["primary_metric"] == "rouge_l"
+    report = (folder / "report.md").read_text()
+    assert "ROUGE-L F1 (the headline, eval.headline): graded closeness" in report
+    assert "by the change in ROUGE-L F1" in report
+    changes = [e["answers"]["tuned"]["scores"]["rouge_l"] - e["answers"]["base"]["scores"]["rouge_l"]
+               for e in evaluation["examples"]]
+    shown = table.format_table(evaluation).split("Q: ")[1].splitlines()[0]
+    best = evaluation["examples"][max(range(4), key=lambda i: changes[i])]["question"]
+    assert shown == (best if max(changes) > 0 else evaluation["examples"][0]["question"])
+
+
+def test_a_key_headline_without_keys_is_refused_before_any_answer(tmp_path, tiny_llama):
+    config = write_config(tmp_path, tiny_llama, "embedded:glossary-train.json", eval={"headline": "contains_key"})
+    folder = train(load_config(str(config)))
+    with pytest.raises(AffinerError, match="eval.headline is contains_key, but no question"):
+        ev.evaluate(folder, max_questions=2, plan=None)
+    assert not (folder / "summary.json").exists()

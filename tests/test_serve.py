@@ -141,6 +141,15 @@ def test_chat_completion_has_the_openai_shape(client, engine):
     assert (choice.finish_reason == "length") == (usage.completion_tokens == 12)
 
 
+def test_a_repetition_penalty_is_applied_as_the_engine_applies_it(client, engine):
+    penalised = Settings(temperature=0, max_new_tokens=16, repetition_penalty=1.5)
+    expected = engine.complete("tuned", QUESTION, penalised)
+    reply = client.chat.completions.create(model="tuned", messages=QUESTION, max_tokens=16, temperature=0,
+                                           extra_body={"repetition_penalty": 1.5})
+    assert reply.choices[0].message.content == expected.text
+    assert expected.text != engine.complete("tuned", QUESTION, greedy(16)).text
+
+
 @pytest.mark.parametrize("model", ["base", "tuned"])
 @pytest.mark.parametrize("messages", [QUESTION, CONVERSATION], ids=["question", "conversation"])
 def test_greedy_chat_answers_as_the_engine_does(client, engine, model, messages):
@@ -352,6 +361,8 @@ def test_a_batch_answers_as_one_at_a_time(qa_engine, model):
     ("POST", "/v1/chat/completions", chat_body(temperature="hot"), 400, "temperature"),
     ("POST", "/v1/chat/completions", chat_body(temperature=5), 400, "temperature"),
     ("POST", "/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
+    ("POST", "/v1/chat/completions", chat_body(repetition_penalty=0), 400, "repetition_penalty"),
+    ("POST", "/v1/chat/completions", chat_body(repetition_penalty=2.5), 400, "repetition_penalty"),
     ("POST", "/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens"),
     ("POST", "/v1/chat/completions", chat_body(max_tokens=True), 400, "max_tokens"),
     ("POST", "/v1/chat/completions", chat_body(max_tokens=5000), 400, "max_tokens"),

@@ -14,7 +14,7 @@ report. A link can open the page on a prompt and generate at once (shareable):
 
     http://127.0.0.1:8501/?prompt=What+does+QUILT+stand+for%3F&greedy=1
     query parameters: prompt, input, greedy (1/0), temperature, top_p, top_k, max_new_tokens, seed,
-    models (comma-separated adapter names), page (compare or runs)
+    repetition_penalty, models (comma-separated adapter names), page (compare or runs)
 
 On any --host but a loopback one (127.0.0.1, localhost, ::1) the page needs a key: --api-key-env
 names the environment variable holding it, and each browser session must type it into the page's

@@ -72,6 +72,13 @@ def probability(text: str) -> float:
     return _checked(float, text, lambda v: 0 < v <= 1, "a number above 0 and at most 1")
 
 
+def repetition_penalty(text: str) -> float:
+    """A repetition penalty: above 0 and at most MAX_PENALTY (1 is off)."""
+    from affiner.core.settings import MAX_PENALTY
+
+    return _checked(float, text, lambda v: 0 < v <= MAX_PENALTY, f"a number above 0 and at most {MAX_PENALTY:g}")
+
+
 def port(text: str) -> int:
     """A TCP port, 0 (any free one) to 65535."""
     return _checked(int, text, lambda v: 0 <= v <= 65535, "a port number from 0 to 65535")

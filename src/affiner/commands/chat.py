@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from affiner.commands.arguments import non_negative_float, non_negative_int, positive_int, probability
+from affiner.commands.arguments import (non_negative_float, non_negative_int, positive_int, probability,
+                                        repetition_penalty)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,16 +56,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"answer length limit, in tokens (default {defaults.max_new_tokens})")
     parser.add_argument("--seed", type=non_negative_int, metavar="N",
                         help="seed of the sampling: the same seed, the same answer (default: random)")
+    parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
+                        help="above 1, tokens already in the conversation are made less likely: a looping model "
+                             "stops looping (default: the run's eval.repetition_penalty, as its evaluation decoded; "
+                             "1: off)")
 
 
 def main(args: argparse.Namespace) -> None:
     from affiner.core.settings import Settings
-    from affiner.interfaces.chat import Session, answer, open_engine
+    from affiner.interfaces.chat import Session, answer, open_engine, run_repetition_penalty
 
     engine, name, label = open_engine(args.runs, model=args.model, adapters=args.adapter, template=args.template,
                                       base=args.base)
     settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
-                        max_new_tokens=args.max_new_tokens, seed=args.seed)
+                        max_new_tokens=args.max_new_tokens, seed=args.seed,
+                        repetition_penalty=args.repetition_penalty or run_repetition_penalty(args.runs, args.model))
     if args.prompt is not None:
         answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
         return

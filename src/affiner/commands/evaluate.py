@@ -32,7 +32,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-from affiner.commands.arguments import add_renamed, non_negative_float, non_negative_int, positive_int, probability
+from affiner.commands.arguments import (add_renamed, non_negative_float, non_negative_int, positive_int, probability,
+                                        repetition_penalty)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample among the K likeliest tokens; 0 (default) keeps every token")
     parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
                         help="seed of the sampling (default 0)")
+    parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
+                        help="above 1, tokens already in the prompt or answer are made less likely, for base and "
+                             "tuned alike: a looping model stops looping (default: eval.repetition_penalty; 1: off)")
     judge = parser.add_argument_group("an LLM judge (any OpenAI-compatible server; default: the run's eval.judge)")
     add_renamed(judge, "--judge-endpoint", "--judge-url", metavar="URL",
                 help="base URL of the judge's endpoint, e.g. http://127.0.0.1:11434/v1 (Ollama)")
@@ -118,7 +122,7 @@ def main(args: argparse.Namespace) -> None:
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
                           judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args),
                           keep_overlap=args.keep_overlap, key_before=args.key_before, general=args.general,
-                          reuse_base=args.base_cache)
+                          reuse_base=args.base_cache, repetition_penalty=args.repetition_penalty)
     report = Path(evaluation["report"])
     print(format_table(evaluation))
     print(f"Report: {report}")

@@ -186,6 +186,11 @@ class EvalConfig(_Section):
         "answer length limit: longer answers count as not stopping; higher costs time"))
     batch_size: int = Field(64, ge=1, description=(
         "questions answered together: faster, more memory (halved by itself when out of memory)"))
+    repetition_penalty: float = Field(1.0, gt=0, le=2, description=(
+        "above 1, tokens already in the prompt or the answer are made less likely (transformers' repetition "
+        "penalty, for base and tuned alike, in the report's settings line; chat uses the run's value): a small model "
+        "that loops under greedy decoding stops looping, but answers reuse the question's words less, which lowers "
+        "word-overlap scores a little; 1: off"))
     max_questions: int | None = Field(None, ge=1, description=(
         "answer only the first N held-out questions (null: all): quicker, wider intervals"))
     every_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field("auto", description=(
@@ -201,6 +206,12 @@ class EvalConfig(_Section):
         "before this separator (':' when references read 'Expansion: a description'); a row's own `key` field "
         "wins; null: only rows with a key field have one. The key is the headline when any row has one: an "
         "answer with the right key and a reworded rest is right"))
+    headline: Literal["auto", "contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding"] = Field(
+        "auto", description=(
+            "the figure the report, the table's example and `affiner runs` lead with, and that ranks the largest wins "
+            "and regressions (auto: contains_key when the rows have keys, else contains, right or wrong answers as "
+            "in a glossary); open-ended tasks whose answers never repeat a reference word for word (instructions, "
+            "explanations) read better by rouge_l, chrf or embedding, graded closeness to the reference"))
     general: bool = Field(True, description=(
         "also answer affiner's general set (80 everyday questions, English and French) with base and tuned: the "
         "report says whether the fine-tune cost general ability; false saves that time"))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from affiner.core.card import write_run_card
@@ -35,7 +35,7 @@ from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
 from affiner.evaluation.report import REPORT_FILES, REPORT_HTML, write_report
 from affiner.evaluation.report_content import unjudged_of
-from affiner.evaluation.scoring import correct, headline, held_out_losses, over_context, score_answers
+from affiner.evaluation.scoring import correct, headline, held_out_losses, key_of, over_context, score_answers
 
 COMPARISON_FOLDER = "comparison"  # in the first run's folder: several runs side by side
 TEXT_METRICS = ("contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
@@ -60,15 +60,18 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
              judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
              keep_overlap: bool = False, key_before: str | None = None, general: bool | None = None,
-             reuse_base: bool = True) -> dict:
+             reuse_base: bool = True, repetition_penalty: float | None = None) -> dict:
     """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run;
     `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`: eval.key_before's
     and eval.general's values (None: the run's); `reuse_base`: the base's answers may come from an earlier
-    evaluation with the same base weights, questions, template and decoding."""
+    evaluation with the same base weights, questions, template and decoding; `repetition_penalty`: replaces the
+    run's eval.repetition_penalty in `sampling` (None: the run's)."""
     if plan is None:
         plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions, keep_overlap,
                          key_before)
     judge = judge or plan.judge
+    sampling = replace(sampling, repetition_penalty=plan.repetition_penalty if repetition_penalty is None
+                       else repetition_penalty)
     if general is not None:
         plan.general = general
     plan.base_cache = plan.base_cache and reuse_base
@@ -77,6 +80,9 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     tasks = check_benchmarks(benchmarks.tasks, benchmarks.include) if benchmarks else None
     if not plan.examples:
         raise AffinerError(f"no held-out question to answer ({plan.test}).")
+    if plan.headline == "contains_key" and not any(key_of(e, plan.key_before) for e in plan.examples):
+        raise AffinerError(f"eval.headline is contains_key, but no question of {plan.test} has a key: give the rows a "
+                           "`key` field, set eval.key_before (--key-before SEP), or choose another eval.headline.")
     limit, size = max_new_tokens or plan.max_new_tokens, batch_size or plan.batch_size
     examples, template, general = plan.examples, plan.template, general_examples() if plan.general else []
     done = answer_all(plan, general, limit, size, sampling)
@@ -129,7 +135,7 @@ def _assemble(plan: Plan, done: Answered, scores: dict, verdicts: dict | None, s
         return {names[m]: by_model[m] for m in models}
 
     evaluation = build_evaluation(title, plan.examples, pick(done.answers), pick(scores), pick(done.losses),
-                                  judged_by(verdicts, names), settings)
+                                  judged_by(verdicts, names), settings, plan.headline)
     if plan.dropped and plan.dropped.get("count"):
         evaluation["not_evaluated"] = plan.dropped
     if general:
@@ -248,8 +254,10 @@ def _track(folder: Path, evaluation: dict) -> None:
 
 
 def build_evaluation(title: str, examples: list[Example], answers: dict, scores: dict, losses: dict,
-                     verdicts: dict | None, settings: dict) -> dict:
-    """The evaluation as the report reads it: aggregates with intervals, and every answer with its scores."""
+                     verdicts: dict | None, settings: dict, headline: str = "auto") -> dict:
+    """The evaluation as the report reads it: aggregates with intervals, and every answer with its scores; the
+    headline (`primary_metric`) is eval.headline's figure, or by default whether answers contain the key (when
+    rows have one) or the reference."""
     models = list(answers)
     measured = [k for k in TEXT_METRICS if all(k in s for m in models for s in scores[m])]
     info = {k: METRIC_INFO[k] for k in measured}
@@ -264,7 +272,7 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
         aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
     return {
         "title": title, "models": models, "settings": settings,
-        "primary_metric": "contains_key" if "contains_key" in measured else "contains",
+        "primary_metric": headline if headline != "auto" else "contains_key" if "contains_key" in measured else "contains",
         "metric_info": info, "metrics": aggregates, "judge": verdicts,
         "examples": [{"question": e.instruction, "input": e.input, "reference": e.expected,
                       "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}

@@ -6,7 +6,7 @@ rather than losing the evaluation: the answers are the same at any batch size (g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -68,6 +68,11 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
             start += len(chunk)
             progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]
+
+
+def eval_decoding(config) -> Settings:
+    """How a run's evaluation (and its training probe) decodes: greedily, with the config's eval.repetition_penalty."""
+    return replace(GREEDY, repetition_penalty=config.eval.repetition_penalty)
 
 
 def halve_batch(size: int) -> int:

@@ -44,6 +44,8 @@ class Plan:
     folders: dict[str, Path] | None = None  # model name -> its run folder (None: adapters trained elsewhere)
     key_before: str | None = None  # eval.key_before: the key part of a reference is the text before it
     overlap: str | None = None  # what was found of --test questions also in the training rows (None: not asked)
+    repetition_penalty: float = 1.0  # eval.repetition_penalty of the (first) run
+    headline: str = "auto"  # eval.headline of the (first) run
 
 
 def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Template, tokenizer,
@@ -110,7 +112,8 @@ def plan_runs(folders: list[Path], test: str | None, max_questions: int | None, 
                 loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
                 test=test or (config.data.test or "held-out split of the run"),
                 judge=config.eval.judge if config.eval.judge.url else None, general=config.eval.general,
-                dropped=dropped, overlap=overlap, folders={n: r.path for n, r in zip(names, runs)}, key_before=key_before or config.eval.key_before)
+                dropped=dropped, overlap=overlap, folders={n: r.path for n, r in zip(names, runs)}, key_before=key_before or config.eval.key_before,
+                repetition_penalty=config.eval.repetition_penalty, headline=config.eval.headline)
 
 
 def plan_adapters(base: str, adapters: list[Path], test: str | None, template_name: str, output: Path | None,

@@ -11,24 +11,26 @@ from __future__ import annotations
 
 from affiner.core.config import RunConfig
 from affiner.core.runfolder import RunFolder
+from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example, Template
 from affiner.evaluation import metrics
-from affiner.evaluation.generation import generate
+from affiner.evaluation.generation import eval_decoding, generate
 from affiner.evaluation.scoring import held_out_losses
 
 PROBE_LOSS_ROWS = 32  # a probe costs a forward pass over them: 1.5 s on the quickstart's CPU
 
 
 def training_probe(template: Template, tokenizer, loss_examples: list[Example], answer_examples: list[Example],
-                   max_new_tokens: int, batch_size: int):
-    """Score held-out questions during training: the loss of `loss_examples`, the answers to `answer_examples`."""
+                   max_new_tokens: int, batch_size: int, decoding: Settings = GREEDY):
+    """Score held-out questions during training: the loss of `loss_examples`, the answers to `answer_examples`
+    (decoded as the final evaluation decodes)."""
 
     def probe(model) -> dict[str, float]:
         was_training = model.training
         model.eval()
         result = {}
         if answer_examples:
-            answers = generate(model, tokenizer, template, answer_examples, max_new_tokens, batch_size,
+            answers = generate(model, tokenizer, template, answer_examples, max_new_tokens, batch_size, decoding,
                                desc="held-out sample")
             n = len(answer_examples)
             pairs = list(zip(answers, answer_examples))
@@ -50,4 +52,4 @@ def probe_for(run: RunFolder, config: RunConfig, template: Template, tokenizer):
         return None
     held_out = run.held_out()
     return training_probe(template, tokenizer, held_out[:PROBE_LOSS_ROWS], held_out[: config.eval.sample_size],
-                          config.eval.max_new_tokens, config.eval.batch_size)
+                          config.eval.max_new_tokens, config.eval.batch_size, eval_decoding(config))

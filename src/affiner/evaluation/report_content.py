@@ -150,6 +150,10 @@ def correctness_lines(evaluation: dict) -> list[str]:
     present = sorted((m for m in CORRECTNESS if m in info), key=lambda m: m != primary)
     lines = [f"{metric_label(evaluation, m)}{' (the headline)' if m == primary else ''}: {CORRECTNESS[m]}."
              for m in present]
+    if primary not in CORRECTNESS:  # a graded figure chosen by eval.headline
+        lines.insert(0, f"{metric_label(evaluation, primary)} (the headline, eval.headline): graded closeness of the "
+                        "answers to the references, not a verdict of right or wrong; the largest wins and regressions "
+                        "are ranked by it.")
     return lines + rank_disagreements(evaluation, present)
 
 

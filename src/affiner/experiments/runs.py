@@ -53,7 +53,7 @@ def list_runs(root: Path) -> str:
     if not runs:
         return f"no run under {root} yet: affiner run"
     header = ["run", "status", "model", "method", "data", "rows", "steps", "min",
-              "correct base→tuned", "stops tuned", "loss tuned"]
+              "headline base→tuned", "stops tuned", "loss tuned"]
     rows = [header] + [[Path(r["run"]).name, r["status"], r["model"], r["method"], r["data"],
                         str(r["train_rows"] or "-"), str(r["steps"] or "-"), str(r["minutes"] or "-"),
                         f"{_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}" if r["scores"] else "not evaluated",

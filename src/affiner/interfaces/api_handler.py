@@ -66,7 +66,7 @@ class Job:
 
     @property
     def batchable(self) -> bool:
-        return not self.request.stream and self.settings.greedy
+        return not self.request.stream and self.settings.greedy and self.settings.repetition_penalty == 1.0
 
 
 class Scheduler:

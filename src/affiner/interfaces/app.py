@@ -320,9 +320,12 @@ def display_path(path: Path, cwd: Path | None = None) -> str:
     return f"~/{path.relative_to(home)}" if path.is_relative_to(home) else str(path)
 
 
+DECODING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed", "repetition_penalty")
+
+
 def comparisons_csv(comparisons: list[dict]) -> str:
     """One row per comparison: instruction, input, settings, then each model's answer, tokens and seconds."""
-    fields = ["instruction", "input", "temperature", "top_p", "top_k", "max_new_tokens", "seed"]
+    fields = ["instruction", "input", *DECODING_FIELDS]
     for comparison in comparisons:
         for name in comparison["answers"]:
             for suffix in ("answer", "tokens", "seconds", "first_token_seconds"):
@@ -334,7 +337,7 @@ def comparisons_csv(comparisons: list[dict]) -> str:
     for comparison in comparisons:
         settings = comparison["settings"]
         row = {"instruction": comparison["instruction"], "input": comparison["input"],
-               **{k: settings.get(k) for k in ("temperature", "top_p", "top_k", "max_new_tokens", "seed")}}
+               **{k: settings.get(k) for k in DECODING_FIELDS}}
         for name, answer in comparison["answers"].items():
             first = answer.get("first_token_seconds")
             row.update({f"{name} answer": answer["text"], f"{name} tokens": answer["tokens"],

@@ -8,7 +8,7 @@ Started by `affiner app [RUN ...]`; by hand:
 The base model is loaded once per set of run folders (st.cache_resource) and shared by every
 browser session; switching adapters only switches the active adapter. Query parameters open the
 page on a prompt and generate at once: ?prompt=...&input=...&greedy=1&temperature=0.7&top_p=0.9
-&top_k=40&max_new_tokens=64&seed=1&models=a,b&page=runs (see `affiner app --help`).
+&top_k=40&max_new_tokens=64&seed=1&repetition_penalty=1.1&models=a,b&page=runs (see `affiner app --help`).
 With $AFFINER_APP_KEY set (as `affiner app --api-key-env NAME` does), each browser session must give
 that key before the page shows or generates anything.
 """
@@ -28,7 +28,7 @@ import streamlit as st  # noqa: E402
 
 from affiner.core.errors import AffinerError  # noqa: E402
 from affiner.core.runfolder import CONFIG_FILE, RunFolder, model_names  # noqa: E402
-from affiner.core.settings import Settings  # noqa: E402
+from affiner.core.settings import MAX_PENALTY, Settings  # noqa: E402
 from affiner.interfaces import app  # noqa: E402
 from affiner.interfaces.engine import BASE  # noqa: E402
 
@@ -70,7 +70,7 @@ def initial_state(params, names: list[str]) -> tuple[dict, list[str]]:
         state["greedy"] = params["greedy"].strip().lower() in TRUE
     for key, kind, low, high in (("temperature", float, 0.0, 2.0), ("top_p", float, 0.01, 1.0),
                                  ("top_k", int, 0, 1000), ("max_new_tokens", int, 1, 4096),
-                                 ("seed", int, 0, 2**31 - 1)):
+                                 ("seed", int, 0, 2**31 - 1), ("repetition_penalty", float, 1.0, MAX_PENALTY)):
         value = _number(params, key, kind, low, high, notes)
         if value is not None:
             state[key] = value
@@ -106,7 +106,8 @@ def current_settings() -> Settings:
     s = st.session_state
     return Settings(temperature=0.0 if s["greedy"] else float(s["temperature"]), top_p=float(s["top_p"]),
                     top_k=int(s["top_k"]), max_new_tokens=int(s["max_new_tokens"]),
-                    seed=None if s["seed"] is None else int(s["seed"]))
+                    seed=None if s["seed"] is None else int(s["seed"]),
+                    repetition_penalty=float(s["repetition_penalty"]))
 
 
 def share_query(comparison: dict) -> dict:
@@ -119,8 +120,8 @@ def share_query(comparison: dict) -> dict:
         query["greedy"] = "1"
     elif settings["temperature"] != DEFAULTS["temperature"]:
         query["temperature"] = str(settings["temperature"])
-    for key in ("top_p", "top_k", "max_new_tokens", "seed"):
-        if settings[key] is not None and settings[key] != DEFAULTS[key]:
+    for key in ("top_p", "top_k", "max_new_tokens", "seed", "repetition_penalty"):
+        if settings.get(key) is not None and settings[key] is not None and settings[key] != DEFAULTS[key]:
             query[key] = str(settings[key])
     tuned = [n for n in comparison["answers"] if n != BASE]
     if tuned:
@@ -138,6 +139,9 @@ def sidebar_controls(names: list[str]) -> None:
     st.sidebar.slider("Temperature", 0.0, 2.0, step=0.05, key="temperature", disabled=greedy)
     st.sidebar.slider("Top-p", 0.01, 1.0, step=0.01, key="top_p", disabled=greedy)
     st.sidebar.number_input("Top-k (0: off)", min_value=0, max_value=1000, step=1, key="top_k", disabled=greedy)
+    st.sidebar.slider("Repetition penalty (1: off)", 1.0, MAX_PENALTY, step=0.05, key="repetition_penalty",
+                      help="above 1, words already in the prompt or the answer are made less likely: a small model "
+                           "that loops stops looping")
     st.sidebar.number_input("Max new tokens", min_value=1, max_value=4096, step=1, key="max_new_tokens")
     st.sidebar.number_input("Seed (empty: random)", min_value=0, max_value=2**31 - 1, value=None, step=1,
                             key="seed", disabled=greedy,

@@ -22,8 +22,8 @@ from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import BASE, Engine, Reply
 
-HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed), /settings, "
-        "/use NAME, /models, /reset, exit")
+HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty), "
+        "/settings, /use NAME, /models, /reset, exit")
 HISTORY_FILE = "chat_history"
 HISTORY_LENGTH = 1000
 
@@ -84,6 +84,15 @@ def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path]
     name = BASE if base else engine.adapters[0]
     label = ", ".join(str(f) for f in folders) + (" (starting with the base model)" if base else "")
     return engine, name, label
+
+
+def run_repetition_penalty(runs: list[Path], model: str | None) -> float:
+    """The repetition penalty the (first, or latest) run's evaluation decoded with: chat answers as the report's
+    answers were made. 1 (off) for a model given by name."""
+    if model:
+        return 1.0
+    folder = Path(runs[0]) if runs else getattr(RunFolder.latest(), "path", None)
+    return RunFolder(folder).config().eval.repetition_penalty if folder else 1.0
 
 
 def _open_model(model: str, folders: list[Path], template: str | None, base: bool) -> tuple[Engine, str, str]:

@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import decode_rows, last_position, left_pad
+from affiner.core.decoding import decode_rows, last_position, left_pad, penalties
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, turn_markers
 from affiner.core.devices import device
@@ -253,7 +253,7 @@ class Engine:
     def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
                         stop_ids: list[int], streamer, output: dict) -> None:
         """The generation thread: the output ids, or the error, land in `output` for the caller's thread."""
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
@@ -263,6 +263,7 @@ class Engine:
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,
                     eos_token_id=stop_ids, pad_token_id=self.tokenizer.pad_token_id, streamer=streamer,
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
+                    logits_processor=LogitsProcessorList(penalties(settings, ids.shape[1])),
                     logits_to_keep=last_position(ids.device), **settings.generate_kwargs())
         except Exception as exc:  # surfaced in the caller's thread by _generate
             output["error"] = exc

@@ -88,6 +88,7 @@ class Body(_Fields):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)  # vLLM's extension of the OpenAI API, same meaning
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -146,7 +147,7 @@ def parse_request(engine: Engine, data: bytes, chat: bool) -> tuple[Body, Settin
     if None not in (body.max_tokens, body.max_completion_tokens) and body.max_tokens != body.max_completion_tokens:
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' disagree; send one of them.",
                        param="max_completion_tokens", code="invalid_value")
-    given = {k: v for k in ("temperature", "top_p", "top_k") if (v := getattr(body, k)) is not None}
+    given = {k: v for k in ("temperature", "top_p", "top_k", "repetition_penalty") if (v := getattr(body, k)) is not None}
     limit = fit_max_tokens(engine, body.messages, body.prompt, body.max_completion_tokens or body.max_tokens)
     return body, Settings(**given, seed=body.seed, max_new_tokens=limit)
 
