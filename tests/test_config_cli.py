@@ -85,6 +85,15 @@ def test_unknown_recipe_and_missing_file():
         load_config("missing.yaml")
 
 
+def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "instruct").mkdir()  # a user's data folder
+    assert load_config("instruct").name == "instruct"
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(AffinerError, match="config file mine does not exist"):
+        load_config("mine")
+
+
 def test_unreachable_hub_is_a_clear_error(offline_hub):
     with pytest.raises(AffinerError, match="cannot load tokenizer 'nobody/no-such-model'.*unreachable.*local folder"):
         load_tokenizer("nobody/no-such-model")

@@ -387,3 +387,29 @@ def test_html_renders_in_chromium(tmp_path: Path) -> None:
         assert info["label"] in headline
     # The hostile question stayed text: no script element was created from it.
     assert "<script" not in dom.lower() and "&lt;script&gt;alert(1)&lt;/script&gt;" in dom
+
+
+def test_a_change_is_better_only_when_its_paired_interval_excludes_zero(tmp_path: Path) -> None:
+    from affiner.core.templates import Example
+    from affiner.evaluation.evaluate import build_evaluation
+    from affiner.evaluation.generation import Answer
+
+    examples = [Example(instruction=f"q{i}", response=f"r{i}") for i in range(8)]
+    answers = {m: [Answer(text="a", stopped=True, tokens=1)] * 8 for m in ("base", "tuned")}
+    base_rouge = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]  # questions differ widely: the unpaired intervals are wide
+    scores = {"base": [{"rouge_l": r, "chrf": 0.5} for r in base_rouge],
+              "tuned": [{"rouge_l": r + 0.05, "chrf": 0.5 + c} for r, c in
+                        zip(base_rouge, [0.3, -0.2, 0.3, -0.2, 0.1, -0.2, 0.3, -0.3])]}
+    losses = {"base": ([20.0, 40.0, 30.0, 10.0] * 2, [10] * 8), "tuned": ([18.0, 38.0, 28.0, 8.0] * 2, [10] * 8)}
+    evaluation = build_evaluation("t", examples, answers, scores, losses, None, {})
+    assert evaluation["changes"]["rouge_l"]["tuned"] == pytest.approx({"mean": 0.05, "low": 0.05, "high": 0.05})
+    assert evaluation["changes"]["loss"]["tuned"] == pytest.approx({"mean": -0.2, "low": -0.2, "high": -0.2})
+    write_report(tmp_path, evaluation)
+    table = _headline((tmp_path / "report.md").read_text(encoding="utf-8"))
+    base_ci, tuned_ci = table["ROUGE-L F1"][:2]
+    assert float(tuned_ci.split("[")[1].split(",")[0]) < float(base_ci.split(", ")[1].rstrip("]"))  # overlap
+    assert table["ROUGE-L F1"][2] == "+0.050 [+0.050, +0.050] ▲ better"  # yet every question gained
+    assert table["test loss (held-out answers)"][2] == "-0.200 [-0.200, -0.200] ▲ better"
+    chrf = table["chrF"][2]
+    assert re.fullmatch(r"\+0\.01\d \[-0\.\d+, \+0\.\d+\] ≈ within noise", chrf)  # up on average, down on half
+    assert json.loads((tmp_path / "metrics.json").read_text())["changes"]["chrf"]["tuned"]["mean"] == pytest.approx(0.0125)

@@ -245,7 +245,8 @@ def resolve_config_path(config: str | None) -> tuple[str, str]:
     """Return (label for messages, YAML text) for a file path or a shipped recipe name."""
     name = config or DEFAULT_RECIPE
     path = Path(name)
-    if path.suffix in {".yaml", ".yml"} or path.exists():
+    # A recipe's name wins over a folder of the same name (`instruct/` holding a user's data).
+    if path.suffix in {".yaml", ".yml"} or path.is_file() or (path.exists() and name not in recipe_names()):
         if not path.is_file():
             raise AffinerError(f"config file {name} does not exist. Pass a YAML file or one of the recipes: "
                                f"{', '.join(recipe_names())}.")

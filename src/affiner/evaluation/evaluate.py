@@ -267,13 +267,19 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
         for key in ("loss", "perplexity"):
             info[key] = METRIC_INFO[key]
             aggregates[key] = {m: per_model[m][key] for m in models}
+    base, paired = models[0], {}
+    for key in measured:  # each tuned model's change on the same questions, with a paired interval
+        paired[key] = {m: metrics.aggregate([t[key] - b[key] for t, b in zip(scores[m], scores[base])])
+                       for m in models[1:]}
+    if "loss" in aggregates:
+        paired["loss"] = {m: metrics.paired_loss_change(losses[base], losses[m]) for m in models[1:]}
     if verdicts:
         info["judge"] = JUDGE_INFO
         aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
     return {
         "title": title, "models": models, "settings": settings,
         "primary_metric": headline if headline != "auto" else "contains_key" if "contains_key" in measured else "contains",
-        "metric_info": info, "metrics": aggregates, "judge": verdicts,
+        "metric_info": info, "metrics": aggregates, "changes": paired, "judge": verdicts,
         "examples": [{"question": e.instruction, "input": e.input, "reference": e.expected,
                       "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}
                      for i, e in enumerate(examples)],

@@ -138,6 +138,25 @@ def aggregate(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(np.mean(values)), "low": low, "high": high}
 
 
+def paired_loss_change(before: tuple[Sequence[float], Sequence[int]],
+                       after: tuple[Sequence[float], Sequence[int]]) -> dict[str, float | None]:
+    """The change of the token-weighted held-out loss from `before` to `after` (each: per-example summed losses and
+    token counts, over the same examples), with an interval from resampling the examples for both at once: paired,
+    so that what the questions share (some are harder for every model) cancels out."""
+    rows = np.column_stack([np.asarray(before[0], float), np.asarray(before[1], float),
+                            np.asarray(after[0], float), np.asarray(after[1], float)])
+    if not len(rows):
+        return {"mean": None, "low": None, "high": None}
+
+    def change(r: np.ndarray) -> float:
+        return float(r[:, 2].sum() / max(r[:, 3].sum(), 1) - r[:, 0].sum() / max(r[:, 1].sum(), 1))
+
+    rng = np.random.default_rng(0)
+    stats = np.array([change(rows[rng.integers(0, len(rows), len(rows))]) for _ in range(1000)]) \
+        if len(rows) > 1 else np.array([change(rows)])
+    return {"mean": change(rows), "low": float(np.percentile(stats, 2.5)), "high": float(np.percentile(stats, 97.5))}
+
+
 def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, dict[str, float | None]]:
     """Token-weighted held-out loss and its perplexity, with intervals from resampling examples."""
     pairs = np.column_stack([np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)])

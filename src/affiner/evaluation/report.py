@@ -87,5 +87,6 @@ def metrics_json(evaluation: dict) -> str:
                "primary_metric": evaluation.get("primary_metric"),
                "metrics": evaluation.get("metrics", {}), "metric_info": evaluation.get("metric_info", {}),
                "judge": evaluation.get("judge"),
-               **{key: evaluation[key] for key in ("general", "not_evaluated", "benchmarks") if evaluation.get(key)}}
+               **{key: evaluation[key] for key in ("changes", "general", "not_evaluated", "benchmarks")
+                  if evaluation.get(key)}}
     return json_text(content)

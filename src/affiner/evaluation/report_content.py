@@ -17,9 +17,11 @@ EMPTY_TEXT = "—"  # an empty answer or cell; "-" (formatting.MISSING) is a mis
 # Breaks ties between examples with the same primary-metric change; a graded score separates them
 # where a 0/1 metric such as "contains" cannot.
 PREFERRED_TIE_BREAK = "rouge_l"
-VERDICT_MARKS = {"better": "▲ better", "worse": "▼ worse", "same": "= same"}
+VERDICT_MARKS = {"better": "▲ better", "worse": "▼ worse", "same": "= same", "noise": "≈ within noise"}
 HEADLINE_NOTE = ("Means with 95 % bootstrap intervals in brackets. Δ is tuned − base (rates in percentage "
-                 "points); ▲ better / ▼ worse takes into account whether higher is better for that metric.")
+                 "points), with its paired 95 % interval (the same questions resampled for both models); ▲ better / "
+                 "▼ worse takes into account whether higher is better for that metric, and needs that interval to "
+                 "exclude 0: otherwise ≈ within noise.")
 
 # One colour per role everywhere (table cells, answer boxes, plot bars), so that the reader learns
 # "blue is base, green is tuned" once.
@@ -105,12 +107,19 @@ def displayed_delta(change: float | None, kind: str) -> float | None:
     return round(change, 3 if kind in ("rate", "score", "loss") else 1) + 0.0
 
 
-def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | None) -> tuple[str, str]:
-    """(text, verdict) of one Δ cell, e.g. ("+12.5 pp ▲ better", "better")."""
+def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | None,
+                      interval: dict | None = None) -> tuple[str, str]:
+    """(text, verdict) of one Δ cell, e.g. ("+12.5 pp ▲ better", "better"); with the change's paired `interval`
+    ({"low", "high"}), shown after it, a change whose interval holds 0 reads "≈ within noise", not better or worse."""
     shown = displayed_delta(change, kind)
     judged = verdict(shown, higher_is_better)
-    mark = VERDICT_MARKS.get(judged, "")
     text = format_delta(shown, kind)
+    low, high = (displayed_delta(as_number((interval or {}).get(end)), kind) for end in ("low", "high"))
+    if low is not None and high is not None:
+        text += f" [{format_delta(low, kind)}, {format_delta(high, kind)}]"
+        if judged in ("better", "worse") and low <= 0 <= high:
+            judged = "noise"
+    mark = VERDICT_MARKS.get(judged, "")
     return (f"{text} {mark}" if mark else text), judged
 
 
@@ -122,7 +131,8 @@ def headline_rows(evaluation: dict) -> list[dict]:
         rows.append({
             "metric": metric, "label": info.get("label", metric),
             "cells": [format_aggregate(aggregate_of(evaluation, metric, m), kind) for m in evaluation["models"]],
-            "deltas": [format_delta_cell(delta(evaluation, metric, m), kind, better)
+            "deltas": [format_delta_cell(delta(evaluation, metric, m), kind, better,
+                                         evaluation.get("changes", {}).get(metric, {}).get(m))
                        for m in tuned_models(evaluation)],
         })
     return rows
