@@ -27,7 +27,7 @@ from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.runfolder import read_json, write_json
 from affiner.training.run import train
-from conftest import run_cli, write_config
+from conftest import copy_run, run_cli, write_config
 
 PAGE = str(app.PAGE_SCRIPT)
 QUESTION = "What does QUILT stand for?"
@@ -100,6 +100,16 @@ def generate(at, instruction: str = QUESTION):
 
 
 # ---------------------------------------------------------------------------------------- the page
+
+
+def test_the_repetition_penalty_starts_at_the_run_s_and_a_link_overrides_it(monkeypatch, runs, tmp_path):
+    penalised = copy_run(runs[0], tmp_path / "runs", eval__repetition_penalty=1.2)
+    at = page(monkeypatch, [penalised]).run()
+    assert not at.exception, at.exception
+    assert at.slider(key="repetition_penalty").value == pytest.approx(1.2)  # as its evaluation decoded
+    at = page(monkeypatch, [penalised])
+    at.query_params.update(repetition_penalty="1.5")
+    assert at.run().slider(key="repetition_penalty").value == pytest.approx(1.5)
 
 
 def test_compare_page_streams_base_and_tuned_side_by_side(monkeypatch, runs, downloads):

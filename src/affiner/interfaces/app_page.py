@@ -60,9 +60,10 @@ def _number(params, key: str, kind, low: float, high: float, notes: list[str]):
     return value
 
 
-def initial_state(params, names: list[str]) -> tuple[dict, list[str]]:
-    """Widget values for a new session: the defaults, overridden by the link's query parameters."""
-    state = dict(DEFAULTS, models=names[:1], page=PAGES[0])
+def initial_state(params, names: list[str], penalty: float = 1.0) -> tuple[dict, list[str]]:
+    """Widget values for a new session: the defaults (the repetition penalty: `penalty`, the first run's
+    eval.repetition_penalty, as chat does), overridden by the link's query parameters."""
+    state = dict(DEFAULTS, models=names[:1], page=PAGES[0], repetition_penalty=penalty)
     notes: list[str] = []
     state["instruction"] = params.get("prompt", "")
     state["input"] = params.get("input", "")
@@ -87,7 +88,7 @@ def initial_state(params, names: list[str]) -> tuple[dict, list[str]]:
     return state, notes
 
 
-def start_session(names: list[str]) -> None:
+def start_session(names: list[str], penalty: float) -> None:
     if "comparisons" in st.session_state:
         # Keep the widgets' values while they are not shown (the other page), instead of resetting them.
         for key in WIDGET_KEYS:
@@ -95,7 +96,7 @@ def start_session(names: list[str]) -> None:
                 st.session_state[key] = st.session_state[key]
         return
     params = {k: st.query_params.get(k) for k in st.query_params.keys()}
-    state, notes = initial_state(params, names)
+    state, notes = initial_state(params, names, penalty)
     st.session_state.update(state)
     st.session_state["comparisons"] = []
     st.session_state["auto_generate"] = bool(state["instruction"].strip())
@@ -367,7 +368,7 @@ def main() -> None:
         st.error(str(exc))
         st.stop()
     names = model_names(folders)
-    start_session(names)
+    start_session(names, max(1.0, RunFolder(folders[0]).config().eval.repetition_penalty))  # the slider starts at 1
     page = st.sidebar.radio("Page", PAGES, key="page", horizontal=True)
     st.sidebar.caption(f"{len(folders)} run{'s' if len(folders) > 1 else ''}: " +
                        ", ".join(f"`{n}`" if n == f.name else f"`{n}` ({f.name})" for n, f in zip(names, folders)))
