@@ -117,9 +117,10 @@ def per_example_scores(question: str, reference: str, answer: str, input: str = 
             "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question, input))}
 
 
-def bootstrap_interval(values: Sequence[float], statistic: Callable[[np.ndarray], float] = np.mean,
+def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], float] = np.mean,
                        resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap over examples; seeded so that a report is reproducible."""
+    """Percentile bootstrap over examples, one value (or one row of values, read by `statistic`) per example;
+    seeded so that a report is reproducible."""
     data = np.asarray(values, dtype=float)
     if len(data) < 2:
         value = float(statistic(data)) if len(data) else float("nan")
@@ -151,10 +152,8 @@ def paired_loss_change(before: tuple[Sequence[float], Sequence[int]],
     def change(r: np.ndarray) -> float:
         return float(r[:, 2].sum() / max(r[:, 3].sum(), 1) - r[:, 0].sum() / max(r[:, 1].sum(), 1))
 
-    rng = np.random.default_rng(0)
-    stats = np.array([change(rows[rng.integers(0, len(rows), len(rows))]) for _ in range(1000)]) \
-        if len(rows) > 1 else np.array([change(rows)])
-    return {"mean": change(rows), "low": float(np.percentile(stats, 2.5)), "high": float(np.percentile(stats, 97.5))}
+    low, high = bootstrap_interval(rows, change)
+    return {"mean": change(rows), "low": low, "high": high}
 
 
 def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, dict[str, float | None]]:
@@ -165,9 +164,6 @@ def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, di
         return float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1))
 
     loss = loss_of(pairs)
-    rng = np.random.default_rng(0)
-    stats = np.array([loss_of(pairs[rng.integers(0, len(pairs), len(pairs))]) for _ in range(1000)]) \
-        if len(pairs) > 1 else np.array([loss])
-    low, high = float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))
+    low, high = bootstrap_interval(pairs, loss_of)  # resampling whole examples: each row is (summed loss, tokens)
     return {"loss": {"mean": loss, "low": low, "high": high},
             "perplexity": {"mean": float(np.exp(loss)), "low": float(np.exp(low)), "high": float(np.exp(high))}}

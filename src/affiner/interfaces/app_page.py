@@ -30,6 +30,7 @@ from affiner.core.errors import AffinerError  # noqa: E402
 from affiner.core.runfolder import CONFIG_FILE, RunFolder, model_names  # noqa: E402
 from affiner.core.settings import MAX_PENALTY, Settings  # noqa: E402
 from affiner.interfaces import app  # noqa: E402
+from affiner.interfaces.chat import run_repetition_penalty  # noqa: E402
 from affiner.interfaces.engine import BASE  # noqa: E402
 
 DEFAULTS = {"instruction": "", "input": "", "greedy": False, **asdict(Settings())}
@@ -368,7 +369,7 @@ def main() -> None:
         st.error(str(exc))
         st.stop()
     names = model_names(folders)
-    start_session(names, max(1.0, RunFolder(folders[0]).config().eval.repetition_penalty))  # the slider starts at 1
+    start_session(names, max(1.0, run_repetition_penalty(folders, None)))  # the slider starts at 1
     page = st.sidebar.radio("Page", PAGES, key="page", horizontal=True)
     st.sidebar.caption(f"{len(folders)} run{'s' if len(folders) > 1 else ''}: " +
                        ", ".join(f"`{n}`" if n == f.name else f"`{n}` ({f.name})" for n, f in zip(names, folders)))

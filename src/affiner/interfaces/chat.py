@@ -87,8 +87,8 @@ def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path]
 
 
 def run_repetition_penalty(runs: list[Path], model: str | None) -> float:
-    """The repetition penalty the (first, or latest) run's evaluation decoded with: chat answers as the report's
-    answers were made. 1 (off) for a model given by name."""
+    """The repetition penalty the (first, or latest) run's evaluation decoded with: chat and the app answer as the
+    report's answers were made. 1 (off) for a model given by name."""
     if model:
         return 1.0
     folder = Path(runs[0]) if runs else getattr(RunFolder.latest(), "path", None)

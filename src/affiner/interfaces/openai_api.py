@@ -15,7 +15,7 @@ from pydantic_core import from_json
 from starlette.responses import JSONResponse
 
 from affiner.core.errors import AffinerError
-from affiner.core.settings import Settings
+from affiner.core.settings import MAX_PENALTY, Settings
 from affiner.interfaces.engine import Engine, Reply
 
 DEFAULT_MAX_TOKENS = 256
@@ -88,7 +88,7 @@ class Body(_Fields):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, le=2)  # vLLM's extension of the OpenAI API, same meaning
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_PENALTY)  # vLLM's extension of the OpenAI API, same meaning
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
