@@ -100,6 +100,30 @@ def test_held_out_loss_is_the_training_loss_of_each_reference_answer(tiny_gpt2):
         assert total == pytest.approx(expected.item(), rel=1e-4)
 
 
+def test_held_out_losses_batch_rows_by_length_within_a_token_budget_and_keep_the_examples_order(monkeypatch,
+                                                                                                  tiny_gpt2):
+    from affiner.core.loss import supervised_loss, token_losses
+    from affiner.data.tokens import collate, tokenize
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    model = load_model(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    examples = [Example(f"Question {i}?", " ".join(["word"] * n) + ".") for i, n in enumerate([14, 1, 9, 2, 20, 3])]
+    batches = []
+    monkeypatch.setattr(scoring, "token_losses", lambda model, batch: batches.append(batch["input_ids"].shape) or
+                        token_losses(model, batch))
+    monkeypatch.setattr(scoring, "BATCH_TOKENS", 100)
+    sums, counts = scoring.held_out_losses(model, tokenizer, template, examples, batch_size=3)
+    for example, total, n in zip(examples, sums, counts):  # each example's own loss, in the examples' order
+        alone = collate(tokenize([example], template, tokenizer), tokenizer.pad_token_id)
+        with torch.no_grad():
+            expected, expected_n = supervised_loss(model, alone)
+        assert n == expected_n and total == pytest.approx(expected.item(), rel=1e-4)
+    assert sum(rows for rows, _ in batches) == len(examples)
+    assert all(rows <= 3 and (rows == 1 or rows * width <= 100) for rows, width in batches)
+    assert batches[0][0] == 3 and len(batches) > 2  # the short rows together, each long one on its own
+
+
 def test_tuned_generation_uses_the_adapter(tmp_path, tiny_gpt2):
     folder = train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
                                                 train={"max_steps": 6, "learning_rate": 5e-2}))))

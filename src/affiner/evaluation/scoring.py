@@ -13,21 +13,31 @@ from affiner.evaluation import metrics
 from affiner.evaluation.generation import Answer, halve_batch
 
 
+# Padded positions scored in one batch of held-out losses (eval.batch_size still caps the rows): rows sorted by length
+# fill batches by tokens, so many short rows go together and a few long ones pad nothing away. Measured on the
+# instruct recipe's first 32 held-out rows (references of 10-300 tokens, Gemma 3 270M in bf16 on 2 cores): one batch
+# of 32 padded to the longest took 23 s, batches of 8 by length 15 s, batches of at most BATCH_TOKENS 9.5 s.
+BATCH_TOKENS = 4096
+
+
 @torch.no_grad()
 def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
                     batch_size: int = 16) -> tuple[list[float], list[int]]:
     """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced; a reference
     running past the model's context is scored on the part that fits (`over_context` counts them).
-    A batch out of memory is retried at half the size; the finished batches are kept."""
+    Rows are batched by length, up to `batch_size` rows and BATCH_TOKENS padded positions a batch. A batch out of
+    memory is retried at half its rows; the finished batches are kept."""
     if any(not e.instruction.strip() or not e.response.strip() for e in examples):  # nothing to score
         return [], []
     context = max_positions(model)
     features = [{k: v[:context] for k, v in f.items()} if context else f
                 for f in tokenize(examples, template, tokenizer)]
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    lengths = [len(features[i]["input_ids"]) for i in order]
     sums, counts = [], []
     start, size = 0, batch_size
-    while start < len(features):
-        rows_here = features[start:start + size]
+    while start < len(order):
+        rows_here = [features[i] for i in order[start:start + rows_fitting(lengths, start, size, BATCH_TOKENS)]]
         batch = {k: v.to(device()) for k, v in collate(rows_here, tokenizer.pad_token_id).items()}
         try:
             losses, rows = token_losses(model, batch)
@@ -35,13 +45,23 @@ def held_out_losses(model, tokenizer, template: Template, examples: list[Example
             losses = None  # handled outside the except block, whose traceback still holds the batch's tensors
         if losses is None:
             del batch
-            size = halve_batch(size)
+            size = halve_batch(len(rows_here))
             continue
         n_rows = batch["input_ids"].shape[0]
         sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
         counts += torch.bincount(rows, minlength=n_rows).tolist()
         start += len(rows_here)
-    return sums, counts
+    by_example = sorted(zip(order, sums, counts))
+    return [s for _, s, _ in by_example], [c for _, _, c in by_example]
+
+
+def rows_fitting(lengths: list[int], start: int, max_rows: int, max_tokens: int) -> int:
+    """How many rows from `start` of ascending `lengths` make one batch: at most `max_rows`, and at most `max_tokens`
+    positions once padded to its longest (the last); at least one row."""
+    n = 1
+    while start + n < len(lengths) and n < max_rows and (n + 1) * lengths[start + n] <= max_tokens:
+        n += 1
+    return n
 
 
 def over_context(model, tokenizer, template: Template, examples: list[Example]) -> int:
