@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 import pytest
 import torch
 
@@ -158,15 +160,29 @@ def test_base_with_adapters_trained_elsewhere_through_the_cli(tmp_path, tiny_gpt
 
     out = tmp_path / "eval-1"
     ok = affiner("--base", str(tiny_gpt2), "--adapter", str(adapter), "--test", str(qa_file), "--template", "qa",
-                 "--output", str(out), "--max-new-tokens", "4")
+                 "--output", str(out), "--max-new-tokens", "4", "--headline", "rouge_l")
     assert ok.returncode == 0, ok.stderr[-2000:]
     summary = read_json(out / "summary.json")
     assert summary["base"]["questions"] == summary["my-lora"]["questions"] == 6
+    assert read_json(out / "metrics.json")["primary_metric"] == "rouge_l"  # adapters from elsewhere choose it too
     assert (out / "report.html").is_file()
     for args, message in [((), "either run folders"), (("--base", str(tiny_gpt2)), "at least one --adapter"),
                           (("--base", str(tiny_gpt2), "--adapter", str(adapter)), "needs --test FILE")]:
         bad = affiner(*args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_the_command_to_evaluate_again_reads_back_as_the_same_evaluation():
+    from affiner.cli import build_parser
+    from affiner.commands.evaluate import rerun_command
+
+    parser = build_parser()
+    argv = ["evaluate", "runs/a", "runs/b", "--headline", "rouge_l", "--repetition-penalty", "1.3", "--key-before",
+            ":", "--no-general", "--no-base-cache", "--max-new-tokens", "48", "--temperature", "0.7", "--seed", "3",
+            "--judge-endpoint", "http://127.0.0.1:9/v1", "--judge-model", "judge"]
+    args = parser.parse_args(argv)
+    again = parser.parse_args(shlex.split(rerun_command(args))[1:])
+    assert vars(again) == vars(args)  # the same answers, so the judge's cache gives back every verdict it gave
 
 
 def test_sampling_is_reproducible_with_its_seed(tiny_llama):

@@ -32,6 +32,7 @@ import argparse
 import shlex
 from pathlib import Path
 
+from affiner.core.config import HEADLINES
 from affiner.commands.arguments import (add_renamed, non_negative_float, non_negative_int, positive_int, probability,
                                         repetition_penalty)
 
@@ -53,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="score 'contains the key' too, the key of a reference being its text before SEP (e.g. "
                              "':' for 'Expansion: a description'); it becomes the headline (default: eval.key_before; "
                              "a row's own `key` field wins)")
+    parser.add_argument("--headline", choices=HEADLINES,
+                        help="the figure the report, the table's example and `affiner runs` lead with, and that ranks "
+                             "the largest wins (default: eval.headline, or auto: contains_key when rows have keys, else "
+                             "contains); open-ended answers read better by rouge_l, chrf or embedding")
     parser.add_argument("--general", action=argparse.BooleanOptionalAction, default=None,
                         help="also answer affiner's general set, the no-harm check (default: eval.general; "
                              "--no-general saves 80 answers and losses per model)")
@@ -122,7 +127,8 @@ def main(args: argparse.Namespace) -> None:
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
                           judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args),
                           keep_overlap=args.keep_overlap, key_before=args.key_before, general=args.general,
-                          reuse_base=args.base_cache, repetition_penalty=args.repetition_penalty)
+                          reuse_base=args.base_cache, repetition_penalty=args.repetition_penalty,
+                          headline=args.headline)
     report = Path(evaluation["report"])
     print(format_table(evaluation))
     print(f"Report: {report}")
@@ -152,7 +158,8 @@ def rerun_command(args: argparse.Namespace) -> str:
         words.append("--no-base-cache")
     if args.general is not None:
         words.append("--general" if args.general else "--no-general")
-    for name in ("output", "test", "key_before", "max_new_tokens", "max_questions", "batch_size", *defaults,
+    for name in ("output", "test", "key_before", "headline", "max_new_tokens", "max_questions", "batch_size",
+                 "repetition_penalty", *defaults,
                  "judge_endpoint", "judge_model", "judge_api_key_env", "judge_mode", "benchmarks",
                  "benchmarks_include", "benchmarks_limit"):
         value = getattr(args, name)

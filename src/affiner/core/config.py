@@ -10,7 +10,7 @@ import difflib
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -182,6 +182,11 @@ class JudgeConfig(_Section):
         "judge requests in flight at once: faster, and more load on the endpoint"))
 
 
+# The figures a report can lead with (eval.headline, evaluate --headline).
+Headline = Literal["auto", "contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding"]
+HEADLINES: tuple[str, ...] = get_args(Headline)
+
+
 class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description=(
         "answer length limit: longer answers count as not stopping; higher costs time"))
@@ -207,7 +212,7 @@ class EvalConfig(_Section):
         "before this separator (':' when references read 'Expansion: a description'); a row's own `key` field "
         "wins; null: only rows with a key field have one. The key is the headline when any row has one: an "
         "answer with the right key and a reworded rest is right"))
-    headline: Literal["auto", "contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding"] = Field(
+    headline: Headline = Field(
         "auto", description=(
             "the figure the report, the table's example and `affiner runs` lead with, and that ranks the largest wins "
             "and regressions (auto: contains_key when the rows have keys, else contains, right or wrong answers as "

@@ -60,10 +60,11 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
              judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
              keep_overlap: bool = False, key_before: str | None = None, general: bool | None = None,
-             reuse_base: bool = True, repetition_penalty: float | None = None) -> dict:
+             reuse_base: bool = True, repetition_penalty: float | None = None,
+             headline: str | None = None) -> dict:
     """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run;
-    `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`: eval.key_before's
-    and eval.general's values (None: the run's); `reuse_base`: the base's answers may come from an earlier
+    `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`, `headline`:
+    eval.key_before's, eval.general's and eval.headline's values (None: the run's); `reuse_base`: the base's answers may come from an earlier
     evaluation with the same base weights, questions, template and decoding; `repetition_penalty`: replaces the
     run's eval.repetition_penalty in `sampling` (None: the run's)."""
     if plan is None:
@@ -74,6 +75,8 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
                        else repetition_penalty)
     if general is not None:
         plan.general = general
+    if headline is not None:
+        plan.headline = headline
     plan.base_cache = plan.base_cache and reuse_base
     # Fail on a bad judge setting or benchmark task before hours of generation.
     judge_client = Judge(judge_settings(judge)) if judge else None
