@@ -191,7 +191,8 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description=(
         "answer length limit: longer answers count as not stopping; higher costs time"))
     batch_size: int = Field(64, ge=1, description=(
-        "questions answered together: faster, more memory (halved by itself when out of memory)"))
+        "questions answered together: faster, more memory (halved by itself when out of memory); held-out losses "
+        "take at most this many rows and 4096 padded tokens a batch"))
     repetition_penalty: float = Field(1.0, gt=0, le=MAX_PENALTY, description=(
         "above 1, tokens already in the prompt or the answer are made less likely (transformers' repetition "
         "penalty, for base and tuned alike, in the report's settings line; chat uses the run's value): a small model "

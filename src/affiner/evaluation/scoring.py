@@ -14,9 +14,10 @@ from affiner.evaluation.generation import Answer, halve_batch
 
 
 # Padded positions scored in one batch of held-out losses (eval.batch_size still caps the rows): rows sorted by length
-# fill batches by tokens, so many short rows go together and a few long ones pad nothing away. Measured on the
-# instruct recipe's first 32 held-out rows (references of 10-300 tokens, Gemma 3 270M in bf16 on 2 cores): one batch
-# of 32 padded to the longest took 23 s, batches of 8 by length 15 s, batches of at most BATCH_TOKENS 9.5 s.
+# fill batches by tokens, so many short rows go together and a long one pads no short one to its length. Measured on
+# the instruct recipe's training probe (its first 32 held-out rows, references of 10-300 tokens; Gemma 3 270M in
+# bf16 with its LoRA adapter, 2 cores): one batch of 32 padded to the longest 22-23 s, by length within BATCH_TOKENS
+# 15 s.
 BATCH_TOKENS = 4096
 
 
