@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N questions")
     parser.add_argument("--batch-size", type=positive_int, metavar="N",
                         help="questions generated together (default: eval.batch_size)")
+    _add_decoding_arguments(parser)
+    _add_judge_arguments(parser)
+    _add_benchmark_arguments(parser)
+
+
+def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
                         help="sampling temperature; 0 (default) decodes greedily")
     parser.add_argument("--top-p", type=probability, default=1.0, metavar="P",
@@ -80,6 +86,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
                         help="above 1, tokens already in the prompt or answer are made less likely, for base and "
                              "tuned alike: a looping model stops looping (default: eval.repetition_penalty; 1: off)")
+
+
+def _add_judge_arguments(parser: argparse.ArgumentParser) -> None:
     judge = parser.add_argument_group("an LLM judge (any OpenAI-compatible server; default: the run's eval.judge)")
     add_renamed(judge, "--judge-endpoint", "--judge-url", metavar="URL",
                 help="base URL of the judge's endpoint, e.g. http://127.0.0.1:11434/v1 (Ollama)")
@@ -91,6 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "tuned is better, both (default) does both")
 
 
+def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     bench = parser.add_argument_group(
         "standard benchmarks through EleutherAI's lm-evaluation-harness (pip install 'affiner[benchmarks]')")
     bench.add_argument("--benchmarks", metavar="TASKS",
