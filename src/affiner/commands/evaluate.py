@@ -32,9 +32,9 @@ import argparse
 import shlex
 from pathlib import Path
 
-from affiner.core.config import HEADLINES
 from affiner.commands.arguments import (add_renamed, non_negative_float, non_negative_int, positive_int, probability,
                                         repetition_penalty)
+from affiner.core.config import HEADLINES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "':' for 'Expansion: a description'); it becomes the headline (default: eval.key_before; "
                              "a row's own `key` field wins)")
     parser.add_argument("--headline", choices=HEADLINES,
-                        help="the figure the report, the table's example and `affiner runs` lead with, and that ranks "
-                             "the largest wins (default: eval.headline, or auto: contains_key when rows have keys, else "
-                             "contains); open-ended answers read better by rouge_l, chrf or embedding")
+                        help="the figure the report, the table's example and `affiner runs` lead with, and that "
+                             "ranks the largest wins (default: eval.headline, or auto: contains_key when rows have "
+                             "keys, else contains); open-ended answers read better by rouge_l, chrf or embedding")
     parser.add_argument("--general", action=argparse.BooleanOptionalAction, default=None,
                         help="also answer affiner's general set, the no-harm check (default: eval.general; "
                              "--no-general saves 80 answers and losses per model)")

@@ -64,9 +64,9 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
              headline: str | None = None) -> dict:
     """Evaluate the runs in `folders` (or a prepared `plan`) and write the report next to the first run;
     `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`, `headline`:
-    eval.key_before's, eval.general's and eval.headline's values (None: the run's); `reuse_base`: the base's answers may come from an earlier
-    evaluation with the same base weights, questions, template and decoding; `repetition_penalty`: replaces the
-    run's eval.repetition_penalty in `sampling` (None: the run's)."""
+    eval.key_before's, eval.general's and eval.headline's values (None: the run's); `reuse_base`: the base's answers
+    may come from an earlier evaluation with the same base weights, questions, template and decoding;
+    `repetition_penalty`: replaces the run's eval.repetition_penalty in `sampling` (None: the run's)."""
     if plan is None:
         plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions, keep_overlap,
                          key_before)

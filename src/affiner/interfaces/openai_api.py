@@ -88,7 +88,8 @@ class Body(_Fields):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_PENALTY)  # vLLM's extension of the OpenAI API, same meaning
+    # vLLM's extension of the OpenAI API, same meaning.
+    repetition_penalty: float | None = Field(None, gt=0, le=MAX_PENALTY)
     seed: int | None = Field(None, ge=0, lt=2**63)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
