@@ -61,3 +61,61 @@ def test_a_held_out_loss_is_chunked_even_when_the_head_could_train(tiny_gemma, m
         chunked, _ = loss.token_losses(model, batch)
     assert rows_at_once == [5, 5, 5, 5, 4]  # 24 answer tokens, five at a time
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+
+
+HEAD_SETTINGS = [({}, "plain"), ({"logits_scaling": 4.0}, "granite"), ({"final_logit_softcapping": 3.0}, "softcap"),
+                 ({"logit_scale": 2.0, "final_logit_softcapping": 5.0}, "scale-and-softcap")]
+
+
+def _written_and_plain(settings: dict, monkeypatch, bias: bool = False) -> tuple:
+    """A frozen head's losses, and the gradient of their weighted sum, by `head_losses` (in chunks of 7) and by
+    autograd through the head and `output_scaling`, whole; and how many chunks went through the head module."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="test", **settings)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=bias).requires_grad_(False)
+    hidden, targets, weights = torch.randn(23, 16) * 3, torch.randint(0, 300, (23,)), torch.linspace(0.5, 1.5, 23)
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 7)
+
+    def losses_and_gradient(compute) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = hidden.clone().requires_grad_(True)
+        losses = compute(rows)
+        (losses * weights).sum().backward()
+        return losses.detach(), rows.grad
+
+    calls = []
+    handle = head.register_forward_hook(lambda *_: calls.append(1))
+    written = losses_and_gradient(lambda rows: loss.head_losses(config, head, rows, targets))
+    handle.remove()
+    plain = losses_and_gradient(lambda rows: torch.nn.functional.cross_entropy(
+        loss.output_scaling(config, head(rows)), targets, reduction="none"))
+    return written, plain, len(calls)
+
+
+@pytest.mark.parametrize("settings", [s for s, _ in HEAD_SETTINGS], ids=[name for _, name in HEAD_SETTINGS])
+def test_a_frozen_heads_written_out_gradient_is_autograds(settings, monkeypatch):
+    """Training through a frozen linear head: losses and gradient computed by hand (softmax - one-hot, through the
+    model's scaling and soft cap), never through the module, equal to autograd's."""
+    (losses, gradient), (plain_losses, plain_gradient), through_module = _written_and_plain(settings, monkeypatch)
+    assert through_module == 0
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gradient, plain_gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_a_head_that_is_not_a_plain_linear_layer_goes_through_autograd(monkeypatch):
+    (losses, gradient), (plain_losses, plain_gradient), through_module = _written_and_plain({}, monkeypatch, bias=True)
+    assert through_module == 4  # 23 rows in chunks of 7
+    torch.testing.assert_close(losses, plain_losses, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gradient, plain_gradient, rtol=1e-4, atol=1e-6)
+
+
+def test_a_batch_without_answer_tokens_still_has_a_gradient_graph():
+    """A process whose share of the last batch is empty still runs its backward (the others wait for it)."""
+    from types import SimpleNamespace
+
+    head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    rows = torch.zeros(0, 16, requires_grad=True)
+    losses = loss.head_losses(SimpleNamespace(model_type="test"), head, rows, torch.zeros(0, dtype=torch.long))
+    losses.sum().backward()
+    assert losses.shape == (0,) and rows.grad is not None and rows.grad.shape == (0, 16)
