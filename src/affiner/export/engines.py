@@ -30,7 +30,7 @@ from pathlib import Path
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import json_text, write_atomic, write_json
-from affiner.core.models import resolve_base, tokenizer_for
+from affiner.core.models import resolve_base, save_tokenizer, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, encode_prompt
@@ -205,7 +205,7 @@ def save_engine_tokenizer(tokenizer, jinja: str, folder: Path) -> None:
             setattr(engine_tokenizer, flag, False)
     if engine_tokenizer.is_fast:
         engine_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="$A", pair="$A $B")
-    engine_tokenizer.save_pretrained(folder)
+    save_tokenizer(engine_tokenizer, folder)
 
 
 def ollama_argv(name: str, modelfile: str) -> list[str]:

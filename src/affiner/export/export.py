@@ -21,7 +21,7 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
                                 write_json)
-from affiner.core.models import tokenizer_for
+from affiner.core.models import save_tokenizer, tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
@@ -152,7 +152,7 @@ def _write_adapter(run: RunFolder, config: RunConfig, template: Template, tokeni
     adapter_config["base_model_name_or_path"] = hub_id(config.model.base) or config.model.base
     adapter_config["revision"] = config.model.revision
     write_json(target / ADAPTER_CONFIG, adapter_config)
-    tokenizer.save_pretrained(target)
+    save_tokenizer(tokenizer, target)
     save_template(template, target)
 
 

@@ -20,7 +20,7 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
-from affiner.core.models import drop_gguf_quantizer, load_for, load_model, resolve_base
+from affiner.core.models import drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def save_model(model: PreTrainedModel, tokenizer, template: Template, target: Pa
     cast_model(model, dtype)
     model.generation_config = _generation_config(model, tokenizer, template)
     model.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    save_tokenizer(tokenizer, target)
     save_template(template, target)
 
 

@@ -21,7 +21,7 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import file_sha256, remove_leftovers
 from affiner.core.models import (check_weights_readable, context_length, default_target_modules, dtype_for,
-                                 max_positions, skeleton_for, tokenizer_for)
+                                 max_positions, save_tokenizer, skeleton_for, tokenizer_for)
 from affiner.core.runfolder import CHECKPOINTS, CONFIG_FILE, RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.core.tracking import require_trackers_installed
@@ -84,7 +84,7 @@ def create(start: Start, held_out: list, data_info: dict) -> RunFolder:
     run = RunFolder.create(start.config)
     run.save_config(start.config)
     run.save_template(start.template)
-    start.tokenizer.save_pretrained(run.path)
+    save_tokenizer(start.tokenizer, run.path)
     run.save_data_info(data_info)
     run.save_held_out(held_out)
     run.update(status="training", method=start.config.method, base=start.config.model.base,
