@@ -3,7 +3,7 @@
     .venv/bin/python bench/cpu_precision.py              # the whole quickstart (90 steps) in each precision
     .venv/bin/python bench/cpu_precision.py --steps 20   # seconds per step only, sooner
 
-`precision: auto` picks bf16 on a CPU whose bf16 matrix products are at least 2x faster than fp32 (AMX,
+`precision: auto` picks bf16 on a CPU whose bf16 matrix products are at least 1.5x faster than fp32 (AMX,
 AVX512-BF16; measured at start-up); the target is at least 1.4x faster steps at a held-out loss within 2 %
 of fp32's, and on a CPU without native bf16, auto stays fp32 (no slower than before). Each precision trains
 in its own process (AFFINER_CPU_BF16 pins auto's answer), fp32 and bf16 alternating when --rounds > 1; the

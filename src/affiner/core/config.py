@@ -35,7 +35,7 @@ class ModelConfig(_Section):
         "a Hub branch, tag or commit: pins the weights a run is reproduced with (null: the latest)"))
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description=(
         "what the model computes in: auto picks bf16 on a GPU that has it, and on a CPU whose bf16 is measured "
-        "at least 2x faster, else fp32; fp16/bf16 halve memory, fp32 is the slowest and most exact"))
+        "at least 1.5x faster, else fp32; fp16/bf16 halve memory, fp32 is the slowest and most exact"))
     double_quant: bool = Field(True, description=(
         "QLoRA: quantise the quantisation constants too, about 0.4 bit per weight less memory for a little time"))
     trust_remote_code: bool = Field(False, description=(
