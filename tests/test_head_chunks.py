@@ -119,3 +119,32 @@ def test_a_batch_without_answer_tokens_still_has_a_gradient_graph():
     losses = loss.head_losses(SimpleNamespace(model_type="test"), head, rows, torch.zeros(0, dtype=torch.long))
     losses.sum().backward()
     assert losses.shape == (0,) and rows.grad is not None and rows.grad.shape == (0, 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_written_out_heads_kept_buffers_never_leak_from_one_batch_into_the_next(dtype, monkeypatch):
+    """Batches of 23, then 5 (views of the kept buffers), then 40 rows (they grow), then 23 again, then 23 after the
+    buffers were given back: each batch's losses and gradient are autograd's through the head, whatever came before."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="test", final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).to(dtype).requires_grad_(False)
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 64)
+    for rows in (23, 5, 40, 23, 0, 23):
+        if not rows:  # as training does when it ends
+            loss.release_head_workspace()
+            continue
+        hidden, targets = (torch.randn(rows, 16) * 3).to(dtype), torch.randint(0, 300, (rows,))
+        results = []
+        for compute in (lambda h: loss.head_losses(config, head, h, targets),
+                        lambda h: torch.nn.functional.cross_entropy(
+                            loss.output_scaling(config, head(h)).float(), targets, reduction="none")):
+            h = hidden.clone().requires_grad_(True)
+            losses = compute(h)
+            (losses * torch.linspace(0.5, 1.5, rows)).sum().backward()
+            results.append((losses.detach(), h.grad.float()))
+        (written, written_gradient), (expected, expected_gradient) = results
+        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(written, expected, **tolerance)
+        torch.testing.assert_close(written_gradient, expected_gradient, **tolerance)

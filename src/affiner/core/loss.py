@@ -122,13 +122,16 @@ def _plain_weight(head: torch.nn.Module) -> torch.Tensor | None:
 
 def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_type: str):
     """The per-chunk losses and gradient of a frozen linear head computed by hand, in the autocast dtype when
-    autocast is on (as the model's own head would compute)."""
+    autocast is on (as the model's own head would compute), in place in the buffers of `_head_workspace`."""
     if torch.is_autocast_enabled(device_type):
         weight = weight.to(torch.get_autocast_dtype(device_type))
 
     def losses_and_gradient(rows: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type, enabled=False), torch.no_grad():
-            logits = (rows.to(weight.dtype) @ weight.T).float()
+            low, logits = _head_workspace(rows.shape[0], weight)
+            torch.matmul(rows.to(weight.dtype), weight.T, out=low)
+            if low is not logits:
+                logits.copy_(low)
             if scale != 1.0:
                 logits.mul_(scale)
             squash = None
@@ -136,18 +139,51 @@ def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_t
                 logits.div_(cap).tanh_()
                 squash = 1 - logits.square()
                 logits.mul_(cap)
-            log_probabilities = torch.log_softmax(logits, dim=-1)
-            del logits
-            losses = -log_probabilities.gather(1, targets[:, None]).squeeze(1)
-            gradient = log_probabilities.exp_()  # the softmax, in place
+            # log-softmax and softmax in place: log(sum(exp(x - top))) + top is the log-sum-exp
+            picked = logits.gather(1, targets[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            gradient = logits.sub_(top).exp_()
+            total = gradient.sum(dim=-1, keepdim=True)
+            losses = total.squeeze(1).log() + top.squeeze(1) - picked
+            gradient.div_(total)  # the softmax
             gradient[torch.arange(gradient.shape[0], device=gradient.device), targets] -= 1
             if squash is not None:
                 gradient.mul_(squash)
             if scale != 1.0:
                 gradient.mul_(scale)
-            return losses, (gradient.to(weight.dtype) @ weight).to(rows.dtype)
+            if low is not gradient:
+                low.copy_(gradient)
+            return losses, (low @ weight).to(rows.dtype)
 
     return losses_and_gradient
+
+
+# The written-out head's [rows x vocabulary] buffers, kept from chunk to chunk and step to step on a CPU. Fresh, each
+# chunk's GBs were mapped from the kernel and faulted in page by page (4 KiB at a time, zeroed), then given back.
+# Measured by bench/train_against.py against the previous code (Gemma 3 270M, bf16, 2-core AMD EPYC, 8 steps of the
+# instruct recipe, 2 rounds): training 165.3 s -> 111.0 s (1.49x), system time 40-44 s -> 12-13 s a process, minor
+# page faults 6.0 M -> 1.8 M, peak RSS 6.05 -> 5.62 GB (/usr/bin/time); the quickstart's short answers: 1.04x.
+# A GPU's caching allocator already reuses memory.
+_workspace: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _head_workspace(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows x vocabulary] tensors in the weight's dtype and in fp32 (one tensor for an fp32 weight): on a CPU views
+    of the kept buffers, grown by a chunk with more rows than any before; elsewhere new ones."""
+    kept = _workspace.get(weight.dtype)
+    if weight.device.type != "cpu" or kept is None or kept.shape[0] < rows or kept.shape[1] != weight.shape[0]:
+        release_head_workspace()  # one model trains at a time: another's buffers are dropped first
+        logits = torch.empty(rows, weight.shape[0], device=weight.device)
+        low = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
+        if weight.device.type != "cpu":
+            return low, logits
+        _workspace.update({torch.float32: logits, weight.dtype: low})
+    return _workspace[weight.dtype][:rows], _workspace[torch.float32][:rows]
+
+
+def release_head_workspace() -> None:
+    """Give back the written-out head's buffers (GBs with a large vocabulary): training ends, or ran out of memory."""
+    _workspace.clear()
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

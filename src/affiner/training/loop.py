@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from affiner.core.card import write_run_card
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.loss import IGNORE_INDEX, supervised_loss, supervised_tokens
+from affiner.core.loss import IGNORE_INDEX, release_head_workspace, supervised_loss, supervised_tokens
 from affiner.core.devices import device, precision_reason
 from affiner.core.models import describe, dtype_for
 from affiner.core.runfolder import FAILED, FINISHED, RunFolder
@@ -267,6 +267,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             "Free some space (or fix the folder's permissions), then continue with: "
             f"affiner train --resume {run}"))
     progress.close()
+    release_head_workspace()  # GBs that a checkpoint, or the evaluation that may follow, has better use for
     if stopped:
         _free_memory(trainer)
         _stop(trainer, run, completed, trackers, stopped)
