@@ -38,8 +38,8 @@ def data(tmp_path) -> Path:
     return path
 
 
-def torchrun(*argv: str, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def torchrun(*argv: str, processes: int = 2, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**{k: v for k, v in os.environ.items() if k not in unset}, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={processes}", DRIVER, *argv],
                           capture_output=True, text=True, timeout=300, env=env)
@@ -109,6 +109,18 @@ def test_two_processes_train_as_one(tmp_path, tiny_llama, data, per_device, trai
         assert len(scores) == 2 and scores == pytest.approx([r["eval_loss"] for r in expected if "eval_loss" in r],
                                                             abs=1e-4)
     assert json.loads((double / "run.json").read_text())["global_batch"] == 4
+
+
+def test_processes_on_cpus_all_compute_in_the_precision_the_main_one_measured(tmp_path, tiny_llama, data):
+    """With `precision: auto` decided by measurement (no AFFINER_CPU_BF16), each process measuring on cores the
+    other loads could pick another dtype: the main one's measurement is broadcast before anything loads, every
+    process trains in its dtype (their weights agree) and run.json says whose measurement decided."""
+    config = write_config(tmp_path, tiny_llama, data, train={"max_steps": 2, "batch_size": 1})
+    result = torchrun(str(config), unset=("AFFINER_CPU_BF16",))
+    assert result.returncode == 0, result.stderr[-3000:]
+    info = json.loads((one_run(tmp_path) / "run.json").read_text())
+    assert info["precision_reason"].endswith("(by the main process, for every process)")
+    assert info["status"] == "finished" and info["processes_agree"] is True
 
 
 def test_a_short_last_batch_leaves_a_process_without_rows(tmp_path, tiny_llama, data):

@@ -3,6 +3,8 @@ large vocabulary (Gemma's 262,144 tokens) no longer needs every answer token's l
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -132,20 +134,57 @@ def test_the_written_out_heads_kept_buffers_never_leak_from_one_batch_into_the_n
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 300, bias=False).to(dtype).requires_grad_(False)
     monkeypatch.setattr(loss, "HEAD_CHUNK", 64)
-    for rows in (23, 5, 40, 23, 0, 23):
-        if not rows:  # as training does when it ends
-            loss.release_head_workspace()
-            continue
+    with contextlib.ExitStack() as training:
+        training.enter_context(loss.kept_head_buffers())
+        for rows in (23, 5, 40, 23, 0, 23):
+            if not rows:  # a training ends (its buffers given back) and another begins
+                training.close()
+                training.enter_context(loss.kept_head_buffers())
+                continue
+            hidden, targets = (torch.randn(rows, 16) * 3).to(dtype), torch.randint(0, 300, (rows,))
+            results = []
+            for compute in (lambda h: loss.head_losses(config, head, h, targets),
+                            lambda h: torch.nn.functional.cross_entropy(
+                                loss.output_scaling(config, head(h)).float(), targets, reduction="none")):
+                h = hidden.clone().requires_grad_(True)
+                losses = compute(h)
+                (losses * torch.linspace(0.5, 1.5, rows)).sum().backward()
+                results.append((losses.detach(), h.grad.float()))
+            (written, written_gradient), (expected, expected_gradient) = results
+            tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+            torch.testing.assert_close(written, expected, **tolerance)
+            torch.testing.assert_close(written_gradient, expected_gradient, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_probe_during_training_scores_in_the_kept_buffers_and_an_evaluation_through_the_head(dtype, monkeypatch):
+    """Held-out losses without gradient: while training keeps the head's buffers (a probe between steps) they are
+    made in those buffers, never through the head module, including a chunk larger than any trained one; once
+    training gave them back (an evaluation) they go through the head. Either way they are cross-entropy's."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(model_type="test", final_logit_softcapping=5.0)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 300, bias=False).to(dtype).requires_grad_(False)
+    monkeypatch.setattr(loss, "HEAD_CHUNK", 32)
+    through_module = []
+    head.register_forward_hook(lambda *_: through_module.append(1))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+
+    def held_out(rows: int) -> None:
         hidden, targets = (torch.randn(rows, 16) * 3).to(dtype), torch.randint(0, 300, (rows,))
-        results = []
-        for compute in (lambda h: loss.head_losses(config, head, h, targets),
-                        lambda h: torch.nn.functional.cross_entropy(
-                            loss.output_scaling(config, head(h)).float(), targets, reduction="none")):
-            h = hidden.clone().requires_grad_(True)
-            losses = compute(h)
-            (losses * torch.linspace(0.5, 1.5, rows)).sum().backward()
-            results.append((losses.detach(), h.grad.float()))
-        (written, written_gradient), (expected, expected_gradient) = results
-        tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-        torch.testing.assert_close(written, expected, **tolerance)
-        torch.testing.assert_close(written_gradient, expected_gradient, **tolerance)
+        through_module.clear()
+        with torch.no_grad():
+            losses = loss.head_losses(config, head, hidden, targets)
+        expected = torch.nn.functional.cross_entropy(loss.output_scaling(config, head(hidden)).float(), targets,
+                                                     reduction="none")
+        torch.testing.assert_close(losses, expected, **tolerance)
+
+    with loss.kept_head_buffers():
+        trained = (torch.randn(10, 16) * 3).to(dtype).requires_grad_(True)
+        loss.head_losses(config, head, trained, torch.randint(0, 300, (10,))).sum().backward()  # a training step
+        for rows in (7, 45):
+            held_out(rows)
+            assert through_module == [1]  # only the expected losses' call: the probe's went around the module
+    held_out(45)
+    assert through_module == [1, 1, 1]  # after training: 45 rows through the module in chunks of 32, then the expected

@@ -217,6 +217,30 @@ def test_a_cpu_with_native_bf16_computes_in_bf16_and_says_why(machine, loads, ca
     assert resolve_dtype("auto") == torch.float32 and resolve_dtype("bf16") == torch.bfloat16
 
 
+def test_processes_training_together_on_cpus_all_take_the_main_ones_measurement(machine, monkeypatch):
+    """Under torchrun on CPUs each process measuring its own speed-up (on cores the others load) could pick
+    another dtype; the main process's measurement is broadcast and every process, main or not, decides by it."""
+    broadcast = []
+
+    def share(value):  # what the main process (rank 0) sent, whatever this process had
+        broadcast.append(value)
+        return 2.2
+
+    machine("cpu", cpu_bf16_speedup=1.2)  # this process alone would measure too little for bf16
+    try:
+        devices.share_cpu_bf16_speedup(share, is_main=False)
+        assert broadcast == [None]  # a process other than the main one does not measure
+        assert resolve_dtype("auto") == torch.bfloat16
+        assert devices.precision_reason(torch.bfloat16) == ("cpu: bf16 matrix products measured 2.2x fp32's speed "
+                                                            "(by the main process, for every process)")
+        assert devices.precision_reason(torch.float32, "fp32") == "cpu: model.precision fp32"
+        devices.share_cpu_bf16_speedup(share, is_main=True)
+        assert broadcast == [None, 1.2]  # the main process sends its own measurement
+    finally:
+        devices.share_cpu_bf16_speedup(lambda value: None, is_main=False)  # no agreement: each measures again
+    assert resolve_dtype("auto") == torch.float32
+
+
 def test_the_cpu_measurement_is_real_and_overridable(machine, monkeypatch):
     machine("cpu")
     monkeypatch.undo()  # the real measurement, on this machine

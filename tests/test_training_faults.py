@@ -10,6 +10,7 @@ import torch
 from conftest import run_cli, write_config
 from safetensors.torch import load_file
 
+from affiner.core import loss
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.runfolder import RunFolder
@@ -42,7 +43,10 @@ def only_run(tmp_path) -> RunFolder:
     ((float("inf"), 12), "training stopped at step 3 .*the loss is inf"),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
      "out of memory on cpu at step 3 .*train.batch_size.*data.max_length.*gradient_checkpointing.*qlora"),
-])
+    (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes. Error code 12 "
+                  "(Cannot allocate memory)"),  # how torch says it on a CPU
+     "out of memory on cpu at step 3 .*train.batch_size"),
+], ids=["nan", "inf", "gpu-out-of-memory", "cpu-out-of-memory"])
 def test_a_failing_step_keeps_the_last_good_one(tmp_path, tiny_gpt2, qa_file, monkeypatch, failure, expected):
     config = load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 5})))
     fail_on_call(monkeypatch, 3, failure)
@@ -58,6 +62,24 @@ def test_a_failing_step_keeps_the_last_good_one(tmp_path, tiny_gpt2, qa_file, mo
     monkeypatch.undo()
     train(resume=run.path)  # the last good step resumes and finishes
     assert run.is_finished and run.has_adapter and [r["step"] for r in run.log()] == [1, 2, 3, 4, 5]
+
+
+def test_an_unforeseen_error_propagates_and_the_heads_buffers_are_given_back(tmp_path, tiny_gpt2, qa_file,
+                                                                            monkeypatch):
+    """An error training does not handle propagates as it is, after the head's kept buffers (GBs with Gemma's
+    vocabulary) were given back: a held-out loss computed next (a sweep's next point, the caller's evaluation)
+    goes through the head as outside training, nothing of the failed run kept."""
+    from types import SimpleNamespace
+
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 5})))
+    fail_on_call(monkeypatch, 3, RuntimeError("a bug in a custom model's forward"))
+    with pytest.raises(RuntimeError, match="a bug in a custom model's forward"):
+        train(config)
+    head, through_module = torch.nn.Linear(8, 50, bias=False).requires_grad_(False), []
+    head.register_forward_hook(lambda *_: through_module.append(1))
+    with torch.no_grad():
+        loss.head_losses(SimpleNamespace(model_type="test"), head, torch.randn(4, 8), torch.randint(0, 50, (4,)))
+    assert through_module == [1]
 
 
 def test_the_command_line_gives_one_paragraph_and_exit_2(tmp_path, tiny_gpt2, qa_file, monkeypatch, capsys):

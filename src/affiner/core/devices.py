@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -109,14 +110,31 @@ def cpu_bf16_speedup(size: int = 1024, rounds: int = 4) -> float:
     return best[torch.float32] / max(best[torch.bfloat16], 1e-9)
 
 
+# The main process's measurement when several processes train on CPUs (share_cpu_bf16_speedup), else None.
+_shared_speedup: float | None = None
+
+
+def share_cpu_bf16_speedup(share: Callable[[float | None], float | None], is_main: bool) -> None:
+    """Every process of a training on CPUs takes the main process's `cpu_bf16_speedup` (through `share`, a
+    broadcast), so that all compute in one dtype: each measuring its own while the others load the same cores could
+    land on either side of the threshold. Nothing to share on a GPU, or where AFFINER_CPU_BF16 decides."""
+    global _shared_speedup
+    if device().type == "cpu" and os.environ.get("AFFINER_CPU_BF16") not in {"0", "1"}:
+        _shared_speedup = share(cpu_bf16_speedup() if is_main else None)
+
+
+def _cpu_speedup() -> float:
+    return cpu_bf16_speedup() if _shared_speedup is None else _shared_speedup
+
+
 def _cpu_dtype(precision: str) -> torch.dtype:
     if precision == "auto" and os.environ.get("AFFINER_CPU_BF16") in {"0", "1"}:
         # Set by whoever needs one answer on every machine (the test suite, a benchmark of fp32 against bf16).
         return torch.bfloat16 if os.environ["AFFINER_CPU_BF16"] == "1" else torch.float32
-    speedup = cpu_bf16_speedup()
     if precision == "fp16":
         note("precision fp16 needs a GPU; using fp32 on this CPU.")
         return torch.float32
+    speedup = _cpu_speedup()
     if precision == "bf16":
         if speedup < 1:
             note(f"bf16 is emulated on this CPU ({speedup:.1f}x the speed of fp32): expect slower steps.")
@@ -128,13 +146,16 @@ def _cpu_dtype(precision: str) -> torch.dtype:
     return torch.float32
 
 
-def precision_reason(dtype: torch.dtype) -> str:
-    """Why a run computes in `dtype` on this device, as run.json records it."""
+def precision_reason(dtype: torch.dtype, precision: str = "auto") -> str:
+    """Why a run computes in `dtype` on this device, for the config's `precision`, as run.json records it."""
     kind = device().type
+    if kind == "cpu" and precision != "auto":
+        return f"{kind}: model.precision {precision}"
     if kind == "cpu" and os.environ.get("AFFINER_CPU_BF16") in {"0", "1"}:
         return f"{kind}: AFFINER_CPU_BF16={os.environ['AFFINER_CPU_BF16']}"
     if kind == "cpu":
-        return f"{kind}: bf16 matrix products measured {cpu_bf16_speedup():.1f}x fp32's speed"
+        whose = "" if _shared_speedup is None else " (by the main process, for every process)"
+        return f"{kind}: bf16 matrix products measured {_cpu_speedup():.1f}x fp32's speed{whose}"
     if kind == "cuda":
         return f"{kind}: {gpu_capability()}, native bf16: {native_bf16()}"
     return kind

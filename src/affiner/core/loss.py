@@ -6,6 +6,9 @@ token) is learnt and scored.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -48,16 +51,26 @@ def head_losses(config, head: torch.nn.Module, hidden: torch.Tensor, targets: to
     pass (full fine-tuning) takes the plain path: its weight's gradient needs every chunk's logits in the backward.
     Without gradients (a held-out loss) a head whose weights merely could train (a model as `from_pretrained`
     returns it) is chunked too: the plain path there held the fp32 logits of every answer token of the batch at
-    once (a peak of 11.7 GB for 32 instruct answers; 3.9 GB chunked). A process with no answer token in its share of
-    a batch takes the plain path, whose empty graph still joins the other processes' gradient exchange."""
+    once (a peak of 11.7 GB for 32 instruct answers; 3.9 GB chunked); within `kept_head_buffers` on a CPU it is
+    written out too, without the gradient. A process with no answer token in its share of a batch takes the plain
+    path, whose empty graph still joins the other processes' gradient exchange."""
     def plain(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(output_scaling(config, head(rows)).float(), labels, reduction="none")
 
     head_trains = any(p.requires_grad for p in head.parameters()) and torch.is_grad_enabled()
     needs_gradient = torch.is_grad_enabled() and hidden.requires_grad
-    weight = _plain_weight(head) if WRITTEN_OUT_HEAD and needs_gradient and not head_trains and len(hidden) else None
-    if weight is not None:
+    weight = _plain_weight(head) if WRITTEN_OUT_HEAD and not head_trains and len(hidden) else None
+    if weight is not None and needs_gradient:
         return _ChunkedHead.apply(hidden, targets, _written_out(weight, *logit_transform(config), hidden.device.type))
+    if weight is not None and _workspace is not None and hidden.device.type == "cpu":
+        # Held-out losses in kept buffers (a probe borrows the training's): cross-entropy's fresh GBs per chunk were
+        # faulted in page by page. 6 instruct steps with 3 probes, alternating: 117.8, 107.5 s -> 94.3, 89.8 s,
+        # minor faults 9.8 M -> 1.8 M, peak RSS 7.74 -> 5.63-5.71 GB (bench/train_against.py --probe-every 2);
+        # the instruct run's held-out losses, base and tuned (evaluate --max-new-tokens 1 --no-general): 134.4 ->
+        # 108.0 s, faults 20.0 M -> 3.6 M, the same losses (2.490, 2.274).
+        losses_of = _written_out(weight, *logit_transform(config), hidden.device.type, with_gradient=False)
+        return torch.cat([losses_of(hidden[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK])[0]
+                          for i in range(0, hidden.shape[0], HEAD_CHUNK)])
     if head_trains or hidden.shape[0] <= HEAD_CHUNK:
         return plain(hidden, targets)
     if not needs_gradient:
@@ -109,7 +122,8 @@ def _by_autograd(losses_of):
 # (bench/head_speed.py), 37.6 s -> 32.2 s (1.17x); 12 steps of `affiner train instruct`, old and new in
 # alternating processes, 78.9 + 73.0 s -> 59.8 + 63.9 s (1.23x); losses equal to 1e-5. Compiling the written-out
 # function (torch.compile) measured no faster for ~7 s of compilation on a fresh machine, so it is not compiled.
-# A held-out loss (no gradient) keeps the plain path: there cross-entropy is already one pass.
+# A held-out loss (no gradient) is made in place too within a span of kept buffers (a probe during training, an
+# evaluation's held-out losses: see head_losses), else by the plain path's cross-entropy.
 WRITTEN_OUT_HEAD = True  # False: autograd through the head, chunk by chunk (what bench/head_speed.py compares)
 
 
@@ -120,9 +134,11 @@ def _plain_weight(head: torch.nn.Module) -> torch.Tensor | None:
     return head.weight.detach() if type(head.weight) in (torch.Tensor, torch.nn.Parameter) else None
 
 
-def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_type: str):
+def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_type: str,
+                 with_gradient: bool = True):
     """The per-chunk losses and gradient of a frozen linear head computed by hand, in the autocast dtype when
-    autocast is on (as the model's own head would compute), in place in the buffers of `_head_workspace`."""
+    autocast is on (as the model's own head would compute), in place in the buffers of `_head_workspace`;
+    without `with_gradient`, the losses alone (and None)."""
     if torch.is_autocast_enabled(device_type):
         weight = weight.to(torch.get_autocast_dtype(device_type))
 
@@ -145,6 +161,8 @@ def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_t
             gradient = logits.sub_(top).exp_()
             total = gradient.sum(dim=-1, keepdim=True)
             losses = total.squeeze(1).log() + top.squeeze(1) - picked
+            if not with_gradient:
+                return losses, None
             gradient.div_(total)  # the softmax
             gradient[torch.arange(gradient.shape[0], device=gradient.device), targets] -= 1
             if squash is not None:
@@ -164,26 +182,40 @@ def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_t
 # instruct recipe, 2 rounds): training 165.3 s -> 111.0 s (1.49x), system time 40-44 s -> 12-13 s a process, minor
 # page faults 6.0 M -> 1.8 M, peak RSS 6.05 -> 5.62 GB (/usr/bin/time); the quickstart's short answers: 1.04x.
 # A GPU's caching allocator already reuses memory.
-_workspace: dict[torch.dtype, torch.Tensor] = {}
+_workspace: dict[torch.dtype, torch.Tensor] | None = None  # while a training loop runs (kept_head_buffers), else None
+
+
+@contextlib.contextmanager
+def kept_head_buffers() -> Iterator[None]:
+    """The span of a training loop, or of a set of held-out losses: on a CPU the head's buffers are kept from chunk
+    to chunk and step to step (a probe's losses borrow the training's); when the outermost span ends, however it
+    ends, they are given back (GBs that a checkpoint, or what follows, has better use for). Outside any span a
+    chunk's tensors are made for it."""
+    global _workspace
+    if _workspace is not None:  # within a training's span: its buffers serve
+        yield
+        return
+    _workspace = {}
+    try:
+        yield
+    finally:
+        _workspace = None
 
 
 def _head_workspace(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows x vocabulary] tensors in the weight's dtype and in fp32 (one tensor for an fp32 weight): on a CPU views
-    of the kept buffers, grown by a chunk with more rows than any before; elsewhere new ones."""
-    kept = _workspace.get(weight.dtype)
-    if weight.device.type != "cpu" or kept is None or kept.shape[0] < rows or kept.shape[1] != weight.shape[0]:
-        release_head_workspace()  # one model trains at a time: another's buffers are dropped first
+    """[rows x vocabulary] tensors in the weight's dtype and in fp32 (one tensor for an fp32 weight): during training
+    on a CPU views of the kept buffers, grown by a chunk with more rows than any before; otherwise new ones."""
+    keep = _workspace is not None and weight.device.type == "cpu"
+    kept = _workspace.get(weight.dtype) if keep else None
+    if kept is None or kept.shape[0] < rows or kept.shape[1] != weight.shape[0]:
+        if keep:
+            _workspace.clear()  # one model trains at a time: another's buffers are dropped first
         logits = torch.empty(rows, weight.shape[0], device=weight.device)
         low = logits if weight.dtype == torch.float32 else torch.empty_like(logits, dtype=weight.dtype)
-        if weight.device.type != "cpu":
+        if not keep:
             return low, logits
         _workspace.update({torch.float32: logits, weight.dtype: low})
     return _workspace[weight.dtype][:rows], _workspace[torch.float32][:rows]
-
-
-def release_head_workspace() -> None:
-    """Give back the written-out head's buffers (GBs with a large vocabulary): training ends, or ran out of memory."""
-    _workspace.clear()
 
 
 def supervised_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from affiner.core.loss import token_losses
+from affiner.core.loss import kept_head_buffers, token_losses
 from affiner.core.devices import device
 from affiner.core.templates import Example, Template
 from affiner.core.models import max_positions
@@ -37,21 +37,22 @@ def held_out_losses(model, tokenizer, template: Template, examples: list[Example
     lengths = [len(features[i]["input_ids"]) for i in order]
     sums, counts = [], []
     start, size = 0, batch_size
-    while start < len(order):
-        rows_here = [features[i] for i in order[start:start + rows_fitting(lengths, start, size, BATCH_TOKENS)]]
-        batch = {k: v.to(device()) for k, v in collate(rows_here, tokenizer.pad_token_id).items()}
-        try:
-            losses, rows = token_losses(model, batch)
-        except torch.OutOfMemoryError:
-            losses = None  # handled outside the except block, whose traceback still holds the batch's tensors
-        if losses is None:
-            del batch
-            size = halve_batch(len(rows_here))
-            continue
-        n_rows = batch["input_ids"].shape[0]
-        sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
-        counts += torch.bincount(rows, minlength=n_rows).tolist()
-        start += len(rows_here)
+    with kept_head_buffers():  # on a CPU, the head's [positions x vocabulary] tensors reused batch to batch
+        while start < len(order):
+            rows_here = [features[i] for i in order[start:start + rows_fitting(lengths, start, size, BATCH_TOKENS)]]
+            batch = {k: v.to(device()) for k, v in collate(rows_here, tokenizer.pad_token_id).items()}
+            try:
+                losses, rows = token_losses(model, batch)
+            except torch.OutOfMemoryError:
+                losses = None  # handled outside the except block, whose traceback still holds the batch's tensors
+            if losses is None:
+                del batch
+                size = halve_batch(len(rows_here))
+                continue
+            n_rows = batch["input_ids"].shape[0]
+            sums += torch.zeros(n_rows, device=losses.device).index_add_(0, rows, losses).tolist()
+            counts += torch.bincount(rows, minlength=n_rows).tolist()
+            start += len(rows_here)
     by_example = sorted(zip(order, sums, counts))
     return [s for _, s, _ in by_example], [c for _, _, c in by_example]
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from affiner.core.card import write_run_card
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
-from affiner.core.loss import IGNORE_INDEX, release_head_workspace, supervised_loss, supervised_tokens
+from affiner.core.loss import IGNORE_INDEX, kept_head_buffers, supervised_loss, supervised_tokens
 from affiner.core.devices import device, precision_reason
 from affiner.core.models import describe, dtype_for
 from affiner.core.runfolder import FAILED, FINISHED, RunFolder
@@ -38,8 +38,8 @@ from affiner.data.tokens import collate
 from affiner.training.batches import epochs_of, micro_batches, probe_interval, total_steps
 from affiner.training.checkpoints import adopt_best, restore_state, save_best, save_checkpoint, save_model
 from affiner.training.processes import Processes
-from affiner.training.stops import (Stop, ctrl_c_after_step, ctrl_c_deferred, diverged_message,
-                                    out_of_memory_message)
+from affiner.training.stops import (Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
+                                    ctrl_c_deferred, diverged_message, out_of_memory_message)
 from affiner.training.selection import Selection
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
@@ -232,7 +232,8 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
                     desc="training", unit="step", disable=not processes.is_main)
     completed, stopped, early = trainer.start_step, None, False
     try:
-        with ctrl_c_after_step(processes) as ctrl_c:
+        # The head's kept buffers are given back however training ends.
+        with ctrl_c_after_step(processes) as ctrl_c, kept_head_buffers(), cpu_allocation_failures_as_out_of_memory():
             for index in progress:
                 group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
                 record = {"step": index + 1, "epoch": round((index + 1) * accumulation / per_epoch, 3),
@@ -257,7 +258,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
         stopped = Stop(FAILED, together=True, save=True,
                        message=lambda kept: diverged_message(trainer.config, trainer.scheduler.get_last_lr()[0], run,
                                                              completed, reason, kept))
-    except torch.OutOfMemoryError:  # perhaps in one process only: nobody is waited for
+    except (torch.OutOfMemoryError, MemoryError):  # perhaps in one process only: nobody is waited for
         stopped = Stop(FAILED, together=False, save=True,
                        message=lambda kept: out_of_memory_message(trainer.config, run, completed, kept))
     except OSError as error:  # writing the log or a checkpoint failed (a full disk): nothing more is saved
@@ -267,7 +268,6 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             "Free some space (or fix the folder's permissions), then continue with: "
             f"affiner train --resume {run}"))
     progress.close()
-    release_head_workspace()  # GBs that a checkpoint, or the evaluation that may follow, has better use for
     if stopped:
         _free_memory(trainer)
         _stop(trainer, run, completed, trackers, stopped)
@@ -302,7 +302,7 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Tracke
     dtype = dtype_for(config)
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
                parallelism=processes.parallelism, precision=str(dtype).removeprefix("torch."),
-               precision_reason=precision_reason(dtype))
+               precision_reason=precision_reason(dtype, config.model.precision))
     return trackers
 
 

@@ -101,6 +101,7 @@ class Processes:
             return value
         from accelerate.utils import broadcast_object_list
 
+        self.accelerator  # the process group starts with it (the first collective may come before main_first)
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from affiner.core.config import RunConfig
+from affiner.core.devices import share_cpu_bf16_speedup
 from affiner.core.errors import AffinerError
 from affiner.core.files import file_sha256, remove_leftovers
 from affiner.core.models import (check_weights_readable, context_length, default_target_modules, dtype_for,
@@ -104,6 +105,8 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
     processes = Processes()
     if config is None and resume is None:
         raise AffinerError("train needs a config or a run folder to resume.")
+    if processes.several:
+        share_cpu_bf16_speedup(processes.share, processes.is_main)  # before any process resolves its precision
     with processes.main_first():
         if resume is not None:
             run = RunFolder.open(resume)

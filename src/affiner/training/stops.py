@@ -7,7 +7,10 @@ import contextlib
 import signal
 import sys
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Callable
+
+import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.devices import device
@@ -79,6 +82,18 @@ def diverged_message(config: RunConfig, learning_rate: float, run: object, compl
             f"that step was not applied; {kept}. Lower train.learning_rate (now {config.train.learning_rate:g}), "
             "keep train.max_grad_norm set, train in fp32 or bf16 rather than fp16 (model.precision), and look for "
             "unusual rows in the data; then start a new run.")
+
+
+@contextlib.contextmanager
+def cpu_allocation_failures_as_out_of_memory() -> Iterator[None]:
+    """A failed CPU allocation, which torch raises as a plain RuntimeError ("DefaultCPUAllocator: can't allocate
+    memory"), raised as torch.OutOfMemoryError, as a GPU's is: training then stops on either the same way."""
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" not in str(error):
+            raise
+        raise torch.OutOfMemoryError(str(error)) from error
 
 
 def out_of_memory_message(config: RunConfig, run: object, completed: int, kept: str) -> str:
