@@ -68,15 +68,19 @@ def head_losses(config, head: torch.nn.Module, hidden: torch.Tensor, targets: to
         # minor faults 9.8 M -> 1.8 M, peak RSS 7.74 -> 5.63-5.71 GB (bench/train_against.py --probe-every 2);
         # the instruct run's held-out losses, base and tuned (evaluate --max-new-tokens 1 --no-general): 134.4 ->
         # 108.0 s, faults 20.0 M -> 3.6 M, the same losses (2.490, 2.274).
-        losses_of = _written_out(weight, *logit_transform(config), hidden.device.type, with_gradient=False)
-        return torch.cat([losses_of(hidden[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK])[0]
-                          for i in range(0, hidden.shape[0], HEAD_CHUNK)])
+        written = _written_out(weight, *logit_transform(config), hidden.device.type, with_gradient=False)
+        return _by_chunks(lambda rows, labels: written(rows, labels)[0], hidden, targets)
     if head_trains or hidden.shape[0] <= HEAD_CHUNK:
         return plain(hidden, targets)
     if not needs_gradient:
-        return torch.cat([plain(hidden[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK])
-                          for i in range(0, hidden.shape[0], HEAD_CHUNK)])
+        return _by_chunks(plain, hidden, targets)
     return _ChunkedHead.apply(hidden, targets, _by_autograd(plain))
+
+
+def _by_chunks(losses_of, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`losses_of` (no gradient) over HEAD_CHUNK rows at a time, concatenated."""
+    return torch.cat([losses_of(hidden[i:i + HEAD_CHUNK], targets[i:i + HEAD_CHUNK])
+                      for i in range(0, hidden.shape[0], HEAD_CHUNK)])
 
 
 class _ChunkedHead(torch.autograd.Function):
@@ -182,7 +186,7 @@ def _written_out(weight: torch.Tensor, scale: float, cap: float | None, device_t
 # instruct recipe, 2 rounds): training 165.3 s -> 111.0 s (1.49x), system time 40-44 s -> 12-13 s a process, minor
 # page faults 6.0 M -> 1.8 M, peak RSS 6.05 -> 5.62 GB (/usr/bin/time); the quickstart's short answers: 1.04x.
 # A GPU's caching allocator already reuses memory.
-_workspace: dict[torch.dtype, torch.Tensor] | None = None  # while a training loop runs (kept_head_buffers), else None
+_workspace: dict[torch.dtype, torch.Tensor] | None = None  # within a kept_head_buffers span, else None
 
 
 @contextlib.contextmanager
@@ -203,8 +207,9 @@ def kept_head_buffers() -> Iterator[None]:
 
 
 def _head_workspace(rows: int, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[rows x vocabulary] tensors in the weight's dtype and in fp32 (one tensor for an fp32 weight): during training
-    on a CPU views of the kept buffers, grown by a chunk with more rows than any before; otherwise new ones."""
+    """[rows x vocabulary] tensors in the weight's dtype and in fp32 (one tensor for an fp32 weight): within a
+    kept_head_buffers span on a CPU views of the kept buffers, grown by a chunk with more rows than any before;
+    otherwise new ones."""
     keep = _workspace is not None and weight.device.type == "cpu"
     kept = _workspace.get(weight.dtype) if keep else None
     if kept is None or kept.shape[0] < rows or kept.shape[1] != weight.shape[0]:
