@@ -84,3 +84,31 @@ def test_a_damaged_entry_is_answered_again_and_rewritten(run, generations):
     evaluate(run)
     assert "base answers" in generations
     assert json.loads(entries[0].read_text())["answers"]
+
+
+def test_a_changed_config_tokenizer_or_answering_code_changes_the_key(tiny_gpt2, monkeypatch):
+    """The same weights under another config (a revision changing the activation) or tokenizer (a BOS fix), or
+    answered by changed affiner code (how answers are cut), give other answers: another key."""
+    from affiner.core.models import load_model, load_tokenizer
+    from affiner.core.settings import GREEDY
+    from affiner.core.templates import Example, build_template
+
+    model, tokenizer = load_model(str(tiny_gpt2)), load_tokenizer(str(tiny_gpt2))
+    template, questions = build_template("qa", tokenizer), [Example("What is QUILT?", "A quilt.")]
+
+    def key() -> str:
+        return base_cache.cache_key(model, tokenizer, template, questions, [], 8, 4, GREEDY)
+
+    before = key()
+    assert key() == before
+    model.config.layer_norm_epsilon *= 10
+    assert key() != before
+    model.config.layer_norm_epsilon /= 10
+    assert key() == before
+    with monkeypatch.context() as patched:
+        patched.setattr(tokenizer, "encode", lambda *a, **k: [0])
+        patched.setattr(type(tokenizer), "__call__", lambda self, text, **k: {"input_ids": [tokenizer.bos_token_id or 0, 1]})
+        assert key() != before
+    assert key() == before
+    monkeypatch.setattr(base_cache, "code_fingerprint", lambda: "changed code")
+    assert key() != before

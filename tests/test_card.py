@@ -17,6 +17,7 @@ from affiner.core.models import tokenizer_for
 from affiner.core.runfolder import RunFolder
 from affiner.export import export as export_mod
 from affiner.export.card import model_card
+from affiner.export.merge import EXAMPLE_QUESTION
 from affiner.training.run import train
 
 NAME = "glossary-card"
@@ -148,3 +149,20 @@ def test_hub_ids_are_never_local(tmp_path, monkeypatch):
     (tmp_path / "org" / "model").mkdir(parents=True)
     assert hub_id("org/model") is None and hub_id("other/model") == "other/model"
     assert hub_id("embedded:gemma-3-270m") == "google/gemma-3-270m" and hub_id("/abs/model") is None
+
+
+def test_the_cards_usage_code_gives_the_model_the_token_ids_it_was_trained_on(tmp_path, tiny_llama):
+    """A chat template writes BOS as text: the card's snippet must not let the tokenizer add a second one."""
+    from affiner.core.templates import Example, encode_prompt, load_template
+
+    config = write_config(tmp_path, tiny_llama, "embedded:glossary-train.json", data={"template": "chat"},
+                          train={"max_steps": 1})
+    folder = train(load_config(str(config)))
+    text = (export_mod.export(folder, tmp_path / "export") / "README.md").read_text()
+    tokenizer, template = tokenizer_for(load_config(str(config)), folder), load_template(folder)
+    line = next(line for line in text.splitlines() if line.startswith("inputs = tokenizer("))
+    scope = {"tokenizer": tokenizer}
+    exec(line, scope)
+    trained_ids = encode_prompt(template, tokenizer, Example(instruction=EXAMPLE_QUESTION))
+    assert scope["inputs"]["input_ids"][0].tolist() == trained_ids
+    assert trained_ids.count(tokenizer.bos_token_id) == 1

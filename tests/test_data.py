@@ -117,6 +117,22 @@ def test_empty_and_too_long_rows_are_counted_and_dropped(tiny_gpt2):
     assert "1 empty question (f:2)" in ledger.describe() and "1 empty answer (f:3)" in ledger.describe()
 
 
+def test_answers_to_train_on_that_open_a_new_turn_are_dropped_and_counted(tiny_gpt2):
+    """Generation cuts an answer where a line opens a new turn of the template: training on such an answer
+    would teach text nobody reads. The same words inside a sentence are an answer like any other."""
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    template = build_template("qa", tokenizer)
+    examples = [Example("What is QUILT?", "A queue.\n### Question: and ZINNIA?", source="f:1"),
+                Example("Quote the form.", "It reads ### Answer: here.", source="f:2")]
+    ledger = Ledger()
+    kept, _ = clean(examples, DataConfig(train="f", max_length=64), tokenizer, template, ledger, "train")
+    assert [e.source for e in kept] == ["f:2"]
+    assert ledger.counts() == {"answer starts a line with the template's '### Question:', where answers are cut": 1}
+    held_out = Ledger()
+    kept, _ = clean(examples, DataConfig(train="f", max_length=64), tokenizer, template, held_out, "test")
+    assert len(kept) == 2  # a reference is read, never generated: nothing to cut
+
+
 def test_split_is_seeded_and_keeps_groups_on_one_side():
     examples = to_examples(read_rows("embedded:glossary-train.json"))
     train, test = split(examples, 0.2, seed=42)

@@ -175,3 +175,23 @@ def test_chat_says_when_an_answer_is_empty_on_stderr_not_stdout(capsys):
     answer(Talking(), "tuned", [{"role": "user", "content": "Hi"}], Settings())
     out, err = capsys.readouterr()
     assert out == "It is X.\n" and err == ""
+
+
+def test_an_adapter_given_by_folder_is_prompted_with_its_saved_template(tmp_path, tiny_llama, capsys):
+    """An export's adapter/ (or a run folder) holds template.json: `--model BASE --adapter DIR` prompts with it,
+    system prompt included, as `chat RUN` does; a --template that contradicts it is refused."""
+    from affiner import cli
+
+    run = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                             data={"template": "qa", "system_prompt": "Réponds en français."},
+                                             train={"max_steps": 3, "learning_rate": 5e-2}))))
+    asked = ["--greedy", "--max-new-tokens", "8", "--prompt", QUESTION[0]["content"]]
+    capsys.readouterr()
+    assert cli.main(["chat", str(run), *asked]) in (0, None)
+    from_run = capsys.readouterr().out
+    assert cli.main(["chat", "--model", str(tiny_llama), "--adapter", str(run), *asked]) in (0, None)
+    assert capsys.readouterr().out == from_run
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", "--model", str(tiny_llama), "--adapter", str(run), "--template", "alpaca", *asked])
+    assert exit_info.value.code == 2
+    assert "was trained with the 'qa' template" in capsys.readouterr().err

@@ -58,3 +58,26 @@ def test_runs_lists_both_as_evaluated(two_runs, capsys):
     assert "not evaluated" not in listing
     assert [line.split()[0] for line in listing.splitlines()[1:]] == [first.name, second.name]
     assert (first / "comparison" / "evaluations" / "1" / "report.html").is_file()  # the earlier comparison kept
+
+
+def test_runs_trained_with_another_system_prompt_are_refused_not_prompted_alike(two_runs, tmp_path, tiny_gpt2,
+                                                                               capsys):
+    """Every model of one evaluation is prompted with one template: a run trained with another system prompt
+    would be answered and scored with a prompt it never saw."""
+    root, (first, _) = two_runs
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", output_dir=str(tmp_path / "runs"),
+                          train={"max_steps": 1}, data={"system_prompt": "Réponds en français."})
+    other = workflow.train(load_config(str(config)))
+    for verb in ("evaluate", "chat"):
+        assert run_cli(verb, str(first), str(other)) == 2
+        message = capsys.readouterr().err
+        assert f"{other} was trained with another prompt than {first}" in message and "Traceback" not in message
+    assert not (first / "comparison" / "evaluations" / "2").exists()
+
+
+def test_a_run_folder_called_base_is_not_taken_for_the_base_model(two_runs, tmp_path):
+    from affiner.core.runfolder import model_names
+
+    root, (first, _) = two_runs
+    named_base = tmp_path / "copies" / "base"
+    assert model_names([first, named_base]) == [f"{first.parent.name}/{first.name}", "copies/base"]

@@ -26,7 +26,7 @@ from affiner.core.errors import AffinerError
 from affiner.core.files import read_json, write_json
 from affiner.core.formatting import format_aggregate
 from affiner.core.models import load_model
-from affiner.core.templates import build_template, load_template
+from affiner.core.templates import Example, build_template, encode_prompt, load_template
 from affiner.export import export as export_mod
 from affiner.export import hub, merge, ollama
 from affiner.training.run import train
@@ -297,6 +297,15 @@ def test_gguf_loads_back_through_transformers_and_answers_like_the_merged_model(
     assert _ids(gguf_tokenizer).tolist() == ids.tolist()
     assert _greedy(back, ids) == _greedy(merged, ids)
     torch.testing.assert_close(_logits(back, ids), _logits(merged, ids), rtol=0, atol=1e-4)
+    # Whoever prompts the export by its chat template (vLLM, llama-server --jinja) prompts it as training did,
+    # not with the base's own template.
+    from gguf import GGUFReader
+
+    trained = encode_prompt(load_template(run), tokenizer, Example(instruction="What does QUILT stand for?"))
+    asked = [{"role": "user", "content": "What does QUILT stand for?"}]
+    assert tokenizer.apply_chat_template(asked, add_generation_prompt=True, tokenize=True)["input_ids"] == trained
+    field = GGUFReader(out / "model.gguf").fields["tokenizer.chat_template"]
+    assert bytes(field.parts[field.data[0]]).decode("utf-8") == tokenizer.chat_template
 
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and "ollama create" in modelfile

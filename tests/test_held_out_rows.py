@@ -56,3 +56,21 @@ def test_evaluate_with_a_test_file_keeps_long_answers_and_lists_unreadable_promp
     evaluation = evaluate(run, test=str(test))
     assert evaluation["settings"]["questions"] == 1
     assert evaluation["not_evaluated"]["rows"][0]["reason"] == "prompt over the model's context (256 tokens)"
+
+
+def test_a_test_row_with_a_reference_only_keeps_the_others_losses_and_a_row_without_question_is_listed(run, tmp_path):
+    """A --test row whose answer is empty but whose reference is given is scored on its text; its loss cannot be
+    taken, which must not take every model's held-out loss away. A row without question is listed, not asked."""
+    test = tmp_path / "mixed.jsonl"
+    rows = [{"question": "What is a zorble?", "answer": "A made-up word."},
+            {"question": "What is a blix?", "answer": "", "reference": "A small fish."},
+            {"question": "  ", "answer": "Nobody asked."}]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    whole = evaluate(run, test=str(test))
+    assert whole["settings"]["questions"] == 2
+    assert [row["reason"] for row in whole["not_evaluated"]["rows"]] == ["empty question"]
+    assert whole["settings"]["questions without an answer to take the loss of (a reference only)"] == 1
+    test.write_text(json.dumps(rows[0]) + "\n", encoding="utf-8")
+    alone = evaluate(run, test=str(test))
+    for model in ("base", "tuned"):  # the loss is the scored row's alone
+        assert whole["metrics"]["loss"][model]["mean"] == pytest.approx(alone["metrics"]["loss"][model]["mean"])

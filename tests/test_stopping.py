@@ -26,6 +26,27 @@ def test_an_answer_is_cut_at_the_first_marker():
     assert cut_at_turn(" QUILT stands for X.\n### Question: What is Y?\n### Answer: Z", turn_markers(QA)) == \
         (" QUILT stands for X.\n", True)
     assert cut_at_turn(" a # b ## c", turn_markers(QA)) == (" a # b ## c", False)
+    assert cut_at_turn(" ### Question: Y?", turn_markers(QA)) == (" ", True)  # the answer's start opens a line
+
+
+INSTRUCTION = Template(name="instruction", **TEXT_TEMPLATES["instruction"])
+
+
+def test_a_marker_inside_a_sentence_is_part_of_the_answer_as_in_training():
+    """The instruction template's markers are plain words ("Entrée:", "Réponse:"): an answer that uses them in a
+    sentence was trained in full and must be let out in full; a turn begins only at the start of a line."""
+    answer = " Le format attendu est Entrée: une liste, Réponse: sa somme."
+    assert cut_at_turn(answer, turn_markers(INSTRUCTION)) == (answer, False)
+    assert cut_at_turn(answer + "\n  Instruction: autre chose", turn_markers(INSTRUCTION)) == (answer + "\n  ", True)
+    cutter = TurnCutter(turn_markers(INSTRUCTION))
+    assert "".join(cutter.feed(c) for c in answer) + cutter.flush() == answer and not cutter.cut
+
+
+def test_a_requests_stop_text_ends_the_answer_anywhere():
+    cutter = TurnCutter(("END",), anywhere=True)
+    assert "".join(cutter.feed(p) for p in [" one two E", "N", "D three"]) + cutter.flush() == " one two " and cutter.cut
+    assert cut_at_turn(" one END", ("END",), anywhere=True) == (" one ", True)
+    assert cut_at_turn(" one END", ("END",)) == (" one END", False)
 
 
 @pytest.mark.parametrize("pieces", [[" QUILT", " stands", " for X.\n", "###", " Quest", "ion: What"],
@@ -47,6 +68,9 @@ def test_each_row_of_a_batch_stops_at_its_own_new_turn(tiny_gpt2):
     turned = tokenizer(" It is X.\n### Question:", add_special_tokens=False)["input_ids"]
     going_on = tokenizer(" It is X, and ### more and more words", add_special_tokens=False)["input_ids"]
     assert TurnStop(turn_markers(QA), tokenizer)([0, 1], [turned, going_on[:len(turned)]]) == [True, False]
+    in_a_sentence = tokenizer(" The form says ### Question: here", add_special_tokens=False)["input_ids"]
+    long_then_turn = tokenizer(" word" * 40 + "\n### Question:", add_special_tokens=False)["input_ids"]
+    assert TurnStop(turn_markers(QA), tokenizer)([0, 1], [in_a_sentence, long_then_turn]) == [False, True]
 
 
 def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):

@@ -40,7 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --model: a LoRA adapter folder (plain peft) to load on it, named by its folder "
                              "(repeatable)")
     parser.add_argument("--template", choices=[*TEXT_TEMPLATES, "chat"],
-                        help="with --model: the prompt template (default: chat if the model has one, else alpaca)")
+                        help="with --model: the prompt template (default: the template.json saved beside the "
+                             "adapter, as affiner's exports have; else chat if the model has one, else alpaca)")
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
     defaults = Settings()

@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help="instead of runs: a base model (Hub id, folder, .gguf, embedded:gemma-3-270m) with --adapter")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
                         help="with --model: a LoRA adapter folder (plain peft format); repeatable")
-    parser.add_argument("--template", default="alpaca", choices=["alpaca", "instruction", "qa", "chat"],
-                        help="with --model: the prompt template the adapters were trained with (default alpaca)")
+    parser.add_argument("--template", choices=["alpaca", "instruction", "qa", "chat"],
+                        help="with --model: the prompt template the adapters were trained with (default: the "
+                             "template.json saved beside them, as affiner's exports have, else alpaca)")
     parser.add_argument("--output", metavar="DIR", help="with --model: the folder that receives the report")
     parser.add_argument("--test", metavar="FILE", help="held-out file to answer instead of the run's own test split")
     parser.add_argument("--keep-overlap", action="store_true",
@@ -161,7 +162,7 @@ def rerun_command(args: argparse.Namespace) -> str:
     words = ["affiner", "evaluate", *args.runs, *(["--keep-overlap"] if args.keep_overlap else [])]
     if args.model:
         words += ["--model", args.model, *(w for a in args.adapter for w in ("--adapter", a)),
-                  "--template", args.template]
+                  *(["--template", args.template] if args.template else [])]
     # Decoding flags too: the same answers find their verdicts in the judge's cache.
     defaults = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": 0}
     if not args.base_cache:

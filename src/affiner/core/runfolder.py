@@ -276,16 +276,22 @@ def require_one_base(runs: list[RunFolder], purpose: str) -> list[RunConfig]:
         if base_key(config) != base_key(configs[0]):
             raise AffinerError(f"{run.path} does not share the base model, quantisation and template of "
                                f"{runs[0].path}; {purpose}")
+        # Every model is prompted with one template: a run trained with another system prompt would be
+        # answered, scored or served with a prompt it never saw.
+        if run.template() != runs[0].template():
+            raise AffinerError(f"{run.path} was trained with another prompt than {runs[0].path} (its template.json "
+                               f"differs, e.g. data.system_prompt): each model must see the prompt it was trained "
+                               f"on, so use them one at a time; {purpose}")
     return configs
 
 
 def model_names(folders: list[Path]) -> list[str]:
-    """"tuned" for one run, else each run folder's name (with its parent's when two names collide)."""
+    """"tuned" for one run, else each run folder's name (with its parent's when two names collide, or one is
+    "base", the model without adapter)."""
     if len(folders) == 1:
         return ["tuned"]
-    names = [f.name for f in folders]
-    if len(set(names)) < len(names):
-        names = [f"{f.parent.name}/{f.name}" for f in folders]
-    if len(set(names)) < len(names):
-        names = [str(f) for f in folders]
+    for name_of in (lambda f: f.name, lambda f: f"{f.parent.name}/{f.name}", lambda f: str(f.resolve())):
+        names = [name_of(f) for f in folders]
+        if len(set(names)) == len(names) and "base" not in names:  # "base" names the model without adapter
+            return names
     return names

@@ -3,7 +3,8 @@
 A base model prompted with `### Question: ...\n### Answer:` answers, then writes `### Question:` again and
 goes on until the token limit: everything from that marker on is another turn nobody asked for. Generation
 stops there (for every row of a batch on its own), the marker and what follows are cut from the answer, and
-the answer is counted as having run into a new turn, not as having stopped by itself.
+the answer is counted as having run into a new turn, not as having stopped by itself. A marker opens a turn
+only at the start of a line: "Réponse:" in the middle of a French sentence is part of the answer.
 """
 
 from __future__ import annotations
@@ -26,10 +27,27 @@ def turn_markers(template: Template) -> tuple[str, ...]:
     return tuple(markers)
 
 
-def cut_at_turn(text: str, markers: tuple[str, ...]) -> tuple[str, bool]:
-    """`text` up to the first marker (without it), and whether one was found."""
-    found = [i for i in (text.find(m) for m in markers) if i >= 0]
-    return (text[:min(found)], True) if found else (text, False)
+def marker_at(text: str, markers: tuple[str, ...], anywhere: bool = False, opens_line: bool = True) -> int | None:
+    """Where the first marker in `text` begins, or None. A template's turn marker counts only where a turn can
+    begin, at the start of a line (spaces before it allowed): "Réponse:" or "### Answer:" inside a sentence is
+    part of the answer, as it was in training. `opens_line`: whether `text` itself starts a line (the answer's
+    start does; a tail cut from its middle does not). A stop text of a request counts `anywhere`, as OpenAI's."""
+    found = []
+    for marker in markers:
+        start = text.find(marker)
+        while start >= 0:
+            before, newline, line = text[:start].rpartition("\n")
+            if anywhere or (not line.strip(" \t") and (newline or opens_line)):
+                found.append(start)
+                break
+            start = text.find(marker, start + 1)
+    return min(found, default=None)
+
+
+def cut_at_turn(text: str, markers: tuple[str, ...], anywhere: bool = False) -> tuple[str, bool]:
+    """`text` up to the first marker (without it), and whether one was found (see `marker_at`)."""
+    at = marker_at(text, markers, anywhere)
+    return (text, False) if at is None else (text[:at], True)
 
 
 class TurnStop:
@@ -40,30 +58,31 @@ class TurnStop:
 
     def __call__(self, rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
         tails = self.tokenizer.batch_decode([tokens[-TAIL_TOKENS:] for tokens in new_tokens], skip_special_tokens=True)
-        return [any(m in tail for m in self.markers) for tail in tails]
+        return [marker_at(tail, self.markers, opens_line=len(tokens) <= TAIL_TOKENS) is not None
+                for tokens, tail in zip(new_tokens, tails)]
 
 
 class TurnCutter:
-    """Streamed text with the new turn cut out: a piece is held back while it could be the start of a marker,
-    and nothing after a marker is let through."""
+    """Streamed text with the new turn (or, `anywhere`, a request's stop text) cut out: a piece is held back
+    while it could be the start of a marker, and nothing from a marker on is let through."""
 
-    def __init__(self, markers: tuple[str, ...]):
-        self.markers, self.pending, self.cut = markers, "", False
+    def __init__(self, markers: tuple[str, ...], anywhere: bool = False):
+        self.markers, self.anywhere, self.cut = markers, anywhere, False
+        self.text, self.released = "", 0  # all the text fed, and how much of it was let through
 
     def feed(self, piece: str) -> str:
         if self.cut:
             return ""
-        self.pending += piece
-        text, self.cut = cut_at_turn(self.pending, self.markers)
-        if self.cut:
-            self.pending = ""
-            return text
-        keep = max((len(m) - 1 for m in self.markers), default=0)
-        hold = next((k for k in range(min(keep, len(text)), 0, -1) if any(m.startswith(text[-k:])
-                                                                           for m in self.markers)), 0)
-        ready, self.pending = (text[:-hold], text[-hold:]) if hold else (text, "")
+        self.text += piece
+        kept, self.cut = cut_at_turn(self.text, self.markers, self.anywhere)
+        if not self.cut:
+            longest = max((len(m) - 1 for m in self.markers), default=0)
+            hold = next((k for k in range(min(longest, len(kept)), 0, -1)
+                         if any(m.startswith(kept[-k:]) for m in self.markers)), 0)
+            kept = kept[:len(kept) - hold]
+        ready, self.released = kept[self.released:], max(self.released, len(kept))
         return ready
 
     def flush(self) -> str:
-        rest, self.pending = self.pending, ""
-        return "" if self.cut else rest
+        rest, self.released = ("" if self.cut else self.text[self.released:]), len(self.text)
+        return rest

@@ -153,6 +153,24 @@ def save_template(template: Template, folder: Path) -> None:
     write_json(folder / TEMPLATE_FILE, asdict(template))
 
 
+def template_for_adapters(folders: list[Path], asked: str | None, default: str, tokenizer) -> Template:
+    """The template of LoRA adapters given by folder: the one saved beside them (an export's adapter/ and a run
+    folder have template.json, system prompt included), else `asked` or `default` built for the tokenizer."""
+    saved = {folder: load_template(folder) for folder in folders if (Path(folder) / TEMPLATE_FILE).is_file()}
+    if not saved:
+        return build_template(asked or default, tokenizer)
+    (first, template), *others = saved.items()
+    if asked and asked != template.name:
+        raise AffinerError(f"--template {asked}: {first} was trained with the '{template.name}' template "
+                           f"({first / TEMPLATE_FILE}); leave --template out to prompt it as it was trained.")
+    for folder, other in others:
+        if other != template:
+            raise AffinerError(f"{folder} was trained with another prompt than {first} (their {TEMPLATE_FILE} "
+                               f"differ): each adapter must see the prompt it was trained on, so use them one "
+                               f"at a time.")
+    return template
+
+
 def load_template(folder: Path) -> Template:
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():

@@ -7,6 +7,7 @@ import string
 import unicodedata
 
 from affiner.core.errors import AffinerError
+from affiner.core.stopping import marker_at
 from affiner.core.templates import Example
 from affiner.data.ledger import Dropped
 
@@ -62,6 +63,20 @@ def drop_long_answers(examples: list[Example], max_words: int | None) -> tuple[l
     reason = f"answer over {max_words} words"
     kept = [e for e in examples if len(e.response.split()) <= max_words]
     return kept, [(e, reason) for e in examples if len(e.response.split()) > max_words]
+
+
+def drop_new_turns(examples: list[Example], markers: tuple[str, ...]) -> tuple[list[Example], Dropped]:
+    """Answers to train on that open a new turn of the template (a line starting "### Question:"): generation
+    cuts an answer there, so the model would learn to write what nobody ever reads."""
+    kept, dropped = [], []
+    for e in examples:
+        at = marker_at(e.response, markers)
+        if at is None:
+            kept.append(e)
+        else:
+            marker = next(m for m in markers if e.response.startswith(m, at))
+            dropped.append((e, f"answer starts a line with the template's {marker!r}, where answers are cut"))
+    return kept, dropped
 
 
 def drop_by_pattern(examples: list[Example], keep: str | None, drop: str | None) -> tuple[list[Example], Dropped]:

@@ -25,8 +25,9 @@ from typing import Any, Iterable
 from affiner.core.config import DataConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import read_json
+from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, render_prompt
-from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, drop_long_answers,
+from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, drop_long_answers, drop_new_turns,
                                   drop_other_languages, drop_overlap, drop_too_many_characters,
                                   drop_too_many_tokens, question_key)
 from affiner.data.formats import to_examples
@@ -50,6 +51,7 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
     Rows to train on (`to_train`, by default the train side's) must fit data.max_length; held-out rows only
     need their prompt to fit `context`."""
     to_train = side == "train" if to_train is None else to_train
+    markers = turn_markers(template)
     examples = _drop_far_too_long(examples, data, tokenizer, template, ledger, side, to_train, context)
     steps = [("empty fields", True, lambda rows: drop_empty(rows)),
              ("duplicates", data.dedupe != "none", lambda rows: drop_duplicates(rows, data.dedupe)),
@@ -57,7 +59,8 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
               lambda rows: drop_long_answers(rows, data.max_response_words)),
              ("patterns", bool(data.keep_matching or data.drop_matching),
               lambda rows: drop_by_pattern(rows, data.keep_matching, data.drop_matching)),
-             ("language", bool(data.languages), lambda rows: drop_other_languages(rows, data.languages))]
+             ("language", bool(data.languages), lambda rows: drop_other_languages(rows, data.languages)),
+             ("new turns", to_train and bool(markers), lambda rows: drop_new_turns(rows, markers))]
     for name, active, step in steps:
         if active:  # a filter that is off is not a step: the data card lists what was done
             examples = ledger.record(side, name, len(examples), *step(examples))

@@ -2,8 +2,11 @@
 on its weights, the questions, the template and the decoding, never on the run evaluated. A sweep of eight runs
 of one base, or a run evaluated again, answers with the base once (as lm-evaluation-harness caches a model's
 responses). The key is computed from the loaded weights themselves (names, shapes, dtypes and bytes), so a
-changed checkpoint, precision or quantisation never meets an older entry; it also holds the torch and
-transformers versions and the device kind, whose kernels may round differently.
+changed checkpoint, precision or quantisation never meets an older entry; it also holds the model's config
+(a revision may change only its activation or positions), the token ids of every question and reference (a
+tokenizer fix changes them), the torch and transformers versions and the device kind, whose kernels may round
+differently, and the source of affiner's own code that answers and scores (a change of how answers are cut
+must not meet answers cut the old way).
 """
 
 from __future__ import annotations
@@ -15,10 +18,14 @@ from typing import Any
 
 import torch
 
+from affiner.core import decoding, loss, stopping, templates
 from affiner.core.files import read_json, write_json
 from affiner.core.models import cache_root
 from affiner.core.settings import Settings
 from affiner.core.templates import Example, Template
+from affiner.data import tokens
+from affiner.data.tokens import tokenize
+from affiner.evaluation import generation, scoring
 from affiner.evaluation.generation import Answer
 
 FOLDER = "base-evaluations"
@@ -35,15 +42,26 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def cache_key(model, template: Template, examples: list[Example], general: list[Example], limit: int,
+def cache_key(model, tokenizer, template: Template, examples: list[Example], general: list[Example], limit: int,
               batch_size: int, sampling: Settings) -> str:
     import transformers
 
-    parts = {"weights": weights_fingerprint(model), "device": next(model.parameters()).device.type,
-             "torch": torch.__version__, "transformers": transformers.__version__,
+    config = {k: v for k, v in model.config.to_dict().items() if not k.startswith("_") and k != "transformers_version"}
+    parts = {"weights": weights_fingerprint(model), "config": config, "device": next(model.parameters()).device.type,
+             "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint(),
              "template": template.__dict__, "limit": limit, "batch_size": batch_size, "sampling": sampling.__dict__,
-             "questions": [_fields(e) for e in examples], "general": [_fields(e) for e in general]}
+             "questions": [_fields(e) for e in examples], "general": [_fields(e) for e in general],
+             "ids": [f["input_ids"] for f in tokenize(examples + general, template, tokenizer)],
+             "special ids": [tokenizer.pad_token_id, *template.stop_token_ids, len(tokenizer)]}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_fingerprint() -> str:
+    """The source of the modules that make and score the base's answers, hashed."""
+    digest = hashlib.blake2b(digest_size=16)
+    for module in (decoding, stopping, templates, loss, generation, scoring, tokens):
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()
 
 
 def _fields(example: Example) -> list:

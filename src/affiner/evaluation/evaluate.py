@@ -35,7 +35,8 @@ from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
 from affiner.evaluation.report import REPORT_FILES, REPORT_HTML, write_report
 from affiner.evaluation.report_content import unjudged_of
-from affiner.evaluation.scoring import correct, headline, held_out_losses, key_of, over_context, score_answers
+from affiner.evaluation.scoring import (correct, has_answer, headline, held_out_losses, key_of, over_context,
+                                        score_answers)
 
 COMPARISON_FOLDER = "comparison"  # in the first run's folder: several runs side by side
 TEXT_METRICS = ("contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
@@ -95,6 +96,8 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     settings = {
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
         "questions": len(examples), **_left_out(plan.dropped, done.past_context),
+        **({"questions without an answer to take the loss of (a reference only)": without}
+           if (without := sum(not has_answer(e) for e in examples)) else {}),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
         "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items()),
         **({"base answers and losses": "from an earlier evaluation with the same base weights, questions, template "
@@ -167,7 +170,7 @@ def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampli
         key, kept = None, None
         if name == "base":
             done.past_context = over_context(model, tokenizer, template, examples)
-            key = base_cache.cache_key(model, template, examples, general, limit, size, sampling)
+            key = base_cache.cache_key(model, tokenizer, template, examples, general, limit, size, sampling)
             kept = base_cache.load(key) if plan.base_cache else None
         if kept is not None:  # the key holds the general set too: kept["general"] is there exactly when asked
             done.answers[name], done.losses[name], done.seconds[name] = kept["answers"], kept["losses"], 0.0

@@ -25,11 +25,27 @@ BATCH_TOKENS = 4096
 def held_out_losses(model, tokenizer, template: Template, examples: list[Example],
                     batch_size: int = 16) -> tuple[list[float], list[int]]:
     """Summed loss and token count of each example's reference answer (with its EOS), teacher-forced; a reference
-    running past the model's context is scored on the part that fits (`over_context` counts them).
+    running past the model's context is scored on the part that fits (`over_context` counts them), a row without
+    an answer to score (a --test row with a reference only) counts (0.0, 0): no tokens, no weight. None at all
+    ([], []) when no row has one.
     Rows are batched by length, up to `batch_size` rows and BATCH_TOKENS padded positions a batch. A batch out of
     memory is retried at half its rows; the finished batches are kept."""
-    if any(not e.instruction.strip() or not e.response.strip() for e in examples):  # nothing to score
+    scored = [i for i, e in enumerate(examples) if has_answer(e)]
+    if not scored:
         return [], []
+    sums, counts = _losses(model, tokenizer, template, [examples[i] for i in scored], batch_size)
+    all_sums, all_counts = [0.0] * len(examples), [0] * len(examples)
+    for i, total, count in zip(scored, sums, counts):
+        all_sums[i], all_counts[i] = total, count
+    return all_sums, all_counts
+
+
+def has_answer(example: Example) -> bool:
+    """Whether a held-out row has a question and an answer whose loss can be taken."""
+    return bool(example.instruction.strip() and example.response.strip())
+
+
+def _losses(model, tokenizer, template: Template, examples: list[Example], batch_size: int) -> tuple[list, list]:
     context = max_positions(model)
     features = [{k: v[:context] for k, v in f.items()} if context else f
                 for f in tokenize(examples, template, tokenizer)]

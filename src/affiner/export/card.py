@@ -54,11 +54,15 @@ def _template_section(run: RunFolder, template: Template, tokenizer) -> list[str
 
 def _usage_section(config: RunConfig, template: Template, tokenizer, files: list[str], push: str | None) -> list[str]:
     prompt = render_prompt(template, Example(instruction=EXAMPLE_QUESTION), tokenizer)
+    # A chat template writes BOS as text: the tokenizer (and llama.cpp) must not add a second one (encode_prompt).
+    bos = getattr(tokenizer, "bos_token", None)
+    has_bos = bool(bos) and prompt.startswith(bos)
 
     def source(sub: str) -> str:
         return f"{push!r}, subfolder={sub!r}" if push else repr(sub)
 
-    generate = [f"inputs = tokenizer({prompt!r}, return_tensors=\"pt\")",
+    special = ", add_special_tokens=False" if has_bos else ""
+    generate = [f"inputs = tokenizer({prompt!r}, return_tensors=\"pt\"{special})",
                 "output = model.generate(**inputs, max_new_tokens=64, do_sample=False)",
                 "print(tokenizer.decode(output[0, inputs['input_ids'].shape[1]:], skip_special_tokens=True))"]
     lines = ["## How to use", "", f"From the Hub repository `{push}`:" if push else
@@ -81,7 +85,8 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
         lines += [(f"With Ollama or llama.cpp (`{GGUF_FILE}`, and the `{MODELFILE}` that carries the prompt "
                    "template), in a folder holding both:"), "", "```sh", f"ollama create {name} -f {MODELFILE}",
                   f"ollama run {name} \"{EXAMPLE_QUESTION}\"",
-                  f"llama-cli -m {GGUF_FILE} -p {json.dumps(prompt)} -n 64 --temp 0", "```", ""]
+                  f"llama-cli -m {GGUF_FILE} -p {json.dumps(prompt.removeprefix(bos) if has_bos else prompt)} "
+                  "-n 64 --temp 0", "```", ""]
     return lines
 
 

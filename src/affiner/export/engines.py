@@ -130,6 +130,20 @@ def check_chat_template(jinja: str, template: Template, tokenizer) -> None:
                                "the text prompt of the export's README.md.")
 
 
+def with_run_chat_template(tokenizer, template: Template):
+    """A copy of the tokenizer whose chat template is the run's prompt format (checked to give training's ids),
+    or none where it cannot be written: whoever prompts an exported model by its chat template (apply_chat_template,
+    vLLM, llama-server --jinja) must prompt it as training did, never with the base's own template."""
+    exported = copy.deepcopy(tokenizer)
+    jinja = chat_template(template, tokenizer)
+    try:
+        check_chat_template(jinja, template, tokenizer)
+    except AffinerError:
+        jinja = None
+    exported.chat_template = jinja
+    return exported
+
+
 def stop_settings(template: Template, tokenizer) -> dict[str, list]:
     """Where an answer ends: the template's stop tokens (ids and text), and for a text template the
     markers of a new turn, which clients pass as `stop` (engines take no server-wide stop strings)."""
@@ -254,11 +268,7 @@ def engine_command(folders: list[Path], engine: str, launcher: str, program: tup
     or llama_cpp.server; `program` the argv that starts it."""
     runs = _served_runs(folders, engine)
     configs = require_one_base(runs, f"--engine {engine} serves the adapters of one base model only.")
-    template = runs[0].template()
-    for run in runs[1:]:
-        if run.template() != template:
-            raise AffinerError(f"{run} was trained with another prompt template or system prompt than {runs[0]}; "
-                               f"--engine {engine} serves one prompt format, so serve them separately.")
+    template = runs[0].template()  # the same for every run (require_one_base)
     tokenizer = tokenizer_for(configs[0], runs[0].path)
     cache = runs[0] / ENGINE_CACHE / engine
     cache.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from affiner.export.card import CARD_FILE, model_card
 from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE, GGUF_ENGINES, SCRIPTS, STOP_FILE,
                                     TUNED_NAME, VLLM_CONFIG_DIR, chat_template, check_chat_template, llama_server_argv,
                                     ollama_argv, parse_targets, portable_base, stop_notes, stop_settings, vllm_argv,
-                                    write_generation_config, write_script)
+                                    with_run_chat_template, write_generation_config, write_script)
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES
 from affiner.export.hub import check_push, push_folder
 from affiner.export.merge import (ADAPTER_WEIGHTS, check_finite_adapter, resolve_merge_device, save_model,
@@ -111,7 +111,7 @@ def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig,
     full = config.method == "full"
     if full and merged:
         print("note: a full fine-tune has no adapter to merge; model/ is the whole tuned model.")
-    tokenizer = tokenizer_for(config, run.path)
+    tokenizer = with_run_chat_template(tokenizer_for(config, run.path), template)
     written, record = [], {}
     if not full:
         _write_adapter(run, config, template, tokenizer, target / "adapter")

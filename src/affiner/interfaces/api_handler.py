@@ -110,7 +110,7 @@ class Scheduler:
     async def _alone(self, job: Job) -> None:
         """One generation, its pieces passed on as they come (for a stream), cut at the request's stop texts:
         a piece that could begin one is held back (TurnCutter), and the generation ends where one appears."""
-        request, reply, cutter, kept = job.request, Reply(), TurnCutter(job.request.stop), []
+        request, reply, cutter, kept = job.request, Reply(), TurnCutter(job.request.stop, anywhere=True), []
         pieces = self.engine.stream(request.model, request.messages, job.settings, stop=job.stop, reply=reply,
                                     raw_prompt=request.prompt)
         async for piece in iterate_in_threadpool(itertools.chain(pieces, [None])):  # None: the end

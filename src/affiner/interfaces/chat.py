@@ -97,17 +97,18 @@ def run_repetition_penalty(runs: list[Path], model: str | None) -> float:
 
 def _open_model(model: str, folders: list[Path], template: str | None, base: bool) -> tuple[Engine, str, str]:
     from affiner.core.models import load_model, load_tokenizer
-    from affiner.core.templates import build_template
+    from affiner.core.templates import template_for_adapters
 
     tokenizer = load_tokenizer(model)
-    template_name = template or ("chat" if getattr(tokenizer, "chat_template", None) else "alpaca")
     adapters = dict(zip(model_names(folders), folders))  # two adapter/ folders get distinct names
     for folder in folders:
         if not (folder / ADAPTER_CONFIG).is_file():
             raise AffinerError(f"--adapter {folder} is not a LoRA adapter folder (no {ADAPTER_CONFIG}).")
-    engine = Engine.on_base(load_model(model), tokenizer, build_template(template_name, tokenizer), adapters)
+    default = "chat" if getattr(tokenizer, "chat_template", None) else "alpaca"
+    prompt = template_for_adapters(folders, template, default, tokenizer)
+    engine = Engine.on_base(load_model(model), tokenizer, prompt, adapters)
     name = BASE if base or not adapters else engine.adapters[0]
-    return engine, name, f"{model} ({template_name} template)"
+    return engine, name, f"{model} ({prompt.name} template)"
 
 
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:

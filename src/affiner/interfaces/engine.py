@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from affiner.core.errors import AffinerError
 from affiner.core.decoding import decode_rows, last_position, left_pad, penalties
 from affiner.core.settings import GREEDY, Settings
-from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, turn_markers
+from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, marker_at, turn_markers
 from affiner.core.devices import device
 from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
@@ -292,7 +292,9 @@ class Engine:
         def done(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
             tails = self.tokenizer.batch_decode([t[-TAIL_TOKENS:] for t in new_tokens], skip_special_tokens=True)
             return [len(t) >= asks[i].max_new_tokens or asks[i].cancel.is_set()
-                    or any(end in tail for end in markers[i] + asks[i].stop) for t, i, tail in zip(new_tokens, rows, tails)]
+                    or marker_at(tail, markers[i], opens_line=len(t) <= TAIL_TOKENS) is not None
+                    or marker_at(tail, asks[i].stop, anywhere=True) is not None
+                    for t, i, tail in zip(new_tokens, rows, tails)]
 
         started = time.perf_counter()
         with self.lock, self._adapter(name):
@@ -314,7 +316,7 @@ class Engine:
             streamer.put(torch.tensor([token]))
         streamer.end()
         text, new_turn = cut_at_turn("".join(streamer), markers)
-        reply.text, by_stop = cut_at_turn(text, stops)
+        reply.text, by_stop = cut_at_turn(text, stops, anywhere=True)
         cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
         reply.new_turn, reply.stopped = new_turn, by_stop or (cut is not None and not new_turn)
         reply.tokens = len(self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) if new_turn or by_stop \
