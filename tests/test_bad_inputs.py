@@ -170,6 +170,9 @@ TRAIN: list[Case] = [
     ("resume-run-json-damaged", lambda w: ["train", "--resume", _damage_run_json(w.interrupted)],
      r"run.json is damaged"),
     ("resume-pickled-checkpoint", lambda w: ["train", "--resume", _plant_pickle(w)], r"trainer_state.pt"),
+    ("resume-with-set", lambda w: ["train", "--resume", str(w.interrupted), "--set", "train.max_steps=50"],
+     r"with the settings it started with .*drop --set"),
+    ("run-resume-with-config", lambda w: ["run", w.config(), "--resume", str(w.interrupted)], r"drop CONFIG"),
     ("accelerate-flag-without-value", lambda w: ["train", w.config(), "--accelerate-config"], r"--accelerate-config"),
 ]
 

@@ -94,6 +94,21 @@ def test_invalid_utf8_names_the_line(tmp_path):
         read_rows(str(path))
 
 
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "lone-cr"])
+def test_invalid_utf8_in_a_csv_names_its_line_whatever_ends_the_lines(tmp_path, ending):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(ending.join([b"question,answer", b"ok,ok", b"", b"caf\xe9,x", b""]))
+    with pytest.raises(AffinerError, match=r"latin1.csv:4 is not valid UTF-8"):
+        read_rows(str(path))
+
+
+def test_a_csv_naming_a_column_twice_is_refused(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("question,question,answer\nWhat?,Really?,Yes.\n", encoding="utf-8")
+    with pytest.raises(AffinerError, match=r"twice.csv:1 names the column 'question' twice"):
+        read_rows(str(path))
+
+
 def test_missing_file_and_unknown_format(tmp_path):
     with pytest.raises(AffinerError, match="does not exist"):
         read_rows(str(tmp_path / "nope.jsonl"))

@@ -83,6 +83,32 @@ def test_kill_9_then_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_
     assert_same_adapter_and_log(straight, run)
 
 
+def test_killed_once_the_best_step_is_adopted_the_resumed_run_keeps_the_best_step(tmp_path, tiny_llama, data):
+    """train.keep_best: the best probed step's weights replace the last step's, then the run is recorded finished.
+    Killed in between, the resumed run must still end with the best step's weights, as an uninterrupted one."""
+    diverging = {"learning_rate": 10, "scheduler": "constant", "warmup_ratio": 0, "max_grad_norm": None,
+                 "logging_steps": 1}  # the held-out loss is best before the last step
+    probes = {"every_steps": 1, "general": False}
+
+    def setup(folder: Path) -> Path:
+        return write_config(folder, tiny_llama, data, train={"max_steps": 6, "batch_size": 2, "save_steps": 2,
+                                                             **diverging}, eval=probes,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.1})
+
+    assert run_cli("train", str(setup(tmp_path / "straight"))) == 0
+    straight = only_run(tmp_path / "straight")
+    best = json.loads((straight / "run.json").read_text())["best"]
+    assert best["kept"] and best["step"] != 6  # what this test is about
+    killed("affiner.training.loop.adopt_best:1+", "train", str(setup(tmp_path / "k")), cwd=tmp_path)
+    run = only_run(tmp_path / "k")
+    assert json.loads((run / "run.json").read_text())["status"] == "training"
+    assert run_cli("train", "--resume", str(run)) == 0
+    assert json.loads((run / "run.json").read_text())["best"] == best
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(run / "adapter_model.safetensors")
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+    assert not (run / "checkpoints" / "best").exists()
+
+
 def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_llama, data, capsys):
     from affiner.core.runfolder import RunFolder
 
@@ -150,12 +176,21 @@ def test_synth_killed_keeps_the_earlier_file(tmp_path):
     assert not list(tmp_path.glob(".qa.jsonl.*.partial"))  # cleaned by the next run
 
 
-def test_evaluate_killed_keeps_the_earlier_evaluation(tmp_path, finished_run):
+@pytest.mark.parametrize("kill_on", ["os.replace:1", "os.fsync:3"], ids=["taking-the-lock", "writing-the-files"])
+def test_evaluate_killed_keeps_the_earlier_evaluation(tmp_path, finished_run, kill_on, capsys):
+    """Killed while it takes the run's lock, or once the earlier evaluation is copied aside and the new files are
+    being written: the earlier evaluation is still the run's, whole, and `runs` lists the run as evaluated."""
     assert run_cli("evaluate", str(finished_run), "--max-new-tokens", "4") == 0
-    before = {name: (finished_run / name).read_bytes() for name in ("metrics.json", "summary.json")}
-    killed("os.replace:1", "evaluate", str(finished_run), "--max-new-tokens", "6", cwd=tmp_path)
-    assert {name: (finished_run / name).read_bytes() for name in before} == before
+    names = ("metrics.json", "summary.json", "report.html", "report.md", "answers.csv")
+    before = {name: (finished_run / name).read_bytes() for name in names}
+    killed(kill_on, "evaluate", str(finished_run), "--max-new-tokens", "6", cwd=tmp_path)
+    assert {name: (finished_run / name).read_bytes() for name in names} == before
+    capsys.readouterr()
+    assert run_cli("runs", "--dir", str(finished_run.parent)) == 0
+    assert "not evaluated" not in capsys.readouterr().out
     assert run_cli("evaluate", str(finished_run), "--max-new-tokens", "6") == 0
+    archived = sorted((finished_run / "evaluations").iterdir())
+    assert (archived[-1] / "metrics.json").read_bytes() == before["metrics.json"]
 
 
 def test_an_evaluation_killed_before_its_first_file_leaves_its_output_folder_usable(tmp_path, tiny_llama, data,

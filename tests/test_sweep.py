@@ -328,3 +328,30 @@ def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp
     state = read_json(folder / "sweep.json")
     assert [p["status"] for p in state["points"]] == ["running", "pending"]
     assert state["points"][0]["run"] is None and sweep.next_action(state["points"][0], folder) == "fresh"
+
+
+def test_a_sweep_killed_before_it_recorded_its_run_continues_that_run(tmp_path, tiny_gpt2, qa_file, capsys):
+    """kill -9 (no Python clean-up) during a point's training, before sweep.json names its run: --resume finds
+    the run the point left and continues it from its checkpoint, instead of training another beside it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 4, "save_steps": 1},
+                          eval={"max_new_tokens": 4})
+    folder = tmp_path / "sw"
+    driver = Path(__file__).with_name("kill_driver.py")
+    killed = subprocess.run([sys.executable, str(driver), "affiner.core.runfolder.append_jsonl:3", "sweep",
+                             str(config), "--grid", "train.learning_rate=1e-3,1e-2", "--output", str(folder)],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    (left,) = list((folder / "runs").iterdir())
+    assert read_json(folder / "sweep.json")["points"][0]["run"] is None  # what the kill left unrecorded
+    assert (left / "checkpoints").is_dir()
+    assert affiner_sweep("--resume", str(folder)) == 0
+    assert f"continuing runs/{left.name}" in capsys.readouterr().out
+    first, second = read_json(folder / "sweep.json")["points"]
+    assert first["run"] == f"runs/{left.name}" and first["status"] == "finished" and first["abandoned"] == []
+    assert "resumed" in read_json(left / "run.json")
+    assert len(list((folder / "runs").iterdir())) == 2  # one run per point

@@ -113,3 +113,28 @@ def test_non_finite_weights_are_not_kept_as_a_checkpoint(tmp_path, tiny_gpt2, qa
     weights = load_file(run.checkpoints()[-1] / "adapter_model.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())  # step 2 as it was saved, not overwritten
     assert run.info()["step"] == 2 and run.status == "failed"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_stops_cleanly_and_resumes(tmp_path, tiny_gpt2, qa_file, monkeypatch,
+                                                                         capsys):
+    """torch.save says a full disk as a RuntimeError naming no file: training stops as for any failed write (one
+    paragraph naming the checkpoint, exit 2, the last whole checkpoint kept), and resumes once there is space."""
+    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 4, "save_steps": 1})
+    real, calls = torch.save, []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # step 2's optimizer state (step 1 wrote its state and its random state)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1152 vs 1046")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert run_cli("train", str(config)) == 2
+    err = capsys.readouterr().err
+    assert "training stopped after step 2: " in err and "step-000002.partial" in err and "Traceback" not in err
+    assert "affiner train --resume" in err
+    run = only_run(tmp_path)
+    assert [c.name for c in run.checkpoints()] == ["step-000001"] and run.status == "failed"
+    monkeypatch.undo()
+    assert run_cli("train", "--resume", str(run.path)) == 0
+    assert run.is_finished and [r["step"] for r in run.log()] == [1, 2, 3, 4]

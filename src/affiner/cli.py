@@ -123,7 +123,7 @@ def _os_error_text(error: OSError) -> str:
     """One paragraph for a failed file operation, naming the path and what to do about the usual causes."""
     path = error.filename or "a file"
     reason = error.strerror or str(error)
-    advice = {errno.ENOSPC: "free some space or write elsewhere (--set output_dir=..., --output)",
+    advice = {errno.ENOSPC: "free some space, then run the command again",
               errno.EACCES: "check its permissions or write elsewhere", errno.EROFS: "write elsewhere",
               errno.ENOTDIR: "a part of that path is a file, not a folder; choose another path",
               errno.ENOENT: "check the path", errno.EISDIR: "name a file, not a folder"}.get(error.errno, "")

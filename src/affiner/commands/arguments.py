@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from pathlib import Path
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -41,6 +42,21 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an Accelerate config file choosing how several processes share the model "
                              "(FSDP2 shards it, DeepSpeed ZeRO 1/2 partitions the optimizer state; default DDP); "
                              "the same as --set train.accelerate_config=FILE")
+
+
+def resumed_run(args: argparse.Namespace) -> Path | None:
+    """The run folder of --resume, which continues a run with the settings it started with: a CONFIG, --set or
+    --accelerate-config beside it would be silently ignored, so they are refused."""
+    if not args.resume:
+        return None
+    given = [flag for flag, value in (("CONFIG", args.config), ("--set", args.overrides),
+                                      ("--accelerate-config", args.accelerate_config)) if value]
+    if given:
+        from affiner.core.errors import AffinerError
+
+        raise AffinerError(f"--resume continues {args.resume} with the settings it started with (its config.yaml); "
+                           f"drop {', '.join(given)}, or start a new run with them.")
+    return Path(args.resume)
 
 
 def training_overrides(args: argparse.Namespace) -> list[str]:

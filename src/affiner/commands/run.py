@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from affiner.commands.arguments import add_training_arguments, training_overrides
+from affiner.commands.arguments import add_training_arguments, resumed_run, training_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +28,8 @@ def main(args: argparse.Namespace) -> None:
     from affiner.experiments.workflow import train_and_evaluate
 
     started = time.time()
-    if args.resume:
-        folder, evaluation = train_and_evaluate(resume=Path(args.resume))
+    if resume := resumed_run(args):
+        folder, evaluation = train_and_evaluate(resume=resume)
     else:
         folder, evaluation = train_and_evaluate(load_config(args.config, training_overrides(args)))
     if evaluation is None:  # another process than the main one: the main one reports

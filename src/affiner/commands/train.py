@@ -14,9 +14,8 @@ data fingerprints and what the cleaning dropped (data.json), `metrics.jsonl`, an
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from affiner.commands.arguments import add_training_arguments, training_overrides
+from affiner.commands.arguments import add_training_arguments, resumed_run, training_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +27,8 @@ def main(args: argparse.Namespace) -> None:
     from affiner.experiments.workflow import train
     from affiner.training.processes import Processes
 
-    if args.resume:
-        folder = train(resume=Path(args.resume))
+    if resume := resumed_run(args):
+        folder = train(resume=resume)
     else:
         folder = train(load_config(args.config, training_overrides(args)))
     if Processes().is_main:

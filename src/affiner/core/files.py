@@ -41,10 +41,13 @@ def write_together(files: dict[Path, str | bytes]) -> None:
             temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
             descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             staged.append((temporary, path))
-            with os.fdopen(descriptor, "wb") as out:
-                out.write(content.encode("utf-8") if isinstance(content, str) else content)
-                out.flush()
-                os.fsync(out.fileno())
+            try:
+                with os.fdopen(descriptor, "wb") as out:
+                    out.write(content.encode("utf-8") if isinstance(content, str) else content)
+                    out.flush()
+                    os.fsync(out.fileno())
+            except OSError as error:  # a full disk: the message must name the file, which a write error does not
+                raise OSError(error.errno, error.strerror, str(path)) from error
         for temporary, path in staged:
             os.replace(temporary, path)
     finally:  # Ctrl-C included: the half files are ours to remove; the targets not yet replaced are untouched

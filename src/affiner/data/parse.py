@@ -124,6 +124,9 @@ def read_csv(path: Path, label: str) -> list[Row]:
     _, header = next(records, (1, []))
     if not header:
         raise AffinerError(f"{label} is empty: a CSV file needs a header row.")
+    twice = next((name for i, name in enumerate(header) if name.strip() and name in header[:i]), None)
+    if twice is not None:  # a row is read by column name: one of the two would be dropped unseen
+        raise AffinerError(f"{label}:1 names the column {twice!r} twice ({', '.join(header)}); rename one of them.")
     rows = []
     for start, cells in records:
         if not cells:
@@ -187,6 +190,20 @@ def _universal_lines(path: Path, label: str) -> Iterator[tuple[int, str]]:
         try:
             yield from enumerate(io.TextIOWrapper(raw, encoding="utf-8-sig", newline=""), start=1)
         except UnicodeDecodeError:
-            for _ in utf8_lines(path, label):  # read again, a line at a time, to name the line
-                pass
+            _name_bad_line(path, label)
             raise
+
+
+def _name_bad_line(path: Path, label: str) -> None:
+    """Raise the error naming the line of the first byte that is not UTF-8, lines ended as in
+    `_universal_lines` (LF, CR LF or a lone CR), reading the file again a line at a time."""
+    number = 0
+    with path.open("rb") as stream:
+        for raw in stream:
+            parts = re.split(rb"\r(?!\n)", raw)  # a lone CR ends a line too
+            for line in parts[:-1] if parts[-1] == b"" else parts:  # nothing after a CR at the very end
+                number += 1
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise _not_utf8(label, number, line[exc.start]) from None

@@ -52,13 +52,16 @@ def write_report(folder: Path, evaluation: dict) -> dict[str, Path]:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    return {name: write_atomic(folder / name, content) for name, content in report_files(evaluation).items()}
+
+
+def report_files(evaluation: dict) -> dict[str, str | bytes]:
+    """The content of each of REPORT_FILES, by file name: made before anything is written."""
     if not evaluation["models"]:
         raise ValueError("evaluation['models'] is empty: there is no model to report on.")
     plots = {METRICS_PLOT: metrics_plot(evaluation), LENGTHS_PLOT: lengths_plot(evaluation)}
-    contents: dict[str, str | bytes] = {
-        **plots, ANSWERS_CSV: answers_csv(evaluation), METRICS_JSON: metrics_json(evaluation),
-        REPORT_MD: render_markdown(evaluation), REPORT_HTML: render_html(evaluation, plots, CAPTIONS)}
-    return {name: write_atomic(folder / name, content) for name, content in contents.items()}
+    return {**plots, ANSWERS_CSV: answers_csv(evaluation), METRICS_JSON: metrics_json(evaluation),
+            REPORT_MD: render_markdown(evaluation), REPORT_HTML: render_html(evaluation, plots, CAPTIONS)}
 
 
 def answers_csv(evaluation: dict) -> str:

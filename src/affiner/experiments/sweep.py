@@ -183,6 +183,9 @@ def run_sweep(folder: Path, state: dict) -> None:
 def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None:
     """One point trained (or continued) and evaluated; a failure is recorded in the point, Ctrl-C stops the sweep."""
     total = len(state["points"])
+    if point["status"] == "running" and not point.get("run") and (found := unrecorded_run(folder, state, config)):
+        point["run"] = found  # killed before it could record its run: continued, not trained again beside it
+        print(f"Point {point['index']} ({point['name']}): continuing {found}, which the interrupted sweep left.")
     action = next_action(point, folder)
     if action == "fresh" and point.get("run"):
         point["abandoned"].append(point["run"])  # kept on disk, never deleted
@@ -231,6 +234,22 @@ def train_and_evaluate_point(folder: Path, point: dict, config: RunConfig, actio
     evaluate(folder / point["run"])
     point["metrics"] = read_metrics(folder / point["run"])
     point["status"] = "finished"
+
+
+def unrecorded_run(folder: Path, state: dict, config: RunConfig) -> str | None:
+    """The run a point's killed process started but could not record in sweep.json (a kill -9 leaves no time):
+    the newest folder of runs/ that no point names, trained with this point's very config."""
+    named = {p.get("run") for p in state["points"]} | {a for p in state["points"] for a in p.get("abandoned", [])}
+    for run in sorted(_folders(folder / RUNS), reverse=True):
+        relative = run.relative_to(folder).as_posix()
+        if relative in named or not (run / RUN_FILE).is_file():
+            continue
+        try:
+            if RunFolder(run).config() == config:
+                return relative
+        except (AffinerError, OSError):  # a damaged folder is nobody's run
+            continue
+    return None
 
 
 def _interrupted(folder: Path, state: dict, point: dict, started: float) -> None:

@@ -6,12 +6,17 @@ saving never leaves a checkpoint that `--resume` would trust.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from affiner.core.card import CARD_FILE, write_run_card
 from affiner.core.errors import AffinerError, first_line
@@ -25,16 +30,44 @@ RNG_FILE = "rng-{rank}.pt"  # one per process: each draws its own dropout masks
 OPTIMIZER_FILE = "optimizer-{rank}.pt"  # one per process under DeepSpeed ZeRO: each holds a partition
 
 
+# How torch's and safetensors' writers word a failed write (they raise their own errors, naming no file).
+WRITE_FAILURES = ("unexpected pos", "file write failed", "no space left", "os error 28", "storagefull", "ioerror")
+
+
+@contextmanager
+def written_to(folder: Path) -> Iterator[None]:
+    """A failed write while saving weights (a full disk, mostly) as the OSError naming `folder` that the training
+    loop stops on cleanly (the last good checkpoint kept) and the command line explains: torch.save raises a
+    RuntimeError ("unexpected pos"), safetensors a SafetensorError."""
+    try:
+        yield
+    except (RuntimeError, SafetensorError) as error:
+        if not any(sign in str(error).lower() for sign in WRITE_FAILURES):
+            raise
+        said = str(error).lower()
+        full = any(sign in said for sign in ("no space", "os error 28", "storagefull")) or _nearly_full(folder)
+        code = errno.ENOSPC if full else errno.EIO
+        raise OSError(code, os.strerror(code), str(folder)) from error
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder if folder.exists() else folder.parent).free < 64 << 20
+    except OSError:
+        return False
+
+
 def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None) -> None:
     """The adapter (or the full model) in plain peft/transformers format; `state` is the whole state dict
     gathered from sharded processes, keyed as the loss module holds the model (model.<name>).
 
     peft leaves a placeholder README.md that names the base by its local cache path: the run folder gets
     affiner's card of the run instead, and a checkpoint none."""
-    if state is None:
-        model.save_pretrained(folder)
-    else:
-        model.save_pretrained(folder, state_dict={key.removeprefix("model."): value for key, value in state.items()})
+    with written_to(folder):
+        if state is None:
+            model.save_pretrained(folder)
+        else:
+            model.save_pretrained(folder, state_dict={key.removeprefix("model."): v for key, v in state.items()})
     if (folder / RUN_FILE).is_file():
         write_run_card(folder)
     else:
@@ -54,13 +87,15 @@ def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool =
     if processes.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         save_model(trainer.model, partial, state)
-        torch.save({"optimizer": None if processes.deepspeed else optimizer,
-                    "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
+        with written_to(partial):
+            torch.save({"optimizer": None if processes.deepspeed else optimizer,
+                        "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
         (partial / STEP_FILE).write_text(json.dumps({"step": step}))
     processes.wait()
-    torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
-    if processes.deepspeed:
-        torch.save(optimizer, partial / OPTIMIZER_FILE.format(rank=processes.rank))
+    with written_to(partial):
+        torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
+        if processes.deepspeed:
+            torch.save(optimizer, partial / OPTIMIZER_FILE.format(rank=processes.rank))
     processes.wait()
     if processes.is_main:
         replace_folder(partial, target)
@@ -83,13 +118,13 @@ def save_best(trainer, run: RunFolder) -> None:
 
 
 def adopt_best(run: RunFolder) -> None:
-    """The best step's weights become the run's: its files replace the last step's in the run folder."""
+    """The best step's weights become the run's: its files replace the last step's in the run folder. They stay
+    aside too until the run is recorded finished: killed before that, the resumed run adopts them again."""
     for path in sorted(run.best_path.iterdir()):
         if path.is_file():
             partial = run.path / f".{path.name}.partial"
             shutil.copyfile(path, partial)
             partial.replace(run.path / path.name)  # each file whole or not at all
-    shutil.rmtree(run.best_path)
 
 
 def rng_states() -> dict[str, object]:

@@ -328,7 +328,6 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
             adopt_best(run)
         else:
             save_model(trainer.model, run.path, state)  # adapter_model.safetensors + adapter_config.json, or the model
-            shutil.rmtree(run.best_path, ignore_errors=True)
         advice = selection.advice(completed, early)
         for line in advice:
             print(f"note: {line}", file=sys.stderr)
@@ -338,6 +337,7 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
                    **({"stopped_early": f"train.patience: {selection.patience} probes without a better "
                        f"{selection.key} than step {selection.best_step}'s"} if early else {}),
                    **({"processes_agree": agree} if agree is not None else {}))
+        shutil.rmtree(run.best_path, ignore_errors=True)  # only now: a run killed before resumes with it
         write_run_card(run.path)  # with the steps and time just recorded
         trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
     trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
