@@ -86,17 +86,18 @@ def test_the_jinja_template_renders_exactly_the_trained_prompt(request, name, sy
 
 
 @pytest.mark.parametrize("name", [*TEXT_TEMPLATES, "chat"])
-def test_a_client_system_message_replaces_the_runs_as_affiner_serve_does(tiny_llama, name):
-    from dataclasses import replace
+@pytest.mark.parametrize("run_prompt", [None, "Run prompt."])
+@pytest.mark.parametrize("client_prompt", ["Client prompt.", ""], ids=["client-prompt", "empty-client-prompt"])
+def test_a_client_system_message_replaces_the_runs_as_affiner_serve_does(tiny_llama, name, run_prompt, client_prompt):
+    from affiner.interfaces.engine import Engine
 
     tokenizer = _tokenizer(tiny_llama)
-    template = build_template(name, tokenizer, system_prompt="Run prompt.")
+    template = build_template(name, tokenizer, system_prompt=run_prompt)
     jinja = engines.chat_template(template, tokenizer)
-    messages = [{"role": "system", "content": "Client prompt."}, {"role": "user", "content": QUESTIONS[0]}]
-    expected = encode_prompt(replace(template, system_prompt="Client prompt."), tokenizer,
-                             Example(instruction=QUESTIONS[0]))
+    messages = [{"role": "system", "content": client_prompt}, {"role": "user", "content": QUESTIONS[0]}]
+    served = Engine(template=template, tokenizer=tokenizer, model=None).prompt_ids(messages)
     rendered = engines.render_chat_template(jinja, tokenizer, messages)
-    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == expected
+    assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == served
     assert "Run prompt." not in rendered
 
 
@@ -226,7 +227,7 @@ def test_export_for_every_engine(tmp_path, run, tiny_llama):
     assert f"exec ollama create {name} -f Modelfile" in (out / "create-ollama.sh").read_text()
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./base.gguf\nADAPTER ./adapter.gguf\n" in modelfile
-    assert "### Question: {{ .Prompt }}\n### Answer:{{ .Response }}" in modelfile
+    assert "### Question: {{ .Content }}\n### Answer:{{ end }}{{ end }}" in modelfile
     assert 'PARAMETER stop "<eos>"' in modelfile and 'PARAMETER stop "### Question:"' in modelfile
     for script in ("serve-vllm.sh", "serve-llama-cpp.sh", "create-ollama.sh"):
         assert os.access(out / script, os.X_OK)

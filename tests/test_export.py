@@ -309,7 +309,7 @@ def test_gguf_loads_back_through_transformers_and_answers_like_the_merged_model(
 
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and "ollama create" in modelfile
-    assert "### Question: {{ .Prompt }}\n### Answer:{{ .Response }}" in modelfile
+    assert "### Question: {{ .Content }}\n### Answer:{{ end }}{{ end }}" in modelfile
     for token in tokenizer.convert_ids_to_tokens(list(load_template(run).stop_token_ids)):
         assert f"PARAMETER stop {json.dumps(token)}" in modelfile
 
@@ -360,7 +360,8 @@ def test_chat_template_modelfile(tiny_llama):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
     modelfile = ollama.modelfile(build_template("chat", tokenizer), tokenizer, "my run")
     template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
-    assert template == "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>assistant\n" \
+    assert template == "{{ if .System }}<start_of_turn>system\n{{ .System }}<end_of_turn>\n{{ end }}" \
+                       "<start_of_turn>user\n{{ .Prompt }}<end_of_turn>\n<start_of_turn>assistant\n" \
                        "{{ .Response }}<end_of_turn>\n"  # BOS left to llama.cpp, which adds it itself
     assert 'PARAMETER stop "<end_of_turn>"' in modelfile and 'PARAMETER stop "<eos>"' in modelfile
     assert "ollama create my-run -f Modelfile" in modelfile
@@ -551,3 +552,41 @@ def test_embedded_gemma_exports_a_gguf_that_answers_like_the_merged_model(tmp_pa
 
     copied = {k: v for k, v, *_ in read_metadata(out / "model.gguf", "tokenizer.")}
     assert copied == {k: v for k, v, *_ in read_metadata(source, "tokenizer.")}  # the vocabulary, as llama.cpp had it
+
+
+CONVERSATIONS = {
+    "one question": [{"role": "user", "content": "What does QUILT stand for?"}],
+    "with a system message": [{"role": "system", "content": "Answer like a pirate."},
+                              {"role": "user", "content": "What does QUILT stand for?"}],
+    "a second question": [{"role": "user", "content": "What does QUILT stand for?"},
+                          {"role": "assistant", "content": "Queue of Unified Index Lookup Tables."},
+                          {"role": "user", "content": "And FROND?"}],
+    "both": [{"role": "system", "content": "Answer like a pirate."},
+             {"role": "user", "content": "What does QUILT stand for?"},
+             {"role": "assistant", "content": "Queue of Unified Index Lookup Tables."},
+             {"role": "user", "content": "And FROND?"}],
+}
+
+
+@pytest.mark.parametrize("name", ["qa", "alpaca", "instruction", "chat"])
+@pytest.mark.parametrize("system", [None, "Be brief."], ids=["no-system-prompt", "system-prompt"])
+@pytest.mark.parametrize("conversation", CONVERSATIONS)
+def test_the_modelfile_prompts_every_turn_as_affiner_does(tiny_llama, name, system, conversation):
+    """`ollama run` is a conversation: on each turn the prompt Ollama renders from the Modelfile (emulated by
+    tests/ollama_templates.py) must be the one affiner's own chat and server give the model: a text template
+    answers the last question alone, a chat template writes the system prompt once, at the start."""
+    from transformers import AutoTokenizer
+
+    from affiner.interfaces.engine import Engine
+    from ollama_templates import render
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_llama))
+    template = build_template(name, tokenizer, system_prompt=system)
+    modelfile = ollama.modelfile(template, tokenizer, "my run")
+    go_template = re.search(r'TEMPLATE """(.*?)"""', modelfile, re.DOTALL).group(1)
+    system_line = re.search(r'SYSTEM """(.*?)"""', modelfile, re.DOTALL)
+    messages = CONVERSATIONS[conversation]
+    prompt = render(go_template, messages, system_line.group(1) if system_line else None)
+    # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token), then reads special tokens in the text.
+    ollama_ids = tokenizer(prompt)["input_ids"]
+    assert ollama_ids == Engine(template=template, tokenizer=tokenizer, model=None).prompt_ids(messages)

@@ -185,6 +185,17 @@ def test_completions_continue_the_raw_prompt(client, engine):
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
 
 
+def test_a_prompt_copied_from_chat_is_continued_as_the_chat_request_is(client, engine):
+    """chat's /prompt and the app show the exact prompt, BOS included as text: sent to /v1/completions it must
+    reach the model with one BOS, as the chat request does."""
+    shown = engine.prompt_text(QUESTION)
+    assert shown.startswith(engine.tokenizer.bos_token)  # what this test is about: the chat template writes BOS
+    whole = client.completions.create(model="tuned", prompt=shown, max_tokens=8, temperature=0)
+    assert whole.usage.prompt_tokens == len(engine.prompt_ids(QUESTION))
+    chat = client.chat.completions.create(model="tuned", messages=QUESTION, max_tokens=8, temperature=0)
+    assert whole.choices[0].text.strip() == chat.choices[0].message.content
+
+
 def test_concurrent_requests_queue_without_mixing(client, engine):
     jobs = [(model, messages, i % 3 == 0) for i, (model, messages) in
             enumerate([("base", QUESTION), ("tuned", QUESTION), ("base", CONVERSATION), ("tuned", CONVERSATION)] * 5)]

@@ -87,12 +87,13 @@ def chat_template(template: Template, tokenizer) -> str:
     """The run's prompt format as a Jinja chat template for engines (see the module's docstring)."""
     system = _jinja_string(template.system_prompt) if template.system_prompt else "none"
     if template.is_chat:
-        if not template.system_prompt:
-            return template.chat_template
-        # The run's system prompt, as training rendered it, unless the client sends its own.
-        return ("{%- if not messages or messages[0]['role'] != 'system' -%}"
-                f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages -%}}"
-                "{%- endif -%}\n" + template.chat_template)
+        # An empty system message from the client asks for none, as affiner serve reads it; without any, the
+        # run's system prompt (if it has one), as training rendered it.
+        run_system = "" if not template.system_prompt else (
+            "{%- elif not messages or messages[0]['role'] != 'system' -%}"
+            f"{{%- set messages = [{{'role': 'system', 'content': {system}}}] + messages -%}}")
+        return ("{%- if messages and messages[0]['role'] == 'system' and not messages[0]['content'] -%}"
+                "{%- set messages = messages[1:] -%}" + run_system + "{%- endif -%}\n" + template.chat_template)
     before, after = template.prompt.format(instruction=_MARKER, input="").split(_MARKER, 1)
     bos = _jinja_string(tokenizer.bos_token) if adds_bos(tokenizer) else '""'
     return "\n".join([

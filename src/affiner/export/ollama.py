@@ -8,7 +8,9 @@ adapter as `adapter.gguf` beside it, which the Modelfile names with `ADAPTER` (`
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import replace
 from pathlib import Path
 
 from affiner.core.config import RunConfig
@@ -27,6 +29,7 @@ GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
 _PROMPT_MARKER = "AFFINERPROMPTMARKER"
 _RESPONSE_MARKER = "AFFINERRESPONSEMARKER"
+_SYSTEM_MARKER = "AFFINERSYSTEMMARKER"
 
 
 def check_gguf_architecture(run: RunFolder, config: RunConfig) -> None:
@@ -119,12 +122,11 @@ def modelfile(template: Template, tokenizer, name: str, report: GgufReport | Non
              "stop tokens below.")]
     if report is not None and report.notes:
         lines += [f"# Warning: {note}." for note in report.notes]
+    system = template.system_prompt
     if template.is_chat:
-        go_template, system = _chat_go_template(template, tokenizer), None
+        go_template = _chat_go_template(template, tokenizer)
     else:
-        body = template.prompt.format(instruction=_PROMPT_MARKER, input="")
-        go_template = "{{ if .System }}{{ .System }}\n\n{{ end }}" + _go_prompt(body) + "{{ .Response }}"
-        system = template.system_prompt
+        go_template = _text_go_template(template)
         lines.append("# Questions with a separate input field were trained as "
                      f"{template.prompt_with_input!r}; here the input goes in the question.")
     lines += ["", f"FROM ./{model_file}"] + ([f"ADAPTER ./{adapter_file}"] if adapter_file else [])
@@ -140,9 +142,39 @@ def modelfile(template: Template, tokenizer, name: str, report: GgufReport | Non
     return "\n".join(lines) + "\n"
 
 
+def _text_go_template(template: Template) -> str:
+    """A text template answers one question: the system prompt (the client's, or SYSTEM), then the last user
+    message in the prompt format. Written over .Messages, since Ollama renders a .Prompt template once per turn
+    and glues the turns together, which training never showed the model."""
+    body = _go_literal(template.prompt.format(instruction=_PROMPT_MARKER, input=""))
+    last_user = '{{- range $i, $_ := .Messages }}{{- if and (eq .Role "user") (eq (len (slice $.Messages $i)) 1) }}'
+    return (last_user + "{{ if $.System }}{{ $.System }}\n\n{{ end }}" + body.replace(_PROMPT_MARKER, "{{ .Content }}")
+            + "{{ end }}{{ end }}")
+
+
 def _chat_go_template(template: Template, tokenizer) -> str:
-    """One turn of the chat template with the user's text as {{ .Prompt }} and the answer as {{ .Response }};
-    the system prompt, if any, is rendered in as the run's template renders it."""
+    """One turn of the chat template with the user's text as {{ .Prompt }} and the answer as {{ .Response }},
+    which Ollama renders once per turn; the system prompt (SYSTEM, or the client's) is written where the chat
+    template writes it, in the first turn only, as Ollama passes .System to the first turn alone."""
+    without = _one_turn(replace(template, system_prompt=None), tokenizer)
+    try:
+        with_system = _one_turn(replace(template, system_prompt=_SYSTEM_MARKER), tokenizer)
+    except Exception:  # a chat template that takes no system message (it raises): turns without one
+        return _go_prompt(without)
+    start = len(os.path.commonprefix([without, with_system]))
+    end = len(os.path.commonprefix([without[start:][::-1], with_system[start:][::-1]]))
+    inserted = with_system[start:len(with_system) - end]
+    if without[start:len(without) - end] or _SYSTEM_MARKER not in inserted:
+        return _go_prompt(without)  # the system prompt changes more than one place: left to the client
+    # The same text shifted back to where its turn begins ("<start_of_turn>system..." rather than "system...").
+    shift = max((k for k in range(start + 1) if inserted.endswith(without[start - k:start])), default=0)
+    start, inserted = start - shift, with_system[start - shift:start - shift + len(inserted)]
+    system_part = _go_literal(inserted).replace(_SYSTEM_MARKER, "{{ .System }}")
+    return _go_prompt(without[:start]) + "{{ if .System }}" + system_part + "{{ end }}" + _go_prompt(without[start:])
+
+
+def _one_turn(template: Template, tokenizer) -> str:
+    """The chat template's text for one question and its answer, answer as {{ .Response }} (unescaped markers)."""
     prompt = render_prompt(template, Example(instruction=_PROMPT_MARKER), tokenizer)
     full = chat_text(template, tokenizer, Example(instruction=_PROMPT_MARKER, response=_RESPONSE_MARKER),
                      with_response=True)
@@ -152,12 +184,13 @@ def _chat_go_template(template: Template, tokenizer) -> str:
     adds_bos = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     if bos and adds_bos and prompt.startswith(bos):
         prompt = prompt[len(bos):]  # llama.cpp adds BOS itself, as tokenizer.ggml.add_bos_token says
-    return _go_prompt(prompt) + "{{ .Response }}" + _go_literal(closing)
+    return prompt + _RESPONSE_MARKER + closing
 
 
 def _go_prompt(text: str) -> str:
-    """`text` as Go template source, with the prompt marker turned into {{ .Prompt }}."""
-    return _go_literal(text).replace(_PROMPT_MARKER, "{{ .Prompt }}")
+    """`text` as Go template source, with the prompt and response markers turned into {{ .Prompt }} and
+    {{ .Response }}."""
+    return _go_literal(text).replace(_PROMPT_MARKER, "{{ .Prompt }}").replace(_RESPONSE_MARKER, "{{ .Response }}")
 
 
 def _go_literal(text: str) -> str:

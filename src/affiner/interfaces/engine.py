@@ -172,6 +172,12 @@ class Engine:
         """The exact text the model sees for this conversation (for `show the prompt`)."""
         return self.tokenizer.decode(self.prompt_ids(messages, max_new_tokens))
 
+    def raw_prompt_ids(self, text: str) -> list[int]:
+        """A raw prompt's token ids (/v1/completions): one BOS, also when the text begins with it, as a prompt
+        copied from chat's /prompt, the app or the model card does (encode_prompt adds none then either)."""
+        bos = getattr(self.tokenizer, "bos_token", None)
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
     def _template(self, messages: list[dict[str, str]]) -> Template:
         if messages and messages[0].get("role") == "system":
             return replace(self.template, system_prompt=messages[0]["content"])
@@ -200,7 +206,7 @@ class Engine:
         if name not in self.names:
             raise AffinerError(f"unknown model '{name}' (models: {', '.join(self.names)}).")
         if raw_prompt is not None:
-            prompt = self.tokenizer(raw_prompt)["input_ids"]
+            prompt = self.raw_prompt_ids(raw_prompt)
             if len(prompt) + max_new_tokens > self.context_window:
                 raise AffinerError(f"the prompt has {len(prompt)} tokens: with {max_new_tokens} new tokens "
                                    f"it does not fit the model's {self.context_window}-token context window.")

@@ -159,7 +159,7 @@ def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt
     DEFAULT_MAX_TOKENS, shortened to what the window leaves. Checked before answering, so that a stream
     never starts for a request that cannot be served."""
     try:  # for messages, what the engine will render: oldest turns are dropped first if the answer would not fit
-        length = len(engine.tokenizer(prompt)["input_ids"] if prompt is not None else
+        length = len(engine.raw_prompt_ids(prompt) if prompt is not None else
                      engine.prompt_ids(messages or [], max_tokens or 1))
     except AffinerError as error:  # too long even without the earlier turns
         raise ApiError(400, str(error), param="messages" if max_tokens is None else "max_tokens",
