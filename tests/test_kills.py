@@ -114,6 +114,10 @@ def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_lla
 
     killed("affiner.core.runfolder.append_jsonl:3", "train", str(config(tmp_path, tiny_llama, data)), cwd=tmp_path)
     run = only_run(tmp_path)
+    capsys.readouterr()
+    assert run_cli("runs", "--dir", str(tmp_path / "runs")) == 0  # recorded as training, but nobody writes it
+    listing = capsys.readouterr().out
+    assert f"{run.name}  stopped" in listing and f"affiner train --resume {run}" in listing
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
                                "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
                                "'evaluate'):\n  print('held', flush=True); time.sleep(300)", str(run)],
@@ -123,6 +127,8 @@ def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_lla
         assert run_cli("train", "--resume", str(run)) == 2
         assert f"being written by another affiner (affiner evaluate, PID {holder.pid}" in capsys.readouterr().err
         assert json.loads((run / "run.json").read_text())["status"] == "training"  # untouched by the refusal
+        assert run_cli("runs", "--dir", str(tmp_path / "runs")) == 0
+        assert f"{run.name}  training" in capsys.readouterr().out  # someone holds it: as recorded
     finally:
         holder.kill()  # kill -9: no clean-up, the lock file stays; the kernel drops the lock itself
         holder.wait()
@@ -134,6 +140,24 @@ def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_lla
 def finished_run(tmp_path, tiny_llama, data) -> Path:
     assert run_cli("train", str(config(tmp_path / "f", tiny_llama, data, max_steps=2))) == 0
     return only_run(tmp_path / "f")
+
+
+def test_an_evaluation_of_a_run_being_written_is_refused_before_answering(finished_run, capsys, monkeypatch):
+    """Another writer holds the run: said at once, not after minutes of answers that could not be written."""
+    from affiner.evaluation import evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("answered before refusing"))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
+                               "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
+                               "'train'):\n  print('held', flush=True); time.sleep(300)", str(finished_run)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert run_cli("evaluate", str(finished_run)) == 2
+        assert f"being written by another affiner (affiner train, PID {holder.pid}" in capsys.readouterr().err
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("kill_on", ["os.replace:2", "os.rename:1", "os.rename:2"],

@@ -177,6 +177,30 @@ class RunFolder:
             (self.path / LOCK_OWNER).unlink(missing_ok=True)
             lock.release()
 
+    def require_writable(self, then: str) -> "RunFolder":
+        """This run, if `then` could write into it now: checked before a long job (an evaluation), so that a
+        read-only folder or another writer is said at once, not after the job. `writing` still takes the lock."""
+        if not os.access(self.path, os.W_OK):
+            raise AffinerError(f"{self.path} is read-only here, so {then} could not be written into it; make it "
+                               "writable, or copy the run folder somewhere writable.")
+        if self.has_writer():
+            raise AffinerError(f"{self.path} is being written by another affiner ({self._lock_owner()}); wait for "
+                               "it to end, or stop it, then try again.")
+        return self
+
+    def has_writer(self) -> bool:
+        """Whether a process is writing this run now (it holds the lock); a run left "training" by a process that
+        died (kill -9, a crash, a restart) has none. Where it cannot be told (a read-only folder), True."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.path / LOCK_FILE))
+        try:
+            lock.acquire(timeout=0)
+        except (Timeout, OSError):
+            return True
+        lock.release()
+        return False
+
     def _lock_owner(self) -> str:
         try:
             owner = read_json(self.path / LOCK_OWNER)

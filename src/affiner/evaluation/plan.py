@@ -112,7 +112,8 @@ def tuned_model(run: RunFolder, config: RunConfig):
 
 def plan_runs(folders: list[Path], test: str | None, max_questions: int | None, keep_overlap: bool = False,
               key_before: str | None = None) -> Plan:
-    runs = [RunFolder.open(folder).require_finished("evaluate it") for folder in folders]
+    runs = [RunFolder.open(folder).require_finished("evaluate it").require_writable("its evaluation")
+            for folder in folders]
     configs = require_one_base(runs, "only runs of one base can be compared on the same prompts.")
     run, config = runs[0], configs[0]
     loaders: dict[str, Callable[[], object]] = {"base": lambda: load_for(config)}

@@ -13,6 +13,9 @@ from affiner.core.formatting import METRIC_INFO, format_value, metric_kind, text
 from affiner.core.runfolder import RunFolder
 
 
+STOPPED = "stopped"  # recorded as training, but no process is writing it
+
+
 def find_runs(root: Path) -> list[Path]:
     return [run.path for run in RunFolder.all_under(root)]
 
@@ -35,7 +38,10 @@ def describe_run(folder: Path) -> dict[str, Any]:
     info, config, data, evaluation = run.info(), run.config(), run.data_info(), run.evaluation()
     scores = {metric: {model: value["mean"] for model, value in by_model.items()}
               for metric, by_model in (evaluation or {}).get("metrics", {}).items()}
-    return {"run": str(folder), "status": info.get("status", "?"), "model": config.model.base,
+    status = info.get("status", "?")
+    if status == "training" and not run.has_writer():
+        status = STOPPED  # its process ended before the run did
+    return {"run": str(folder), "status": status, "model": config.model.base,
             "method": config.method, "data": config.data.train,
             "train_rows": data.get("train", {}).get("examples"), "steps": info.get("steps", info.get("step")),
             "minutes": round(info["train_seconds"] / 60, 1) if "train_seconds" in info else None,
@@ -58,7 +64,10 @@ def list_runs(root: Path) -> str:
                         str(r["train_rows"] or "-"), str(r["steps"] or "-"), str(r["minutes"] or "-"),
                         f"{_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}" if r["scores"] else "not evaluated",
                         _score(r, "stopped"), _score(r, "loss")] for r in runs]
-    return text_table(rows)
+    stopped = [Path(r["run"]) for r in runs if r["status"] == STOPPED]
+    note = (f"\n{STOPPED}: its training ended before the run did (killed, crashed, the machine restarted); "
+            f"continue it from its last checkpoint with: affiner train --resume {stopped[-1]}") if stopped else ""
+    return text_table(rows) + note
 
 
 def compare_runs(folders: list[Path]) -> dict[str, Any]:

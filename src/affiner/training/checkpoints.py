@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import pickle
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,7 +123,8 @@ def adopt_best(run: RunFolder) -> None:
     aside too until the run is recorded finished: killed before that, the resumed run adopts them again."""
     for path in sorted(run.best_path.iterdir()):
         if path.is_file():
-            partial = run.path / f".{path.name}.partial"
+            # Named as every temporary file (pid): one a kill leaves is removed when the run is resumed.
+            partial = run.path / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial"
             shutil.copyfile(path, partial)
             partial.replace(run.path / path.name)  # each file whole or not at all
 
