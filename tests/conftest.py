@@ -87,12 +87,13 @@ def tiny_gpt2(tmp_path_factory) -> Path:
     return make_tiny_gpt2(tmp_path_factory.mktemp("tiny-gpt2"))
 
 
-def make_tiny_llama(folder: Path, context_window: int = 256) -> Path:
+def make_tiny_llama(folder: Path, context_window: int = 256, hidden_size: int = 32) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = _sentencepiece_like_tokenizer(chat=True)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context_window,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)

@@ -110,6 +110,11 @@ def test_the_repetition_penalty_starts_at_the_run_s_and_a_link_overrides_it(monk
     at = page(monkeypatch, [penalised])
     at.query_params.update(repetition_penalty="1.5")
     assert at.run().slider(key="repetition_penalty").value == pytest.approx(1.5)
+    # Turned off on this page, the penalty stays off in the link: a new page would start from the run's 1.2.
+    at = page(monkeypatch, [penalised]).run()
+    at.slider(key="repetition_penalty").set_value(1.0)
+    generate(at)
+    assert float(at.query_params["repetition_penalty"]) == 1.0
 
 
 def test_compare_page_streams_base_and_tuned_side_by_side(monkeypatch, runs, downloads):

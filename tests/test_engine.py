@@ -95,9 +95,32 @@ def test_settings_parse_and_validate():
     settings = Settings().updated("temperature", "0.5").updated("top_k", "7")
     assert (settings.temperature, settings.top_k) == (0.5, 7)
     for key, value, message in [("temperature", "hot", "must be a float"), ("top_p", "2", "out of range"),
-                                ("beams", "2", "unknown setting")]:
+                                ("beams", "2", "unknown setting"),
+                                # values sampling cannot take (NaN logits) or torch cannot seed with
+                                ("temperature", "1e-300", "0 \\(greedy\\) or from 0.01 to 2"),
+                                ("temperature", "inf", "out of range"), ("repetition_penalty", "1e-300", "from 0.1"),
+                                ("seed", str(2**64), "out of range")]:
         with pytest.raises(AffinerError, match=message):
             Settings().updated(key, value)
+
+
+def test_the_chat_session_survives_lines_that_are_not_text_and_answers_the_next(engine, capsys, monkeypatch):
+    """Bytes that are not UTF-8, piped or typed, arrive as lone surrogates: said, and the session goes on."""
+    from affiner.interfaces.chat import Session
+
+    lines = iter(["\udcff\udcfe bad", QUESTION[0]["content"], "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    Session(engine, "a", GREEDY).loop()
+    out = capsys.readouterr().out
+    assert "not valid UTF-8" in out and out.strip().endswith(engine.complete("a", QUESTION, GREEDY).text)
+
+
+def test_a_seed_chat_cannot_use_is_refused_by_the_flag(capsys):
+    from affiner import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["chat", "--prompt", "hi", "--seed", str(2**64)])
+    assert exit_info.value.code == 2 and "--seed" in capsys.readouterr().err
 
 
 def test_chat_session_switches_between_adapters_of_one_base(engine, capsys):

@@ -77,6 +77,11 @@ def test_evaluate_writes_summary_and_report_and_keeps_the_previous_one(tmp_path,
         assert (folder / name).is_file(), name
     assert set(evaluation["metrics"]) >= {"contains", "rouge_l", "bleu", "chrf", "embedding", "stopped", "tokens",
                                           "repetition", "empty", "echo", "loss", "perplexity"}
+    # The answers' length reads against the references' (counted alike), in the table and the report.
+    tokenizer = load_tokenizer(str(folder))
+    references = [len(tokenizer(row["reference"], add_special_tokens=False)["input_ids"]) for row in saved["answers"]]
+    assert evaluation["settings"]["reference length (tokens)"] == round(sum(references) / 3, 1)
+    assert f"answer length (tokens; references {sum(references) / 3:.1f})" in table.format_table(evaluation)
     ev.evaluate(folder, max_questions=2)
     assert read_json(folder / "evaluations" / "1" / "summary.json") == saved
     assert (folder / "evaluations" / "1" / "report.html").is_file()

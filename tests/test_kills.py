@@ -29,6 +29,16 @@ def killed(kill_on: str, *argv: str, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+def hold(run: Path, command: str) -> subprocess.Popen:
+    """Another process writing `run` (as `affiner COMMAND` would), holding its lock until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
+                               "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
+                               f"{command!r}):\n  print('held', flush=True); time.sleep(300)", str(run)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
 def snapshot(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -118,12 +128,8 @@ def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_lla
     assert run_cli("runs", "--dir", str(tmp_path / "runs")) == 0  # recorded as training, but nobody writes it
     listing = capsys.readouterr().out
     assert f"{run.name}  stopped" in listing and f"affiner train --resume {run}" in listing
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
-                               "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
-                               "'evaluate'):\n  print('held', flush=True); time.sleep(300)", str(run)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold(run, "evaluate")
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert run_cli("train", "--resume", str(run)) == 2
         assert f"being written by another affiner (affiner evaluate, PID {holder.pid}" in capsys.readouterr().err
         assert json.loads((run / "run.json").read_text())["status"] == "training"  # untouched by the refusal
@@ -147,12 +153,8 @@ def test_an_evaluation_of_a_run_being_written_is_refused_before_answering(finish
     from affiner.evaluation import evaluate as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "generate", lambda *a, **k: pytest.fail("answered before refusing"))
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
-                               "affiner.core.runfolder import RunFolder\nwith RunFolder(Path(sys.argv[1])).writing("
-                               "'train'):\n  print('held', flush=True); time.sleep(300)", str(finished_run)],
-                              stdout=subprocess.PIPE, text=True)
+    holder = hold(finished_run, "train")
     try:
-        assert holder.stdout.readline().strip() == "held"
         assert run_cli("evaluate", str(finished_run)) == 2
         assert f"being written by another affiner (affiner train, PID {holder.pid}" in capsys.readouterr().err
     finally:

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from affiner.core.config import load_config
 from affiner.core.runfolder import RunFolder
 from affiner.training import run as training
-from affiner.training.batches import auto_epochs, probe_interval, total_steps
+from affiner.training.batches import auto_epochs, passes_of, probe_interval, total_steps
 from affiner.training.selection import Selection
 from conftest import write_config
 
@@ -28,6 +28,16 @@ def test_auto_epochs_give_small_data_enough_steps_and_large_data_one_pass(tmp_pa
     assert auto_epochs(-(-rows // 8)) == pytest.approx(passes, rel=1e-3)
     assert total_steps(config, rows) == steps
     assert total_steps(load_config("quickstart", ["train.epochs=2"]), rows) == 2 * -(-rows // 8)  # a number stays
+
+
+def test_auto_epochs_with_accumulation_still_give_enough_steps_and_the_run_records_what_it_trained():
+    """100 rows, 8 a micro-batch, 2 accumulated: 13 micro-batches, 6.5 steps per pass. `auto` gives at least 90
+    steps (rounding the steps per pass up first gave 85), and the passes recorded are those the steps make."""
+    config = load_config("quickstart", ["train.epochs=auto", "train.batch_size=8", "train.gradient_accumulation=2"])
+    steps = total_steps(config, 100)
+    assert steps >= 90 and passes_of(config, 100, steps) == pytest.approx(steps * 2 / 13)
+    one_pass = load_config("quickstart", ["train.epochs=1", "train.batch_size=8", "train.gradient_accumulation=16"])
+    assert total_steps(one_pass, 211) == 2 and passes_of(one_pass, 211, 2) == pytest.approx(32 / 27)  # not 1.0
 
 
 def test_auto_probes_ten_times_per_run():

@@ -371,6 +371,9 @@ def test_a_batch_answers_as_one_at_a_time(qa_engine, model):
     ("POST", "/v1/chat/completions", chat_body(messages=CONVERSATION[:3]), 400, "messages"),
     ("POST", "/v1/chat/completions", chat_body(temperature="hot"), 400, "temperature"),
     ("POST", "/v1/chat/completions", chat_body(temperature=5), 400, "temperature"),
+    ("POST", "/v1/chat/completions", chat_body(temperature=1e-300), 400, "temperature"),  # NaN logits
+    ("POST", "/v1/chat/completions", chat_body(repetition_penalty=1e-300), 400, "repetition_penalty"),
+    ("POST", "/v1/chat/completions", chat_body(seed=2**63), 400, "seed"),
     ("POST", "/v1/chat/completions", chat_body(top_p=0), 400, "top_p"),
     ("POST", "/v1/chat/completions", chat_body(repetition_penalty=0), 400, "repetition_penalty"),
     ("POST", "/v1/chat/completions", chat_body(repetition_penalty=2.5), 400, "repetition_penalty"),
@@ -536,6 +539,29 @@ def test_a_client_that_hangs_up_frees_the_model(port, engine, full_pieces, spied
                 time.sleep(0.01)
     wait_until_free(engine)
     assert len(spied) == 1 and spied[0] < full_pieces / 2
+
+
+def test_an_answer_cut_by_the_server_stopping_is_an_error_not_a_success(engine, full_pieces, spied):
+    """Ctrl-C on the server ends the answer under way at its next token: the client must not take that half
+    answer for a whole one (200, finish_reason "length" although max_tokens was far off)."""
+    server = start(engine)
+    replies: list = []
+    asking = threading.Thread(target=lambda: replies.append(
+        request(server.server_address[1], "POST", "/v1/chat/completions", chat_body(max_tokens=LONG))))
+    try:
+        asking.start()
+        deadline = time.monotonic() + 10
+        while not (spied and spied[0]):
+            assert time.monotonic() < deadline, "the answer never started"
+            time.sleep(0.01)
+        server.scheduler.close()  # what Ctrl-C does first
+        asking.join(30)
+    finally:
+        stop(server)
+    ((status, body, _),) = replies
+    assert status == 503 and body["error"]["code"] == "unavailable" and "before the answer was complete" in \
+        body["error"]["message"]
+    assert spied[0] < full_pieces / 2
 
 
 def test_trim_streams_what_strip_gives():

@@ -133,8 +133,11 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     expected, resumed = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=0, atol=0)
-    assert [r["loss"] for r in read_jsonl(interrupted / "metrics.jsonl")] == \
-        [r["loss"] for r in read_jsonl(straight / "metrics.jsonl")]  # each step logged once, as if never stopped
+    logged, straight_log = read_jsonl(interrupted / "metrics.jsonl"), read_jsonl(straight / "metrics.jsonl")
+    assert [r["loss"] for r in logged] == [r["loss"] for r in straight_log]  # each step logged once, as if never stopped
+    assert [r["learning_rate"] for r in logged] == [r["learning_rate"] for r in straight_log]
+    seconds = [r["seconds"] for r in logged]  # the training before the interruption counts in the run's time
+    assert seconds == sorted(seconds) and read_json(interrupted / "run.json")["train_seconds"] >= seconds[2]
     with pytest.raises(AffinerError, match="already finished"):
         train_mod.train(resume=interrupted)
 
@@ -167,6 +170,34 @@ def test_qlora_trains_4bit_base_on_cpu(tmp_path, tiny_llama):
     assert any("4bit" in type(m).__name__ for m in quantised.modules())
 
 
+def test_a_held_out_probe_leaves_qlora_gradients_as_they_were(tmp_path):
+    """bitsandbytes repacks a 4-bit layer for inference on its first eval-mode forward without gradient on a CPU
+    with AVX512-BF16 (as a probe runs), after which training forwards lose their gradient through the base: the
+    gradients of a step must be the same after a probe as before (on other CPUs it holds trivially)."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "llama", hidden_size=128)  # 32 wide is too small for the packed layout
+    model = prepare_model(load_config(None, ["data.train=x", f"model.base={base}", "method=qlora", "lora.dropout=0"]))
+    tokenizer = load_tokenizer(str(base))
+    ids = tokenizer(["What does QUILT stand for? QUILT stands for Queue of Unified Index Lookup Tables."],
+                    return_tensors="pt")["input_ids"]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        supervised_loss(model, batch)[0].backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    before = gradients()
+    model.eval()
+    with torch.no_grad():  # a probe's forward
+        model(input_ids=ids, attention_mask=batch["attention_mask"])
+    model.train()
+    after = gradients()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+
+
 def test_full_fine_tuning_changes_the_weights_and_saves_a_loadable_model(tmp_path, tiny_gpt2):
     config = load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", method="full")))
     folder = train_mod.train(config)
@@ -197,6 +228,14 @@ def test_schedules_warm_up_then_follow_their_shape(name, expected):
         scheduler.step()
         rates.append(scheduler.get_last_lr()[0])
     assert rates == pytest.approx(expected)
+
+
+def test_each_step_logs_the_learning_rate_it_trained_with(tmp_path, tiny_gpt2):
+    """Two warm-up steps of four: the first step trains at 0, the second at half the rate, then the full rate."""
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                          train={"max_steps": 4, "learning_rate": 1e-2, "scheduler": "constant", "warmup_ratio": 0.5})
+    folder = train_mod.train(load_config(str(config)))
+    assert [r["learning_rate"] for r in read_jsonl(folder / "metrics.jsonl")] == [0.0, 5e-3, 1e-2, 1e-2]
 
 
 def test_cosine_schedule_decays_to_zero():

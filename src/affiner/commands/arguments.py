@@ -89,10 +89,25 @@ def probability(text: str) -> float:
 
 
 def repetition_penalty(text: str) -> float:
-    """A repetition penalty: above 0 and at most MAX_PENALTY (1 is off)."""
-    from affiner.core.settings import MAX_PENALTY
+    """A repetition penalty (1 is off), as core.settings.RULES accepts it."""
+    return _decoding("repetition_penalty", float, text)
 
-    return _checked(float, text, lambda v: 0 < v <= MAX_PENALTY, f"a number above 0 and at most {MAX_PENALTY:g}")
+
+def temperature(text: str) -> float:
+    """A temperature (0 decodes greedily), as core.settings.RULES accepts it."""
+    return _decoding("temperature", float, text)
+
+
+def seed(text: str) -> int:
+    """A sampling seed, as core.settings.RULES accepts it."""
+    return _decoding("seed", int, text)
+
+
+def _decoding(key: str, kind: type, text: str):
+    from affiner.core.settings import RULES
+
+    valid, expected = RULES[key]
+    return _checked(kind, text, valid, f"a number {expected}" if kind is float else f"a whole number {expected}")
 
 
 def port(text: str) -> int:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from affiner.commands.arguments import (non_negative_float, non_negative_int, positive_int, probability,
-                                        repetition_penalty)
+from affiner.commands.arguments import (non_negative_int, positive_int, probability, repetition_penalty, seed,
+                                        temperature)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="answer this one prompt and exit")
     parser.add_argument("--greedy", action="store_true", help="decode greedily (temperature 0)")
     defaults = Settings()
-    parser.add_argument("--temperature", type=non_negative_float, default=defaults.temperature, metavar="T",
+    parser.add_argument("--temperature", type=temperature, default=defaults.temperature, metavar="T",
                         help=f"sampling temperature: higher varies more, 0 decodes greedily "
                              f"(default {defaults.temperature})")
     parser.add_argument("--top-p", type=probability, default=defaults.top_p, metavar="P",
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"sample among the K likeliest tokens, 0 for all (default {defaults.top_k})")
     parser.add_argument("--max-new-tokens", type=positive_int, default=defaults.max_new_tokens, metavar="N",
                         help=f"answer length limit, in tokens (default {defaults.max_new_tokens})")
-    parser.add_argument("--seed", type=non_negative_int, metavar="N",
+    parser.add_argument("--seed", type=seed, metavar="N",
                         help="seed of the sampling: the same seed, the same answer (default: random)")
     parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
                         help="above 1, tokens already in the conversation are made less likely: a looping model "

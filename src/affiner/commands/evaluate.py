@@ -32,8 +32,8 @@ import argparse
 import shlex
 from pathlib import Path
 
-from affiner.commands.arguments import (add_renamed, non_negative_float, non_negative_int, positive_int, probability,
-                                        repetition_penalty)
+from affiner.commands.arguments import (add_renamed, non_negative_int, positive_int, probability, repetition_penalty,
+                                        seed, temperature)
 from affiner.core.config import HEADLINES
 
 
@@ -76,13 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--temperature", type=non_negative_float, default=0.0, metavar="T",
+    parser.add_argument("--temperature", type=temperature, default=0.0, metavar="T",
                         help="sampling temperature; 0 (default) decodes greedily")
     parser.add_argument("--top-p", type=probability, default=1.0, metavar="P",
                         help="nucleus sampling, above 0 and at most 1 (default 1: off)")
     parser.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
                         help="sample among the K likeliest tokens; 0 (default) keeps every token")
-    parser.add_argument("--seed", type=non_negative_int, default=0, metavar="N",
+    parser.add_argument("--seed", type=seed, default=0, metavar="N",
                         help="seed of the sampling (default 0)")
     parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
                         help="above 1, tokens already in the prompt or answer are made less likely, for base and "

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from affiner.core.errors import AffinerError
-from affiner.core.settings import MAX_PENALTY
+from affiner.core.settings import MAX_PENALTY, MIN_PENALTY
 
 DEFAULT_RECIPE = "quickstart"
 
@@ -193,7 +193,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1, description=(
         "questions answered together: faster, more memory (halved by itself when out of memory); held-out losses "
         "take at most this many rows and 4096 padded tokens a batch"))
-    repetition_penalty: float = Field(1.0, gt=0, le=MAX_PENALTY, description=(
+    repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY, description=(
         "above 1, tokens already in the prompt or the answer are made less likely (transformers' repetition "
         "penalty, for base and tuned alike, in the report's settings line; chat uses the run's value): a small model "
         "that loops under greedy decoding stops looping, but answers reuse the question's words less, which lowers "

@@ -45,12 +45,28 @@ class Settings:
             parsed = kinds[key](value)
         except ValueError:
             raise AffinerError(f"{key} must be a {kinds[key].__name__}, not '{value}'.") from None
-        limits = {"temperature": parsed >= 0, "top_p": 0 < parsed <= 1, "top_k": parsed >= 0,
-                  "max_new_tokens": parsed >= 1, "seed": True, "repetition_penalty": 0 < parsed <= MAX_PENALTY}
-        if not limits[key]:
-            raise AffinerError(f"{key}={value} is out of range.")
+        valid, expected = RULES[key]
+        if not valid(parsed):
+            raise AffinerError(f"{key}={value} is out of range: it must be {expected}.")
         return replace(self, **{key: parsed})
 
 
 GREEDY = Settings(temperature=0.0)
-MAX_PENALTY = 2.0  # beyond, answers avoid every word they have used, articles included: a typo, not a setting
+# Below MIN_TEMPERATURE (0 aside, which is greedy) logits divided by it overflow into NaN, which sampling
+# refuses; MAX_TEMPERATURE is OpenAI's bound.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 2.0
+# Beyond MAX_PENALTY answers avoid every word they have used, articles included: a typo, not a setting; below
+# MIN_PENALTY the logits of used words overflow the same way.
+MIN_PENALTY, MAX_PENALTY = 0.1, 2.0
+MAX_SEED = 2**63 - 1  # torch's seeds are signed 64-bit numbers
+# What each decoding setting accepts, for every door it comes in by (flags, chat's /set, the API, the app).
+RULES = {
+    "temperature": (lambda v: v == 0 or MIN_TEMPERATURE <= v <= MAX_TEMPERATURE,
+                    f"0 (greedy) or from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"),
+    "top_p": (lambda v: 0 < v <= 1, "above 0 and at most 1"),
+    "top_k": (lambda v: v >= 0, "0 (off) or more"),
+    "max_new_tokens": (lambda v: v >= 1, "at least 1"),
+    "seed": (lambda v: 0 <= v <= MAX_SEED, f"from 0 to {MAX_SEED}"),
+    "repetition_penalty": (lambda v: MIN_PENALTY <= v <= MAX_PENALTY,
+                           f"from {MIN_PENALTY:g} to {MAX_PENALTY:g} (1 is off)"),
+}

@@ -27,13 +27,15 @@ def question_key(example: Example, normalize: bool = True) -> str:
     return "\x1f".join(normalized(p) if normalize else p for p in parts)
 
 
-def drop_empty(examples: list[Example]) -> tuple[list[Example], Dropped]:
+def drop_empty(examples: list[Example], held_out: bool = False) -> tuple[list[Example], Dropped]:
+    """Rows without a question, or without an answer to train on; `held_out` rows need only something to hold
+    an answer against: their answer or their reference."""
     kept, dropped = [], []
     for e in examples:
         if not e.instruction.strip():
             dropped.append((e, "empty question"))
-        elif not e.response.strip():
-            dropped.append((e, "empty answer"))
+        elif not (e.expected if held_out else e.response).strip():
+            dropped.append((e, "no answer or reference to hold the answers against" if held_out else "empty answer"))
         else:
             kept.append(e)
     return kept, dropped

@@ -39,6 +39,7 @@ from affiner.evaluation.scoring import (correct, has_answer, headline, held_out_
                                         score_answers)
 
 COMPARISON_FOLDER = "comparison"  # in the first run's folder: several runs side by side
+REFERENCE_LENGTH = "reference length (tokens)"  # the settings' line, and the answer length's label
 TEXT_METRICS = ("contains", "contains_key", "exact_match", "rouge_l", "bleu", "chrf", "embedding", "stopped", "new_turn",
                 "tokens", "repetition", "empty", "echo")
 
@@ -95,7 +96,8 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     done.general_scores = {n: score_answers(general, a) for n, (a, _) in done.general.items()}
     settings = {
         "decoding": sampling.describe(), "max_new_tokens": limit, "template": template.name, "test": plan.test,
-        "questions": len(examples), **_left_out(plan.dropped, done.past_context),
+        "questions": len(examples), REFERENCE_LENGTH: reference_length(plan.tokenizer, examples),
+        **_left_out(plan.dropped, done.past_context),
         **({"questions without an answer to take the loss of (a reference only)": without}
            if (without := sum(not has_answer(e) for e in examples)) else {}),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
@@ -270,6 +272,9 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
     models = list(answers)
     measured = [k for k in TEXT_METRICS if all(k in s for m in models for s in scores[m])]
     info = {k: METRIC_INFO[k] for k in measured}
+    if "tokens" in info and (reference := settings.get(REFERENCE_LENGTH)) is not None:  # what lengths to compare
+        label = f"{info['tokens']['label'].removesuffix(')')}; references {reference:.1f})"  # "(tokens; refer..."
+        info["tokens"] = {**info["tokens"], "label": label}
     aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in measured}
     if all(losses[m][0] for m in models):
         per_model = {m: metrics.aggregate_loss(*losses[m]) for m in models}
@@ -293,6 +298,13 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
                       "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}
                      for i, e in enumerate(examples)],
     }
+
+
+def reference_length(tokenizer, examples: list[Example]) -> float:
+    """The references' mean length in tokens, counted as answers are: an answer is as long as a reader expects
+    when it is about as long as the reference."""
+    lengths = [len(tokenizer(e.expected, add_special_tokens=False)["input_ids"]) for e in examples]
+    return round(sum(lengths) / len(lengths), 1) if lengths else 0.0
 
 
 def _left_out(dropped: dict | None, past_context: int | None) -> dict:

@@ -20,7 +20,7 @@ from affiner.core.models import (context_length, dtype_for, dtype_of, load_for, 
 from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, template_for_adapters
 from affiner.data.formats import to_examples
-from affiner.data.filters import EXACT_OVERLAP, training_overlap
+from affiner.data.filters import EXACT_OVERLAP, drop_empty, training_overlap
 from affiner.data.pipeline import dropped_rows, prompts_that_fit, training_rows
 from affiner.data.read import read_test_rows
 
@@ -55,27 +55,14 @@ def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Temp
     questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
     overlap with the training rows was dropped when the run was trained)."""
     if test:
-        examples, empty = answerable(to_examples(read_test_rows(test), config.data.format, config.data.columns))
+        examples, empty = drop_empty(to_examples(read_test_rows(test), config.data.format, config.data.columns),
+                                     held_out=True)
         examples, overlapping, overlap = _overlap(run, config, examples, keep_overlap)
         kept, dropped = prompts_that_fit(examples, template, tokenizer, context_length(config))
         return kept, dropped_rows(empty + overlapping + dropped), overlap
     if not run.has_held_out:
         raise AffinerError(f"{run} has no held-out examples; pass --test FILE.")
     return run.held_out(), run.data_info().get("test", {}).get("dropped"), None
-
-
-def answerable(examples: list[Example]) -> tuple[list[Example], list[tuple[Example, str]]]:
-    """The rows of a --test file with a question and something to hold an answer against (an answer or a
-    reference), and the others with why."""
-    kept, dropped = [], []
-    for e in examples:
-        if not e.instruction.strip():
-            dropped.append((e, "empty question"))
-        elif not e.expected.strip():
-            dropped.append((e, "no answer or reference to hold the answers against"))
-        else:
-            kept.append(e)
-    return kept, dropped
 
 
 def _overlap(run: RunFolder, config: RunConfig, examples: list[Example],
@@ -152,7 +139,7 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
         loaders[adapter.name] = lambda a=adapter: (
             load_model(base, adapter=a, quantization=quantization) if quantization else
             _merged(load_model(base, adapter=a, full_precision=True), dtype_of(base)))
-    examples, empty = answerable(to_examples(read_test_rows(test)))
+    examples, empty = drop_empty(to_examples(read_test_rows(test)), held_out=True)
     output.mkdir(parents=True, exist_ok=True)
     template = template_for_adapters(adapters, template_name, "alpaca", tokenizer)
     return Plan(output=output, template=template, tokenizer=tokenizer,

@@ -43,6 +43,7 @@ DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped (by
 BATCH_LIMIT = 16  # greedy requests answered together at most
 ROUTES = "GET /health, GET /v1/models, POST /v1/chat/completions, POST /v1/completions"
 FAILED = "The server failed to answer; see its log."
+SHUTTING_DOWN = "The server is shutting down"
 
 
 @dataclass
@@ -84,6 +85,10 @@ class Scheduler:
         async with self.turn:
             if job not in self.waiting:  # answered already, in the batch of an earlier request
                 return
+            if self.closing:  # queued when the server began to stop: never started
+                self.waiting.remove(job)
+                job.events.put_nowait(ApiError(503, SHUTTING_DOWN, code="unavailable"))
+                return
             fellows = [j for j in self.waiting if j.batchable and j.request.model == job.request.model]
             self.running = fellows[:self.max_batch] if job.batchable else [job]
             self.waiting = [j for j in self.waiting if j not in self.running]
@@ -105,7 +110,14 @@ class Scheduler:
         asks = [Ask(j.request.messages, j.request.prompt, j.settings.max_new_tokens, j.request.stop, j.stop)
                 for j in batch]
         for job, reply in zip(batch, await run_in_threadpool(self.engine.complete_batch, batch[0].request.model, asks)):
-            job.events.put_nowait(reply)
+            self._deliver(job, reply)
+
+    def _deliver(self, job: Job, reply: Reply) -> None:
+        """The reply, unless the server stopping cut it short: a cut answer is no answer to the request (a
+        200 with finish_reason "length" would say it reached max_tokens)."""
+        cut = not (reply.stopped or reply.new_turn) and reply.tokens < job.settings.max_new_tokens
+        job.events.put_nowait(ApiError(503, SHUTTING_DOWN + " before the answer was complete.", code="unavailable")
+                              if self.closing and cut else reply)
 
     async def _alone(self, job: Job) -> None:
         """One generation, its pieces passed on as they come (for a stream), cut at the request's stop texts:
@@ -123,7 +135,7 @@ class Scheduler:
         if cutter.cut:
             reply.text, reply.stopped = "".join(kept), True
             reply.tokens = len(self.engine.tokenizer(reply.text, add_special_tokens=False)["input_ids"])
-        job.events.put_nowait(reply)
+        self._deliver(job, reply)
 
 
 class Api:
@@ -150,7 +162,7 @@ class Api:
 
         try:
             if server.scheduler is None or server.scheduler.closing:
-                raise ApiError(503, "The server is shutting down.", code="unavailable", headers={"Connection": "close"})
+                raise ApiError(503, SHUTTING_DOWN + ".", code="unavailable", headers={"Connection": "close"})
             server.check_host(request.headers.getlist("host"), scope["http_version"])
             if not (request.url.path == "/health" and request.client and is_loopback(request.client.host)):
                 authorize(request.headers.get("authorization"), server.api_key)

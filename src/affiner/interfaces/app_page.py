@@ -122,9 +122,11 @@ def share_query(comparison: dict) -> dict:
         query["greedy"] = "1"
     elif settings["temperature"] != DEFAULTS["temperature"]:
         query["temperature"] = str(settings["temperature"])
-    for key in ("top_p", "top_k", "max_new_tokens", "seed", "repetition_penalty"):
+    for key in ("top_p", "top_k", "max_new_tokens", "seed"):
         if settings.get(key) is not None and settings[key] is not None and settings[key] != DEFAULTS[key]:
             query[key] = str(settings[key])
+    if settings.get("repetition_penalty") is not None:  # always: a new page starts from the run's own penalty
+        query["repetition_penalty"] = str(settings["repetition_penalty"])
     tuned = [n for n in comparison["answers"] if n != BASE]
     if tuned:
         query["models"] = ",".join(tuned)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, first_line
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import BASE, Engine, Reply
@@ -111,6 +111,16 @@ def _open_model(model: str, folders: list[Path], template: str | None, base: boo
     return engine, name, f"{model} ({prompt.name} template)"
 
 
+def is_text(line: str) -> bool:
+    """Whether a line read from the terminal is text: bytes that are not UTF-8 arrive as lone surrogates, which no
+    tokenizer takes."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
     """Stream one answer to stdout; Ctrl-C ends the answer early and keeps what was said."""
     reply, stop = Reply(), threading.Event()
@@ -155,6 +165,9 @@ class Session:
             # Ctrl-C can land anywhere (while typing, rendering, streaming): it never ends the session.
             try:
                 text = input("> ").strip()
+                if not is_text(text):
+                    print("(error: that line is not valid UTF-8 text; type it again, or set your terminal to UTF-8)")
+                    continue
                 if text in {"exit", "quit"}:
                     return
                 if text.startswith("/"):
@@ -208,6 +221,9 @@ class Session:
             reply = answer(self.engine, self.name, messages, self.settings)
         except AffinerError as exc:
             print(f"(error: {exc})")
+            return
+        except (RuntimeError, ValueError) as exc:  # the model failing on one question: the session goes on
+            print(f"(error: the model could not answer: {first_line(exc)}; try other settings (/settings, /set))")
             return
         if not self.engine.template.is_chat:
             return  # text templates are single-turn: nothing to remember

@@ -261,9 +261,9 @@ class Engine:
         """The generation thread: the output ids, or the error, land in `output` for the caller's thread."""
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        try:
+        try:  # everything inside: an error that ended this thread early would leave the caller waiting for ever
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
             with self._adapter(name), torch.no_grad():
                 output["ids"] = self.model.generate(
                     input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=settings.max_new_tokens,

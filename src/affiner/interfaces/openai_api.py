@@ -15,7 +15,7 @@ from pydantic_core import from_json
 from starlette.responses import JSONResponse
 
 from affiner.core.errors import AffinerError
-from affiner.core.settings import MAX_PENALTY, Settings
+from affiner.core.settings import RULES, Settings
 from affiner.interfaces.engine import Engine, Reply
 
 DEFAULT_MAX_TOKENS = 256
@@ -46,6 +46,14 @@ def _text(value: object) -> object:
     if isinstance(value, list) and all(isinstance(part, dict) and part.get("type") == "text"
                                        and isinstance(part.get("text"), str) for part in value):
         return "\n".join(part["text"] for part in value)
+    return value
+
+
+def _rule(key: str, value):
+    """A decoding setting as every door accepts it (core.settings.RULES); None: not sent."""
+    valid, expected = RULES[key]
+    if value is not None and not valid(value):
+        raise ValueError(f"must be {expected}")
     return value
 
 
@@ -85,12 +93,12 @@ class Body(_Fields):
     """What both routes take. `chat`, `messages` and `prompt` are read alike: each route's model has one text."""
 
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
+    temperature: Annotated[float | None, AfterValidator(lambda v: _rule("temperature", v))] = None
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)
     # vLLM's extension of the OpenAI API, same meaning.
-    repetition_penalty: float | None = Field(None, gt=0, le=MAX_PENALTY)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    repetition_penalty: Annotated[float | None, AfterValidator(lambda v: _rule("repetition_penalty", v))] = None
+    seed: Annotated[int | None, AfterValidator(lambda v: _rule("seed", v))] = None
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     n: Literal[1] | None = None

@@ -42,7 +42,7 @@ AUTO_LARGE_STEPS = 3000  # data that gives this many steps in 3 passes gets this
 PROBES_PER_RUN = 10  # eval.every_steps: auto
 
 
-def auto_epochs(steps_per_epoch: int) -> float:
+def auto_epochs(steps_per_epoch: float) -> float:
     """The passes `train.epochs: auto` makes over data that gives `steps_per_epoch` optimizer steps per pass."""
     if steps_per_epoch * AUTO_MIN_PASSES > AUTO_LARGE_STEPS:
         return max(1.0, AUTO_LARGE_STEPS / steps_per_epoch)
@@ -56,7 +56,19 @@ def steps_per_epoch(config: RunConfig, n_rows: int, processes: int = 1) -> float
 def epochs_of(config: RunConfig, n_rows: int, processes: int = 1) -> float:
     """train.epochs, or what `auto` makes of it for this data and batch."""
     epochs = config.train.epochs
-    return auto_epochs(max(1, math.ceil(steps_per_epoch(config, n_rows, processes)))) if epochs == "auto" else epochs
+    return auto_epochs(steps_per_epoch(config, n_rows, processes)) if epochs == "auto" else epochs
+
+
+def passes_of(config: RunConfig, n_rows: int, steps: int, processes: int = 1) -> float:
+    """The passes over the rows that `steps` optimizer steps make: every step takes its full accumulation, so
+    the last pass may reach into another (211 rows, 8 a micro-batch, 16 accumulated: 1 epoch asked, 2 steps,
+    1.185 passes)."""
+    return steps * config.train.gradient_accumulation / math.ceil(n_rows / (config.train.batch_size * processes))
+
+
+def global_batch(config: RunConfig, processes: int) -> int:
+    """Rows per optimizer step: train.batch_size is per device (per process)."""
+    return config.train.batch_size * config.train.gradient_accumulation * processes
 
 
 def total_steps(config: RunConfig, n_rows: int, processes: int = 1) -> int:

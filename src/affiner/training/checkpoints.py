@@ -91,7 +91,7 @@ def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool =
         with written_to(partial):
             torch.save({"optimizer": None if processes.deepspeed else optimizer,
                         "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
-        (partial / STEP_FILE).write_text(json.dumps({"step": step}))
+        (partial / STEP_FILE).write_text(json.dumps({"step": step, "seconds": round(trainer.elapsed(), 1)}))
     processes.wait()
     with written_to(partial):
         torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
@@ -157,6 +157,14 @@ def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Pro
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
     return step
+
+
+def checkpoint_seconds(checkpoint: Path) -> float:
+    """Seconds of training up to the checkpoint, so that a resumed run's time counts them (0 if not recorded)."""
+    try:
+        return float(json.loads((checkpoint / STEP_FILE).read_text()).get("seconds", 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0.0
 
 
 def _load(path: Path) -> dict:

@@ -19,7 +19,7 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -35,8 +35,9 @@ from affiner.core.models import describe, dtype_for
 from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
-from affiner.training.batches import epochs_of, micro_batches, probe_interval, total_steps
-from affiner.training.checkpoints import adopt_best, restore_state, save_best, save_checkpoint, save_model
+from affiner.training.batches import global_batch, micro_batches, passes_of, probe_interval, total_steps
+from affiner.training.checkpoints import (adopt_best, checkpoint_seconds, restore_state, save_best,
+                                          save_checkpoint, save_model)
 from affiner.training.processes import Processes
 from affiner.training.stops import (Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
                                     ctrl_c_deferred, diverged_message, out_of_memory_message)
@@ -112,6 +113,12 @@ class Trainer:
     scaler: Any
     selection: Selection
     probe_every: int | None = None  # steps between held-out probes (None: no probe)
+    seconds_before: float = 0.0  # of training before the checkpoint resumed from
+    started: float = field(default_factory=time.time)  # when this process's steps began
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, those before a resume included."""
+        return self.seconds_before + time.time() - self.started
 
 
 def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | None,
@@ -130,7 +137,7 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
     scheduler = make_scheduler(config, optimizer, steps)  # stepped here once per step, never by Accelerate
     loss = processes.engine(loss, optimizer, config.train)  # DeepSpeed's, which partitions the optimizer state
     if processes.is_main:
-        epochs = epochs_of(config, n_rows, processes.count)
+        epochs = passes_of(config, n_rows, steps, processes.count)  # what is trained, not only what was asked
         passes = f"{epochs:.3g} pass{'' if epochs == 1 else 'es'}" + (
             " (train.epochs: auto)" if config.train.epochs == "auto" else "")
         print(f"Training {config.model.base} ({config.method}) on {n_rows} rows for {steps} steps of "
@@ -155,18 +162,13 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
                                                    if selection.key in r and r["step"] <= start_step],
                           saved=run.best_path.is_dir())
     return Trainer(config, model, loss, processes, params, optimizer, scheduler, steps, start_step, autocast, scaler,
-                   selection)
+                   selection, seconds_before=checkpoint_seconds(checkpoint) if start_step else 0.0)
 
 
 def _blocks(model) -> set[str]:
     """The class names of the model's transformer blocks: the units FSDP2 shards one by one."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return set(getattr(base, "_no_split_modules", None) or [])
-
-
-def global_batch(config: RunConfig, processes: int) -> int:
-    """Rows per optimizer step: train.batch_size is per device (per process)."""
-    return config.train.batch_size * config.train.gradient_accumulation * processes
 
 
 def _batch_shape(config: RunConfig, processes: Processes) -> str:
@@ -186,8 +188,9 @@ def step(trainer: Trainer, group: list[dict[str, torch.Tensor]]) -> dict[str, An
     if trainer.scaler is None and not math.isfinite(grad_norm):  # DeepSpeed skipped the update, as we do
         trainer.optimizer.zero_grad(set_to_none=True)
         raise Diverged(f"the gradient norm is {grad_norm}")
+    learning_rate = trainer.scheduler.get_last_lr()[0]  # the step's own, before the schedule moves on
     trainer.scheduler.step()
-    return {"loss": round(total / max(n_tokens, 1), 5), "learning_rate": trainer.scheduler.get_last_lr()[0],
+    return {"loss": round(total / max(n_tokens, 1), 5), "learning_rate": learning_rate,
             "grad_norm": round(grad_norm, 4), "tokens": n_tokens}
 
 
@@ -227,7 +230,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     if trainer.start_step and processes.is_main:
         run.truncate_log(trainer.start_step)
     per_epoch = math.ceil(len(features) / global_rows)
-    started = time.time()
+    trainer.started = time.time()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
                     desc="training", unit="step", disable=not processes.is_main)
     completed, stopped, early = trainer.start_step, None, False
@@ -237,7 +240,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             for index in progress:
                 group = [_local_batch(features, next(batches), processes, pad_id) for _ in range(accumulation)]
                 record = {"step": index + 1, "epoch": round((index + 1) * accumulation / per_epoch, 3),
-                          **step(trainer, group), "seconds": round(time.time() - started, 1)}
+                          **step(trainer, group), "seconds": round(trainer.elapsed(), 1)}
                 completed = index + 1
                 progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['learning_rate']:.1e}")
                 early = _after_step(trainer, run, record, probe, trackers)
@@ -271,7 +274,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     if stopped:
         _free_memory(trainer)
         _stop(trainer, run, completed, trackers, stopped)
-    _finish(trainer, run, trackers, round(time.time() - started, 1), completed, early)
+    _finish(trainer, run, trackers, round(trainer.elapsed(), 1), completed, early)
 
 
 def _free_memory(trainer: Trainer) -> None:

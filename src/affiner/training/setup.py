@@ -27,6 +27,7 @@ def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.d
     if config.method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.train.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs=non_reentrant)
+        keep_4bit_layout_trainable(model)
     elif config.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
         model.enable_input_require_grads()
@@ -44,6 +45,18 @@ def prepare_model(config: RunConfig, checkpoint: Path | None = None, on: torch.d
         model = get_peft_model(model, peft_config)
     model.train()
     return model
+
+
+def keep_4bit_layout_trainable(model) -> None:
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight in place for inference the first
+    time it runs in eval mode without gradient (a held-out probe), and its later training forwards then take a
+    kernel without autograd: the gradients through the base turn silently wrong (measured: 84 % off after one
+    probe). A model that is trained never gets that layout."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
