@@ -104,3 +104,18 @@ def test_the_penalty_counts_the_answer_s_tokens_not_the_prompt_s():
     assert out[0, 5] == out[0, 6] == 3.0  # the question's words stay as likely
     assert out[0, 7] == 2.0 and out[0, 8] == -4.5  # the answer's own: less likely, whatever the logit's sign
     assert penalties(GREEDY, prompt_width=2) == []
+
+
+def test_an_answer_cut_at_a_text_counts_the_tokens_generated_to_write_it(tiny_gpt2):
+    """A character split across byte tokens decodes to U+FFFD until complete, and tokenising a cut answer again
+    can count more tokens than were generated: usage counts those generated."""
+    from affiner.core.decoding import tokens_for
+    from affiner.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    ids = tokenizer("ab é z", add_special_tokens=False)["input_ids"]
+    assert tokens_for("ab é z", ids, tokenizer) == len(ids)
+    assert tokens_for("", ids, tokenizer) == 0
+    cut = tokens_for("ab é", ids, tokenizer)
+    assert tokenizer.decode(ids[:cut]) == "ab é" and cut < len(ids)
+    assert tokens_for("\ufffd" * 40, ids, tokenizer) == len(ids)  # never more than were generated

@@ -64,6 +64,17 @@ def decode_rows(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new
     return new_tokens
 
 
+def tokens_for(text: str, ids: list[int], tokenizer) -> int:
+    """How many of the generated `ids` it took to write `text`, the start of their decoding (an answer cut at a
+    stop text or a new turn): the tokens actually generated, never more than `ids`. Tokenising the text again
+    would count otherwise where the model split words its own way, or a character across tokens (each half
+    decodes to U+FFFD, which tokenises to 3)."""
+    for count in range(len(ids) + 1):
+        if len(tokenizer.decode(ids[:count], skip_special_tokens=True)) >= len(text):
+            return count
+    return len(ids)
+
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows padded on the left to one width, and their attention mask: what `decode_rows` takes."""
     width = max(len(r) for r in rows)

@@ -33,6 +33,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
+from affiner.core.decoding import tokens_for
 from affiner.core.settings import Settings
 from affiner.core.stopping import TurnCutter
 from affiner.interfaces.engine import Ask, Engine, Reply
@@ -134,7 +135,7 @@ class Scheduler:
                 job.events.put_nowait(piece)
         if cutter.cut:
             reply.text, reply.stopped = "".join(kept), True
-            reply.tokens = len(self.engine.tokenizer(reply.text, add_special_tokens=False)["input_ids"])
+            reply.tokens = tokens_for(reply.text, reply.ids, self.engine.tokenizer)
         self._deliver(job, reply)
 
 

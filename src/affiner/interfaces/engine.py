@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import decode_rows, last_position, left_pad, penalties
+from affiner.core.decoding import decode_rows, last_position, left_pad, penalties, tokens_for
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, marker_at, turn_markers
 from affiner.core.devices import device
@@ -46,6 +46,7 @@ class Reply:
     first_token_seconds: float | None = None
     seconds: float = 0.0
     dropped_turns: int = 0  # oldest turns left out to fit the context window
+    ids: list[int] = field(default_factory=list)  # the tokens generated, up to the stop token (left out)
 
     @property
     def tokens_per_second(self) -> float:
@@ -252,8 +253,8 @@ class Engine:
         new = output["ids"][0, len(prompt):].tolist()
         cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
         reply.new_turn = cutter.cut
-        reply.tokens = len(self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) if cutter.cut else \
-            len(new) if cut is None else cut
+        reply.ids = new if cut is None else new[:cut]
+        reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if cutter.cut else len(reply.ids)
         reply.stopped = cut is not None and not cutter.cut
 
     def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
@@ -325,8 +326,8 @@ class Engine:
         reply.text, by_stop = cut_at_turn(text, stops, anywhere=True)
         cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
         reply.new_turn, reply.stopped = new_turn, by_stop or (cut is not None and not new_turn)
-        reply.tokens = len(self.tokenizer(reply.text, add_special_tokens=False)["input_ids"]) if new_turn or by_stop \
-            else len(tokens) if cut is None else cut
+        reply.ids = tokens if cut is None else tokens[:cut]
+        reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if new_turn or by_stop else len(reply.ids)
 
     def _adapter(self, name: str):
         """The named adapter active for one generation; "base" runs with every adapter disabled."""
