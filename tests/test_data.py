@@ -148,6 +148,24 @@ def test_answers_to_train_on_that_open_a_new_turn_are_dropped_and_counted(tiny_g
     assert len(kept) == 2  # a reference is read, never generated: nothing to cut
 
 
+def test_answers_opening_a_new_turn_are_dropped_from_training_after_a_split_too(tiny_gpt2, tmp_path):
+    """Without data.test, rows are cleaned as held out first, then split: the training side must still lose
+    the answers generation would cut."""
+    import json
+
+    from affiner.data.pipeline import build
+
+    rows = [{"question": f"What is item {i}?", "answer": f"Item {i}.\n### Question: and {i}?" if i % 2 else
+             f"Item {i} is a thing."} for i in range(20)]
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    prepared = build(DataConfig(train=str(source), max_length=64, test_size=4), tokenizer,
+                     build_template("qa", tokenizer))
+    assert prepared.train and not any("### Question:" in e.response for e in prepared.train)
+    assert any(step["step"] == "new turns" and step["split"] == "train" for step in prepared.ledger.steps)
+
+
 def test_split_is_seeded_and_keeps_groups_on_one_side():
     examples = to_examples(read_rows("embedded:glossary-train.json"))
     train, test = split(examples, 0.2, seed=42)

@@ -74,3 +74,19 @@ def test_a_test_row_with_a_reference_only_keeps_the_others_losses_and_a_row_with
     alone = evaluate(run, test=str(test))
     for model in ("base", "tuned"):  # the loss is the scored row's alone
         assert whole["metrics"]["loss"][model]["mean"] == pytest.approx(alone["metrics"]["loss"][model]["mean"])
+
+
+def test_a_held_out_file_row_with_a_reference_only_is_kept_as_evaluate_keeps_it(tmp_path, tiny_gpt2):
+    """data.test rows are held out as `evaluate --test` holds them: a row with a reference and no answer is
+    asked and scored on its text (its loss cannot be taken); training never sees it."""
+    test = tmp_path / "test.jsonl"
+    rows = [{"question": "What is a zorble?", "answer": "A made-up word."},
+            {"question": "What is a blix?", "answer": "", "reference": "A small fish."}]
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json", data={"test": str(test)},
+                          train={"max_steps": 1}, eval={"max_new_tokens": 4, "general": False})
+    run = workflow.train(load_config(str(config)))
+    assert [e.instruction for e in RunFolder(run).held_out()] == ["What is a zorble?", "What is a blix?"]
+    evaluation = evaluate(run)
+    assert evaluation["settings"]["questions"] == 2 and "loss" in evaluation["metrics"]
+    assert evaluation["settings"]["questions without an answer to take the loss of (a reference only)"] == 1

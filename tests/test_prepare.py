@@ -224,6 +224,22 @@ def test_train_and_evaluate_read_a_prepared_folder_and_refuse_an_edited_one(tiny
     assert exit_info.value.code == 2
 
 
+def test_a_folder_prepared_from_qa_rows_with_mapped_columns_is_read_back_by_the_same_config(tiny_gpt2, tmp_path):
+    """The glaive recipes' way (format qa): prepare, then train with --set data.train=FOLDER. The prepared files
+    are affiner's own rows, read as such whatever the config's format and column names."""
+    source = write_jsonl(tmp_path / "faq.jsonl", [{"Q": f"What is item {i}?", "A": f"Item {i} is a thing."}
+                                                  for i in range(12)])
+    mapped = {"format": "qa", "template": "qa", "columns": {"question": "Q", "answer": "A"}}
+    output, code = prepare(tmp_path, tiny_gpt2, source, test_size=3, **mapped)
+    assert code == 0
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    config = load_config(str(write_config(tmp_path / "train", tiny_gpt2, output,
+                                          data={"max_length": 96, **mapped})))
+    prepared = build(config.data, tokenizer, build_template("qa", tokenizer))
+    assert [e.instruction for e in prepared.test] == [r["instruction"] for r in lines(output / "test.jsonl")]
+    assert len(prepared.train) == 9 and prepared.train[0].response.startswith("Item ")
+
+
 def test_existing_output_is_refused_untouched_and_replaced_only_when_asked(tiny_gpt2, tmp_path, capsys):
     source = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(12))
     output, code = prepare(tmp_path, tiny_gpt2, source)

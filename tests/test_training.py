@@ -292,6 +292,26 @@ def test_tensorboard_events_hold_train_and_eval_scalars(tmp_path, tiny_gpt2):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
 
 
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(tmp_path, tiny_gpt2, interrupt_training):
+    """Stopped at once after step 3 (Ctrl-C twice), the run resumes from step 2's checkpoint and trains step 3
+    again: its first point is purged, as metrics.jsonl drops it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                          train={"max_steps": 4, "save_steps": 2, "tracking": ["tensorboard"]})
+    interrupt_training(3, times=2)
+    with pytest.raises(AffinerError):
+        train_mod.train(load_config(str(config)))
+    interrupt_training.disarm()
+    folder = train_mod.train(resume=next((tmp_path / "runs").iterdir()))
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx(
+        [r["loss"] for r in read_jsonl(folder / "metrics.jsonl")])
+
+
 def test_the_loss_builds_no_kv_cache(tiny_llama, monkeypatch):
     model = load_model(str(tiny_llama))
     seen: list = []

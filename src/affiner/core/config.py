@@ -83,7 +83,8 @@ class DataConfig(_Section):
     seed: int = Field(42, description="seed of the train/test split: the same seed, the same split")
     split: str = Field("train", description="the split of a Hub dataset to read (train, validation, ...)")
     max_rows: int | None = Field(None, ge=1, description=(
-        "train on the first N cleaned rows only (null: all): a quick trial on large data"))
+        "read only the first N rows of the training source (null: all): a quick trial on large data; cleaning, "
+        "and the held-out split when there is no data.test, then work on these N, so fewer may be trained on"))
     dedupe: Literal["none", "exact", "normalized"] = Field("normalized", description=(
         "drop duplicate rows: exact, or normalized (also case, spacing and punctuation twins), or none"))
     keep_matching: str | None = Field(None, description=(

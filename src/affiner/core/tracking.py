@@ -74,13 +74,15 @@ class CsvTracker:
 
 
 class TensorBoardTracker:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, resumed_at: int = 0):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise AffinerError("train.tracking includes tensorboard but tensorboard is not installed: "
                                "pip install 'affiner[tensorboard]'.") from None
-        self.writer = SummaryWriter(str(folder / "tensorboard"))
+        # A resumed run trains again the steps after its checkpoint: their earlier points are purged, as
+        # metrics.jsonl is truncated, so that each step shows once.
+        self.writer = SummaryWriter(str(folder / "tensorboard"), purge_step=resumed_at + 1 if resumed_at else None)
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
@@ -200,7 +202,7 @@ def start_wandb(config: RunConfig, folder: Path, run_id: str | None = None, proj
 class Trackers:
     """Every tracker the config names; the run folder's metrics.jsonl is written by the training loop."""
 
-    def __init__(self, config: RunConfig, folder: Path, run_info: dict[str, Any]):
+    def __init__(self, config: RunConfig, folder: Path, run_info: dict[str, Any], resumed_at: int = 0):
         self.trackers: list[Any] = []
         self.mlflow: MlflowTracker | None = None
         self.wandb: WandbTracker | None = None
@@ -208,7 +210,7 @@ class Trackers:
         if "csv" in chosen:
             self.trackers.append(CsvTracker(folder))
         if "tensorboard" in chosen:
-            self.trackers.append(TensorBoardTracker(folder))
+            self.trackers.append(TensorBoardTracker(folder, resumed_at))
         if "mlflow" in chosen:
             previous = run_info.get("mlflow", {})
             same_store = previous.get("uri") == (config.train.mlflow_uri or local_store(Path(config.output_dir)))

@@ -51,16 +51,15 @@ def clean(examples: list[Example], data: DataConfig, tokenizer, template: Templa
     Rows to train on (`to_train`, by default the train side's) must fit data.max_length; held-out rows only
     need their prompt to fit `context`."""
     to_train = side == "train" if to_train is None else to_train
-    markers = turn_markers(template)
     examples = _drop_far_too_long(examples, data, tokenizer, template, ledger, side, to_train, context)
-    steps = [("empty fields", True, lambda rows: drop_empty(rows)),
+    # A held-out file's row needs something to hold answers against: an answer, or a reference alone.
+    steps = [("empty fields", True, lambda rows: drop_empty(rows, held_out=side == "test")),
              ("duplicates", data.dedupe != "none", lambda rows: drop_duplicates(rows, data.dedupe)),
              ("answer words", bool(data.max_response_words),
               lambda rows: drop_long_answers(rows, data.max_response_words)),
              ("patterns", bool(data.keep_matching or data.drop_matching),
               lambda rows: drop_by_pattern(rows, data.keep_matching, data.drop_matching)),
-             ("language", bool(data.languages), lambda rows: drop_other_languages(rows, data.languages)),
-             ("new turns", to_train and bool(markers), lambda rows: drop_new_turns(rows, markers))]
+             ("language", bool(data.languages), lambda rows: drop_other_languages(rows, data.languages))]
     for name, active, step in steps:
         if active:  # a filter that is off is not a step: the data card lists what was done
             examples = ledger.record(side, name, len(examples), *step(examples))
@@ -84,6 +83,8 @@ def _fit(examples: list[Example], data: DataConfig, tokenizer, template: Templat
          context: int | None, to_train: bool) -> tuple[list[Example], list[int]]:
     """The rows that fit: whole within data.max_length to train on, the prompt within the context to evaluate."""
     _check_renderable(examples, template)
+    if to_train and (markers := turn_markers(template)):  # also after a split, which cleaned rows as held out
+        examples = ledger.record(side, "new turns", len(examples), *drop_new_turns(examples, markers))
     lengths = token_lengths(examples, template, tokenizer)
     if to_train:
         kept = ledger.record(side, "tokens", len(examples), *drop_too_many_tokens(examples, lengths, data.max_length))
@@ -110,9 +111,17 @@ def _check_renderable(examples: list[Example], template: Template) -> None:
         render_prompt(template, multi_turn)  # raises the template's own error, naming the row
 
 
+def source_examples(rows: list, source: str, data: DataConfig) -> list[Example]:
+    """Examples from rows of `source` in data.format with data.columns; a prepared folder's rows are affiner's
+    own, alpaca-shaped whatever the format they were prepared from (`prepare` then `--set data.train=FOLDER`)."""
+    if is_prepared(source):
+        return to_examples(rows, "alpaca")
+    return to_examples(rows, data.format, data.columns)
+
+
 def read_examples(source: str, data: DataConfig, split_name: str, ledger: Ledger, side: str) -> list[Example]:
     rows = read_rows(source, split_name)
-    examples = to_examples(rows, data.format, data.columns)
+    examples = source_examples(rows, source, data)
     ledger.steps.append({"split": side, "step": "read", "in": len(rows), "dropped": {}, "kept": len(examples)})
     if side == "train" and data.max_rows and len(examples) > data.max_rows:
         examples = ledger.record(side, "max_rows", len(examples), examples[: data.max_rows],

@@ -21,7 +21,7 @@ from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolde
 from affiner.core.templates import Example, Template, template_for_adapters
 from affiner.data.formats import to_examples
 from affiner.data.filters import EXACT_OVERLAP, drop_empty, training_overlap
-from affiner.data.pipeline import dropped_rows, prompts_that_fit, training_rows
+from affiner.data.pipeline import dropped_rows, prompts_that_fit, source_examples, training_rows
 from affiner.data.read import read_test_rows
 
 
@@ -55,8 +55,7 @@ def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Temp
     questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
     overlap with the training rows was dropped when the run was trained)."""
     if test:
-        examples, empty = drop_empty(to_examples(read_test_rows(test), config.data.format, config.data.columns),
-                                     held_out=True)
+        examples, empty = drop_empty(source_examples(read_test_rows(test), test, config.data), held_out=True)
         examples, overlapping, overlap = _overlap(run, config, examples, keep_overlap)
         kept, dropped = prompts_that_fit(examples, template, tokenizer, context_length(config))
         return kept, dropped_rows(empty + overlapping + dropped), overlap

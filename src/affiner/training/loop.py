@@ -226,7 +226,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     batches = micro_batches([len(f["input_ids"]) for f in features], global_rows, train.seed, train.group_by_length)
     for _ in range(trainer.start_step * accumulation):  # the resumed run sees the batches it would have seen
         next(batches)
-    trackers = _trackers(config, run, processes)
+    trackers = _trackers(config, run, processes, trainer.start_step)
     if trainer.start_step and processes.is_main:
         run.truncate_log(trainer.start_step)
     per_epoch = math.ceil(len(features) / global_rows)
@@ -297,11 +297,11 @@ def _processes_agree(trainer: Trainer) -> bool | None:
     return abs(processes.total(fingerprint) - processes.count * fingerprint) <= 1e-9 * max(1.0, abs(fingerprint))
 
 
-def _trackers(config: RunConfig, run: RunFolder, processes: Processes) -> Trackers | None:
+def _trackers(config: RunConfig, run: RunFolder, processes: Processes, resumed_at: int) -> Trackers | None:
     """The main process alone logs; it also records how the batch was shaped and shared."""
     if not processes.is_main:
         return None
-    trackers = Trackers(config, run.path, run.info())
+    trackers = Trackers(config, run.path, run.info(), resumed_at)
     dtype = dtype_for(config)
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
                parallelism=processes.parallelism, precision=str(dtype).removeprefix("torch."),
