@@ -29,7 +29,7 @@ from typing import Any, Iterable, Iterator
 from affiner.core.config import RunConfig, dump_config, parse_yaml, validate_config
 from affiner.core.errors import AffinerError
 from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json, write_jsonl
-from affiner.core.templates import Example, Template, load_template, save_template
+from affiner.core.templates import Example, Template, load_template, one_template, save_template
 
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
@@ -166,9 +166,7 @@ class RunFolder:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            owner = self._lock_owner()
-            raise AffinerError(f"{self.path} is being written by another affiner ({owner}); wait for it to end, or "
-                               "stop it, then try again.") from None
+            raise self._being_written() from None
         try:
             write_json(self.path / LOCK_OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
                                                 "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -184,9 +182,12 @@ class RunFolder:
             raise AffinerError(f"{self.path} is read-only here, so {then} could not be written into it; make it "
                                "writable, or copy the run folder somewhere writable.")
         if self.has_writer():
-            raise AffinerError(f"{self.path} is being written by another affiner ({self._lock_owner()}); wait for "
-                               "it to end, or stop it, then try again.")
+            raise self._being_written()
         return self
+
+    def _being_written(self) -> AffinerError:
+        return AffinerError(f"{self.path} is being written by another affiner ({self._lock_owner()}); wait for it "
+                            "to end, or stop it, then try again.")
 
     def has_writer(self) -> bool:
         """Whether a process is writing this run now (it holds the lock); a run left "training" by a process that
@@ -300,12 +301,7 @@ def require_one_base(runs: list[RunFolder], purpose: str) -> list[RunConfig]:
         if base_key(config) != base_key(configs[0]):
             raise AffinerError(f"{run.path} does not share the base model, quantisation and template of "
                                f"{runs[0].path}; {purpose}")
-        # Every model is prompted with one template: a run trained with another system prompt would be
-        # answered, scored or served with a prompt it never saw.
-        if run.template() != runs[0].template():
-            raise AffinerError(f"{run.path} was trained with another prompt than {runs[0].path} (its template.json "
-                               f"differs, e.g. data.system_prompt): each model must see the prompt it was trained "
-                               f"on, so use them one at a time; {purpose}")
+    one_template([(run.path, run.template()) for run in runs], purpose)
     return configs
 
 

@@ -127,10 +127,19 @@ def render_prompt(template: Template, example: Example, tokenizer=None) -> str:
 
 
 def encode_prompt(template: Template, tokenizer, example: Example) -> list[int]:
-    text = render_prompt(template, example, tokenizer)
-    # A chat template writes BOS as text; adding it again would give the model two.
-    has_bos = bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
-    return tokenizer(text, add_special_tokens=not has_bos)["input_ids"]
+    return encode_text(tokenizer, render_prompt(template, example, tokenizer))
+
+
+def starts_with_bos(tokenizer, text: str) -> bool:
+    """Whether `text` already holds BOS (a chat template writes it as text): adding it again would give the
+    model two, so special tokens are then not added (the one rule, wherever a prompt is tokenised)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """A prompt's token ids with exactly one BOS (where the tokenizer uses one)."""
+    return tokenizer(text, add_special_tokens=not starts_with_bos(tokenizer, text))["input_ids"]
 
 
 def encode_response(template: Template, tokenizer, example: Example) -> list[int]:
@@ -156,18 +165,26 @@ def save_template(template: Template, folder: Path) -> None:
 def template_for_adapters(folders: list[Path], asked: str | None, default: str, tokenizer) -> Template:
     """The template of LoRA adapters given by folder: the one saved beside them (an export's adapter/ and a run
     folder have template.json, system prompt included), else `asked` or `default` built for the tokenizer."""
-    saved = {folder: load_template(folder) for folder in folders if (Path(folder) / TEMPLATE_FILE).is_file()}
+    saved = [(Path(folder), load_template(folder)) for folder in folders if (Path(folder) / TEMPLATE_FILE).is_file()]
     if not saved:
         return build_template(asked or default, tokenizer)
-    (first, template), *others = saved.items()
+    first, template = saved[0]
     if asked and asked != template.name:
         raise AffinerError(f"--template {asked}: {first} was trained with the '{template.name}' template "
                            f"({first / TEMPLATE_FILE}); leave --template out to prompt it as it was trained.")
+    return one_template(saved)
+
+
+def one_template(saved: list[tuple[Path, Template]], purpose: str = "") -> Template:
+    """The template the folders were all trained with: every model of a command is prompted with one template,
+    so a folder trained with another (another system prompt) would be answered, scored or served with a
+    prompt it never saw."""
+    (first, template), *others = saved
     for folder, other in others:
         if other != template:
-            raise AffinerError(f"{folder} was trained with another prompt than {first} (their {TEMPLATE_FILE} "
-                               f"differ): each adapter must see the prompt it was trained on, so use them one "
-                               f"at a time.")
+            raise AffinerError(f"{folder} was trained with another prompt than {first} (its {TEMPLATE_FILE} "
+                               f"differs, e.g. data.system_prompt): each model must see the prompt it was trained "
+                               f"on, so use them one at a time" + (f"; {purpose}" if purpose else "."))
     return template
 
 

@@ -15,7 +15,7 @@ import os
 import torch
 
 from affiner.core.loss import IGNORE_INDEX
-from affiner.core.templates import Example, Template, encode_prompt, encode_response, render_prompt
+from affiner.core.templates import Example, Template, encode_prompt, encode_response, render_prompt, starts_with_bos
 
 
 def tokenize(examples: list[Example], template: Template, tokenizer) -> list[dict[str, list[int]]]:
@@ -38,14 +38,12 @@ def token_lengths(examples: list[Example], template: Template, tokenizer, batch_
         return [len(encode_prompt(template, tokenizer, e)) + len(encode_response(template, tokenizer, e))
                 for e in tqdm(examples, desc="counting tokens", unit="row", disable=len(examples) < 5000, leave=False)]
     lengths = []
-    bos = tokenizer.bos_token
     with _parallel_tokenizer():
         for start in tqdm(range(0, len(examples), batch_size), desc="counting tokens", unit="batch",
                           disable=len(examples) < 5 * batch_size, leave=False):
             chunk = examples[start: start + batch_size]
             prompts = [render_prompt(template, e) for e in chunk]
-            # Same rule as encode_prompt: special tokens (BOS) are added unless the text already starts with BOS.
-            has_bos = [bool(bos) and p.startswith(bos) for p in prompts]
+            has_bos = [starts_with_bos(tokenizer, p) for p in prompts]  # encode_prompt's rule, in batches
             counted = {flag: iter(_count_tokens(tokenizer, [p for p, b in zip(prompts, has_bos) if b == flag],
                                                 add_special_tokens=not flag)) for flag in (False, True)}
             responses = _count_tokens(tokenizer, [template.response_prefix + e.response for e in chunk], False)

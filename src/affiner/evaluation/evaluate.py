@@ -21,7 +21,7 @@ from pathlib import Path
 from affiner.core.card import write_run_card
 from affiner.core.config import JudgeConfig
 from affiner.core.errors import AffinerError, Incomplete
-from affiner.core.files import json_text, write_together
+from affiner.core.files import json_text
 from affiner.core.formatting import JUDGE_INFO, METRIC_INFO
 from affiner.core.runfolder import RUN_FILE, SUMMARY_FILE, RunFolder
 from affiner.core.settings import GREEDY, Settings
@@ -33,7 +33,7 @@ from affiner.evaluation.general import answer_limit as general_limit, general_ex
 from affiner.evaluation.generation import generate
 from affiner.evaluation.judge import Judge, judge_answers, judge_settings
 from affiner.evaluation.plan import Plan, plan_runs
-from affiner.evaluation.report import REPORT_FILES, REPORT_HTML, report_files
+from affiner.evaluation.report import REPORT_FILES, REPORT_HTML, write_report
 from affiner.evaluation.report_content import unjudged_of
 from affiner.evaluation.scoring import (correct, has_answer, headline, held_out_losses, key_of, over_context,
                                         score_answers)
@@ -217,13 +217,11 @@ def _summary(folder: Path, plan: Plan, evaluation: dict, done: Answered, scores:
 def _write(folder: Path, evaluation: dict, summary: dict) -> None:
     evaluation["report"] = str(folder / REPORT_HTML)  # where the reader is sent
     folder.mkdir(parents=True, exist_ok=True)
-    # Every file made first, then written together: killed or failing (a full disk) before the end, the earlier
-    # evaluation stays the run's, whole (its copy in evaluations/ aside).
-    files = {folder / SUMMARY_FILE: json_text(summary),
-             **{folder / name: content for name, content in report_files(evaluation).items()}}
     with RunFolder(folder).writing("evaluate"):  # two evaluations of one run never interleave their files
         _archive_previous(folder)
-        write_together(files)
+        # Written together: killed or failing (a full disk) before the end, the earlier evaluation stays the run's,
+        # whole (its copy in evaluations/ aside).
+        write_report(folder, evaluation, {SUMMARY_FILE: json_text(summary)})
         _track(folder, evaluation)
         write_run_card(folder)  # the run's README.md gains its evaluation (model-index)
 

@@ -11,9 +11,10 @@
 - `answers.csv`  one row per question with each model's answer, stop flag, length and scores;
 - `metrics.json` settings, models, aggregate metrics, metric descriptions and judge results.
 
-Each file is written to a temporary name in the same folder and then renamed over the target, so an
-interrupted run leaves either the previous file or the new one, never half of one. Other files in the
-folder are left alone.
+Every file is made first, written in full under a temporary name in the same folder, and only then are
+they renamed over their targets, so an interrupted run (a kill, a full disk) leaves the previous files, never
+half of one nor a new one beside old ones, short of a kill between the renames. Other files in the folder are
+left alone.
 
 What the report says is worked out in `report_content`; `report_markdown`, `report_html` and `plots`
 draw it.
@@ -25,7 +26,7 @@ import csv
 import io
 from pathlib import Path
 
-from affiner.core.files import json_text, write_atomic
+from affiner.core.files import json_text, write_together
 from affiner.evaluation.plots import lengths_plot, metrics_plot
 from affiner.evaluation.report_content import answer_of, example_score, per_example_metrics
 from affiner.evaluation.report_html import render_html
@@ -46,17 +47,20 @@ CAPTIONS = {METRICS_PLOT: "Rates and scores per model (0–1), with 95 % interva
 ANSWER_FIELDS = ("answer", "stopped", "tokens")
 
 
-def write_report(folder: Path, evaluation: dict) -> dict[str, Path]:
-    """Write report.md, report.html (self-contained), answers.csv, metrics.json and plot PNGs into folder;
+def write_report(folder: Path, evaluation: dict, beside: dict[str, str | bytes] | None = None) -> dict[str, Path]:
+    """Write report.md, report.html (self-contained), answers.csv, metrics.json and plot PNGs into folder, with
+    the other files of the same evaluation `beside` them (summary.json), all made first, then written together;
     return {name: path}, keyed by file name (e.g. "report.html").
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return {name: write_atomic(folder / name, content) for name, content in report_files(evaluation).items()}
+    contents = {**_contents(evaluation), **(beside or {})}
+    write_together({folder / name: content for name, content in contents.items()})
+    return {name: folder / name for name in contents}
 
 
-def report_files(evaluation: dict) -> dict[str, str | bytes]:
-    """The content of each of REPORT_FILES, by file name: made before anything is written."""
+def _contents(evaluation: dict) -> dict[str, str | bytes]:
+    """The content of each of REPORT_FILES, by file name."""
     if not evaluation["models"]:
         raise ValueError("evaluation['models'] is empty: there is no model to report on.")
     plots = {METRICS_PLOT: metrics_plot(evaluation), LENGTHS_PLOT: lengths_plot(evaluation)}

@@ -16,7 +16,7 @@ from affiner.core.card import (CARD_FILE, base_section, card_data, card_text, da
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.runfolder import RunFolder
-from affiner.core.templates import Example, Template, render_prompt
+from affiner.core.templates import Example, Template, render_prompt, starts_with_bos
 from affiner.export.gguf_writer import GgufReport
 from affiner.export.hub import base_licence
 from affiner.export.merge import EXAMPLE_QUESTION
@@ -54,9 +54,8 @@ def _template_section(run: RunFolder, template: Template, tokenizer) -> list[str
 
 def _usage_section(config: RunConfig, template: Template, tokenizer, files: list[str], push: str | None) -> list[str]:
     prompt = render_prompt(template, Example(instruction=EXAMPLE_QUESTION), tokenizer)
-    # A chat template writes BOS as text: the tokenizer (and llama.cpp) must not add a second one (encode_prompt).
-    bos = getattr(tokenizer, "bos_token", None)
-    has_bos = bool(bos) and prompt.startswith(bos)
+    has_bos = starts_with_bos(tokenizer, prompt)  # then neither the tokenizer nor llama.cpp may add another
+    cli_prompt = prompt.removeprefix(tokenizer.bos_token) if has_bos else prompt
 
     def source(sub: str) -> str:
         return f"{push!r}, subfolder={sub!r}" if push else repr(sub)
@@ -85,8 +84,7 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
         lines += [(f"With Ollama or llama.cpp (`{GGUF_FILE}`, and the `{MODELFILE}` that carries the prompt "
                    "template), in a folder holding both:"), "", "```sh", f"ollama create {name} -f {MODELFILE}",
                   f"ollama run {name} \"{EXAMPLE_QUESTION}\"",
-                  f"llama-cli -m {GGUF_FILE} -p {json.dumps(prompt.removeprefix(bos) if has_bos else prompt)} "
-                  "-n 64 --temp 0", "```", ""]
+                  f"llama-cli -m {GGUF_FILE} -p {json.dumps(cli_prompt)} -n 64 --temp 0", "```", ""]
     return lines
 
 

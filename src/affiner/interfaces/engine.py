@@ -29,7 +29,7 @@ from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, marker_a
 from affiner.core.devices import device
 from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
-from affiner.core.templates import Example, Template, encode_prompt
+from affiner.core.templates import Example, Template, encode_prompt, encode_text
 
 BASE = "base"
 
@@ -176,8 +176,7 @@ class Engine:
     def raw_prompt_ids(self, text: str) -> list[int]:
         """A raw prompt's token ids (/v1/completions): one BOS, also when the text begins with it, as a prompt
         copied from chat's /prompt, the app or the model card does (encode_prompt adds none then either)."""
-        bos = getattr(self.tokenizer, "bos_token", None)
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        return encode_text(self.tokenizer, text)
 
     def _template(self, messages: list[dict[str, str]]) -> Template:
         if messages and messages[0].get("role") == "system":
