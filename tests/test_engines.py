@@ -20,7 +20,7 @@ from conftest import copy_run, run_cli, write_config
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.files import read_json
-from affiner.core.templates import TEXT_TEMPLATES, Example, build_template, encode_prompt, render_prompt
+from affiner.core.templates import TEXT_TEMPLATES, Example, adds_bos, build_template, encode_prompt, render_prompt
 from affiner.export import engines
 from affiner.interfaces import engines as launch
 from affiner.training.run import train
@@ -77,7 +77,7 @@ def test_the_jinja_template_renders_exactly_the_trained_prompt(request, name, sy
     for question in QUESTIONS:
         rendered = engines.render_chat_template(jinja, tokenizer, [{"role": "user", "content": question}])
         text = render_prompt(template, Example(instruction=question), tokenizer)
-        bos = tokenizer.bos_token if not template.is_chat and engines.adds_bos(tokenizer) else ""
+        bos = tokenizer.bos_token if not template.is_chat and adds_bos(tokenizer) else ""
         assert rendered == bos + text
         # engines tokenise a chat prompt without adding special tokens: the ids must be training's
         assert tokenizer(rendered, add_special_tokens=False)["input_ids"] == \

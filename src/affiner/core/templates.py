@@ -137,6 +137,12 @@ def starts_with_bos(tokenizer, text: str) -> bool:
     return bool(bos) and text.startswith(bos)
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS before a text by itself (what llama.cpp's add_bos_token says)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     """A prompt's token ids with exactly one BOS (where the tokenizer uses one)."""
     return tokenizer(text, add_special_tokens=not starts_with_bos(tokenizer, text))["input_ids"]

@@ -33,7 +33,7 @@ from affiner.core.files import json_text, write_atomic, write_json
 from affiner.core.models import resolve_base, save_tokenizer, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.stopping import turn_markers
-from affiner.core.templates import Example, Template, encode_prompt
+from affiner.core.templates import Example, Template, adds_bos, encode_prompt
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE
 from affiner.core.card import hub_id
 from affiner.export.ollama import write_adapter_gguf, write_base_gguf
@@ -76,11 +76,6 @@ def _jinja_string(text: str) -> str:
     for raw, escaped in (("\\", "\\\\"), ('"', '\\"'), ("\n", "\\n"), ("\r", "\\r"), ("\t", "\\t")):
         text = text.replace(raw, escaped)
     return f'"{text}"'
-
-
-def adds_bos(tokenizer) -> bool:
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
 def chat_template(template: Template, tokenizer) -> str:

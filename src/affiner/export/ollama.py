@@ -20,7 +20,7 @@ from affiner.core.hub import hub_error, hub_kwargs, hub_options
 from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, resolve_base
 from affiner.core.runfolder import RunFolder
 from affiner.core.stopping import turn_markers
-from affiner.core.templates import Example, Template, chat_text, render_prompt
+from affiner.core.templates import Example, Template, adds_bos, chat_text, render_prompt, starts_with_bos
 from affiner.export.gguf_writer import GgufReport, gguf_architecture, write_gguf
 from affiner.export.hub import base_licence
 from affiner.export.merge import EXAMPLE_QUESTION
@@ -180,10 +180,8 @@ def _one_turn(template: Template, tokenizer) -> str:
                      with_response=True)
     closing = full[len(prompt):].split(_RESPONSE_MARKER, 1)[-1] \
         if full.startswith(prompt) and _RESPONSE_MARKER in full else ""
-    bos = tokenizer.bos_token or ""
-    adds_bos = tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    if bos and adds_bos and prompt.startswith(bos):
-        prompt = prompt[len(bos):]  # llama.cpp adds BOS itself, as tokenizer.ggml.add_bos_token says
+    if starts_with_bos(tokenizer, prompt) and adds_bos(tokenizer):
+        prompt = prompt[len(tokenizer.bos_token):]  # llama.cpp adds BOS itself, as tokenizer.ggml.add_bos_token says
     return prompt + _RESPONSE_MARKER + closing
 
 
