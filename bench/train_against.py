@@ -3,11 +3,13 @@
     .venv/bin/python bench/train_against.py --baseline-src /tmp/affiner-old/src            # instruct, 8 steps
     .venv/bin/python bench/train_against.py --baseline-src /tmp/affiner-old/src --recipe quickstart --steps 30
     .venv/bin/python bench/train_against.py --baseline-src /tmp/affiner-old/src --steps 6 --probe-every 2
+    .venv/bin/python bench/train_against.py --baseline-set lora.dropout=0.05 --steps 16   # a setting, one source
 
 Each round trains the recipe for --steps steps (no held-out probes unless --probe-every) once with each source, the order alternating
 from round to round so that machine noise hits both; per process: the training seconds run.json records, system
 time, minor page faults (memory mapped and touched page by page), peak RSS, and the last step's training loss.
-The totals' ratio is what to read. A change of arithmetic may move the loss a little (bf16 rounds differently).
+The totals' ratio is what to read. With --baseline-set (and no --baseline-src) both run this checkout, the baseline
+with the settings given: the cost of a setting, measured the same way. A change of arithmetic may move the loss a little (bf16 rounds differently).
 With --probe-every the last probe's held-out loss is printed too, and the peak RSS includes the probes'.
 """
 
@@ -24,13 +26,14 @@ from pathlib import Path
 CHECKOUT_SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def train_once(src: Path, recipe: str, steps: int, root: Path, probe_every: int | None = None) -> dict:
-    """One training process on `src`: its figures."""
+def train_once(src: Path, recipe: str, steps: int, root: Path, probe_every: int | None = None,
+               settings: list[str] = ()) -> dict:
+    """One training process on `src`, the recipe with `settings` (KEY=VALUE) on top: its figures."""
     output = Path(tempfile.mkdtemp(dir=root))
     env = {**os.environ, "PYTHONPATH": str(src), "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "affiner", "train", recipe, "--set", f"train.max_steps={steps}",
                "--set", f"eval.every_steps={probe_every or 'null'}", "--set", f"output_dir={output}",
-               "--set", "train.logging_steps=1"]
+               "--set", "train.logging_steps=1", *(part for setting in settings for part in ("--set", setting))]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     errors = process.stderr.read()
     _, status, usage = os.wait4(process.pid, 0)  # this process's own resource usage
@@ -45,7 +48,10 @@ def train_once(src: Path, recipe: str, steps: int, root: Path, probe_every: int 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline-src", type=Path, required=True, help="the src/ folder of the other affiner")
+    parser.add_argument("--baseline-src", type=Path, default=CHECKOUT_SRC,
+                        help="the src/ folder of the other affiner (default: this checkout's)")
+    parser.add_argument("--baseline-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the baseline's training only (repeatable)")
     parser.add_argument("--recipe", default="instruct")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -57,7 +63,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             names = list(sources)[round_ % 2:] + list(sources)[:round_ % 2]
             for name in names:
-                figures = train_once(sources[name], args.recipe, args.steps, Path(root), args.probe_every)
+                figures = train_once(sources[name], args.recipe, args.steps, Path(root), args.probe_every,
+                                     args.baseline_set if name == "baseline" else [])
                 usage = figures["usage"]
                 totals[name] += figures["train_seconds"]
                 print(f"round {round_ + 1}, {name}: training {figures['train_seconds']:.1f} s, system "

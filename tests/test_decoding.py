@@ -119,3 +119,18 @@ def test_an_answer_cut_at_a_text_counts_the_tokens_generated_to_write_it(tiny_gp
     cut = tokens_for("ab é", ids, tokenizer)
     assert tokenizer.decode(ids[:cut]) == "ab é" and cut < len(ids)
     assert tokens_for("\ufffd" * 40, ids, tokenizer) == len(ids)  # never more than were generated
+
+
+@pytest.mark.parametrize("penalty", [1.2, 0.8])
+def test_the_answer_s_penalty_gives_the_logits_of_transformers_processor(penalty):
+    """AnswerRepetitionPenalty replaces RepetitionPenaltyLogitsProcessor(prompt_ignore_length=...) for speed only."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=generator) * 3
+    sequences = torch.randint(0, 50, (4, 9), generator=generator)
+    sequences[:, 7] = sequences[:, 5]  # a token the answer already repeated
+    expected = RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=3)(sequences, logits.clone())
+    (ours,) = penalties(replace(GREEDY, repetition_penalty=penalty), prompt_width=3)
+    assert torch.equal(ours(sequences, logits.clone()), expected)
+    assert torch.equal(ours(sequences[:, :3], logits.clone()), logits)  # no answer yet: nothing to penalise

@@ -111,3 +111,15 @@ def test_evaluation_stops_generating_at_the_new_turn(tiny_gpt2):
     (answer,) = generate(model, tokenizer, template, [Example("What is X?", "It is X.")], max_new_tokens=150)
     assert answer.text == "It is X." and answer.new_turn and not answer.stopped
     assert model.steps < 20  # not the 150 tokens the limit allowed
+
+
+def test_an_answer_cut_at_a_new_turn_counts_the_tokens_the_model_generated(tiny_gpt2):
+    """A model may spell a word in several tokens where the tokenizer would use one: the answer's length is what
+    was generated up to the new turn, not the count of the cut text tokenised again."""
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    spelled = [tokenizer.convert_tokens_to_ids(c) for c in ("Ġ", "h", "e", "l", "l", "o")]  # " hello", letter by letter
+    turn = tokenizer("\n### Question: what next", add_special_tokens=False)["input_ids"]
+    answer = decode(spelled + turn, [tokenizer.eos_token_id], tokenizer, turn_markers(QA))
+    assert answer.text == "hello" and answer.new_turn
+    assert len(tokenizer(" hello", add_special_tokens=False)["input_ids"]) < len(spelled)  # tokenised again: fewer
+    assert answer.tokens in (len(spelled), len(spelled) + 1)  # the six letters, and the line break when kept

@@ -48,7 +48,8 @@ class LoraConfig(_Section):
     alpha: float = Field(32, gt=0, description=(
         "scale of the update (alpha / r): higher moves the model further per step, like a larger learning rate"))
     dropout: float = Field(0.05, ge=0, lt=1, description=(
-        "dropout on the adapter's input: regularises large varied data, only slows memorising a few facts"))
+        "dropout on the adapter's input: regularises large varied data, only slows memorising a few facts; on a CPU "
+        "drawing its masks costs time too (instruct: 0.05 trained 1.21x slower than 0, same held-out loss)"))
     target_modules: list[str] | Literal["auto"] = Field("auto", min_length=1, description=(
         "the layers that get an adapter, by name (c_attn, q_proj, ...): auto is every linear layer of the "
         "blocks; fewer layers train faster with less capacity"))

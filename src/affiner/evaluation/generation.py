@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import decode_rows, left_pad
+from affiner.core.decoding import decode_rows, left_pad, tokens_for
 from affiner.core.devices import device
 from affiner.core.models import max_positions
 from affiner.core.stopping import TurnStop, cut_at_turn, turn_markers
@@ -90,10 +90,10 @@ def halve_batch(size: int) -> int:
 
 def decode(new_ids: list[int], stop_ids: list[int], tokenizer, markers: tuple[str, ...] = ()) -> Answer:
     """The answer in `new_ids`: up to its first stop token, or up to a new turn of the template (cut), counted
-    in tokens up to where it was cut."""
+    in the tokens generated up to where it was cut (never tokenised again: the model may split words its own way)."""
     cut = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
     kept = new_ids if cut is None else new_ids[:cut]
     text, new_turn = cut_at_turn(tokenizer.decode(kept, skip_special_tokens=True), markers)
-    if new_turn:  # the tokens of the answer proper, the marker and what followed left out
-        kept = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return Answer(text=text.strip(), stopped=cut is not None and not new_turn, tokens=len(kept), new_turn=new_turn)
+    # Cut at a new turn: the tokens generated up to the marker, as serve's usage counts them.
+    tokens = tokens_for(text, kept, tokenizer) if new_turn else len(kept)
+    return Answer(text=text.strip(), stopped=cut is not None and not new_turn, tokens=tokens, new_turn=new_turn)
