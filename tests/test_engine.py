@@ -79,6 +79,24 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(engine):
         engine.example([{"role": "user", "content": "word " * 400}], max_new_tokens=16)
 
 
+def test_a_trimmed_conversation_starts_with_a_user_turn_whatever_its_order(engine):
+    """Clients may send two user (or assistant) messages in a row: what is dropped to fit is whole messages up to
+    the next user turn, never leaving the model a history that opens with its own answer."""
+    long_turn = "word " * 8
+    roles = ["user", "user", "assistant"] + ["assistant", "user"] * 4
+    history = [{"role": role, "content": long_turn} for role in roles]
+    kept = set()
+    for limit in range(1, engine.context_window, 8):
+        try:
+            example, dropped = engine.example([*history, *QUESTION], max_new_tokens=limit)
+        except AffinerError:
+            break  # not even the question fits with that many new tokens
+        assert len(example.history) == len(history) - dropped
+        assert not example.history or example.history[0][0] == "user"
+        kept.add(len(example.history))
+    assert len(kept) > 2 and max(kept) < len(history)  # several trims met, from a few messages to all
+
+
 def test_concurrent_callers_are_served_one_at_a_time(engine):
     expected = {name: engine.complete(name, QUESTION, GREEDY).text for name in engine.names}
     results: list[tuple[str, str]] = []

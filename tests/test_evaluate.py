@@ -15,7 +15,7 @@ from affiner.core.errors import AffinerError
 from affiner.core.models import load_model, load_tokenizer
 from affiner.core.files import read_json
 from affiner.core.runfolder import RunFolder
-from affiner.core.templates import Example, build_template
+from affiner.core.templates import Example, build_template, encode_prompt
 from affiner.experiments.workflow import train
 from conftest import write_config
 
@@ -34,6 +34,27 @@ def test_batched_greedy_equals_one_by_one(request, fixture):
     single = [generation.generate(model, tokenizer, template, [q], max_new_tokens=12, batch_size=1)[0] for q in QUESTIONS]
     assert batched == single
     assert len({len(q.instruction) for q in QUESTIONS}) == len(QUESTIONS)  # the batch really is mixed-length
+
+
+@pytest.mark.parametrize("maker", ["make_tiny_gpt2", "make_tiny_llama"])
+def test_near_the_window_each_answer_runs_to_its_own_limit_whatever_its_batch(tmp_path, maker):
+    """A short question batched with one that nearly fills the model's window is answered as it is alone: up to
+    the limit asked, not cut where the long prompt meets the window."""
+    import conftest
+
+    folder = getattr(conftest, maker)(tmp_path / "model", 64)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder))
+    template = build_template("qa", tokenizer)
+    questions = (Example(instruction="ab " * n) for n in range(40, 0, -1))
+    long = next(q for q in questions if len(encode_prompt(template, tokenizer, q)) < 60)  # 4-18 tokens left
+    short = Example(instruction="QUILT?")
+    window_left = 64 - len(encode_prompt(template, tokenizer, long))
+    assert 0 < window_left < 20
+    batched = generation.generate(model, tokenizer, template, [long, short], max_new_tokens=20, batch_size=2)
+    alone = [generation.generate(model, tokenizer, template, [q], max_new_tokens=20, batch_size=1)[0]
+             for q in (long, short)]
+    assert batched == alone
+    assert alone[0].tokens <= window_left and (alone[1].tokens == 20 or alone[1].stopped or alone[1].new_turn)
 
 
 def test_decode_stops_at_the_first_stop_token(tiny_gpt2):

@@ -99,6 +99,25 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, tiny_gpt2, qa_file, in
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
 
+def test_steps_trained_again_after_a_hard_stop_show_once_in_mlflow(tmp_path, tiny_gpt2, qa_file, interrupt_training):
+    """Stopped at once after step 3 (no checkpoint since step 2), the resumed run trains step 3 again: MLflow, which
+    cannot delete a point, keeps the first one rather than showing the step twice."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    interrupt_training(3, times=2)
+    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 5, "logging_steps": 1, "save_steps": 2,
+                                                               "tracking": ["mlflow"]})
+    with pytest.raises(SystemExit):
+        cli.main(["train", str(config)])
+    interrupt_training.disarm()
+    folder = run_folder(tmp_path)
+    cli.main(["train", "--resume", str(folder)])
+    run_id, uri = read_json(folder / "run.json")["mlflow"]["run_id"], read_json(folder / "run.json")["mlflow"]["uri"]
+    assert [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records(folder)] == [1, 2, 3, 4, 5]
+
+
 def test_unknown_tracker_is_a_config_error(tmp_path, tiny_gpt2, qa_file, capsys):
     config = write_config(tmp_path, tiny_gpt2, qa_file, train={"tracking": ["comet"]})
     with pytest.raises(SystemExit) as exit_info:

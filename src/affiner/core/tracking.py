@@ -109,12 +109,23 @@ class MlflowTracker:
                 self.client.log_param(run_id, key, json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000])
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id = run_id
+        self.run_id, self.resumed = run_id, run_id is not None
+        self.last_step: dict[str, int] = {}  # metric -> the last step the run holds, read once per metric
 
     def log(self, record: dict[str, Any]) -> None:
+        step = int(record["step"])
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.client.log_metric(self.run_id, key, float(value), step=int(record["step"]))
+            if key != "step" and isinstance(value, (int, float)) and step > self._last_step(key):
+                self.client.log_metric(self.run_id, key, float(value), step=step)
+                self.last_step[key] = step
+
+    def _last_step(self, key: str) -> int:
+        """A resumed run trains again the steps between its checkpoint and where it stopped; MLflow cannot delete a
+        point, so the run's first point of each step is kept rather than a second one logged."""
+        if key not in self.last_step:
+            history = self.client.get_metric_history(self.run_id, key) if self.resumed else []
+            self.last_step[key] = max((point.step for point in history), default=0)
+        return self.last_step[key]
 
     def close(self, folder: Path, status: str) -> None:
         log_artifacts(self.client, self.run_id, folder)

@@ -157,8 +157,10 @@ class Engine:
             length = len(encode_prompt(template, self.tokenizer, example))
             if length + max_new_tokens <= self.context_window or not history:
                 break
-            history = history[2:]  # one user/assistant exchange at a time
-            dropped += 2
+            # The oldest message, and any answers after it: the history kept opens with a user turn, even when a
+            # client sent two messages of one role in a row (pairs would then cut between a question and its answer).
+            kept = next((i for i, (role, _) in enumerate(history) if i > 0 and role == "user"), len(history))
+            history, dropped = history[kept:], dropped + kept
         if length + max_new_tokens > self.context_window:
             raise AffinerError(f"the prompt has {length} tokens: with {max_new_tokens} new tokens it does not fit "
                                f"the model's {self.context_window}-token context window.")
