@@ -358,6 +358,26 @@ def test_a_batch_answers_as_one_at_a_time(qa_engine, model):
     assert len({reply.tokens for reply in batch[:len(asks)]}) > 1 and batch[-1].tokens <= 1
 
 
+def test_a_long_stop_text_ends_its_row_in_a_batch_once_written(qa_engine, monkeypatch):
+    """A stop text longer than the few tokens searched for a turn marker still ends its row as soon as it is
+    written, not at the token limit (the reply was the same, the decoding went on for nothing)."""
+    from affiner.interfaces import engine as engine_module
+
+    questions = ["Define FROND.", "What does QUILT stand for?", "And MAPLE?", "What is a glossary?"]
+    free = qa_engine.complete_batch("base", [Ask([{"role": "user", "content": q}], max_new_tokens=60) for q in questions])
+    question, reply = next((q, r) for q, r in zip(questions, free) if len(r.ids) == 60)  # ran to the limit
+    decoded = qa_engine.tokenizer.decode
+    stop = decoded(reply.ids[4:34], skip_special_tokens=True)  # 30 tokens, searched in a 16-token tail before
+    assert len(stop) > 0 and reply.text.find(stop) == len(decoded(reply.ids[:4], skip_special_tokens=True))
+    generated = []
+    real = engine_module.decode_rows
+    monkeypatch.setattr(engine_module, "decode_rows", lambda *args: generated.append(real(*args)) or generated[-1])
+    (cut,) = qa_engine.complete_batch("base", [Ask([{"role": "user", "content": question}], max_new_tokens=60,
+                                                    stop=(stop,))])
+    assert cut.text == reply.text[:reply.text.find(stop)] and cut.tokens == 4
+    assert len(generated[0][0]) <= 35  # ended once the stop text was written
+
+
 # ---------------------------------------------------------------------------------------- bad requests
 
 

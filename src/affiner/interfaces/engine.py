@@ -297,10 +297,13 @@ class Engine:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]
         ids, attention = left_pad(prompts, pad)
 
+        # A stop text may be longer than the markers' tail: each of its characters can take up to 4 byte tokens.
+        tail_tokens = max([TAIL_TOKENS, *(4 * len(text) for a in asks for text in a.stop)])
+
         def done(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
-            tails = self.tokenizer.batch_decode([t[-TAIL_TOKENS:] for t in new_tokens], skip_special_tokens=True)
+            tails = self.tokenizer.batch_decode([t[-tail_tokens:] for t in new_tokens], skip_special_tokens=True)
             return [len(t) >= asks[i].max_new_tokens or asks[i].cancel.is_set()
-                    or marker_at(tail, markers[i], opens_line=len(t) <= TAIL_TOKENS) is not None
+                    or marker_at(tail, markers[i], opens_line=len(t) <= tail_tokens) is not None
                     or marker_at(tail, asks[i].stop, anywhere=True) is not None
                     for t, i, tail in zip(new_tokens, rows, tails)]
 
