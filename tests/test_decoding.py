@@ -119,6 +119,9 @@ def test_an_answer_cut_at_a_text_counts_the_tokens_generated_to_write_it(tiny_gp
     cut = tokens_for("ab é", ids, tokenizer)
     assert tokenizer.decode(ids[:cut]) == "ab é" and cut < len(ids)
     assert tokens_for("\ufffd" * 40, ids, tokenizer) == len(ids)  # never more than were generated
+    emoji = tokenizer("ok 😀 z", add_special_tokens=False)["input_ids"]
+    cut = tokens_for("ok 😀", emoji, tokenizer)  # its last character is written by several byte tokens
+    assert tokenizer.decode(emoji[:cut]) == "ok 😀" and tokenizer.decode(emoji[:cut - 1]) != "ok 😀"
 
 
 @pytest.mark.parametrize("penalty", [1.2, 0.8])

@@ -48,6 +48,26 @@ def test_streamed_answers_are_evaluates_greedy_answers(engine, runs, tiny_llama)
         assert reply.first_token_seconds is not None and reply.prompt_tokens > 0
 
 
+@pytest.mark.parametrize("model_penalty", [1.3, 0.8])
+def test_a_base_s_own_repetition_penalty_is_not_added_to_the_run_s(tiny_llama, model_penalty):
+    """A base whose generation_config.json sets a repetition penalty (Qwen2.5-Instruct's does): chat and serve answer
+    with the run's penalty alone, over the answer's tokens, as its evaluation decoded."""
+    from dataclasses import replace
+
+    from affiner.core.models import load_tokenizer
+    from affiner.core.templates import build_template
+
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    model.generation_config.repetition_penalty = model_penalty
+    template = build_template("chat", tokenizer)
+    engine = Engine.on_base(model, tokenizer, template, {})
+    for penalty in (1.0, 1.2):
+        settings = replace(GREEDY, repetition_penalty=penalty, max_new_tokens=30)
+        for question in ("What does QUILT stand for?", "tell me about queues", "a b c d e f"):
+            expected = ev.generate(model, tokenizer, template, [Example(instruction=question)], 30, sampling=settings)
+            assert engine.complete("base", [{"role": "user", "content": question}], settings).text == expected[0].text
+
+
 def test_adapters_switch_on_one_base(engine):
     answers = {name: engine.complete(name, QUESTION, GREEDY).text for name in engine.names}
     assert engine.names == ["base", "a", "b"]

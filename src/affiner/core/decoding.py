@@ -70,7 +70,9 @@ def tokens_for(text: str, ids: list[int], tokenizer) -> int:
     would count otherwise where the model split words its own way, or a character across tokens (each half
     decodes to U+FFFD, which tokenises to 3)."""
     for count in range(len(ids) + 1):
-        if len(tokenizer.decode(ids[:count], skip_special_tokens=True)) >= len(text):
+        decoded = tokenizer.decode(ids[:count], skip_special_tokens=True)
+        # A character still missing some of its byte tokens decodes to U+FFFD: not written yet.
+        if (len(decoded) >= len(text) and not decoded[:len(text)].endswith("\ufffd")) or decoded.startswith(text):
             return count
     return len(ids)
 

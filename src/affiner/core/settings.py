@@ -21,10 +21,13 @@ class Settings:
     repetition_penalty: float = 1.0
 
     def generate_kwargs(self) -> dict:
-        """For `model.generate`, with `core.decoding.penalties` as its logits processors."""
+        """For `model.generate`, with `core.decoding.penalties` as its logits processors: those are the penalty, so a
+        repetition penalty from the model's generation_config.json (Qwen2.5-Instruct sets one) is switched off, as
+        evaluation, which never reads it, decodes."""
         if self.greedy:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+            return {"do_sample": False, "repetition_penalty": 1.0}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "repetition_penalty": 1.0}
 
     @property
     def greedy(self) -> bool:

@@ -99,6 +99,7 @@ class MlflowTracker:
 
     def __init__(self, config: RunConfig, folder: Path, run_id: str | None = None):
         self.client, self.uri = mlflow_client(config)
+        self.resumed = run_id is not None
         if run_id is None:
             experiment = _experiment(self.client, config.name, Path(config.output_dir))
             run = self.client.create_run(experiment, run_name=folder.name,
@@ -109,7 +110,7 @@ class MlflowTracker:
                 self.client.log_param(run_id, key, json.dumps(value)[:6000] if not isinstance(value, str) else value[:6000])
         else:
             self.client.update_run(run_id, status="RUNNING")
-        self.run_id, self.resumed = run_id, run_id is not None
+        self.run_id = run_id
         self.last_step: dict[str, int] = {}  # metric -> the last step the run holds, read once per metric
 
     def log(self, record: dict[str, Any]) -> None:
