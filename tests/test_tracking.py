@@ -80,21 +80,27 @@ def test_mlflow_local_store_holds_params_metrics_and_artifacts(tmp_path, tiny_gp
             "report.html", "metrics.csv"} <= artifacts
 
 
-def test_a_resumed_run_continues_its_mlflow_run(tmp_path, tiny_gpt2, qa_file, interrupt_training):
-    pytest.importorskip("mlflow")
+def stopped_then_resumed(tmp_path, base, qa_file, interrupt_training, stop_after: int, presses: int, **train):
+    """A run tracked in MLflow, stopped by Ctrl-C (`presses` times) after step `stop_after`, then resumed: its
+    folder, MLflow run id (as first recorded) and client."""
     from mlflow.tracking import MlflowClient
 
-    interrupt_training(2)
-    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 4, "logging_steps": 1, "save_steps": 1,
-                                                               "tracking": ["mlflow"]})
+    interrupt_training(stop_after, times=presses)
+    config = write_config(tmp_path, base, qa_file, train={"logging_steps": 1, "tracking": ["mlflow"], **train})
     with pytest.raises(SystemExit):
         cli.main(["train", str(config)])
     interrupt_training.disarm()
     folder = run_folder(tmp_path)
     run_id = read_json(folder / "run.json")["mlflow"]["run_id"]
     cli.main(["train", "--resume", str(folder)])
+    return folder, run_id, MlflowClient(tracking_uri=read_json(folder / "run.json")["mlflow"]["uri"])
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path, tiny_gpt2, qa_file, interrupt_training):
+    pytest.importorskip("mlflow")
+    folder, run_id, client = stopped_then_resumed(tmp_path, tiny_gpt2, qa_file, interrupt_training, 2, 1,
+                                                  max_steps=4, save_steps=1)
     assert read_json(folder / "run.json")["mlflow"]["run_id"] == run_id
-    client = MlflowClient(tracking_uri=read_json(folder / "run.json")["mlflow"]["uri"])
     assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4]
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1
 
@@ -103,18 +109,9 @@ def test_steps_trained_again_after_a_hard_stop_show_once_in_mlflow(tmp_path, tin
     """Stopped at once after step 3 (no checkpoint since step 2), the resumed run trains step 3 again: MLflow, which
     cannot delete a point, keeps the first one rather than showing the step twice."""
     pytest.importorskip("mlflow")
-    from mlflow.tracking import MlflowClient
-
-    interrupt_training(3, times=2)
-    config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 5, "logging_steps": 1, "save_steps": 2,
-                                                               "tracking": ["mlflow"]})
-    with pytest.raises(SystemExit):
-        cli.main(["train", str(config)])
-    interrupt_training.disarm()
-    folder = run_folder(tmp_path)
-    cli.main(["train", "--resume", str(folder)])
-    run_id, uri = read_json(folder / "run.json")["mlflow"]["run_id"], read_json(folder / "run.json")["mlflow"]["uri"]
-    assert [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
+    folder, run_id, client = stopped_then_resumed(tmp_path, tiny_gpt2, qa_file, interrupt_training, 3, 2,
+                                                  max_steps=5, save_steps=2)
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3, 4, 5]
     assert [r["step"] for r in records(folder)] == [1, 2, 3, 4, 5]
 
 
