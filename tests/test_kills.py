@@ -119,6 +119,24 @@ def test_killed_once_the_best_step_is_adopted_the_resumed_run_keeps_the_best_ste
     assert not (run / "checkpoints" / "best").exists()
 
 
+def test_a_run_killed_before_its_first_checkpoint_is_told_to_train_again_not_to_resume(tmp_path, tiny_llama, data,
+                                                                                       capsys):
+    """--resume needs a checkpoint: every message about a run killed before its first one gives the command that
+    works, the run's own config trained again (a new run)."""
+    killed("affiner.core.runfolder.append_jsonl:1", "train", str(config(tmp_path, tiny_llama, data)), cwd=tmp_path)
+    run = only_run(tmp_path)
+    assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
+    again = f"affiner train {run / 'config.yaml'}"
+    capsys.readouterr()
+    assert run_cli("runs", "--dir", str(tmp_path / "runs")) == 0
+    assert again in capsys.readouterr().out
+    for argv in (["train", "--resume", str(run)], ["export", str(run), "--output", str(tmp_path / "out")]):
+        assert run_cli(*argv) == 2
+        err = capsys.readouterr().err
+        assert again in err and "train --resume" not in err
+    assert run_cli("train", str(run / "config.yaml")) == 0  # the advice works
+
+
 def test_one_writer_per_run_folder_and_a_dead_writer_frees_it(tmp_path, tiny_llama, data, capsys):
     from affiner.core.runfolder import RunFolder
 

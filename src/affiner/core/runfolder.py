@@ -151,9 +151,16 @@ class RunFolder:
         """This run, if it finished training; else an error that says how to finish it, then `then`."""
         self.info()  # a damaged run.json is named as such, not taken for an unfinished run
         if not self.is_finished:
-            raise AffinerError(f"{self.path} has not finished training (status: {self.status}); finish it with "
-                               f"affiner train --resume {self.path}, then {then}.")
+            raise AffinerError(f"{self.path} has not finished training (status: {self.status}); "
+                               f"{self.how_to_finish()}, then {then}.")
         return self
+
+    def how_to_finish(self) -> str:
+        """How to finish an unfinished run: from its last checkpoint, or, stopped before its first, from the start."""
+        if self.last_checkpoint() is not None:
+            return f"continue it from its last checkpoint with: affiner train --resume {self.path}"
+        return (f"it stopped before its first checkpoint, so train it again (a new run): affiner train "
+                f"{self.path / CONFIG_FILE}")
 
     @contextmanager
     def writing(self, command: str) -> Iterator[None]:

@@ -61,13 +61,23 @@ def list_runs(root: Path) -> str:
     header = ["run", "status", "model", "method", "data", "rows", "steps", "min",
               "headline base→tuned", "stops tuned", "loss tuned"]
     rows = [header] + [[Path(r["run"]).name, r["status"], r["model"], r["method"], r["data"],
-                        str(r["train_rows"] or "-"), str(r["steps"] or "-"), str(r["minutes"] or "-"),
+                        _shown(r["train_rows"]), _shown(r["steps"]), _minutes(r["minutes"]),
                         f"{_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}" if r["scores"] else "not evaluated",
                         _score(r, "stopped"), _score(r, "loss")] for r in runs]
     stopped = [Path(r["run"]) for r in runs if r["status"] == STOPPED]
     note = (f"\n{STOPPED}: its training ended before the run did (killed, crashed, the machine restarted); "
-            f"continue it from its last checkpoint with: affiner train --resume {stopped[-1]}") if stopped else ""
+            f"{RunFolder(stopped[-1]).how_to_finish()}") if stopped else ""
     return text_table(rows) + note
+
+
+def _shown(value) -> str:
+    """A recorded figure, or "-" when there is none (0 is a figure)."""
+    return "-" if value is None else str(value)
+
+
+def _minutes(minutes: float | None) -> str:
+    """Training minutes to one decimal; a run of a few seconds is "<0.1", not taken for one without a time."""
+    return "-" if minutes is None else "<0.1" if minutes < 0.1 else f"{minutes:g}"
 
 
 def compare_runs(folders: list[Path]) -> dict[str, Any]:
@@ -92,7 +102,7 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     else:
         lines.append("  none: the same config")
     rows = [["metric (base → tuned)", *names],
-            ["status", *comparison["status"]], ["training minutes", *(str(m or "-") for m in comparison["minutes"])]]
+            ["status", *comparison["status"]], ["training minutes", *map(_minutes, comparison["minutes"])]]
     for metric, per_run in comparison["scores"].items():
         label = METRIC_INFO.get(metric, {"label": metric})["label"]
         rows.append([label, *(" → ".join(_score({"scores": {metric: s}}, metric, model) for model in ("base", "tuned"))
