@@ -315,6 +315,30 @@ def test_a_failing_point_is_recorded_and_the_sweep_goes_on(tmp_path, tiny_gpt2, 
     assert "1 of 2 point(s) failed (point 1, test-len8: out of memory" in capsys.readouterr().err
 
 
+def test_a_point_whose_judge_left_answers_unjudged_fails_and_resumes_by_evaluating_again(tmp_path, tiny_gpt2, qa_file,
+                                                                                         monkeypatch, capsys):
+    """A sweep ranked by a judge that could not answer would compare nothing: the point fails (exit 3, as `affiner
+    run`), and --resume evaluates its trained run again instead of training it anew."""
+    from fake_endpoint import Reply, running_server
+
+    monkeypatch.setenv("AFFINER_CACHE", str(tmp_path / "cache"))
+    with running_server() as server:
+        server.behaviour = lambda body: Reply(status=404, body=b'{"error": {"message": "model stand-in not found"}}')
+        config = write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 3},
+                              eval={"max_new_tokens": 4, "judge": {"url": server.url, "model": "stand-in"}})
+        folder = tmp_path / "sw"
+        assert affiner_sweep(str(config), "--grid", "train.learning_rate=1e-3", "--output", str(folder)) == 3
+        (point,) = read_json(folder / "sweep.json")["points"]
+        assert point["status"] == "failed" and "could not judge" in point["error"]
+        assert "affiner sweep --resume" in capsys.readouterr().err
+        server.behaviour = lambda body: Reply("<result>tie</result>" if "<answer_A>" in body["messages"][-1]["content"]
+                                              else "<result>1</result><explain>It matches.</explain>")
+        assert affiner_sweep("--resume", str(folder)) == 0
+    (again,) = read_json(folder / "sweep.json")["points"]
+    assert again["status"] == "finished" and again["run"] == point["run"] and again["metrics"]
+    assert [p.name for p in (folder / "runs").iterdir()] == [point["run"].split("/")[-1]]  # not trained again
+
+
 def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp_path, monkeypatch, capsys):
     config = write_config(tmp_path, "gpt2", "data.jsonl")
     folder = tmp_path / "sw"

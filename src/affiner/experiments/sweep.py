@@ -17,10 +17,11 @@ from pathlib import Path
 import torch
 
 from affiner.core.config import RunConfig, apply_overrides, parse_yaml, resolve_config_path, validate_config
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, Incomplete
 from affiner.core.files import read_json, write_json
 from affiner.core.runfolder import RUN_FILE, RunFolder
-from affiner.evaluation.evaluate import evaluate
+from affiner.evaluation.evaluate import evaluate, require_judged
+from affiner.evaluation.report import REPORT_HTML
 from affiner.experiments import workflow
 from affiner.experiments.grid import (METRICS, Grid, describe_point, expand, get_value, parse_grid, parse_value,
                                       point_name, set_value)
@@ -137,6 +138,8 @@ def next_action(point: dict, folder: Path) -> str:
     """What resuming a point means: "skip", "evaluate" (trained), "resume" (checkpoint) or "fresh"."""
     if point["status"] == "finished":
         return "skip"
+    if point["status"] == "failed" and point.get("run") and RunFolder(folder / point["run"]).is_finished:
+        return "evaluate"  # trained: only its evaluation failed (a judge that left answers without a verdict)
     if point["status"] != "running" or not point.get("run"):
         return "fresh"  # pending, or failed: retried from the start
     run = RunFolder(folder / point["run"])
@@ -175,9 +178,11 @@ def run_sweep(folder: Path, state: dict) -> None:
     failed = [p for p in state["points"] if p["status"] == "failed"]
     if failed:
         first = failed[0]
-        raise AffinerError(f"{len(failed)} of {len(state['points'])} point(s) failed (point {first['index']}, "
-                           f"{first['name']}: {first['error']}). The table compares the others; retry the failed "
-                           f"point(s) with: affiner sweep --resume {folder}")
+        # Exit 3, as `affiner run`'s, when every failure is a judge's missing verdicts: trained, evaluated, incomplete.
+        error = Incomplete if all(p.get("unjudged") for p in failed) else AffinerError
+        raise error(f"{len(failed)} of {len(state['points'])} point(s) failed (point {first['index']}, "
+                    f"{first['name']}: {first['error']}). The table compares the others; retry the failed "
+                    f"point(s) with: affiner sweep --resume {folder}")
 
 
 def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None:
@@ -190,7 +195,7 @@ def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None
     if action == "fresh" and point.get("run"):
         point["abandoned"].append(point["run"])  # kept on disk, never deleted
         point["run"] = None
-    point.update(status="running", attempts=point["attempts"] + 1, error=None)
+    point.update(status="running", attempts=point["attempts"] + 1, error=None, unjudged=False)
     save(folder, state)
     verb = {"fresh": "training", "resume": "resuming", "evaluate": "evaluating"}[action]
     print(f"\n[{point['index']}/{total}] {verb} {point['name']} ({describe_point(point['overrides'])})")
@@ -203,7 +208,7 @@ def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None
         if isinstance(exc, Interrupted):  # train turns Ctrl-C into "interrupted, resume with..."
             _interrupted(folder, state, point, started)
         message = str(exc) if isinstance(exc, AffinerError) else f"out of memory: {exc}".strip()
-        point.update(status="failed", error=message)
+        point.update(status="failed", error=message, unjudged=isinstance(exc, Incomplete))
         print(f"Point {point['index']} failed: {message}", file=sys.stderr)
     except BaseException as exc:  # a bug or the machine: recorded, then shown with its traceback
         point.update(status="failed", error=f"{type(exc).__name__}: {exc}")
@@ -231,8 +236,11 @@ def train_and_evaluate_point(folder: Path, point: dict, config: RunConfig, actio
         point["run"] = run.relative_to(folder).as_posix() if run.is_relative_to(folder) else str(run)
     elif action == "resume":
         workflow.train(resume=folder / point["run"])
-    evaluate(folder / point["run"])
+    evaluation = evaluate(folder / point["run"])
     point["metrics"] = read_metrics(folder / point["run"])
+    # A judge that left answers without a verdict would rank the points on whatever it judged: the point fails,
+    # and --resume evaluates it again (the verdicts given come from the judge's cache).
+    require_judged(evaluation, folder / point["run"] / REPORT_HTML, f"affiner sweep --resume {folder}")
     point["status"] = "finished"
 
 
