@@ -62,9 +62,8 @@ def prepare_resume(run: RunFolder) -> Start:
         raise AffinerError(f"{run} already finished training; start a new run instead.")
     checkpoint = run.last_checkpoint()
     if checkpoint is None:
-        raise AffinerError(f"{run} has no checkpoint to resume from: it stopped before its first (train.save_steps "
-                           f"sets how often they are made); train it again, as a new run: "
-                           f"affiner train {run / CONFIG_FILE}")
+        raise AffinerError(f"{run} has no checkpoint to resume from (train.save_steps sets how often they are "
+                           f"made): {run.how_to_finish()}.")
     recorded_config = run.info().get("config_sha256")
     if recorded_config and recorded_config != file_sha256(run / CONFIG_FILE):
         raise AffinerError(f"{run / CONFIG_FILE} was edited since the run started; resuming would train the rest "
