@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from affiner.core.models import load_tokenizer
-from affiner.core.stopping import TurnCutter, TurnStop, cut_at_turn, turn_markers
+from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, turn_markers
 from affiner.core.templates import TEXT_TEMPLATES, Template, build_template
 from affiner.evaluation.generation import decode, generate
 
@@ -67,10 +67,27 @@ def test_each_row_of_a_batch_stops_at_its_own_new_turn(tiny_gpt2):
     tokenizer = load_tokenizer(str(tiny_gpt2))
     turned = tokenizer(" It is X.\n### Question:", add_special_tokens=False)["input_ids"]
     going_on = tokenizer(" It is X, and ### more and more words", add_special_tokens=False)["input_ids"]
-    assert TurnStop(turn_markers(QA), tokenizer)([0, 1], [turned, going_on[:len(turned)]]) == [True, False]
+    ends = RowEnds(tokenizer, [100, 100], [turn_markers(QA)] * 2)
+    assert ends([0, 1], [turned, going_on[:len(turned)]]) == [True, False]
     in_a_sentence = tokenizer(" The form says ### Question: here", add_special_tokens=False)["input_ids"]
     long_then_turn = tokenizer(" word" * 40 + "\n### Question:", add_special_tokens=False)["input_ids"]
-    assert TurnStop(turn_markers(QA), tokenizer)([0, 1], [in_a_sentence, long_then_turn]) == [False, True]
+    assert ends([0, 1], [in_a_sentence, long_then_turn]) == [False, True]
+
+
+def test_a_row_ends_at_its_own_limit_stop_text_or_cancel_whatever_its_neighbours(tiny_gpt2):
+    import threading
+
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    cancelled = threading.Event()
+    long_stop = "END OF THE ANSWER HERE"  # more characters than the markers' tail has tokens
+    ends = RowEnds(tokenizer, [5, 100, 100, 100], [(), (), (), turn_markers(QA)], [(), (long_stop,), (), ()],
+                   [None, None, cancelled, None])
+    words = tokenizer(" a b c d e", add_special_tokens=False)["input_ids"]
+    stopped = tokenizer(" fine." + " " + long_stop, add_special_tokens=False)["input_ids"]
+    assert ends([0, 1, 2, 3], [words[:5], stopped, words[:2], words]) == [True, True, False, False]
+    assert ends([0, 2], [words[:4], words[:3]]) == [False, False]  # rows given by their index in the batch
+    cancelled.set()
+    assert ends([2, 3], [words[:3], words]) == [True, False]
 
 
 def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):

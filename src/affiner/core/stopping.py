@@ -50,16 +50,27 @@ def cut_at_turn(text: str, markers: tuple[str, ...], anywhere: bool = False) -> 
     return (text, False) if at is None else (text[:at], True)
 
 
-class TurnStop:
-    """For a batch decoder: which rows have started a new turn, given each row's new tokens so far."""
+class RowEnds:
+    """For a batch decoder (`decode_rows`' `done`): which rows have ended, besides at a stop token, given each row's
+    new tokens so far: at the row's own token limit, at a new turn of its template (`markers`), at one of its
+    request's stop texts (`stops`, found anywhere) or when its `cancel` event is set. Evaluation's batches and
+    serve's share it, so that a row ends at the same token in both."""
 
-    def __init__(self, markers: tuple[str, ...], tokenizer):
-        self.markers, self.tokenizer = markers, tokenizer
+    def __init__(self, tokenizer, limits: list[int], markers: list[tuple[str, ...]],
+                 stops: list[tuple[str, ...]] | None = None, cancels: list | None = None):
+        self.tokenizer, self.limits, self.markers = tokenizer, limits, markers
+        self.stops, self.cancels = stops or [()] * len(limits), cancels or [None] * len(limits)
+        # A stop text may be longer than a marker: each of its characters can take up to 4 byte tokens.
+        self.tail = max([TAIL_TOKENS, *(4 * len(text) for row in self.stops for text in row)])
+        self.reads_text = any(self.markers) or any(self.stops)
 
     def __call__(self, rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
-        tails = self.tokenizer.batch_decode([tokens[-TAIL_TOKENS:] for tokens in new_tokens], skip_special_tokens=True)
-        return [marker_at(tail, self.markers, opens_line=len(tokens) <= TAIL_TOKENS) is not None
-                for tokens, tail in zip(new_tokens, tails)]
+        tails = (self.tokenizer.batch_decode([tokens[-self.tail:] for tokens in new_tokens], skip_special_tokens=True)
+                 if self.reads_text else [""] * len(rows))
+        return [len(tokens) >= self.limits[row] or (self.cancels[row] is not None and self.cancels[row].is_set())
+                or marker_at(tail, self.markers[row], opens_line=len(tokens) <= self.tail) is not None
+                or marker_at(tail, self.stops[row], anywhere=True) is not None
+                for row, tokens, tail in zip(rows, new_tokens, tails)]
 
 
 class TurnCutter:

@@ -12,10 +12,10 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import RowsDone, decode_rows, left_pad, tokens_for
+from affiner.core.decoding import decode_rows, left_pad, tokens_for
 from affiner.core.devices import device
 from affiner.core.models import max_positions
-from affiner.core.stopping import TurnStop, cut_at_turn, turn_markers
+from affiner.core.stopping import RowEnds, cut_at_turn, turn_markers
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.templates import Example, Template, encode_prompt
 
@@ -58,7 +58,7 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
                       for i in chunk]
             try:
                 output = decode_rows(model, input_ids.to(device()), attention.to(device()), max(limits), stop_ids,
-                                     sampling, rows_done(limits, TurnStop(markers, tokenizer) if markers else None))
+                                     sampling, RowEnds(tokenizer, limits, [markers] * len(chunk)))
             except torch.OutOfMemoryError:
                 output = None  # handled outside the except block, whose traceback still holds the batch's tensors
             if output is None:
@@ -69,16 +69,6 @@ def generate(model, tokenizer, template: Template, examples: list[Example], max_
             start += len(chunk)
             progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]
-
-
-def rows_done(limits: list[int], turn: TurnStop | None) -> RowsDone:
-    """Rows done at a new turn of the template or at their own limit: a question's answer may run to the model's
-    window after its own prompt, whatever the other prompts of its batch (left padding does not use positions)."""
-    def done(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
-        turned = turn(rows, new_tokens) if turn else [False] * len(rows)
-        return [ended or len(tokens) >= limits[row] for ended, tokens, row in zip(turned, new_tokens, rows)]
-
-    return done
 
 
 def eval_decoding(config) -> Settings:

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from affiner.core.errors import AffinerError
 from affiner.core.decoding import decode_rows, last_position, left_pad, penalties, tokens_for
 from affiner.core.settings import GREEDY, Settings
-from affiner.core.stopping import TAIL_TOKENS, TurnCutter, cut_at_turn, marker_at, turn_markers
+from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, turn_markers
 from affiner.core.devices import device
 from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
@@ -296,17 +296,8 @@ class Engine:
         stop_ids = list(self.template.stop_token_ids) or [self.tokenizer.eos_token_id]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]
         ids, attention = left_pad(prompts, pad)
-
-        # A stop text may be longer than the markers' tail: each of its characters can take up to 4 byte tokens.
-        tail_tokens = max([TAIL_TOKENS, *(4 * len(text) for a in asks for text in a.stop)])
-
-        def done(rows: list[int], new_tokens: list[list[int]]) -> list[bool]:
-            tails = self.tokenizer.batch_decode([t[-tail_tokens:] for t in new_tokens], skip_special_tokens=True)
-            return [len(t) >= asks[i].max_new_tokens or asks[i].cancel.is_set()
-                    or marker_at(tail, markers[i], opens_line=len(t) <= tail_tokens) is not None
-                    or marker_at(tail, asks[i].stop, anywhere=True) is not None
-                    for t, i, tail in zip(new_tokens, rows, tails)]
-
+        done = RowEnds(self.tokenizer, [a.max_new_tokens for a in asks], markers, [a.stop for a in asks],
+                       [a.cancel for a in asks])
         started = time.perf_counter()
         with self.lock, self._adapter(name):
             new = decode_rows(self.model, ids.to(device()), attention.to(device()), max(a.max_new_tokens for a in asks),
