@@ -76,3 +76,11 @@ def test_loss_is_token_weighted_and_perplexity_is_its_exponential():
     assert result["loss"]["mean"] == pytest.approx(1.5)
     assert result["perplexity"]["mean"] == pytest.approx(math.exp(1.5))
     assert result["loss"]["low"] <= 1.5 <= result["loss"]["high"]
+
+
+def test_embedding_similarity_is_unchanged_when_the_kept_embeddings_are_dropped(monkeypatch):
+    answers, references = ["a cat sat", "dogs bark loudly", "rain falls"], ["a cat sits", "a dog barks", "sun shines"]
+    kept_all = metrics.embedding_similarity(answers, references)
+    monkeypatch.setattr(metrics, "EMBEDDINGS_KEPT", 2)
+    assert metrics.embedding_similarity(answers, references) == pytest.approx(kept_all, abs=1e-6)
+    assert metrics.embedding_similarity(answers[:1], references[:1]) == pytest.approx(kept_all[:1], abs=1e-6)

@@ -108,6 +108,8 @@ def embedding_similarity(answers: Sequence[str], references: Sequence[str]) -> l
 
 
 _EMBEDDED: dict[str, np.ndarray] = {}  # text -> its normalised embedding: every model's answers meet the same references
+# Texts kept at most (1.5 KB each): a long sweep evaluating in one process would otherwise keep every answer it met.
+EMBEDDINGS_KEPT = 20_000
 
 
 def _embeddings(texts: Sequence[str]) -> np.ndarray:
@@ -115,6 +117,8 @@ def _embeddings(texts: Sequence[str]) -> np.ndarray:
     references twice: 128 instruct references, 2.5 s on 2 cores)."""
     new = list(dict.fromkeys(t for t in texts if t not in _EMBEDDED))
     if new:
+        if len(_EMBEDDED) + len(new) > EMBEDDINGS_KEPT:
+            _EMBEDDED.clear()
         vectors = _embedder().encode(new, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
         _EMBEDDED.update(zip(new, vectors))
     return np.stack([_EMBEDDED[t] for t in texts])
