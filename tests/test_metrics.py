@@ -34,6 +34,24 @@ def test_rouge_l_known_cases(answer, reference, expected):
     assert metrics.rouge_l(answer, reference) == pytest.approx(expected)
 
 
+def test_rouge_l_gives_rouge_scores_figures_on_the_same_words():
+    import random
+
+    from rouge_score import rouge_scorer
+
+    class Words:  # rouge-score's LCS over affiner's normalised words
+        tokenize = staticmethod(lambda text: metrics.normalise(text).split())
+
+    reference_scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=Words())
+    vocabulary = ["the", "cat", "été", "sat", "on", "a", "mat", "Mat!", "chat", "le", "dog", "x"]
+    chance = random.Random(0)
+    pairs = [(" ".join(chance.choices(vocabulary, k=chance.randint(0, 25))),
+              " ".join(chance.choices(vocabulary, k=chance.randint(0, 25)))) for _ in range(300)]
+    for answer, reference in pairs + [("", "a b"), ("a b", ""), ("", "")]:
+        expected = reference_scorer.score(reference, answer)["rougeL"].fmeasure
+        assert metrics.rouge_l(answer, reference) == pytest.approx(expected, abs=1e-12), (answer, reference)
+
+
 def test_embedding_similarity_ranks_paraphrases_above_unrelated_text():
     reference = "Queue of Unified Index Lookup Tables"
     close, far = metrics.embedding_similarity(["a queue of unified lookup tables for indexes", "I like red apples"],
