@@ -134,6 +134,14 @@ TRAIN: list[Case] = [
     ("yaml-python-object", lambda w: ["train", w.write("obj.yaml", "name: !!python/object/apply:os.system [id]\n")],
      r"obj.yaml"),
     ("config-missing", lambda w: ["train", "nothere.yaml"], r"nothere.yaml"),
+    ("config-is-a-folder", lambda w: ["train", _folder(w, "cfg.yaml")], r"cfg.yaml is a folder"),
+    ("learning-rate-true", lambda w: ["train", w.config(train={"learning_rate": True})],
+     r"'learning_rate' must be a number, not true"),
+    ("set-true-for-a-number", lambda w: ["train", w.config(), "--set", "lora.r=true"], r"'r' must be a number"),
+    ("config-lone-surrogate", lambda w: ["train", w.write("sur.yaml", open(w.config()).read().replace(
+        "template: qa", 'template: qa\n  system_prompt: "\\ud800"'))], r"sur.yaml: data.system_prompt.*surrogate"),
+    ("yaml-list-as-key", lambda w: ["train", w.write("listkey.yaml", "? [a, b]\n: 1\n")], r"listkey.yaml.*unhashable"),
+    ("yaml-billion-aliases", lambda w: ["train", w.write("laughs.yaml", _laughs())], r"laughs.yaml.*system_prompt"),
     ("set-without-equals", lambda w: ["train", w.config(), "--set", "train.max_steps"], r"train.max_steps"),
     ("set-unknown-key", lambda w: ["train", w.config(), "--set", "train.epochz=2"], r"epochz"),
     ("set-bad-value", lambda w: ["train", w.config(), "--set", "train.batch_size=-2"], r"batch_size"),
@@ -175,6 +183,19 @@ TRAIN: list[Case] = [
     ("run-resume-with-config", lambda w: ["run", w.config(), "--resume", str(w.interrupted)], r"drop CONFIG"),
     ("accelerate-flag-without-value", lambda w: ["train", w.config(), "--accelerate-config"], r"--accelerate-config"),
 ]
+
+
+def _folder(w: Workspace, name: str) -> str:
+    (w.root / name).mkdir()
+    return str(w.root / name)
+
+
+def _laughs() -> str:
+    """700 bytes of YAML whose aliases make a system prompt of a billion items (shared, never copied)."""
+    lines = ["name: t", "data: {train: qa.jsonl, system_prompt: *a8}"]
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    return "\n".join(levels + lines) + "\n"
 
 
 def _damaged_model(w: Workspace) -> str:
@@ -398,3 +419,8 @@ def test_logs_stay_valid_json_when_a_value_is_not_finite(tmp_path):
     assert json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=refuse) == \
         {"step": 1, "loss": None, "grad_norm": None}
     assert read_json(tmp_path / "m.json") == {"eval_loss": [None, 1.5]}
+
+
+def test_a_value_quoted_in_an_error_is_shortened(space, capsys):
+    assert run_cli("train", space.write("laughs.yaml", _laughs())) == 2
+    assert len(capsys.readouterr().err) < 3000  # the whole value was 52 MB of text

@@ -90,7 +90,7 @@ def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
     (tmp_path / "instruct").mkdir()  # a user's data folder
     assert load_config("instruct").name == "instruct"
     (tmp_path / "mine").mkdir()
-    with pytest.raises(AffinerError, match="config file mine does not exist"):
+    with pytest.raises(AffinerError, match="config file mine is a folder, not a YAML file"):
         load_config("mine")
 
 
@@ -206,3 +206,18 @@ def test_config_with_overrides_changed_only_and_yaml(capsys, tmp_path):
     assert load_config(str(written)) == load_config("gpt2-alpaca-lora")
     assert run_cli("config", "quickstart", "--set", "train.lerning_rate=1") == 2
     assert "train.lerning_rate: unknown key" in capsys.readouterr().err
+
+
+def test_a_yaml_merge_key_brings_its_values_and_may_be_overridden(tmp_path):
+    config = tmp_path / "merged.yaml"
+    config.write_text("name: m\ndata: &data {train: embedded:glossary-train.json, template: qa}\n"
+                      "train: {learning_rate: &rate 1.0e-4}\neval: {<<: {max_new_tokens: 12, batch_size: 3}, batch_size: 5}\n")
+    loaded = load_config(str(config))
+    assert (loaded.eval.max_new_tokens, loaded.eval.batch_size, loaded.train.learning_rate) == (12, 5, 1e-4)
+
+
+def test_the_type_of_a_bounded_setting_that_may_be_auto_is_shown_in_words(capsys):
+    assert run_cli("config", "instruct") == 0
+    out = capsys.readouterr().out
+    assert "(default auto; number > 0 or auto)" in out and "whole number >= 1 or auto, or null" in out
+    assert "Annotated" not in out

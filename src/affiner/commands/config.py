@@ -117,10 +117,15 @@ def type_text(field: FieldInfo) -> str:
     parts = typing.get_args(field.annotation) if is_union(field.annotation) else (field.annotation,)
     optional = type(None) in parts
     text = " or ".join(annotation_text(p) for p in parts if p is not type(None))
-    bounds = [f"{sign} {value_text(getattr(rule, name))}" for rule in field.metadata
+    return f"{with_bounds(text, field.metadata)}, or null" if optional else with_bounds(text, field.metadata)
+
+
+def with_bounds(text: str, rules: list) -> str:
+    """`text` followed by the bounds among `rules` (annotated-types' Gt, Ge... or a Field holding them)."""
+    rules = [inner for rule in rules for inner in (rule.metadata if isinstance(rule, FieldInfo) else [rule])]
+    bounds = [f"{sign} {value_text(getattr(rule, name))}" for rule in rules
               for name, sign in BOUNDS.items() if getattr(rule, name, None) is not None]
-    text = f"{text} {', '.join(bounds)}" if bounds else text
-    return f"{text}, or null" if optional else text
+    return f"{text} {', '.join(bounds)}" if bounds else text
 
 
 def is_union(annotation: Any) -> bool:
@@ -136,4 +141,6 @@ def annotation_text(annotation: Any) -> str:
         return f"list from {inner.removeprefix('one of ')}" if inner.startswith("one of ") else f"list of {inner}"
     if origin is dict:
         return "mapping of names"
+    if origin is typing.Annotated:  # epochs: Annotated[float, Field(gt=0)] | Literal["auto"]
+        return with_bounds(annotation_text(parts[0]), list(parts[1:]))
     return TYPE_NAMES.get(annotation, getattr(annotation, "__name__", str(annotation)))

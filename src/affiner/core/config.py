@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -25,6 +26,18 @@ class _Section(BaseModel):
     # inf and nan are never a setting (a learning rate of .inf trains to NaN weights): refused by name.
     # Every field's description is its one explanation: `affiner config` shows it next to the value.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_true_or_false_for_numbers(cls, data: Any) -> Any:
+        """pydantic's lax mode (which reads `1e-4`, a string to YAML, as a number) takes true for 1 and false for
+        0: `--set train.learning_rate=true` would train at a learning rate of 1."""
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if isinstance(value, bool) and field is not None and _numeric(field.annotation):
+                    raise ValueError(f"'{name}' must be a number, not {str(value).lower()}")
+        return data
 
 
 class ModelConfig(_Section):
@@ -245,6 +258,21 @@ class RunConfig(_Section):
         return "nf4" if self.method == "qlora" else None
 
 
+def _kinds(annotation: Any) -> set:
+    """The plain types an annotation admits: `Annotated[float, ...] | Literal["auto"] | None` -> {float, str, None}."""
+    if isinstance(annotation, type):
+        return {annotation}
+    if get_origin(annotation) is Literal:
+        return {type(value) for value in get_args(annotation)}
+    return set().union(*(_kinds(part) for part in get_args(annotation)[:1 if get_origin(annotation) is Annotated
+                                                                      else None]))
+
+
+def _numeric(annotation: Any) -> bool:
+    kinds = _kinds(annotation)
+    return bool(kinds & {int, float}) and bool not in kinds
+
+
 def recipe_names() -> list[str]:
     folder = resources.files("affiner") / "recipes"
     return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
@@ -257,7 +285,9 @@ def resolve_config_path(config: str | None) -> tuple[str, str]:
     # A recipe's name wins over a folder of the same name (`instruct/` holding a user's data).
     if path.suffix in {".yaml", ".yml"} or path.is_file() or (path.exists() and name not in recipe_names()):
         if not path.is_file():
-            raise AffinerError(f"config file {name} does not exist. Pass a YAML file or one of the recipes: "
+            what = "is a folder, not a YAML file" if path.is_dir() else (
+                "is not a regular file" if path.exists() else "does not exist")
+            raise AffinerError(f"config file {name} {what}. Pass a YAML file or one of the recipes: "
                                f"{', '.join(recipe_names())}.")
         return str(path), _read_text(path)
     recipe = resources.files("affiner") / "recipes" / f"{name}.yaml"
@@ -276,16 +306,20 @@ def _read_text(path: Path) -> str:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, except that a key given twice in one mapping is an error: the second `train:`
-    section would otherwise silently replace the first."""
+    section would otherwise silently replace the first. Keys brought in by a merge (`<<: *defaults`) may be
+    given again: overriding them is what a merge is for."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
             key = self.construct_object(key_node, deep=True)
-            if isinstance(key, (str, int, float, bool)) and key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"{key!r} is given twice (first on line {seen[key]}); keep one", key_node.start_mark)
-            seen[key] = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)):  # a list as a key is refused below, as unhashable
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (first on line {seen[key]}); keep one", key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep)
 
 
@@ -343,11 +377,40 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
 
 def validate_config(raw: dict[str, Any], label: str) -> RunConfig:
     raw = _migrate(raw)
+    if (where := _not_text(raw)) is not None:
+        raise AffinerError(f"{label}: {where or '(top level)'} holds a lone UTF-16 surrogate (an escape such as "
+                           "\\ud800 without its pair), which is no text any file or tokenizer can hold; remove it.")
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe(err) for err in exc.errors()]
         raise AffinerError(f"{label} has {len(problems)} problem(s): " + "; ".join(problems) + ".") from None
+
+
+def _not_text(tree: Any, path: str = "", seen: set[int] | None = None) -> str | None:
+    """The key path of the first string that cannot be written as UTF-8 (a lone surrogate), or None. Each
+    list or mapping is visited once: YAML aliases can make a small file a tree of billions of shared nodes."""
+    seen = set() if seen is None else seen
+    if isinstance(tree, str):
+        return None if tree.isascii() or not any("\ud800" <= c <= "\udfff" for c in tree) else path
+    if not isinstance(tree, (dict, list)) or id(tree) in seen:
+        return None
+    seen.add(id(tree))
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    for key, value in items:
+        inner = f"{path}.{key}".lstrip(".") if isinstance(tree, dict) else f"{path}[{key}]"
+        if (found := _not_text(key, inner, seen) if isinstance(key, str) else None) is not None:
+            return found
+        if (found := _not_text(value, inner, seen)) is not None:
+            return found
+    return None
+
+
+# A value quoted in an error is shortened: YAML aliases can make a small file hold a value of billions of items.
+_SHOWN = reprlib.Repr()  # Python 3.11's takes no arguments
+_SHOWN.maxstring = _SHOWN.maxother = 120
+_SHOWN.maxlist = _SHOWN.maxdict = _SHOWN.maxtuple = 6
+_SHOWN.maxlevel = 2
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -357,7 +420,7 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     given = err.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {given!r})"
+    shown = "" if isinstance(given, dict) else f" (got {_SHOWN.repr(given)})"
     message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
     return f"{path}: {message[0].lower()}{message[1:]}{shown}"
 
