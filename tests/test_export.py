@@ -498,7 +498,8 @@ def test_cli_errors(tmp_path, capfd, llama_run):
     taken.mkdir()
     (taken / "notes.txt").write_text("mine")
     before = (taken / "notes.txt").stat().st_mtime_ns
-    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(taken)), "already exists")
+    # never advised to --overwrite a folder that --overwrite refuses
+    _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(taken)), "not written by affiner export")
     _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(taken), "--overwrite"),
                          "not written by affiner export")
     assert [p.name for p in taken.iterdir()] == ["notes.txt"] and (taken / "notes.txt").stat().st_mtime_ns == before

@@ -265,3 +265,21 @@ def test_overwrite_never_replaces_a_folder_prepare_did_not_write(tiny_gpt2, tmp_
         cli.main(["prepare", str(config), "--output", str(precious), "--overwrite"])
     assert exit_info.value.code == 2 and "not written by affiner prepare" in capsys.readouterr().err
     assert (precious / "notes.txt").read_text() == "mine"
+
+
+def test_the_commands_prepare_advises_train_on_the_folder_even_with_spaces_in_the_paths(tiny_gpt2, tmp_path, capsys):
+    import shlex
+
+    from affiner.core.config import load_config
+
+    source = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_rows(12))
+    output, code = prepare(tmp_path / "my work", tiny_gpt2, source, output=tmp_path / "my data")
+    assert code == 0
+    advised = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    card = (output / "data_card.md").read_text()
+    in_card = next(line for line in card.splitlines() if line.startswith("affiner train "))
+    for command in (advised.removeprefix("next: "), in_card.replace("<this folder>", shlex.quote(str(output)))):
+        words = shlex.split(command)
+        assert words[:2] == ["affiner", "train"] and words[3::2] == ["--set", "--set"]
+        config = load_config(words[2], words[4::2])
+        assert config.data.train == config.data.test == str(output)

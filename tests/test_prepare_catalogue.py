@@ -72,7 +72,21 @@ ERRORS = [
          error="has no 'output' field"),
     Case("mapping-to-absent-column", {"d.jsonl": jsonl([{"prompt": "q", "answer": "a"}])},
          data={"format": "alpaca", "columns": {"instruction": "prompt", "output": "reply"}},
-         error="has no 'output' field"),
+         error="data.columns.output names the column 'reply', which no row of the data has"),
+    Case("column-name-misspelt", {"d.jsonl": jsonl(GOOD)}, data={"columns": {"gruop": "topic"}},
+         error="data.columns: 'gruop' is no field affiner reads, did you mean 'group'?"),
+    Case("optional-column-misspelt", {"d.jsonl": jsonl([{**r, "topic": "t"} for r in GOOD])},
+         data={"columns": {"group": "topicz"}}, error="data.columns.group names the column 'topicz'"),
+    Case("key-given-twice", {"d.jsonl": jsonl(GOOD[:2]) + '{"instruction": "q", "output": "real", "output": "junk"}\n'},
+         error="d.jsonl:3 gives the key 'output' twice in one object"),
+    Case("key-given-twice-in-a-json-file", {"d.json": '[{"instruction": "q", "output": "real", "output": "junk"}]'},
+         error="d.json gives the key 'output' twice in one object"),
+    Case("lone-surrogate", {"d.jsonl": jsonl(GOOD[:2]) + '{"instruction": "q \\ud800", "output": "a"}\n'},
+         error="d.jsonl:3 'instruction' holds a lone UTF-16 surrogate"),
+    Case("data-path-is-a-plain-folder", {"d.jsonl": jsonl(GOOD)}, data={"train": "{in}"},
+         error="is a folder, and not one written by affiner prepare"),
+    Case("prepared-manifest-damaged", {"p/prepared.json": '{"files": ', "p/train.jsonl": jsonl(GOOD)},
+         data={"train": "{in}/p"}, error="p/prepared.json is damaged"),
     Case("unsupported-suffix", {"d.txt": "q\ta\n"}, error="unsupported type '.txt'"),
     Case("missing-file", {}, data={"train": "{in}/nowhere.jsonl"}, error="nowhere.jsonl does not exist"),
     Case("json-not-a-list", {"d.json": "42"}, error="must hold a JSON list of records"),
@@ -180,6 +194,7 @@ def run_prepare(case: Case, tmp_path: Path, base: Path, request) -> tuple[int, s
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name, content in case.files.items():
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
         (inputs / name).write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
     train = next((f"{{in}}/{n}" for n in case.files if n.startswith("d.")), "{in}/d.jsonl")
     data = {"train": train, "template": "alpaca", "max_length": 96, "test_size": 2, **case.data}
@@ -242,8 +257,35 @@ def test_an_existing_output_is_refused_and_left_untouched(tmp_path, tiny_gpt2, r
     before = snapshot(output)
     code, _, _ = run_prepare(case, tmp_path, tiny_gpt2, request)
     err = capsys.readouterr().err
-    assert code == 2 and "already exists" in err and "Traceback" not in err
+    assert code == 2 and "was not written by affiner prepare" in err and "Traceback" not in err
+    assert "--overwrite" not in err  # it would be refused too: a user's own folder is never replaced
     assert snapshot(output) == before
+
+
+def test_an_empty_output_folder_is_written_into(tmp_path, tiny_gpt2, request):
+    (tmp_path / "out" / "prepared").mkdir(parents=True)
+    code, _, output = run_prepare(Case("empty-output", {"d.jsonl": jsonl(GOOD)}), tmp_path, tiny_gpt2, request)
+    assert code == 0 and (output / "prepared.json").is_file()
+
+
+def test_an_output_that_is_a_link_is_replaced_where_it_leads_and_stays_a_link(tmp_path, tiny_gpt2, request, capsys):
+    case = Case("linked-output", {"d.jsonl": jsonl(GOOD)})
+    code, inputs, output = run_prepare(case, tmp_path, tiny_gpt2, request)
+    assert code == 0
+    real = output.with_name("real")
+    output.rename(real)
+    output.symlink_to(real)
+    first = (real / "prepared.json").read_text()
+    (inputs / "d.jsonl").write_text(jsonl(GOOD + [{"instruction": "one more", "output": "a new row"}]))
+    for _ in range(2):  # the second time, nothing left behind by the first gets in the way
+        try:
+            cli.main(["prepare", str(tmp_path / "config.yaml"), "--output", str(output), "--overwrite"])
+        except SystemExit as exc:
+            pytest.fail(f"exit {exc.code}: {capsys.readouterr().err}")
+    assert output.is_symlink() and output.resolve() == real.resolve()
+    assert (real / "prepared.json").read_text() != first and "one more" in (real / "train.jsonl").read_text() + (
+        real / "test.jsonl").read_text()
+    assert sorted(p.name for p in output.parent.iterdir()) == ["prepared", "real"]  # no retired link left
 
 
 def test_the_catalogue_is_large_enough():

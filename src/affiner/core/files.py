@@ -108,24 +108,29 @@ def check_replaceable(output: Path, overwrite: bool, marker: str, verb: str) -> 
     """`output` may be new, or, with --overwrite, a folder an earlier `affiner VERB` wrote (it holds `marker`):
     a user's own folder is never replaced by mistake. What an earlier, killed `affiner VERB` left beside it
     is cleaned up first (its earlier folder put back if it was caught between two renames)."""
+    output = output.resolve() if output.is_symlink() else output  # as folder_written_whole writes it
     cleaned = remove_leftovers(output.parent, named=output.name)
     if cleaned:
         print(f"note: cleaned what an interrupted affiner left in {output.parent}: {', '.join(cleaned)}",
               file=sys.stderr)
-    if not output.exists():
+    if not output.exists() or (output.is_dir() and not any(output.iterdir())):  # an empty folder holds nothing to lose
         return
+    if not output.is_dir():
+        raise AffinerError(f"{output} is a file, not a folder; pass another --output.")
+    if not (output / marker).is_file():
+        raise AffinerError(f"{output} exists and was not written by affiner {verb} (no {marker}): affiner never "
+                           f"replaces a folder of yours. Pass another --output.")
     if not overwrite:
         raise AffinerError(f"{output} already exists; pass another --output, or --overwrite to replace it "
                            "(the old folder is only removed once the new one is complete).")
-    if not (output / marker).is_file():
-        raise AffinerError(f"{output} exists and was not written by affiner {verb} (no {marker}); --overwrite "
-                           f"only replaces folders written by affiner {verb}. Pass another --output.")
 
 
 @contextmanager
 def folder_written_whole(output: Path) -> Iterator[Path]:
     """A staging folder beside `output` to write into, moved into place (an earlier folder replaced) only
-    when the block ends without error, and removed whatever happens: no half-written output, ever."""
+    when the block ends without error, and removed whatever happens: no half-written output, ever. An `output`
+    that is a symbolic link is written where it leads (the link stays, and keeps leading to the new folder)."""
+    output = output.resolve() if output.is_symlink() else output
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}-staging-{os.getpid()}-{secrets.token_hex(4)}")
     staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
@@ -179,7 +184,7 @@ def remove_leftovers(folder: Path, any_owner: bool = False, named: str | None = 
             entry.rename(original)
             removed.append(f"{entry.name} (restored as {original.name})")
             continue
-        shutil.rmtree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink(missing_ok=True)
         removed.append(entry.name)
     return removed
 

@@ -7,6 +7,7 @@ conversation: [[...], ...]}). `data.columns` maps a source's column names to the
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from affiner.core.errors import AffinerError
@@ -29,6 +30,7 @@ def to_examples(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | No
     """Canonical examples from rows; `columns` maps canonical names to the source's (`output: answer`)."""
     if not rows:
         return []
+    _check_column_names(columns or {})
     rename = {source: canonical for canonical, source in (columns or {}).items()}
     rows = [({rename.get(k, k): v for k, v in record.items()}, where) for record, where in rows]
     if fmt == "auto":
@@ -40,6 +42,34 @@ def to_examples(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | No
                                "(conversations). Set data.format, and data.columns to map your column names.")
     convert = {"alpaca": _from_alpaca, "qa": _from_qa, "conversations": _from_conversations}[fmt]
     return [example for record, where in rows for example in convert(record, where)]
+
+
+# Every field a row can give, by its canonical name: what data.columns may map a column to.
+FIELDS = ("instruction", "input", "output", "question", "answer", "messages", "conversation", "conversations",
+          "reference", "key", "group", "history", "ground_truth", "acronym")
+
+
+def _check_column_names(columns: dict[str, str]) -> None:
+    """data.columns maps only fields affiner reads: a typo there (`gruop: topic`) would be ignored, and with it the
+    grouped split."""
+    unknown = [name for name in columns if name not in FIELDS]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], FIELDS, n=1)
+        raise AffinerError(f"data.columns: '{unknown[0]}' is no field affiner reads"
+                           + (f", did you mean '{close[0]}'?" if close else "") + f" (fields: {', '.join(FIELDS)}; "
+                           "write field: your_column).")
+
+
+def check_mapped_columns(rows: list[Row], columns: dict[str, str]) -> None:
+    """Each column data.columns names is in the (training) data: a misspelt optional one (`group: topicz`) would
+    otherwise be read as absent. A held-out file may lack an optional column the training data has."""
+    _check_column_names(columns)  # a misspelt field first: its column may well be there
+    present = set().union(*(record.keys() for record, _ in rows))
+    missing = [(name, column) for name, column in columns.items() if column not in present]
+    if missing and rows:
+        name, column = missing[0]
+        raise AffinerError(f"data.columns.{name} names the column '{column}', which no row of the data has (the "
+                           f"first row, {rows[0][1]}, has: {', '.join(map(str, rows[0][0]))[:300]}).")
 
 
 def _field(record: dict[str, Any], key: str, where: str, required: bool = True) -> str:

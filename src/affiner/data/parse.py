@@ -75,10 +75,35 @@ def read_json(path: Path, label: str) -> list[Row]:
     return [(as_record(item, f"{label} item {i}"), f"{label} item {i}") for i, item in enumerate(data, 1)]
 
 
+class _NotOneText(ValueError):
+    """A JSON object that no reader could take as the writer meant it: a key given twice, or a lone surrogate."""
+
+
+def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object, refusing a key given twice (json keeps the last, dropping the first unseen) and a string
+    holding a lone UTF-16 surrogate (an escape such as \\ud800 without its pair: no file or tokenizer holds it)."""
+    record = dict(pairs)
+    if len(record) != len(pairs):
+        twice = next(key for i, (key, _) in enumerate(pairs) if any(key == other for other, _ in pairs[:i]))
+        raise _NotOneText(f"gives the key '{twice[:80]}' twice in one object; json would keep the second and drop the "
+                          "first unseen: keep one")
+    for key, value in pairs:
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise _NotOneText(f"'{key[:80]}' holds a lone UTF-16 surrogate (an escape such as \\ud800 "
+                                      "without its pair), which is no text: fix or remove it") from None
+    return record
+
+
 def loads(text: str, label: str, line: int | None = None) -> Any:
     """json.loads naming `label`:line on failure; `line` is the JSONL line (None: a whole JSON file)."""
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_checked_object)
+    except _NotOneText as exc:
+        raise AffinerError(f"{label}{f':{line}' if line else ''} {exc}.") from None
     except json.JSONDecodeError as exc:
         raise AffinerError(f"{label}:{line or exc.lineno} is not valid JSON: {exc.msg} (column {exc.colno}).") from None
     except ValueError:  # an integer of more digits than Python converts (4300)

@@ -30,7 +30,7 @@ from affiner.core.templates import Example, Template, render_prompt
 from affiner.data.filters import (drop_by_pattern, drop_duplicates, drop_empty, drop_long_answers, drop_new_turns,
                                   drop_other_languages, drop_overlap, drop_too_many_characters,
                                   drop_too_many_tokens, question_key)
-from affiner.data.formats import to_examples
+from affiner.data.formats import check_mapped_columns, to_examples
 from affiner.data.ledger import Ledger
 from affiner.data.read import PREPARED_FILE, is_prepared, read_rows
 from affiner.data.tokens import chars_per_token, response_lengths, token_lengths
@@ -121,6 +121,8 @@ def source_examples(rows: list, source: str, data: DataConfig) -> list[Example]:
 
 def read_examples(source: str, data: DataConfig, split_name: str, ledger: Ledger, side: str) -> list[Example]:
     rows = read_rows(source, split_name)
+    if side == "train" and not is_prepared(source):
+        check_mapped_columns(rows, data.columns)
     examples = source_examples(rows, source, data)
     ledger.steps.append({"split": side, "step": "read", "in": len(rows), "dropped": {}, "kept": len(examples)})
     if side == "train" and data.max_rows and len(examples) > data.max_rows:

@@ -6,6 +6,8 @@ earlier prepared folder is never left half-replaced.
 
 from __future__ import annotations
 
+import shlex
+
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -131,7 +133,9 @@ def data_card(prepared: Prepared, config: RunConfig, manifest: dict[str, Any]) -
     for e in prepared.train[:3]:
         question = f"{e.instruction}\n\n{e.input}" if e.input else e.instruction
         lines += [f"- **Question:** {shorten(question, 300, '…')}", f"  **Answer:** {shorten(e.response, 300, '…')}"]
-    lines += ["", "## Use it", "", "```bash", f"affiner train {config.name} --set data.train=<this folder> --set data.test=<this folder>",
+    # The config saved beside the data, not the recipe's name: a YAML file of the user's may not be at hand.
+    lines += ["", "## Use it", "", "```bash",
+              "affiner train <this folder>/config.yaml --set data.train=<this folder> --set data.test=<this folder>",
               "affiner evaluate RUN --test <this folder>", "```", ""]
     return "\n".join(lines)
 
@@ -152,5 +156,6 @@ def prepare(config: RunConfig, output: Path, overwrite: bool = False, label: str
             print(f"  {'train + test' if side == 'all' else side} tokens: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     print(f"wrote {folder}: train.jsonl ({len(prepared.train)} rows), test.jsonl ({len(prepared.test)} rows), "
           f"dropped.jsonl ({len(prepared.ledger.dropped)}), data_card.md, lengths.png")
-    print(f"next: affiner train {label} --set data.train={folder} --set data.test={folder}")
+    print(f"next: affiner train {shlex.quote(label)} --set {shlex.quote(f'data.train={folder}')} "
+          f"--set {shlex.quote(f'data.test={folder}')}")
     return folder

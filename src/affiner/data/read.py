@@ -40,7 +40,13 @@ def read_rows(source: str, split: str = "train") -> list[Row]:
         return _read_file(path, label=str(path))
     if is_prepared(source):
         return _read_prepared(path, split)
-    if path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")) or path.exists():
+    if path.is_dir():
+        raise AffinerError(f"data file {source} is a folder, and not one written by affiner prepare (it holds no "
+                           f"{PREPARED_FILE}): name a JSON, JSONL, CSV or Parquet file in it.")
+    if path.exists() or path.is_symlink():
+        what = "is not a regular file" if path.exists() else "is a symbolic link to nothing (a loop, or a missing target)"
+        raise AffinerError(f"data file {source} {what}: name a JSON, JSONL, CSV or Parquet file.")
+    if path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise AffinerError(f"data file {source} does not exist.")
     return _read_hub(source, split)
 
@@ -56,18 +62,29 @@ def is_prepared(source: str | None) -> bool:
 
 
 def _read_prepared(folder: Path, split: str) -> list[Row]:
-    manifest = json.loads((folder / PREPARED_FILE).read_text(encoding="utf-8"))
-    files = manifest.get("files", {})
+    files = _prepared_files(folder)
     name = f"{split}.jsonl"
     if name not in files:
         raise AffinerError(f"{folder} (prepared by affiner prepare) has no '{split}' split; it has "
                            f"{', '.join(f.removesuffix('.jsonl') for f in files) or 'none'}.")
     path = folder / name
-    if not path.is_file() or file_sha256(path) != files[name]["sha256"]:
+    if not path.is_file() or file_sha256(path) != files[name]:
         raise AffinerError(f"{path} is missing or was changed after affiner prepare wrote it (its sha256 differs "
                            f"from {folder / PREPARED_FILE}); run affiner prepare again so that the data card and "
                            "the fingerprint describe what you train on.")
     return _read_file(path, label=str(path))
+
+
+def _prepared_files(folder: Path) -> dict[str, str]:
+    """The files listed in a prepared folder's manifest, by name, with their sha256."""
+    manifest_path = folder / PREPARED_FILE
+    try:
+        files = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+        return {name: entry["sha256"] for name, entry in files.items() if isinstance(entry["sha256"], str)}
+    except (OSError, ValueError, LookupError, TypeError, AttributeError) as exc:
+        raise AffinerError(f"{manifest_path} is damaged ({type(exc).__name__}: {str(exc)[:120]}); it is what "
+                           f"affiner prepare wrote to describe its files: run affiner prepare again to write "
+                           f"{folder} anew.") from None
 
 
 def _read_file(path: Path, label: str) -> list[Row]:
