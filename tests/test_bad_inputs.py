@@ -286,7 +286,7 @@ EXPORT: list[Case] = [
     ("unfinished", lambda w: ["export", str(w.interrupted), "--output", "out"], r"has not finished training"),
     ("output-not-ours", lambda w: ["export", str(w.finished), "--output", _users_folder(w), "--overwrite"],
      r"was not written by affiner export"),
-    ("output-exists", lambda w: ["export", str(w.finished), "--output", _users_folder(w)], r"not written by affiner export: affiner never replaces a folder of yours"),
+    ("output-exists", lambda w: ["export", str(w.finished), "--output", _users_folder(w)], r"not written by affiner export \(no export.json\): affiner never replaces a folder of yours"),
     ("dtype-unknown", lambda w: ["export", str(w.finished), "--output", "out", "--dtype", "fp8"], r"--dtype"),
     ("merge-device-unknown", lambda w: ["export", str(w.finished), "--output", "out", "--merge-device", "tpu"],
      r"--merge-device"),
