@@ -55,6 +55,18 @@ def write_together(files: dict[Path, str | bytes]) -> None:
             temporary.unlink(missing_ok=True)
 
 
+def is_text(value: str) -> bool:
+    """Whether `value` can be written as UTF-8: a JSON or YAML escape such as \\ud800 without its pair makes a
+    lone UTF-16 surrogate, which no file, tokenizer or terminal holds."""
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def json_text(data: Any, indent: int | None = 2) -> str:
     """Strict JSON: a non-finite number (a diverged loss, an infinite gradient norm) is written as null, since
     NaN and Infinity are not JSON and break other readers (jq, browsers, pandas' strict mode)."""

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from affiner.core.config import RunConfig, dump_config, parse_yaml, validate_config
+from affiner.core.config import RunConfig, dump_config, validate_config
+from affiner.core.yaml_input import parse_yaml
 from affiner.core.errors import AffinerError
 from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json, write_jsonl
 from affiner.core.templates import Example, Template, load_template, one_template, save_template

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from affiner.core.errors import AffinerError
+from affiner.core.files import is_text
 
 Row = tuple[dict[str, Any], str]  # a record and where it came from ("file.jsonl:12")
 
@@ -88,13 +89,9 @@ def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         raise _NotOneText(f"gives the key '{twice[:80]}' twice in one object; json would keep the second and drop the "
                           "first unseen: keep one")
     for key, value in pairs:
-        for text in (key, value):
-            if isinstance(text, str) and not text.isascii():
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise _NotOneText(f"'{key[:80]}' holds a lone UTF-16 surrogate (an escape such as \\ud800 "
-                                      "without its pair), which is no text: fix or remove it") from None
+        if not (is_text(key) and (not isinstance(value, str) or is_text(value))):
+            raise _NotOneText(f"'{key[:80]}' holds a lone UTF-16 surrogate (an escape such as \\ud800 without its "
+                              "pair), which is no text: fix or remove it")
     return record
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from affiner.core.config import RunConfig, apply_overrides, parse_yaml, resolve_config_path, validate_config
+from affiner.core.config import RunConfig, resolve_config_path, validate_config
+from affiner.core.yaml_input import apply_overrides, parse_yaml
 from affiner.core.errors import AffinerError, Incomplete
 from affiner.core.files import read_json, write_json
 from affiner.core.runfolder import RUN_FILE, RunFolder

@@ -18,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from affiner.core.errors import AffinerError, first_line
+from affiner.core.files import is_text
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import BASE, Engine, Reply
@@ -109,16 +110,6 @@ def _open_model(model: str, folders: list[Path], template: str | None, base: boo
     engine = Engine.on_base(load_model(model), tokenizer, prompt, adapters)
     name = BASE if base or not adapters else engine.adapters[0]
     return engine, name, f"{model} ({prompt.name} template)"
-
-
-def is_text(line: str) -> bool:
-    """Whether a line read from the terminal is text: bytes that are not UTF-8 arrive as lone surrogates, which no
-    tokenizer takes."""
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
