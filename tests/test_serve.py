@@ -150,6 +150,33 @@ def test_a_repetition_penalty_is_applied_as_the_engine_applies_it(client, engine
     assert expected.text != engine.complete("tuned", QUESTION, greedy(16)).text
 
 
+def test_a_request_without_a_penalty_gets_its_runs_as_evaluation_decoded(run_folder, tmp_path, engine):
+    import dataclasses
+    import shutil
+
+    import yaml
+
+    copy = tmp_path / "penalised"
+    shutil.copytree(run_folder, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    config["eval"]["repetition_penalty"] = 1.5
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    assert Engine.from_runs([copy]).penalties == {"base": 1.5, "tuned": 1.5}
+    server = start(dataclasses.replace(engine, penalties={"base": 1.5, "tuned": 1.5}))
+    try:
+        client = OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="x", max_retries=0)
+        for model in ("base", "tuned"):
+            penalised = engine.complete(model, QUESTION, Settings(temperature=0, max_new_tokens=16, repetition_penalty=1.5))
+            assert penalised.text != engine.complete(model, QUESTION, greedy(16)).text
+            reply = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0)
+            assert reply.choices[0].message.content == penalised.text
+            off = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=16, temperature=0,
+                                                 extra_body={"repetition_penalty": 1.0})
+            assert off.choices[0].message.content == engine.complete(model, QUESTION, greedy(16)).text
+    finally:
+        stop(server)
+
+
 @pytest.mark.parametrize("model", ["base", "tuned"])
 @pytest.mark.parametrize("messages", [QUESTION, CONVERSATION], ids=["question", "conversation"])
 def test_greedy_chat_answers_as_the_engine_does(client, engine, model, messages):
@@ -409,6 +436,8 @@ def test_a_long_stop_text_ends_its_row_in_a_batch_once_written(qa_engine, monkey
     ("POST", "/v1/chat/completions", chat_body(stop=5), 400, "stop"),
     ("POST", "/v1/completions", {"model": "tuned", "prompt": "x", "stop": [""]}, 400, "stop"),
     ("POST", "/v1/chat/completions", chat_body(tools=[{"type": "function"}]), 400, "tools"),
+    ("POST", "/v1/chat/completions", chat_body(frequency_penalty=2.0), 400, "frequency_penalty"),
+    ("POST", "/v1/completions", {"model": "base", "prompt": "x", "presence_penalty": -1}, 400, "presence_penalty"),
     ("POST", "/v1/chat/completions", chat_body(model="gpt-4o"), 404, "model"),
     ("POST", "/v1/completions", {"model": "tuned", "prompt": 5}, 400, "prompt"),
     ("POST", "/v1/completions", {"model": "tuned", "prompt": ["a", "b"]}, 400, "prompt"),

@@ -95,6 +95,9 @@ class Engine:
     adapters: list[str] = field(default_factory=list)
     context_window: int = 2048
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Each model's repetition penalty when a request sets none: its run's eval.repetition_penalty, so that it answers
+    # as the report's answers were made (the base as the first run's evaluation decoded it).
+    penalties: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------------------------ loading
 
@@ -108,8 +111,11 @@ class Engine:
             raise AffinerError(f"{full} is a full fine-tune: there is no adapter to put on a base; "
                                "pass its folder as the base model instead.")
         names = names or model_names([r.path for r in runs])
-        return cls.on_base(load_for(configs[0]), tokenizer_for(configs[0], runs[0].path), runs[0].template(),
-                           dict(zip(names, [r.path for r in runs])))
+        engine = cls.on_base(load_for(configs[0]), tokenizer_for(configs[0], runs[0].path), runs[0].template(),
+                             dict(zip(names, [r.path for r in runs])))
+        engine.penalties = {BASE: configs[0].eval.repetition_penalty,
+                            **{name: config.eval.repetition_penalty for name, config in zip(names, configs)}}
+        return engine
 
     @classmethod
     def on_base(cls, base, tokenizer, template: Template, adapters: dict[str, Path]) -> "Engine":
@@ -134,6 +140,9 @@ class Engine:
     @property
     def names(self) -> list[str]:
         return [BASE, *self.adapters]
+
+    def repetition_penalty(self, name: str) -> float:
+        return self.penalties.get(name, 1.0)
 
     # ------------------------------------------------------------------------------------ prompts
 

@@ -20,7 +20,9 @@ from affiner.interfaces.engine import Engine, Reply
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOPS = 4  # as OpenAI's API
-UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "logprobs", "top_logprobs", "echo")
+# Refused unless sent empty: answering without them would pass another decoding off as the one asked for.
+UNSUPPORTED = ("tools", "functions", "logit_bias", "suffix", "logprobs", "top_logprobs", "echo", "frequency_penalty",
+               "presence_penalty")
 EMPTY = (None, False, 0, "", [], {})  # an unsupported field sent with one of these asks for nothing
 
 
@@ -143,7 +145,8 @@ def parse_request(engine: Engine, data: bytes, chat: bool) -> tuple[Body, Settin
         raise ApiError(400, f"The body must be a JSON object, not {type(raw).__name__}.", code="invalid_json")
     refused = [name for name in UNSUPPORTED if raw.get(name) not in EMPTY]
     if refused:
-        raise ApiError(400, f"'{refused[0]}' is not supported by affiner serve.", param=refused[0],
+        instead = " (repetition_penalty is, as in vLLM)" if refused[0].endswith("_penalty") else ""
+        raise ApiError(400, f"'{refused[0]}' is not supported by affiner serve{instead}.", param=refused[0],
                        code="unsupported_parameter")
     try:
         body = (ChatBody if chat else CompletionBody).model_validate(raw)
@@ -157,6 +160,7 @@ def parse_request(engine: Engine, data: bytes, chat: bool) -> tuple[Body, Settin
         raise ApiError(400, "'max_tokens' and 'max_completion_tokens' disagree; send one of them.",
                        param="max_completion_tokens", code="invalid_value")
     given = {k: v for k in ("temperature", "top_p", "top_k", "repetition_penalty") if (v := getattr(body, k)) is not None}
+    given.setdefault("repetition_penalty", engine.repetition_penalty(body.model))  # as the run's evaluation decoded
     limit = fit_max_tokens(engine, body.messages, body.prompt, body.max_completion_tokens or body.max_tokens)
     return body, Settings(**given, seed=body.seed, max_new_tokens=limit)
 
