@@ -400,6 +400,18 @@ def test_commands_that_pick_the_latest_run_skip_unfinished_ones_with_a_notice(sp
     assert f"skipping {newest}/ (status: failed)" in out or f"skipping {newest} (status: failed)" in out
 
 
+def test_the_latest_run_is_the_one_trained_last_not_the_one_written_into_last(space):
+    import os
+
+    from affiner.core.runfolder import RunFolder
+
+    newer = space.root / "runs" / "trained-later"
+    shutil.copytree(space.finished, newer)
+    RunFolder(newer).update(started="2999-01-01T00:00:00+00:00")
+    os.utime(space.finished, (1e10, 1e10))  # the older run evaluated again afterwards: its folder's time moves
+    assert RunFolder.latest(space.root / "runs").path == newer
+
+
 def test_one_damaged_run_does_not_hide_the_others(space, capsys):
     _damage_run_json(space.interrupted)
     assert run_cli("runs", "--dir", "runs") == 0

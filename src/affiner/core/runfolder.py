@@ -82,13 +82,13 @@ class RunFolder:
     def latest(cls, output_dir: str | Path = "runs", say=print) -> "RunFolder | None":
         """The newest run that finished training; newer ones still training, stopped or failed are named
         and skipped (a command that picks "the latest run" must not pick a half-written one)."""
-        runs = sorted((p for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()),
-                      key=lambda p: p.stat().st_mtime, reverse=True)
-        for path in runs:
-            run = cls(path)
+        # Newest by when training started, as `affiner runs` orders them: a folder's time changes with every
+        # evaluation or export written into it, which would make an older run "the latest".
+        runs = [cls(p) for p in Path(output_dir).glob("*/") if (p / RUN_FILE).is_file()]
+        for run in sorted(runs, key=lambda r: (r.started, len(r.name), r.name), reverse=True):
             if run.is_finished:
                 return run
-            say(f"note: skipping {path} (status: {run.status}); name a run to use another one.")
+            say(f"note: skipping {run.path} (status: {run.status}); name a run to use another one.")
         return None
 
     @classmethod
