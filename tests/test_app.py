@@ -517,3 +517,23 @@ def test_the_page_in_headless_chromium(runs, tmp_path):
     greenish = ((g - r > 10) & (g - b > 8)).sum()
     assert blueish > 5000, f"no blue-tinted base answer box in the screenshot ({blueish} pixels)"
     assert greenish > 5000, f"no green-tinted tuned answer box in the screenshot ({greenish} pixels)"
+
+
+def test_a_terminated_affiner_app_stops_its_page_server_too():
+    """kill (SIGTERM) reaches affiner alone, unlike a terminal's Ctrl-C: the page server must not stay on the port."""
+    import sys
+    import threading
+
+    before = signal.getsignal(signal.SIGTERM)
+    page_server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            app.wait_for_page_server(page_server)
+    finally:
+        timer.cancel()
+        page_server.kill()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert page_server.poll() == -signal.SIGTERM  # terminated by affiner, not by the clean-up above
+    assert signal.getsignal(signal.SIGTERM) == before  # affiner's handler lasts as long as the page server

@@ -12,6 +12,7 @@ import html
 import io
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -47,7 +48,7 @@ def launch(folders: list[Path], host: str = "127.0.0.1", port: int = 8501, api_k
           f"{', '.join(f'{n} ({display_path(f)})' for n, f in zip(names, folders))}")
     print(f"Open http://{'127.0.0.1' if host in {'', '0.0.0.0', '::'} else host}:{port}/ (Ctrl-C to stop)"
           + (" and give the key" if key else ""), flush=True)
-    code = _wait(subprocess.Popen(streamlit_command(folders, port=port, host=host), env=env))
+    code = wait_for_page_server(subprocess.Popen(streamlit_command(folders, port=port, host=host), env=env))
     if code != 0:
         raise AffinerError(f"the page server stopped with exit code {code} (see its message above); if port "
                            f"{port} is taken, choose another with --port.")
@@ -77,18 +78,36 @@ def key_matches(sent: str, key: str) -> bool:
     return hmac.compare_digest(sent.strip().encode("utf-8"), key.strip().encode("utf-8"))
 
 
-def _wait(process: subprocess.Popen) -> int:
-    """The page server's exit code; on Ctrl-C, once it has closed (the terminal's Ctrl-C reached it too)."""
+def wait_for_page_server(process: subprocess.Popen) -> int:
+    """The page server's exit code; on Ctrl-C, once it has closed (the terminal's Ctrl-C reached it too). A
+    SIGTERM or SIGHUP (kill, a closed terminal, a service manager stopping affiner) reaches affiner alone: the
+    page server, holding the models, is stopped before affiner exits, not left serving on the port."""
+    def stop_both(signum: int, frame) -> None:
+        process.terminate()  # not waited for here: the interrupted wait() still holds the process's lock
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop_both) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return process.wait()
-    except KeyboardInterrupt:
-        # Give Streamlit a moment to close its sessions before ending it.
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.terminate()
-            process.wait()
+    except (KeyboardInterrupt, SystemExit):
+        _end(process, grace=10)  # Streamlit closes its sessions on its own Ctrl-C: give it a moment
         raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _end(process: subprocess.Popen, grace: float = 0) -> None:
+    try:
+        process.wait(timeout=grace)
+        return
+    except subprocess.TimeoutExpired:
+        process.terminate()
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def streamlit_command(folders: list[Path], port: int = 8501, host: str = "127.0.0.1") -> list[str]:
