@@ -256,3 +256,17 @@ def test_an_adapter_given_by_folder_is_prompted_with_its_saved_template(tmp_path
         cli.main(["chat", "--model", str(tiny_llama), "--adapter", str(run), "--template", "alpaca", *asked])
     assert exit_info.value.code == 2
     assert "was trained with the 'qa' template" in capsys.readouterr().err
+
+
+def test_chat_prompt_writes_the_answer_alone_on_stdout(runs):
+    """`affiner chat RUN --prompt Q > answer.txt`: notes (the precision chosen, library warnings) go to stderr."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "AFFINER_CPU_BF16"}  # precision measured: its note printed
+    done = subprocess.run([sys.executable, "-m", "affiner", "chat", str(runs[0]), "--prompt", "What does QUILT stand for?",
+                           "--greedy", "--max-new-tokens", "12"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() and "note:" not in done.stdout and "Loading" not in done.stdout
+    assert "pip install kernels" not in done.stderr  # bitsandbytes' advice to fetch optional kernels from the Hub

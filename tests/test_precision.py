@@ -90,10 +90,10 @@ def test_precision_table(machine, kind, capability, precision, model_type, expec
 def test_gemma_on_a_gpu_without_native_bf16_falls_back_to_fp32_and_says_why(machine, capsys):
     machine("cuda", T4)
     assert resolve_dtype("auto", GEMMA) == torch.float32
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "overflow in fp16" in out and "compute capability 7.5" in out and "fp32" in out
     resolve_dtype("auto", GEMMA)
-    assert capsys.readouterr().out == ""  # once per process, though loader and training loop both ask
+    assert capsys.readouterr().err == ""  # once per process, though loader and training loop both ask
 
 
 def test_explicit_bf16_without_native_bf16_is_refused(machine):
@@ -122,9 +122,9 @@ def test_mps_bf16_needs_macos_14(machine):
 def test_cpu_notes_for_an_explicit_precision(machine, capsys):
     machine("cpu")
     assert resolve_dtype("fp16") == torch.float32
-    assert "needs a GPU" in capsys.readouterr().out
+    assert "needs a GPU" in capsys.readouterr().err
     assert resolve_dtype("bf16") == torch.bfloat16
-    assert "bf16 is emulated on this CPU (0.3x the speed of fp32)" in capsys.readouterr().out
+    assert "bf16 is emulated on this CPU (0.3x the speed of fp32)" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -209,7 +209,8 @@ def test_on_a_cpu_without_native_bf16_nothing_changes(machine, loads):
 def test_a_cpu_with_native_bf16_computes_in_bf16_and_says_why(machine, loads, capsys):
     machine("cpu", cpu_bf16_speedup=5.8)  # AMX
     assert resolve_dtype("auto") == torch.bfloat16
-    assert "bf16 on this CPU (its bf16 matrix products run 5.8x faster" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "bf16 on this CPU (its bf16 matrix products run 5.8x faster" in err and not out  # stdout: answers alone
     assert resolve_dtype("fp32") == torch.float32 and resolve_dtype("fp16") == torch.float32
     machine("cpu", cpu_bf16_speedup=2.2)  # AVX512-BF16 (Zen 4), whose measurement once fell under 2.0
     assert resolve_dtype("auto") == torch.bfloat16

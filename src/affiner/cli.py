@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 import textwrap
@@ -95,6 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their maintainers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # bitsandbytes, imported with peft by every verb, warns on CPUs with AVX512-BF16 that its optional `kernels`
+    # (fetched from the Hub) are missing and to pip install them: its own 4-bit code runs without them, and the
+    # warning came before every chat answer and evaluation, QLoRA or not.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     verb = _asked_verb(argv)
     args = build_parser(verb or "").parse_args(argv)
     try:

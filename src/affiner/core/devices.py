@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from collections.abc import Callable
 
@@ -37,8 +38,9 @@ FP16_OVERFLOW = frozenset({"gemma3", "gemma3_text"})
 
 @functools.cache
 def note(message: str) -> None:
-    """Print a note once per process: the loader and the training loop both resolve the precision."""
-    print(f"note: {message}")
+    """Print a note once per process (the loader and the training loop both resolve the precision), on stderr:
+    `affiner chat --prompt ... > answer.txt` keeps the answer alone on stdout."""
+    print(f"note: {message}", file=sys.stderr)
 
 
 def native_bf16() -> bool:
@@ -140,8 +142,8 @@ def _cpu_dtype(precision: str) -> torch.dtype:
             note(f"bf16 is emulated on this CPU ({speedup:.1f}x the speed of fp32): expect slower steps.")
         return torch.bfloat16
     if speedup >= CPU_BF16_MIN_SPEEDUP:
-        note(f"precision auto: bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than fp32); "
-             "trained weights, optimizer and loss stay fp32. Set model.precision: fp32 to compare.")
+        note(f"precision auto: bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than fp32; "
+             "in training the trained weights, optimizer and loss stay fp32). Set model.precision: fp32 to compare.")
         return torch.bfloat16
     return torch.float32
 
