@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.interfaces.engine import BASE, Engine, Reply
 
+BLOCK = '"""'  # opens and closes a message of several lines (a pasted text), as in Ollama
 HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty), "
-        "/settings, /use NAME, /models, /reset, exit")
+        f"/settings, /use NAME, /models, /reset, exit; {BLOCK} ... {BLOCK} for a message of several lines")
 HISTORY_FILE = "chat_history"
 HISTORY_LENGTH = 1000
 
@@ -115,14 +117,15 @@ def _open_model(model: str, folders: list[Path], template: str | None, base: boo
 def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
     """Stream one answer to stdout; Ctrl-C ends the answer early and keeps what was said."""
     reply, stop = Reply(), threading.Event()
+    started = False
     try:
-        started = False
-        for piece in engine.stream(name, messages, settings, stop=stop, reply=reply):
-            if not started:  # templates put a space between the prompt and the answer; the screen needs none
-                piece = piece.lstrip()
-                started = bool(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
+        with _said_when_stopping(stop, lambda: started):
+            for piece in engine.stream(name, messages, settings, stop=stop, reply=reply):
+                if not started:  # templates put a space between the prompt and the answer; the screen needs none
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
     except KeyboardInterrupt:
         stop.set()
         sys.stdout.write(" [stopped]")
@@ -133,6 +136,37 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
         # which a script reads as the answer)
         print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
     return reply
+
+
+def read_block(first: str) -> str:
+    """A message of several lines, from `first` (which opens with BLOCK) to the line that ends with BLOCK: a
+    pasted text otherwise reaches the model line by line, each line a question of its own."""
+    lines = [first[len(BLOCK):]]
+    while not (lines[-1].rstrip().endswith(BLOCK) and (len(lines) > 1 or len(first) >= 2 * len(BLOCK))):
+        lines.append(input("... "))
+    lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
+    return "\n".join(lines).strip()
+
+
+@contextlib.contextmanager
+def _said_when_stopping(stop: threading.Event, answering: Callable[[], bool]) -> Iterator[None]:
+    """Ctrl-C asks the generation to stop at once and, before the answer has begun, says so: the model stops only
+    at its next token, and reading a long prompt (a big paste) can take most of a minute on a CPU."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum: int, frame) -> None:
+        stop.set()
+        if not answering():
+            print("(stopping: the model stops once it has read the prompt)", file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 class Session:
@@ -156,6 +190,8 @@ class Session:
             # Ctrl-C can land anywhere (while typing, rendering, streaming): it never ends the session.
             try:
                 text = input("> ").strip()
+                if text.startswith(BLOCK):
+                    text = read_block(text)
                 if not is_text(text):
                     print("(error: that line is not valid UTF-8 text; type it again, or set your terminal to UTF-8)")
                     continue
