@@ -112,3 +112,17 @@ def test_a_changed_config_tokenizer_or_answering_code_changes_the_key(tiny_gpt2,
     assert key() == before
     monkeypatch.setattr(base_cache, "code_fingerprint", lambda: "changed code")
     assert key() != before
+
+
+@pytest.mark.parametrize("module", ["general", "models"])
+def test_the_general_sets_answer_limit_and_the_context_cut_are_in_the_code_fingerprint(module, tmp_path, monkeypatch):
+    """Either changes the base's cached general answers or losses: a changed copy must not find the old entry."""
+    from affiner.core import models
+    from affiner.evaluation import general
+
+    source = {"general": general, "models": models}[module]
+    edited = tmp_path / f"{module}.py"
+    edited.write_text(open(source.__file__).read() + "\n# changed\n")
+    before = base_cache.code_fingerprint()
+    monkeypatch.setattr(source, "__file__", str(edited))
+    assert base_cache.code_fingerprint() != before

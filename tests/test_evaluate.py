@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -359,3 +360,16 @@ def test_a_key_headline_without_keys_is_refused_before_any_answer(tmp_path, tiny
     with pytest.raises(AffinerError, match="eval.headline is contains_key, but no question"):
         ev.evaluate(folder, max_questions=2, plan=None)
     assert not (folder / "summary.json").exists()
+
+
+def test_adapters_from_elsewhere_leave_out_prompts_over_the_context_and_list_them(tmp_path, tiny_gpt2):
+    from affiner.evaluation.plan import plan_adapters
+
+    test = tmp_path / "t.jsonl"
+    test.write_text("".join(json.dumps(r) + "\n" for r in [{"question": "Short?", "answer": "a"},
+                                                            {"question": "word " * 2000, "answer": "b"}]))
+    adapter = tmp_path / "lora"
+    adapter.mkdir()
+    plan = plan_adapters(str(tiny_gpt2), [adapter], str(test), "qa", tmp_path / "out", None)
+    assert [e.instruction for e in plan.examples] == ["Short?"]
+    assert plan.dropped["count"] == 1 and plan.dropped["rows"][0]["reason"].startswith("prompt over the model's context")

@@ -43,7 +43,7 @@ def test_a_fine_tune_that_raised_the_loss_everywhere_is_measurable_harm():
     assert change["harmed"] == 10  # the items whose loss rose by more than 0.5 nats per token
     assert change["shown"][0]["loss"] == [1.0, 2.0] and change["shown"][0]["tuned"] == "X stands for Y."
     assert verdict_line(section, "tuned").startswith("tuned: measurable harm on general ability (loss of the "
-                                                     "references +0.500 nats per token")
+                                                     "references, mean change per item +0.500 nats per token")
 
 
 def test_noise_around_zero_is_no_measurable_harm():
@@ -52,6 +52,10 @@ def test_noise_around_zero_is_no_measurable_harm():
     assert section["changes"]["tuned"]["harmed"] == 0
     verdicts, tables = general_tables(section)
     assert verdicts == [verdict_line(section, "tuned")] and len(tables) == 1  # nothing harmed: no item table
+    # The table's loss is token-weighted, the verdict's change a mean over items: never labelled alike, nor as the
+    # task's held-out loss.
+    (_, _, rows), = tables
+    assert rows[0][0] == "loss of the general references (token-weighted)" and "mean change per item" in verdicts[0]
 
 
 @pytest.fixture(scope="module")

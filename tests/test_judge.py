@@ -432,3 +432,16 @@ def test_parse_pairwise_tolerant_forms(text, expected):
 ])
 def test_parse_pairwise_rejects(text):
     assert parse_pairwise(text) is None
+
+
+def test_the_judge_sees_the_tasks_input_as_the_report_shows_it(server, tmp_path):
+    from affiner.core.config import JudgeConfig
+    from affiner.core.templates import Example
+    from affiner.evaluation.generation import Answer
+    from affiner.evaluation.judge import judge_answers
+
+    server.behaviour = lambda body: Reply("<result>1</result>\n<explain>Same meaning.</explain>")
+    example = Example(instruction="Translate into French.", input="Good morning", response="Bonjour")
+    judge_answers(make_judge(server, tmp_path), JudgeConfig(url=server.url, model="judge-test", mode="absolute"),
+                  [example], {"base": [Answer("Bonjour", True, 1)]}, {"base": [{}]})
+    assert block(server.requests[0][1], "question") == "Translate into French.\n\nInput: Good morning"

@@ -102,3 +102,24 @@ def test_embedding_similarity_is_unchanged_when_the_kept_embeddings_are_dropped(
     monkeypatch.setattr(metrics, "EMBEDDINGS_KEPT", 2)
     assert metrics.embedding_similarity(answers, references) == pytest.approx(kept_all, abs=1e-6)
     assert metrics.embedding_similarity(answers[:1], references[:1]) == pytest.approx(kept_all[:1], abs=1e-6)
+
+
+@pytest.mark.parametrize("answer, reference, same", [
+    ("5", "-5", False), ("x+y", "x-y", False), ("It is -5.", "-5", True),
+    ("Économie générale!", "economie generale", True), ("a well-known fact", "well known", True),
+])
+def test_exact_match_and_contains_keep_the_signs_that_change_meaning(answer, reference, same):
+    assert metrics.contains_reference(answer, reference) == same
+    assert metrics.contains_reference("return x + x", "return x * x") is False
+    assert not metrics.exact_match("C++", "C") and not metrics.exact_match("5", "-5")
+
+
+def test_dropped_held_out_rows_are_counted_by_reason_beyond_those_listed():
+    from affiner.core.templates import Example
+    from affiner.data.pipeline import dropped_rows
+
+    rows = [(Example(instruction=f"q{i}"), "too long") for i in range(150)]
+    rows += [(Example(instruction=f"o{i}"), "same question as a training row") for i in range(100)]
+    dropped = dropped_rows(rows)
+    assert dropped["count"] == 250 and len(dropped["rows"]) == 200
+    assert dropped["reasons"] == {"too long": 150, "same question as a training row": 100}

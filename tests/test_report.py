@@ -10,6 +10,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from affiner.evaluation.report import write_report
@@ -413,3 +414,34 @@ def test_a_change_is_better_only_when_its_paired_interval_excludes_zero(tmp_path
     chrf = table["chrF"][2]
     assert re.fullmatch(r"\+0\.01\d \[-0\.\d+, \+0\.\d+\] ≈ within noise", chrf)  # up on average, down on half
     assert json.loads((tmp_path / "metrics.json").read_text())["changes"]["chrf"]["tuned"]["mean"] == pytest.approx(0.0125)
+
+
+def test_perplexity_and_judge_changes_have_paired_intervals_and_one_question_gives_no_verdict(tmp_path: Path) -> None:
+    from affiner.core.templates import Example
+    from affiner.evaluation.evaluate import build_evaluation
+    from affiner.evaluation.generation import Answer
+
+    def evaluation_of(n: int, judged_tuned: int) -> dict:
+        examples = [Example(instruction=f"q{i}", response=f"r{i}") for i in range(n)]
+        answers = {m: [Answer(text="a", stopped=True, tokens=1)] * n for m in ("base", "tuned")}
+        scores = {"base": [{"rouge_l": 0.2 + 0.1 * (i % 3), "judge": 0.0} for i in range(n)],
+                  "tuned": [{"rouge_l": 0.25 + 0.1 * (i % 3), **({"judge": 1.0} if i < judged_tuned else {})}
+                            for i in range(n)]}
+        losses = {"base": ([20.0 + i for i in range(n)], [10] * n), "tuned": ([20.0 + i - (i % 2) for i in range(n)],
+                                                                              [10] * n)}
+        return build_evaluation("t", examples, answers, scores, losses, {"absolute": {}}, {})
+
+    evaluation = evaluation_of(40, judged_tuned=3)
+    perplexity = evaluation["changes"]["perplexity"]["tuned"]
+    assert perplexity["low"] <= perplexity["mean"] <= perplexity["high"] < 0  # every other question easier
+    assert evaluation["changes"]["judge"]["tuned"] == pytest.approx({"mean": 1.0, "low": 1.0, "high": 1.0})
+    write_report(tmp_path, evaluation_of(1, judged_tuned=1))  # one question: a difference, and no evidence
+    table = _headline((tmp_path / "report.md").read_text(encoding="utf-8"))
+    for label in ("ROUGE-L F1", "test loss (held-out answers)", "perplexity (held-out answers)"):
+        assert "better" not in table[label][-1] and "worse" not in table[label][-1], (label, table[label])
+
+
+def test_one_value_has_no_bootstrap_interval() -> None:
+    from affiner.evaluation import metrics
+
+    assert all(np.isnan(end) for end in metrics.bootstrap_interval([0.7]))

@@ -91,8 +91,11 @@ def check_weights_readable(base: str) -> None:
 
 def context_length(config: RunConfig) -> int | None:
     """How many tokens the config's base can attend to, from its config.json alone (None when it does not say)."""
-    model = config.model
-    return max_positions(SimpleNamespace(config=model_config_of(model.base, model.revision, model.trust_remote_code)))
+    return base_context_length(config.model.base, config.model.revision, config.model.trust_remote_code)
+
+
+def base_context_length(base: str, revision: str | None = None, trust_remote_code: bool = False) -> int | None:
+    return max_positions(SimpleNamespace(config=model_config_of(base, revision, trust_remote_code)))
 
 
 def max_positions(model: nn.Module) -> int | None:

@@ -35,6 +35,15 @@ class Example:
     def expected(self) -> str:
         return self.reference or self.response
 
+    @property
+    def asked(self) -> str:
+        """The question as a reader (or a judge) sees it: the instruction, and the task's input when there is one."""
+        return asked_text(self.instruction, self.input)
+
+
+def asked_text(instruction: str, input: str = "") -> str:
+    return f"{instruction}\n\nInput: {input.strip()}" if input.strip() else instruction
+
 
 @dataclass(frozen=True)
 class Template:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -198,9 +199,10 @@ def _nothing_to_train(data: DataConfig, ledger: Ledger, when: str = "") -> Affin
 
 
 def dropped_rows(dropped: list[tuple[Example, str]], shown: int = 200) -> dict:
-    """Held-out rows left out of the evaluation, with why: the report lists them (the first `shown`)."""
-    return {"count": len(dropped), "rows": [{"question": e.instruction[:300], "reason": reason}
-                                            for e, reason in dropped[:shown]]}
+    """Held-out rows left out of the evaluation, with why: the report lists them (the first `shown`) and counts
+    every one by its reason."""
+    return {"count": len(dropped), "reasons": dict(Counter(reason for _, reason in dropped)),
+            "rows": [{"question": e.instruction[:300], "reason": reason} for e, reason in dropped[:shown]]}
 
 
 def split(examples: list[Example], test_size: float, seed: int) -> tuple[list[Example], list[Example]]:

@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from affiner.core import decoding, loss, stopping, templates
+from affiner.core import decoding, loss, models, stopping, templates
 from affiner.core.files import read_json, write_json
 from affiner.core.models import cache_root
 from affiner.core.settings import Settings
 from affiner.core.templates import Example, Template
 from affiner.data import tokens
 from affiner.data.tokens import tokenize
-from affiner.evaluation import generation, scoring
+from affiner.evaluation import general as general_set, generation, scoring
 from affiner.evaluation.generation import Answer
 
 FOLDER = "base-evaluations"
@@ -57,9 +57,10 @@ def cache_key(model, tokenizer, template: Template, examples: list[Example], gen
 
 
 def code_fingerprint() -> str:
-    """The source of the modules that make and score the base's answers, hashed."""
+    """The source of the modules that make and score the base's answers, hashed: the general set's answer limit
+    (general) and how a reference past the context is cut (models) among them."""
     digest = hashlib.blake2b(digest_size=16)
-    for module in (decoding, stopping, templates, loss, generation, scoring, tokens):
+    for module in (decoding, stopping, templates, loss, generation, scoring, tokens, general_set, models):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()
 

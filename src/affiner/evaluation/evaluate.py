@@ -285,9 +285,14 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
                        for m in models[1:]}
     if "loss" in aggregates:
         paired["loss"] = {m: metrics.paired_loss_change(losses[base], losses[m]) for m in models[1:]}
+        paired["perplexity"] = {m: metrics.paired_loss_change(losses[base], losses[m], perplexity=True)
+                                for m in models[1:]}
     if verdicts:
         info["judge"] = JUDGE_INFO
         aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
+        # Paired over the questions both models got a verdict on: a verdict missing for one is no evidence either way.
+        paired["judge"] = {m: metrics.aggregate([t["judge"] - b["judge"] for t, b in zip(scores[m], scores[base])
+                                                 if "judge" in t and "judge" in b]) for m in models[1:]}
     return {
         "title": title, "models": models, "settings": settings,
         "primary_metric": headline if headline != "auto" else "contains_key" if "contains_key" in measured else "contains",
@@ -309,7 +314,7 @@ def _left_out(dropped: dict | None, past_context: int | None) -> dict:
     """What the settings line says of held-out rows not evaluated, and of references scored in part."""
     said = {}
     if dropped and dropped.get("count"):
-        reasons = Counter(row["reason"] for row in dropped["rows"])
+        reasons = dropped.get("reasons") or Counter(row["reason"] for row in dropped["rows"])  # runs of before
         said["held-out rows not evaluated"] = f"{dropped['count']} ({'; '.join(f'{n} {r}' for r, n in reasons.items())})"
     if past_context:
         said["references past the context (loss on the part that fits)"] = past_context

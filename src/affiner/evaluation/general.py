@@ -75,7 +75,8 @@ def verdict_line(section: dict, model: str) -> str:
     """One sentence a reader can act on, with the numbers."""
     change, items = section["changes"][model], section["items"]
     loss = change["loss_change"]
-    figures = (f"loss of the references {loss['mean']:+.3f} nats per token [{loss['low']:+.3f}, {loss['high']:+.3f}]"
+    figures = (f"loss of the references, mean change per item {loss['mean']:+.3f} nats per token "
+               f"[{loss['low']:+.3f}, {loss['high']:+.3f}]"
                f", {change['harmed']} of {items} items harmed (loss up more than {section['harmed_item']})")
     if change["verdict"] == "measurable harm":
         return (f"{model}: measurable harm on general ability ({figures}): the fine-tune cost more than it "
@@ -89,8 +90,12 @@ def general_tables(section: dict) -> tuple[list[str], list[tuple[str, list[str],
     """The verdict lines, and (title, header, rows) tables: the figures per model, the items harmed most."""
     models = section["models"]
     lines = [verdict_line(section, m) for m in models[1:]]
-    figures = [[METRIC_INFO[key]["label"]] + [format_aggregate(section["figures"][m][key], METRIC_INFO[key]["kind"])
-                                               for m in models] for key in ("loss", *TEXT_METRICS)]
+    # The table's loss weighs every token alike; the verdict weighs every item alike (a long reference must not
+    # outvote the short ones): both are said, so that they are never read as the same figure.
+    labels = {"loss": "loss of the general references (token-weighted)"}
+    figures = [[labels.get(key, METRIC_INFO[key]["label"])] + [format_aggregate(section["figures"][m][key],
+                                                                                METRIC_INFO[key]["kind"])
+                                                               for m in models] for key in ("loss", *TEXT_METRICS)]
     tables = [(f"Figures on the {section['items']} general items", ["figure", *models], figures)]
     for model in models[1:]:
         shown = section["changes"][model]["shown"]

@@ -374,14 +374,14 @@ def judge_answers(judge: Judge, config: JudgeConfig, examples: list[Example], an
     models = list(answers)
     if config.mode in {"absolute", "both"}:
         for m in models:
-            verdicts = judge.absolute([(e.instruction, e.expected, a.text) for e, a in zip(examples, answers[m])])
+            verdicts = judge.absolute([(e.asked, e.expected, a.text) for e, a in zip(examples, answers[m])])
             for row, verdict in zip(scores[m], verdicts):
                 if verdict.score is not None:
                     row["judge"] = float(verdict.score)
             result["absolute"][m] = summarise_absolute(verdicts) | unjudged(verdicts)
     if config.mode in {"pairwise", "both"}:
         for m in models[1:]:
-            verdicts = judge.pairwise([(e.instruction, e.expected, b.text, t.text)
+            verdicts = judge.pairwise([(e.asked, e.expected, b.text, t.text)
                                        for e, b, t in zip(examples, answers["base"], answers[m])])
             result["pairwise"][m] = summarise_pairwise(verdicts) | unjudged(verdicts)
     return result

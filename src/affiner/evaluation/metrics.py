@@ -17,20 +17,36 @@ from typing import Callable, Sequence
 import numpy as np
 
 
-def normalise(text: str) -> str:
-    """Case, accents and punctuation do not make an answer wrong."""
+def _folded(text: str) -> str:
+    """Case and accents, which do not make an answer wrong, folded away."""
     text = unicodedata.normalize("NFKD", text.casefold())
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    return " ".join(re.findall(r"\w+", text))
+    return "".join(c for c in text if not unicodedata.combining(c))
+
+
+def normalise(text: str) -> str:
+    """The words of `text`: case, accents and punctuation do not make an answer wrong."""
+    return " ".join(re.findall(r"\w+", _folded(text)))
+
+
+# Signs that change what a text says ("-5" is not "5", "x + y" is not "x - y", "C++" is not "C"): kept as words
+# when matching an answer against its reference, unlike sentence punctuation.
+SIGNS = "+-*/=<>%^&|−×÷"
+_MATCHED = re.compile(rf"\w+|[{re.escape(SIGNS)}]")
+_JOINING_HYPHEN = re.compile(r"(?<=[^\W\d_])-(?=[^\W\d_])")  # "well-known": a hyphen between letters joins words
+
+
+def matching_form(text: str) -> str:
+    """`normalise`'s words, and the signs among them: what "contains" and "exact match" compare."""
+    return " ".join(_MATCHED.findall(_JOINING_HYPHEN.sub(" ", _folded(text))))
 
 
 def contains_reference(answer: str, reference: str) -> bool:
-    expected = normalise(reference)
-    return bool(expected) and f" {expected} " in f" {normalise(answer)} "
+    expected = matching_form(reference)
+    return bool(expected) and f" {expected} " in f" {matching_form(answer)} "
 
 
 def exact_match(answer: str, reference: str) -> bool:
-    return bool(normalise(reference)) and normalise(answer) == normalise(reference)
+    return bool(matching_form(reference)) and matching_form(answer) == matching_form(reference)
 
 
 def rouge_l(answer: str, reference: str) -> float:
@@ -142,9 +158,8 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable
     """Percentile bootstrap over examples, one value (or one row of values, read by `statistic`) per example;
     seeded so that a report is reproducible."""
     data = np.asarray(values, dtype=float)
-    if len(data) < 2:
-        value = float(statistic(data)) if len(data) else float("nan")
-        return value, value
+    if len(data) < 2:  # one example says nothing of how much another would differ: no interval, so no verdict
+        return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(data), size=(resamples, len(data)))
     stats = np.array([statistic(data[row]) for row in picks])
@@ -159,18 +174,20 @@ def aggregate(values: Sequence[float]) -> dict[str, float | None]:
     return {"mean": float(np.mean(values)), "low": low, "high": high}
 
 
-def paired_loss_change(before: tuple[Sequence[float], Sequence[int]],
-                       after: tuple[Sequence[float], Sequence[int]]) -> dict[str, float | None]:
-    """The change of the token-weighted held-out loss from `before` to `after` (each: per-example summed losses and
-    token counts, over the same examples), with an interval from resampling the examples for both at once: paired,
-    so that what the questions share (some are harder for every model) cancels out."""
+def paired_loss_change(before: tuple[Sequence[float], Sequence[int]], after: tuple[Sequence[float], Sequence[int]],
+                       perplexity: bool = False) -> dict[str, float | None]:
+    """The change of the token-weighted held-out loss (or, with `perplexity`, of its perplexity) from `before` to
+    `after` (each: per-example summed losses and token counts, over the same examples), with an interval from
+    resampling the examples for both at once: paired, so that what the questions share (some are harder for every
+    model) cancels out."""
     rows = np.column_stack([np.asarray(before[0], float), np.asarray(before[1], float),
                             np.asarray(after[0], float), np.asarray(after[1], float)])
     if not len(rows):
         return {"mean": None, "low": None, "high": None}
 
     def change(r: np.ndarray) -> float:
-        return float(r[:, 2].sum() / max(r[:, 3].sum(), 1) - r[:, 0].sum() / max(r[:, 1].sum(), 1))
+        loss_before, loss_after = r[:, 0].sum() / max(r[:, 1].sum(), 1), r[:, 2].sum() / max(r[:, 3].sum(), 1)
+        return float(np.exp(loss_after) - np.exp(loss_before) if perplexity else loss_after - loss_before)
 
     low, high = bootstrap_interval(rows, change)
     return {"mean": change(rows), "low": low, "high": high}

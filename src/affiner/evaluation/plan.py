@@ -15,8 +15,8 @@ import torch
 
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError, first_line
-from affiner.core.models import (context_length, dtype_for, dtype_of, load_for, load_model, load_tokenizer,
-                                 tokenizer_for)
+from affiner.core.models import (base_context_length, context_length, dtype_for, dtype_of, load_for, load_model,
+                                 load_tokenizer, tokenizer_for)
 from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, template_for_adapters
 from affiner.data.formats import to_examples
@@ -139,11 +139,12 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
             load_model(base, adapter=a, quantization=quantization) if quantization else
             _merged(load_model(base, adapter=a, full_precision=True), dtype_of(base)))
     examples, empty = drop_empty(to_examples(read_test_rows(test)), held_out=True)
-    output.mkdir(parents=True, exist_ok=True)
     template = template_for_adapters(adapters, template_name, "alpaca", tokenizer)
+    examples, too_long = prompts_that_fit(examples, template, tokenizer, base_context_length(base))  # as for runs
+    output.mkdir(parents=True, exist_ok=True)
     return Plan(output=output, template=template, tokenizer=tokenizer,
                 examples=examples[:max_questions], loaders=loaders, max_new_tokens=64, batch_size=16, test=test,
-                judge=None, key_before=key_before, dropped=dropped_rows(empty),
+                judge=None, key_before=key_before, dropped=dropped_rows(empty + too_long),
                 overlap="not checked: affiner does not know the training rows of adapters trained elsewhere")
 
 

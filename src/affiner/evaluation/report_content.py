@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from affiner.core.formatting import MISSING, as_number, format_aggregate, format_delta, format_value
+from affiner.core.templates import asked_text
 
 TOP_EXAMPLES = 5
 EMPTY_TEXT = "—"  # an empty answer or cell; "-" (formatting.MISSING) is a missing number
@@ -67,8 +68,7 @@ def example_score(example: dict, model: str, metric: str) -> float | None:
 
 
 def question_text(example: dict) -> str:
-    extra = (example.get("input") or "").strip()
-    return f"{example.get('question', '')}\n\nInput: {extra}" if extra else str(example.get("question", ""))
+    return asked_text(str(example.get("question", "")), example.get("input") or "")
 
 
 def per_example_metrics(evaluation: dict) -> list[str]:
@@ -119,6 +119,8 @@ def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | 
         text += f" [{format_delta(low, kind)}, {format_delta(high, kind)}]"
         if judged in ("better", "worse") and low <= 0 <= high:
             judged = "noise"
+    elif interval is not None and judged in ("better", "worse"):  # an interval that could not be had (one
+        judged = ""  # question): a difference, but no evidence of a change
     mark = VERDICT_MARKS.get(judged, "")
     return (f"{text} {mark}" if mark else text), judged
 
