@@ -4,6 +4,7 @@ each process ended with, so that a test can compare processes and runs.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_driver.py CONFIG
     ... tests/distributed_driver.py --resume RUN
     ... tests/distributed_driver.py CONFIG --kill-after-step 3     # SIGKILL the main process then
+    ... tests/distributed_driver.py CONFIG --ctrl-c-after-step 3   # SIGINT to the main process then (Ctrl-C)
     ... tests/distributed_driver.py CONFIG --out-of-memory-at-step 3   # in the last process only
 
 Only the main process writes (the run folder, its log, checkpoints and adapter); the run records
@@ -36,6 +37,15 @@ def main(argv: list[str]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # as `kill -9` would: no Python clean-up at all
 
         loop.log_metrics = log_then_die
+    if "--ctrl-c-after-step" in rest:
+        ctrl_c_after, real_log_metrics = int(rest[rest.index("--ctrl-c-after-step") + 1]), loop.log_metrics
+
+        def log_then_ctrl_c(run, record, trackers):
+            real_log_metrics(run, record, trackers)
+            if record["step"] == ctrl_c_after:
+                os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C reaches torchrun; here, the main process
+
+        loop.log_metrics = log_then_ctrl_c
     if "--out-of-memory-at-step" in rest:
         fail_at, real_step = int(rest[rest.index("--out-of-memory-at-step") + 1]), loop.step
         last = os.environ["RANK"] == str(int(os.environ["WORLD_SIZE"]) - 1)

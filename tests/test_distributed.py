@@ -155,6 +155,22 @@ def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data, shar
     assert_same_training(one_run(tmp_path / "one"), run, PARALLELISM[sharding.get("accelerate_config")])
 
 
+def test_ctrl_c_under_two_processes_resumes_as_if_never_stopped(tmp_path, tiny_llama, data):
+    """Each process draws its own dropout masks: the checkpoint Ctrl-C leaves holds every process's random state."""
+    sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.3},
+                "train": {"max_steps": 6, "batch_size": 2, "save_steps": 100}}
+    config = write_config(tmp_path / "stopped", tiny_llama, data, **sections)
+    stopped = torchrun(str(config), "--ctrl-c-after-step", "3")
+    assert stopped.returncode != 0 and "training interrupted after step 3" in stopped.stderr, stopped.stderr[-3000:]
+    run = one_run(tmp_path / "stopped")
+    assert sorted(p.name for p in (run / "checkpoints" / "step-000003").glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert "nothing to resume" not in stopped.stderr  # no process reads the checkpoints before they are saved
+    assert torchrun("--resume", str(run)).returncode == 0
+    straight = write_config(tmp_path / "straight", tiny_llama, data, **sections)
+    assert torchrun(str(straight)).returncode == 0
+    assert losses(run) == pytest.approx(losses(one_run(tmp_path / "straight")), abs=1e-6)
+
+
 def test_out_of_memory_in_one_process_marks_the_run_failed(tmp_path, tiny_llama, data):
     """The process that ran out of memory records it; the main one, stuck waiting for it, cannot."""
     config = write_config(tmp_path / "two", tiny_llama, data,

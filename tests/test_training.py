@@ -144,8 +144,8 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
 
 def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_saved_checkpoint(tmp_path, tiny_llama, interrupt_training):
     settings = {"train": {"max_steps": 6, "save_steps": 2, "learning_rate": 1e-2}}
-    interrupt_training(3, times=2)
-    with pytest.raises(AffinerError, match="at once during step 4.*step-000002 are kept"):
+    interrupt_training(3, times=2)  # while step 3 is being logged: its checkpoint is never written
+    with pytest.raises(AffinerError, match="at once during step 3.*step-000002 are kept"):
         train_mod.train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
                                                      **settings))))
     run = RunFolder(next((tmp_path / "runs").iterdir()))
@@ -324,3 +324,28 @@ def test_the_loss_builds_no_kv_cache(tiny_llama, monkeypatch):
     monkeypatch.setattr(model.model, "forward", forward)
     supervised_loss(model, _batch(tiny_llama))
     assert seen == [False]
+
+
+def test_fp16s_gradient_scale_is_kept_in_a_checkpoint_and_restored(tmp_path, tiny_gpt2, qa_file):
+    """On a GPU in fp16 the scaler's scale grows and backs off during training: a resumed run starts from the scale
+    it had, not from a new scaler's 65536, or it skips (or applies) other steps than the run that never stopped.
+    Checked at the checkpoint's boundary (a CPU has no fp16 scaler in training)."""
+    from types import SimpleNamespace
+
+    from affiner.training.checkpoints import restore_state, save_checkpoint
+    from affiner.training.processes import Processes
+
+    from peft import LoraConfig, get_peft_model
+
+    run = train_mod.train(load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"max_steps": 1}))))
+    base = load_model(str(tiny_gpt2))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=default_target_modules(base)))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainer = SimpleNamespace(model=model, loss=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                              processes=Processes(), elapsed=lambda: 1.0)
+    checkpoint = save_checkpoint(trainer, RunFolder(run), 7, keep=2)
+    fresh = torch.amp.GradScaler("cpu")
+    assert restore_state(checkpoint, model, optimizer, scheduler, Processes(), fresh) == 7
+    assert fresh.get_scale() == 1024.0

@@ -138,3 +138,51 @@ def test_a_full_disk_while_saving_a_checkpoint_stops_cleanly_and_resumes(tmp_pat
     monkeypatch.undo()
     assert run_cli("train", "--resume", str(run.path)) == 0
     assert run.is_finished and [r["step"] for r in run.log()] == [1, 2, 3, 4]
+
+
+def fail_on_step_bookkeeping(monkeypatch, failing_step: int):
+    """Make logging the record of `failing_step` (after its probe) run out of memory, once."""
+    real, failed = loop.log_metrics, []
+
+    def log_metrics(run, record, trackers):
+        if record["step"] == failing_step and not failed:
+            failed.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated, in the step's bookkeeping)")
+        return real(run, record, trackers)
+
+    monkeypatch.setattr(loop, "log_metrics", log_metrics)
+
+
+@pytest.mark.parametrize("where", ["in the next step's forward", "in the step's probe and log"])
+def test_a_run_resumed_after_running_out_of_memory_equals_the_uninterrupted_one(tmp_path, tiny_gpt2, qa_file,
+                                                                                monkeypatch, where):
+    """Dropout drawn from the random state, probes every 2 steps: the resumed run logs every step and every probe,
+    with the losses of the run that never stopped (the checkpoint holds the random state after its own step)."""
+    sections = dict(lora={"r": 4, "alpha": 8, "dropout": 0.3}, train={"max_steps": 6, "save_steps": 2},
+                    eval={"every_steps": 2, "max_questions": 2})
+    whole = train(load_config(str(write_config(tmp_path / "whole", tiny_gpt2, qa_file, **sections))))
+    config = load_config(str(write_config(tmp_path / "stopped", tiny_gpt2, qa_file, **sections)))
+    if where == "in the next step's forward":
+        real, calls = loop.accumulate_gradients, []
+
+        def forward_then_out_of_memory(*args, **kwargs):  # as a backward runs out: dropout masks drawn already
+            calls.append(1)
+            result = real(*args, **kwargs)
+            if len(calls) == 5:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return result
+
+        monkeypatch.setattr(loop, "accumulate_gradients", forward_then_out_of_memory)
+        expected = "out of memory on cpu at step 5 "
+    else:
+        fail_on_step_bookkeeping(monkeypatch, 4)
+        expected = "out of memory on cpu at step 4 "
+    with pytest.raises(AffinerError, match=expected):
+        train(config)
+    monkeypatch.undo()
+    run = only_run(tmp_path / "stopped")
+    train(resume=run.path)
+    log, whole_log = run.log(), RunFolder(whole).log()
+    assert [r["step"] for r in log] == [r["step"] for r in whole_log] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "eval_loss"):
+        assert [r.get(key) for r in log] == pytest.approx([r.get(key) for r in whole_log], abs=1e-6), key

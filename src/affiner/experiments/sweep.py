@@ -27,7 +27,7 @@ from affiner.experiments import workflow
 from affiner.experiments.grid import (METRICS, Grid, describe_point, expand, get_value, parse_grid, parse_value,
                                       point_name, set_value)
 from affiner.experiments.sweep_table import PLOT_FILE, TABLE_MD, point_summary, write_results
-from affiner.training.loop import Interrupted
+from affiner.training.stops import Interrupted
 from affiner.training.processes import Processes
 
 SWEEP_FILE = "sweep.json"

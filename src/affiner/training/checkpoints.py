@@ -75,11 +75,12 @@ def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None
         (folder / CARD_FILE).unlink(missing_ok=True)
 
 
-def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool = False) -> Path:
-    """The checkpoint of `step`: weights and optimizer written by the main process (gathered from the
-    shards first when sharded), and each process's own random state (and, under DeepSpeed, its partition
-    of the optimizer state). Every process calls it, unless `alone` (the main process, after the others
-    may have stopped: not when partitioned)."""
+def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool = False,
+                    rng: dict | None = None) -> Path:
+    """The checkpoint of `step`: weights, optimizer (and fp16's gradient scale) written by the main process
+    (gathered from the shards first when sharded), and each process's own random state, `rng` if given, else the
+    current one (and, under DeepSpeed, its partition of the optimizer state). Every process calls it, unless
+    `alone` (the main process, after the others may have stopped: not when partitioned)."""
     processes = Processes(count=1, rank=0) if alone else trainer.processes
     target = run.checkpoint_path(step)
     partial = target.with_name(target.name + ".partial")
@@ -90,11 +91,13 @@ def save_checkpoint(trainer, run: RunFolder, step: int, keep: int, alone: bool =
         save_model(trainer.model, partial, state)
         with written_to(partial):
             torch.save({"optimizer": None if processes.deepspeed else optimizer,
-                        "scheduler": trainer.scheduler.state_dict()}, partial / STATE_FILE)
+                        "scheduler": trainer.scheduler.state_dict(),
+                        **({"scaler": trainer.scaler.state_dict()} if trainer.scaler is not None else {})},
+                       partial / STATE_FILE)
         (partial / STEP_FILE).write_text(json.dumps({"step": step, "seconds": round(trainer.elapsed(), 1)}))
     processes.wait()
     with written_to(partial):
-        torch.save(rng_states(), partial / RNG_FILE.format(rank=processes.rank))
+        torch.save(rng if rng is not None else rng_states(), partial / RNG_FILE.format(rank=processes.rank))
         if processes.deepspeed:
             torch.save(optimizer, partial / OPTIMIZER_FILE.format(rank=processes.rank))
     processes.wait()
@@ -135,8 +138,8 @@ def rng_states() -> dict[str, object]:
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Processes) -> int:
-    """Optimizer, scheduler and RNG as they were at the checkpoint; returns its step.
+def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Processes, scaler=None) -> int:
+    """Optimizer, scheduler, fp16's gradient scaler and RNG as they were at the checkpoint; returns its step.
 
     Loaded onto the CPU first (a GPU checkpoint resumes on a CPU too; the optimizer moves its state to
     its parameters' device) and with weights_only, so a crafted checkpoint cannot run code: a file that
@@ -148,6 +151,8 @@ def restore_state(checkpoint: Path, module, optimizer, scheduler, processes: Pro
     try:
         processes.load_optimizer_state(module, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and "scaler" in state:  # the scale it had grown or backed off to, not a new one's
+            scaler.load_state_dict(state["scaler"])
         rng = _random_state(checkpoint, processes.rank, state)
         torch.set_rng_state(rng["torch_rng"])
         step = json.loads((checkpoint / STEP_FILE).read_text())["step"]

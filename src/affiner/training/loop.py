@@ -36,21 +36,15 @@ from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import global_batch, micro_batches, passes_of, probe_interval, total_steps
-from affiner.training.checkpoints import (adopt_best, checkpoint_seconds, restore_state, save_best,
+from affiner.training.checkpoints import (adopt_best, checkpoint_seconds, restore_state, rng_states, save_best,
                                           save_checkpoint, save_model)
 from affiner.training.processes import Processes
 from affiner.training.stops import (Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
-                                    ctrl_c_deferred, diverged_message, out_of_memory_message)
+                                    diverged_message, out_of_memory_message, stop_training)
 from affiner.training.selection import Selection
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
 
 Probe = Callable[[Any], dict[str, float]]  # model -> held-out scores, logged with the step
-
-
-class Interrupted(AffinerError):
-    """Training stopped by Ctrl-C; the message says how to resume (a sweep tells it from other failures)."""
-
-    exit_code = 130  # what a shell expects of a program stopped by Ctrl-C
 
 
 class Diverged(Exception):
@@ -115,6 +109,13 @@ class Trainer:
     probe_every: int | None = None  # steps between held-out probes (None: no probe)
     seconds_before: float = 0.0  # of training before the checkpoint resumed from
     started: float = field(default_factory=time.time)  # when this process's steps began
+    # The last step whose probe, log and checkpoint are done, and the random state after it: what a checkpoint
+    # saved when training stops resumes from (a failure mid-step has drawn the next step's dropout masks already).
+    recorded: int = 0
+    rng: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.recorded = self.start_step
 
     def elapsed(self) -> float:
         """Seconds of training so far, those before a resume included."""
@@ -144,18 +145,18 @@ def setup(config: RunConfig, run: RunFolder, n_rows: int, checkpoint: Path | Non
               f"{global_batch(config, processes.count)} rows ({_batch_shape(config, processes)}"
               f"{'' if config.train.max_steps else ', ' + passes}); run folder {run}")
         run.update(epochs=None if config.train.max_steps else round(epochs, 3))
+    dtype, kind = dtype_for(config), device().type
+    scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
     start_step = 0
     if checkpoint is not None:
-        start_step = restore_state(checkpoint, loss, optimizer, scheduler, processes)
+        start_step = restore_state(checkpoint, loss, optimizer, scheduler, processes, scaler)
         if processes.is_main:  # only now: a checkpoint that cannot be resumed from leaves run.json as it was
             run.update(status="training", resumed=time.strftime("%Y-%m-%d %H:%M:%S"))
             print(f"Resuming {run} at step {start_step} of {steps} from {checkpoint.name}.")
-    dtype, kind = dtype_for(config), device().type
     # Weights stay as loaded (a bf16 frozen base, fp32 LoRA weights; fp32 masters for full fine-tuning); the
     # forward runs in the run's precision, on a CPU with native bf16 too; the loss is computed in fp32.
     mixed = dtype != torch.float32
     autocast = torch.autocast(kind, dtype=dtype) if mixed else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(kind) if kind != "cpu" and dtype == torch.float16 else None
     selection = Selection(config.train.best_by, config.train.patience, config.train.keep_best)
     if start_step:  # the resumed run compares its probes with the best one before the interruption
         selection.restore(run.info().get("best"), [(r["step"], r[selection.key]) for r in run.log()
@@ -255,15 +256,15 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     # the activations an out-of-memory error left, and the memory a checkpoint needs.
     except KeyboardInterrupt:  # a second Ctrl-C: mid-step, so the weights may be half-updated: nothing saved
         stopped = Stop("interrupted", together=True, save=False, message=lambda kept: (
-            f"training stopped at once during step {completed + 1} (Ctrl-C twice); {kept}"))
+            f"training stopped at once during step {trainer.recorded + 1} (Ctrl-C twice); {kept}"))
     except Diverged as diverged:  # the loss is summed over processes: every one of them stops here
         reason = str(diverged)
         stopped = Stop(FAILED, together=True, save=True,
                        message=lambda kept: diverged_message(trainer.config, trainer.scheduler.get_last_lr()[0], run,
-                                                             completed, reason, kept))
+                                                             trainer.recorded, reason, kept))
     except (torch.OutOfMemoryError, MemoryError):  # perhaps in one process only: nobody is waited for
         stopped = Stop(FAILED, together=False, save=True,
-                       message=lambda kept: out_of_memory_message(trainer.config, run, completed, kept))
+                       message=lambda kept: out_of_memory_message(trainer.config, run, trainer.recorded, kept))
     except OSError as error:  # writing the log or a checkpoint failed (a full disk): nothing more is saved
         failure = f"{error.filename or run}: {error.strerror or error}"
         stopped = Stop(FAILED, together=False, save=False, message=lambda kept: (
@@ -272,17 +273,8 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
             f"affiner train --resume {run}"))
     progress.close()
     if stopped:
-        _free_memory(trainer)
-        _stop(trainer, run, completed, trackers, stopped)
+        stop_training(trainer, run, completed, trackers, stopped)
     _finish(trainer, run, trackers, round(trainer.elapsed(), 1), completed, early)
-
-
-def _free_memory(trainer: Trainer) -> None:
-    trainer.optimizer.zero_grad(set_to_none=True)  # half-computed gradients hold the memory a save needs
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    elif torch.backends.mps.is_available():
-        torch.mps.empty_cache()
 
 
 def _processes_agree(trainer: Trainer) -> bool | None:
@@ -367,32 +359,5 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
             run.update(best=trainer.selection.summary())  # a resumed run compares with it
     if config.train.save_steps and done % config.train.save_steps == 0 and not last and not stop:
         save_checkpoint(trainer, run, done, config.train.save_total_limit)
+    trainer.recorded, trainer.rng = done, rng_states()
     return stop
-
-
-def _stop(trainer: Trainer, run: RunFolder, completed: int, trackers: Trackers | None, stop: Stop) -> None:
-    """Keep the last completed step as a checkpoint (if it can be saved and its weights are finite), mark
-    the run, say why and how to go on. The main process saves alone: a collective save could wait forever
-    for a process that is gone. When every process stopped here (`stop.together`), the others wait for it,
-    so that the launcher does not end it half-way (it stops every process once one has exited)."""
-    processes = trainer.processes
-    # Sharded weights or a partitioned optimizer state can only be saved by every process together: then the
-    # last train.save_steps checkpoint is what is kept.
-    saved = stop.save and completed > trainer.start_step and not processes.partitioned and \
-        all(bool(torch.isfinite(p).all()) for p in trainer.params)
-    if saved and processes.is_main:
-        with ctrl_c_deferred():
-            save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=True)
-    last = run.last_checkpoint()
-    kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
-            else "no good step was saved, so there is nothing to resume")
-    text = stop.message(kept)
-    # A failure in one process only (out of memory) is recorded by that process: the main one, waiting for
-    # it in a collective, will be stopped by the launcher before it can write anything.
-    if processes.is_main or not stop.together:
-        run.update(status=stop.status, step=completed, **({"error": text} if stop.status == FAILED else {}))
-    if processes.is_main:
-        trackers.close(run.path, stop.status)
-    if stop.together:
-        processes.wait()
-    raise (Interrupted if stop.status == "interrupted" else AffinerError)(text) from None

@@ -8,13 +8,22 @@ import signal
 import sys
 from dataclasses import dataclass
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, NoReturn
 
 import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.devices import device
+from affiner.core.errors import AffinerError
+from affiner.core.runfolder import FAILED, RunFolder
+from affiner.training.checkpoints import save_checkpoint
 from affiner.training.processes import Processes
+
+
+class Interrupted(AffinerError):
+    """Training stopped by Ctrl-C; the message says how to resume (a sweep tells it from other failures)."""
+
+    exit_code = 130  # what a shell expects of a program stopped by Ctrl-C
 
 
 @dataclass
@@ -102,3 +111,42 @@ def out_of_memory_message(config: RunConfig, run: object, completed: int, kept: 
             "Lower train.batch_size (raise train.gradient_accumulation to keep the same batch), lower "
             "data.max_length, set train.gradient_checkpointing: true, or use method: qlora (a 4-bit base); "
             "then start a new run with those settings.")
+
+
+def stop_training(trainer, run: RunFolder, completed: int, trackers, stop: Stop) -> NoReturn:
+    """Keep the last step as a checkpoint (if its probe, log and checkpoint were done, so that the resumed run
+    redoes nothing and skips nothing, and if its weights are finite), mark the run, say why and how to go on.
+    When every process stopped here (`stop.together`: Ctrl-C, a diverged loss), every one takes part in the save,
+    each with its own random state; otherwise (out of memory, perhaps in one process) the main process saves
+    alone: a collective save could wait forever for a process that is gone."""
+    _free_memory(trainer)
+    processes = trainer.processes
+    # Sharded weights or a partitioned optimizer state can only be saved by every process together: then the
+    # last train.save_steps checkpoint is what is kept.
+    saved = stop.save and completed == trainer.recorded > trainer.start_step and not processes.partitioned and \
+        all(bool(torch.isfinite(p).all()) for p in trainer.params)
+    if saved and (stop.together or processes.is_main):
+        with ctrl_c_deferred():
+            save_checkpoint(trainer, run, completed, trainer.config.train.save_total_limit, alone=not stop.together,
+                            rng=trainer.rng)
+    last = run.last_checkpoint()
+    kept = (f"the weights of {last.name} are kept (affiner train --resume {run} continues from there)" if last
+            else "no good step was saved, so there is nothing to resume")
+    text = stop.message(kept)
+    # A failure in one process only (out of memory) is recorded by that process: the main one, waiting for
+    # it in a collective, will be stopped by the launcher before it can write anything.
+    if processes.is_main or not stop.together:
+        run.update(status=stop.status, step=trainer.recorded, **({"error": text} if stop.status == FAILED else {}))
+    if processes.is_main:
+        trackers.close(run.path, stop.status)
+    if stop.together:
+        processes.wait()
+    raise (Interrupted if stop.status == "interrupted" else AffinerError)(text) from None
+
+
+def _free_memory(trainer) -> None:
+    trainer.optimizer.zero_grad(set_to_none=True)  # half-computed gradients hold the memory a save needs
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    elif torch.backends.mps.is_available():
+        torch.mps.empty_cache()
