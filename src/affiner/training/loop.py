@@ -28,7 +28,6 @@ from tqdm.auto import tqdm
 
 from affiner.core.card import write_run_card
 from affiner.core.config import RunConfig
-from affiner.core.errors import AffinerError
 from affiner.core.loss import IGNORE_INDEX, kept_head_buffers, supervised_loss, supervised_tokens
 from affiner.core.devices import device, precision_reason
 from affiner.core.models import describe, dtype_for
