@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, metavar="N",
                         help="seed of the sampling: the same seed, the same answer (default: random)")
     parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
-                        help="above 1, tokens already in the conversation are made less likely: a looping model "
+                        help="above 1, tokens the answer already holds are made less likely: a looping model "
                              "stops looping (default: the run's eval.repetition_penalty, as its evaluation decoded; "
                              "1: off)")
 

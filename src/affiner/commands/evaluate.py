@@ -85,7 +85,7 @@ def _add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=seed, default=0, metavar="N",
                         help="seed of the sampling (default 0)")
     parser.add_argument("--repetition-penalty", type=repetition_penalty, metavar="R",
-                        help="above 1, tokens already in the prompt or answer are made less likely, for base and "
+                        help="above 1, tokens the answer already holds are made less likely, for base and "
                              "tuned alike: a looping model stops looping (default: eval.repetition_penalty; 1: off)")
 
 

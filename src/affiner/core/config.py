@@ -209,10 +209,10 @@ class EvalConfig(_Section):
         "questions answered together: faster, more memory (halved by itself when out of memory); held-out losses "
         "take at most this many rows and 4096 padded tokens a batch"))
     repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY, description=(
-        "above 1, tokens already in the prompt or the answer are made less likely (transformers' repetition "
-        "penalty, for base and tuned alike, in the report's settings line; chat uses the run's value): a small model "
-        "that loops under greedy decoding stops looping, but answers reuse the question's words less, which lowers "
-        "word-overlap scores a little; 1: off"))
+        "above 1, tokens the answer already holds are made less likely (transformers' repetition penalty over "
+        "the answer's own tokens: the question's words stay free; for base and tuned alike, in the report's "
+        "settings line; chat and serve use the run's value): a small model that loops under greedy decoding stops "
+        "looping, but answers repeat their own words less, which can lower word-overlap scores a little; 1: off"))
     max_questions: int | None = Field(None, ge=1, description=(
         "answer only the first N held-out questions (null: all): quicker, wider intervals"))
     every_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field("auto", description=(

@@ -144,8 +144,8 @@ def sidebar_controls(names: list[str]) -> None:
     st.sidebar.slider("Top-p", 0.01, 1.0, step=0.01, key="top_p", disabled=greedy)
     st.sidebar.number_input("Top-k (0: off)", min_value=0, max_value=1000, step=1, key="top_k", disabled=greedy)
     st.sidebar.slider("Repetition penalty (1: off)", 1.0, MAX_PENALTY, step=0.05, key="repetition_penalty",
-                      help="above 1, words already in the prompt or the answer are made less likely: a small model "
-                           "that loops stops looping")
+                      help="above 1, words the answer already holds are made less likely (the question's "
+                           "words stay free): a small model that loops stops looping")
     st.sidebar.number_input("Max new tokens", min_value=1, max_value=4096, step=1, key="max_new_tokens")
     st.sidebar.number_input("Seed (empty: random)", min_value=0, max_value=2**31 - 1, value=None, step=1,
                             key="seed", disabled=greedy,
