@@ -391,6 +391,12 @@ BAD_INPUTS = {
                                 r"cannot write .*afile"),
     "output is the test output": (csv_file("acronym,definition\nWHO,x\n"), ["--test-output", "{folder}/train.json"],
                                   r"--output and --test-output are the same file"),
+    "definition a number": (raw_file("glossary.json", b'[{"acronym": "V1", "definition": 1.10}]'), [],
+                            r"glossary\.json item 1: 'definition' must be text, not the number 1\.1"),
+    "acronym NaN": (raw_file("glossary.json", b'[{"acronym": NaN, "definition": "Not a Number"}]'), [],
+                    r"glossary\.json item 1: 'acronym' must be text, not NaN"),
+    "test output not JSON": (csv_file("acronym,definition\nWHO,x\n"), ["--test-output", "{folder}/test.csv"],
+                             r"the output .*test\.csv must be a \.json file"),
 }
 
 
@@ -742,3 +748,49 @@ def test_endpoint_can_write_more_than_the_offline_pool(server, tmp_path):
     server.behaviour = writer
     output = run_endpoint(server, tmp_path, "--per-entry", "30", "--languages", "fr", glossary=GLOSSARY[:1])
     assert len(conversations(load(output))) == 30
+
+
+def test_acronyms_that_differ_only_by_case_are_other_abbreviations(tmp_path, capsys):
+    glossary = csv_file("acronym,definition\nMW,megawatt\nmW,milliwatt\nmw,Megawatt\n")(tmp_path)
+    affiner_generate(str(glossary), "--output", str(tmp_path / "train.json"))
+    assert sorted(r["acronym"] for r in load(tmp_path / "train.json")) == ["MW", "mW"]
+    assert "1 duplicate" in capsys.readouterr().out  # mw, megawatt: MW again, written otherwise
+
+
+@pytest.mark.parametrize("name", ["glossary #2.json", "null.json", "it's.json"])
+def test_the_advised_command_reads_back_the_files_written(tmp_path, capsys, name):
+    """The next: line's --set values are quoted for YAML as well as for the shell ("glossary #2.json" would read
+    as "glossary")."""
+    import shlex
+
+    from affiner.core.yaml_input import apply_overrides
+
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY)
+    output, test = tmp_path / name, tmp_path / f"test {name}"
+    capsys.readouterr()
+    affiner_generate(str(glossary), "--output", str(output), "--test-output", str(test))
+    advised = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    words = shlex.split(advised.removeprefix("next: ").split("  # ")[0])
+    overrides = [words[i + 1] for i, word in enumerate(words) if word == "--set"]
+    assert apply_overrides({}, overrides) == {"data": {"train": str(output), "test": str(test)}}
+
+
+def test_one_entry_without_a_held_out_file_is_advised_to_write_one(tmp_path, capsys):
+    glossary = csv_file("acronym,definition\nWHO,World Health Organization\n")(tmp_path)
+    affiner_generate(str(glossary), "--output", str(tmp_path / "train.json"))
+    advised = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("next: "))
+    assert "--test-output" in advised and "data.test=null" not in advised
+
+
+def test_an_output_that_appears_while_synth_runs_is_left_untouched(tmp_path, capsys, monkeypatch):
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY)
+    output = tmp_path / "train.json"
+    real = generate.offline_pairs
+
+    def another_writer_meanwhile(*args, **kwargs):
+        output.write_text('["written by someone else meanwhile"]')
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate, "offline_pairs", another_writer_meanwhile)
+    err = fails(capsys, str(glossary), "--output", str(output))
+    assert "appeared while synth ran" in err and output.read_text() == '["written by someone else meanwhile"]'

@@ -7,7 +7,9 @@ shortened, whatever a file's aliases make of it.
 
 from __future__ import annotations
 
+import json
 import reprlib
+import shlex
 from typing import Any
 
 import yaml
@@ -70,6 +72,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except yaml.YAMLError:
             node[parts[-1]] = value
     return raw
+
+
+def set_argument(key: str, value: str) -> str:
+    """`--set key=value` as a shell reads it and as `apply_overrides` reads it back: a value YAML would read as
+    something else ("glossary #2.json" as "glossary", "null" as nothing, "1e-4" as a number) is quoted for YAML,
+    then the whole for the shell. What affiner advises must run as printed."""
+    try:
+        same = yaml.safe_load(value) == value
+    except yaml.YAMLError:
+        same = False
+    text = value if same else json.dumps(value, ensure_ascii=False)  # a JSON string is a YAML double-quoted one
+    return f"--set {shlex.quote(f'{key}={text}')}"
 
 
 def first_non_text(tree: Any, path: str = "", seen: set[int] | None = None) -> str | None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from affiner.core.config import RunConfig, dump_config
 from affiner.core.formatting import shorten
+from affiner.core.yaml_input import set_argument
 from affiner.core.files import check_replaceable, file_sha256, folder_written_whole, write_atomic, write_json, write_jsonl
 from affiner.core.templates import Example, build_template
 from affiner.data.pipeline import Prepared, build
@@ -156,6 +157,6 @@ def prepare(config: RunConfig, output: Path, overwrite: bool = False, label: str
             print(f"  {'train + test' if side == 'all' else side} tokens: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
     print(f"wrote {folder}: train.jsonl ({len(prepared.train)} rows), test.jsonl ({len(prepared.test)} rows), "
           f"dropped.jsonl ({len(prepared.ledger.dropped)}), data_card.md, lengths.png")
-    print(f"next: affiner train {shlex.quote(label)} --set {shlex.quote(f'data.train={folder}')} "
-          f"--set {shlex.quote(f'data.test={folder}')}")
+    print(f"next: affiner train {shlex.quote(label)} {set_argument('data.train', str(folder))} "
+          f"{set_argument('data.test', str(folder))}")
     return folder

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.errors import AffinerError
+from affiner.data.formats import text_of
 from affiner.data.ledger import Ledger
 from affiner.data.read import read_rows, strict_utf8
 from affiner.synth.skos import read_skos
@@ -113,27 +114,30 @@ def _from_records(records: list[Record], label: str, columns: dict[str, str], dr
 
 def _text(record: dict[str, Any], name: str | None, where: str) -> str:
     value = record.get(name) if name is not None else None
-    if value is None:
-        return ""
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise AffinerError(f"{where}: '{name}' must be text, not {type(value).__name__}.")
-    return clean(str(value))
+    # A number is refused as `prepare` refuses it: 1.10 would read "1.1", NaN "nan", 1e400 "inf".
+    return clean(text_of(value, f"{where}: '{name}'", required=False))
 
 
 # -- duplicates and conflicts
 
 
 def _keep(candidates: list[Entry], drops: Ledger) -> list[Entry]:
+    """Entries once each: the same acronym with the same definition (case and spacing aside) is a duplicate; the same
+    acronym, written alike, with another definition is a conflict; acronyms that differ only by case are other
+    abbreviations (MW, megawatt; mW, milliwatt)."""
     kept: dict[str, Entry] = {}
+    meanings: set[tuple[str, str]] = set()  # (acronym, definition), case aside
     for candidate in candidates:
-        key = candidate.term.acronym.casefold()
-        earlier = kept.get(key)
-        if earlier is None:
-            kept[key] = candidate
-        elif clean(earlier.term.definition).casefold() == clean(candidate.term.definition).casefold():
+        acronym = candidate.term.acronym
+        meaning = (acronym.casefold(), clean(candidate.term.definition).casefold())
+        earlier = kept.get(acronym)
+        if meaning in meanings:
             drops.drop(candidate.where, "duplicate")
+        elif earlier is None:
+            kept[acronym] = candidate
+            meanings.add(meaning)
         else:
-            raise AffinerError(f"the acronym {candidate.term.acronym!r} has two different definitions: "
+            raise AffinerError(f"the acronym {acronym!r} has two different definitions: "
                                f"{earlier.term.definition!r} at {earlier.where} and {candidate.term.definition!r} "
                                f"at {candidate.where}. Keep one (a model cannot learn both as the meaning), or "
                                f"rename one of the acronyms.")

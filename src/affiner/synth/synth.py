@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from affiner.core.errors import AffinerError
+from affiner.core.yaml_input import set_argument
 from affiner.core.hub import hub_reachable
 from affiner.core.files import json_text, remove_leftovers, write_together
 from affiner.synth.banks import LANGUAGES
@@ -81,6 +82,9 @@ def generate(options: Options, say: Callable[[str], None] = print) -> Result:
     for path, records in files:
         if not records:
             raise AffinerError(f"no conversation for {path}: nothing was written.")
+    if not options.overwrite and (appeared := [str(path) for path, _ in files if path.exists()]):
+        raise AffinerError(f"{', '.join(appeared)} appeared while synth ran (another command writing there?) and was "
+                           "left untouched; nothing was written. Choose another file, or pass --overwrite.")
     _write_json(files)
     result.written = [(path, len(records), sum(len(r["conversation"]) for r in records)) for path, records in files]
     return result
@@ -130,6 +134,9 @@ def _check_outputs(options: Options) -> None:
             raise AffinerError(f"the output {path} is the glossary itself; write the conversations elsewhere.")
         if path.is_dir():
             raise AffinerError(f"the output {path} is a folder; name a file, e.g. {path / 'glossary-train.json'}.")
+        if path.suffix.lower() != ".json":
+            raise AffinerError(f"the output {path} must be a .json file: synth writes a JSON list of conversations, "
+                               f"which prepare and train read by its suffix (e.g. {path.with_suffix('.json')}).")
         if path.exists() and not options.overwrite:
             raise AffinerError(f"{path} already exists and was left untouched; pass --overwrite to replace it, or "
                                "choose another file.")
@@ -191,11 +198,11 @@ def summary(result: Result, options: Options) -> str:
         lines += _endpoint_lines(result.endpoint, options.llm)
     for path, records, conversations in result.written:
         lines.append(f"wrote {path} ({records} records, {conversations} conversations)")
-    lines.append(next_step(options))
+    lines.append(next_step(options, len(glossary.entries)))
     return "\n".join(lines)
 
 
-def next_step(options: Options) -> str:
+def next_step(options: Options, entries: int = 2) -> str:
     """The `affiner train` line that learns the output, with the recipe this machine can run and why, as a
     shell comment so that the line still pastes as it is."""
     if hub_reachable():
@@ -203,8 +210,12 @@ def next_step(options: Options) -> str:
     else:
         recipe, why = OFFLINE_RECIPE, "the Hub is unreachable: the embedded Gemma 3 270M, nothing to download"
     # The recipe's own test file holds other acronyms: without a held-out file of ours, hold out part of ours.
-    test = f"data.test={shlex.quote(str(options.test_output))}" if options.test_output else "data.test=null"
-    return f"next: affiner train {recipe} --set data.train={shlex.quote(str(options.output))} --set {test}  # {why}"
+    if not options.test_output and entries < 2:  # a held-out split of one entry leaves nothing to train on
+        return (f"next: affiner synth {shlex.quote(str(options.glossary))} --output {shlex.quote(str(options.output))} "
+                "--test-output held-out.json --overwrite  # one entry: held-out questions about it need a file of "
+                "their own, then train on both")
+    test = set_argument("data.test", str(options.test_output)) if options.test_output else "--set data.test=null"
+    return f"next: affiner train {recipe} {set_argument('data.train', str(options.output))} {test}  # {why}"
 
 
 def _endpoint_lines(report: EndpointReport, llm: LLMOptions) -> list[str]:
