@@ -530,6 +530,8 @@ def test_replies_are_parsed_tolerantly():
      "not a list of messages"),
     ("What is WHO?", "not a list of messages"),
     ([], "not a list of messages"),
+    ([{"role": "user", "content": "Does WHO stand for World Health Organization?"},  # the answer given away
+      {"role": "assistant", "content": "Yes: World Health Organization."}], "question holds the definition"),
 ])
 def test_conversation_checks(conversation, reason):
     assert check_conversation(conversation, "World Health Organization")[1] == reason

@@ -73,6 +73,10 @@ def check_conversation(conversation: Any, definition: str) -> tuple[Conversation
     wanted = _normal(definition)
     if any(wanted not in _normal(m["content"]) for m in messages if m["role"] == "assistant"):
         return None, "definition missing"
+    # A question that gives the answer away ("does WHO stand for World Health Organization?") teaches nothing,
+    # and held out it measures copying, not recall.
+    if any(wanted in _normal(m["content"]) for m in messages if m["role"] == "user"):
+        return None, "question holds the definition"
     return messages, None
 
 
