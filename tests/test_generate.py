@@ -796,3 +796,29 @@ def test_an_output_that_appears_while_synth_runs_is_left_untouched(tmp_path, cap
     monkeypatch.setattr(generate, "offline_pairs", another_writer_meanwhile)
     err = fails(capsys, str(glossary), "--output", str(output))
     assert "appeared while synth ran" in err and output.read_text() == '["written by someone else meanwhile"]'
+
+
+def test_ctrl_c_while_requests_are_under_way_says_it_waits_and_a_second_one_quits_at_once(server, tmp_path):
+    """The requests under way are waited for (their replies are cached); a second Ctrl-C ends the wait, cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    server.behaviour = lambda body: (time.sleep(30), Reply())[1]  # an endpoint far slower than the user's patience
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY)
+    env = {**os.environ, "AFFINER_CACHE": str(tmp_path / "cache")}
+    process = subprocess.Popen([sys.executable, "-m", "affiner", "synth", str(glossary), "--output",
+                                str(tmp_path / "train.json"), "--endpoint", server.url, "--model", "m"],
+                               stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 60
+    while not server.requests and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    started = time.time()
+    assert process.wait(timeout=20) == 130 and time.time() - started < 10
+    err = process.stderr.read()
+    assert "Waiting for the" in err and "Ctrl-C again quits at once" in err and "Traceback" not in err
+    assert not (tmp_path / "train.json").exists()

@@ -8,6 +8,8 @@ used. Every reply is checked (`replies.accept_reply`); useful replies are cached
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -152,8 +154,16 @@ def _run_units(units: list[_Unit], options: LLMOptions, client: ChatClient) -> N
             raise error
     except KeyboardInterrupt:
         interrupted = True
+        under_way = sum(future.running() for future in futures)
         print(f"\ninterrupted: the finished replies are cached in {client.cache_path}; run the same command "
-              "again to resume where this one stopped.", file=sys.stderr)
+              "again to resume where this one stopped." + (
+                  f" Waiting for the {under_way} request(s) under way (up to {options.endpoint.timeout:g} s), so that "
+                  "their replies are cached too; Ctrl-C again quits at once." if under_way else ""),
+              file=sys.stderr, flush=True)
+        if threading.current_thread() is threading.main_thread():
+            # Python waits for the requests' threads on its way out; a second Ctrl-C would print a traceback from
+            # inside that wait. The cache is SQLite's: a request cut off loses only its own reply.
+            signal.signal(signal.SIGINT, lambda *_: os._exit(130))
         raise
     finally:
         stop.set()  # requests under way finish (and are cached); no new one starts
