@@ -298,11 +298,14 @@ def test_unusable_entries_are_counted_and_dropped(tmp_path, capsys, rows, reason
 
 
 def test_entries_missing_in_json_are_dropped_too(tmp_path):
-    glossary = write_json(tmp_path / "glossary.json", GLOSSARY + [{"acronym": "X"}, {"definition": "Y", "acronym": None}])
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY + [{"acronym": "X"}, {"definition": "Y", "acronym": None},
+                                                                  {}, {"acronym": "", "definition": " "}])
     result = generate.generate(generate.Options(glossary=glossary, output=tmp_path / "train.json", per_entry=1),
                                say=lambda _: None)
-    assert result.glossary.drops.counts() == {"no definition": 1, "no acronym": 1}
-    assert [row for row, reason in result.glossary.drops.dropped if reason == "no acronym"] == [f"{glossary} item 5"]
+    assert result.glossary.read == len(GLOSSARY) + 4  # empty items are entries too, dropped and counted
+    assert result.glossary.drops.counts() == {"no definition": 1, "no acronym": 3}
+    assert [row for row, reason in result.glossary.drops.dropped if reason == "no acronym"] == [
+        f"{glossary} item {i}" for i in (5, 6, 7)]
 
 
 # ---------------------------------------------------------------------------------------- the catalogue of bad inputs

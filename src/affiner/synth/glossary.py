@@ -71,7 +71,8 @@ def _table_records(path: Path, label: str) -> list[Record]:
         if "messages" in record and len(record) == 1:  # read_rows' reading of a bare list item
             raise AffinerError(f"{where} must be a JSON object such as {{\"acronym\": \"WHO\", \"definition\": "
                                "\"World Health Organization\"}, not a list.")
-        if any(str(value or "").strip() for value in record.values()):  # blank CSV lines are not entries
+        # A blank CSV line is no entry; an empty JSON item is one, dropped and counted ("no acronym").
+        if path.suffix.lower() != ".csv" or any(str(value or "").strip() for value in record.values()):
             records.append((record, where))
     return records
 
