@@ -399,7 +399,7 @@ BAD_INPUTS = {
     "acronym NaN": (raw_file("glossary.json", b'[{"acronym": NaN, "definition": "Not a Number"}]'), [],
                     r"glossary\.json item 1: 'acronym' must be text, not NaN"),
     "test output not JSON": (csv_file("acronym,definition\nWHO,x\n"), ["--test-output", "{folder}/test.csv"],
-                             r"the output .*test\.csv must be a \.json file"),
+                             r"the output .*test\.csv must be a \.json or \.jsonl file"),
 }
 
 
@@ -825,3 +825,14 @@ def test_ctrl_c_while_requests_are_under_way_says_it_waits_and_a_second_one_quit
     err = process.stderr.read()
     assert "Waiting for the" in err and "Ctrl-C again quits at once" in err and "Traceback" not in err
     assert not (tmp_path / "train.json").exists()
+
+
+def test_a_jsonl_output_holds_one_record_per_line_that_prepare_reads(tmp_path):
+    from affiner.data.read import read_rows
+
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY)
+    affiner_generate(str(glossary), "--output", str(tmp_path / "train.jsonl"), "--test-output",
+                     str(tmp_path / "test.json"))
+    lines = (tmp_path / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(GLOSSARY) and all(json.loads(line)["conversation"] for line in lines)
+    assert [r for r, _ in read_rows(str(tmp_path / "train.jsonl"))] == [json.loads(line) for line in lines]

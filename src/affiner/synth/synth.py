@@ -134,9 +134,9 @@ def _check_outputs(options: Options) -> None:
             raise AffinerError(f"the output {path} is the glossary itself; write the conversations elsewhere.")
         if path.is_dir():
             raise AffinerError(f"the output {path} is a folder; name a file, e.g. {path / 'glossary-train.json'}.")
-        if path.suffix.lower() != ".json":
-            raise AffinerError(f"the output {path} must be a .json file: synth writes a JSON list of conversations, "
-                               f"which prepare and train read by its suffix (e.g. {path.with_suffix('.json')}).")
+        if path.suffix.lower() not in OUTPUT_SUFFIXES:
+            raise AffinerError(f"the output {path} must be a .json or .jsonl file: prepare and train read the "
+                               f"conversations by the file's suffix (e.g. {path.with_suffix('.json')}).")
         if path.exists() and not options.overwrite:
             raise AffinerError(f"{path} already exists and was left untouched; pass --overwrite to replace it, or "
                                "choose another file.")
@@ -168,12 +168,22 @@ def _records(glossary: Glossary, languages: tuple[str, ...], conversations: Pair
     return list(records.values())
 
 
+OUTPUT_SUFFIXES = (".json", ".jsonl")
+
+
+def _text_of(path: Path, records: list[dict[str, Any]]) -> str:
+    """A JSON list of the records, or for a .jsonl file one record per line: what its suffix tells readers."""
+    if path.suffix.lower() == ".jsonl":
+        return "".join(json_text(record, indent=None) for record in records)  # each ends its line
+    return json_text(records, indent=1)
+
+
 def _write_json(files: list[tuple[Path, list[dict[str, Any]]]]) -> None:
     """Every file written, or none: a failure leaves the earlier files as they were."""
     try:
         for path, _ in files:
             path.parent.mkdir(parents=True, exist_ok=True)
-        write_together({path: json_text(records, indent=1) for path, records in files})
+        write_together({path: _text_of(path, records) for path, records in files})
     except OSError as error:
         raise AffinerError(f"cannot write {error.filename or 'the output'}: {error.strerror or error}.") from None
 
