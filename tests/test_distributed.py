@@ -155,6 +155,7 @@ def test_kill_9_then_resume_under_two_processes(tmp_path, tiny_llama, data, shar
     assert_same_training(one_run(tmp_path / "one"), run, PARALLELISM[sharding.get("accelerate_config")])
 
 
+@pytest.mark.slow  # three torchrun launches (~50 s): kept out of the default run's 15 minutes, run by CI
 def test_ctrl_c_under_two_processes_resumes_as_if_never_stopped(tmp_path, tiny_llama, data):
     """Each process draws its own dropout masks: the checkpoint Ctrl-C leaves holds every process's random state."""
     sections = {"lora": {"r": 4, "alpha": 8, "dropout": 0.3},
