@@ -321,7 +321,7 @@ def test_held_out_loss_out_of_memory_retries_the_batch_at_half_size(capsys, monk
 def test_the_run_s_repetition_penalty_decodes_its_evaluation_its_probe_and_its_chat(tmp_path, monkeypatch,
                                                                                       tiny_llama):
     from affiner.evaluation import probe
-    from affiner.interfaces.chat import run_repetition_penalty
+    from affiner.interfaces.chat import open_engine, run_repetition_penalty
 
     probed = []
     monkeypatch.setattr(probe, "generate", lambda *args, **kwargs: probed.append(args[6]) or
@@ -336,7 +336,11 @@ def test_the_run_s_repetition_penalty_decodes_its_evaluation_its_probe_and_its_c
     plain = ev.evaluate(folder, max_questions=3, repetition_penalty=1.0)  # the flag's value replaces the run's
     assert plain["settings"]["decoding"] == "greedy"
     assert penalised != [e["answers"]["tuned"]["text"] for e in plain["examples"]]
-    assert run_repetition_penalty([folder], None) == 1.5 and run_repetition_penalty([], "some/model") == 1.0
+    assert run_repetition_penalty([folder]) == 1.5  # where the app's slider starts
+    engine, name, _ = open_engine([folder])  # chat's default: the engine's, read from the run
+    assert engine.repetition_penalty(name) == 1.5
+    engine, name, _ = open_engine([], model=str(tiny_llama), template="qa")  # a model by name: off
+    assert engine.repetition_penalty(name) == 1.0
 
 
 def test_a_graded_headline_leads_the_report_and_ranks_its_wins(tmp_path, tiny_llama):

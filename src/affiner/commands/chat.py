@@ -65,13 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> None:
     from affiner.core.settings import Settings
-    from affiner.interfaces.chat import Session, answer, open_engine, run_repetition_penalty
+    from affiner.interfaces.chat import Session, answer, open_engine
 
     engine, name, label = open_engine(args.runs, model=args.model, adapters=args.adapter, template=args.template,
                                       base=args.base)
     settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, seed=args.seed,
-                        repetition_penalty=args.repetition_penalty or run_repetition_penalty(args.runs, args.model))
+                        repetition_penalty=args.repetition_penalty or engine.repetition_penalty(name))
     if args.prompt is not None:
         answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
         return

@@ -98,8 +98,8 @@ def first_non_text(tree: Any, path: str = "", seen: set[int] | None = None) -> s
     items = tree.items() if isinstance(tree, dict) else enumerate(tree)
     for key, value in items:
         inner = f"{path}.{key}".lstrip(".") if isinstance(tree, dict) else f"{path}[{key}]"
-        if (found := first_non_text(key, inner, seen) if isinstance(key, str) else None) is not None:
-            return found
+        if isinstance(key, str) and not is_text(key):
+            return inner
         if (found := first_non_text(value, inner, seen)) is not None:
             return found
     return None

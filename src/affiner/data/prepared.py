@@ -7,7 +7,6 @@ earlier prepared folder is never left half-replaced.
 from __future__ import annotations
 
 import shlex
-
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any

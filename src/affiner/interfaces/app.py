@@ -97,7 +97,8 @@ def wait_for_page_server(process: subprocess.Popen) -> int:
             signal.signal(sig, handler)
 
 
-def _end(process: subprocess.Popen, grace: float = 0) -> None:
+def _end(process: subprocess.Popen, grace: float) -> None:
+    """The page server ended: after `grace` seconds of its own shutting down, terminated, at last killed."""
     try:
         process.wait(timeout=grace)
         return

@@ -371,7 +371,7 @@ def main() -> None:
         st.error(str(exc))
         st.stop()
     names = model_names(folders)
-    start_session(names, max(1.0, run_repetition_penalty(folders, None)))  # the slider starts at 1
+    start_session(names, max(1.0, run_repetition_penalty(folders)))  # the slider starts at 1
     page = st.sidebar.radio("Page", PAGES, key="page", horizontal=True)
     st.sidebar.caption(f"{len(folders)} run{'s' if len(folders) > 1 else ''}: " +
                        ", ".join(f"`{n}`" if n == f.name else f"`{n}` ({f.name})" for n, f in zip(names, folders)))

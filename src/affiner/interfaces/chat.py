@@ -89,11 +89,10 @@ def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path]
     return engine, name, label
 
 
-def run_repetition_penalty(runs: list[Path], model: str | None) -> float:
-    """The repetition penalty the (first, or latest) run's evaluation decoded with: chat and the app answer as the
-    report's answers were made. 1 (off) for a model given by name."""
-    if model:
-        return 1.0
+def run_repetition_penalty(runs: list[Path]) -> float:
+    """The repetition penalty the (first, or latest) run's evaluation decoded with, before its engine is loaded: the
+    app's slider starts there, so that it answers as the report's answers were made (chat and serve ask the
+    engine, `Engine.repetition_penalty`)."""
     folder = Path(runs[0]) if runs else getattr(RunFolder.latest(), "path", None)
     return RunFolder(folder).config().eval.repetition_penalty if folder else 1.0
 

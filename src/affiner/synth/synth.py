@@ -85,7 +85,7 @@ def generate(options: Options, say: Callable[[str], None] = print) -> Result:
     if not options.overwrite and (appeared := [str(path) for path, _ in files if path.exists()]):
         raise AffinerError(f"{', '.join(appeared)} appeared while synth ran (another command writing there?) and was "
                            "left untouched; nothing was written. Choose another file, or pass --overwrite.")
-    _write_json(files)
+    _write_outputs(files)
     result.written = [(path, len(records), sum(len(r["conversation"]) for r in records)) for path, records in files]
     return result
 
@@ -178,7 +178,7 @@ def _text_of(path: Path, records: list[dict[str, Any]]) -> str:
     return json_text(records, indent=1)
 
 
-def _write_json(files: list[tuple[Path, list[dict[str, Any]]]]) -> None:
+def _write_outputs(files: list[tuple[Path, list[dict[str, Any]]]]) -> None:
     """Every file written, or none: a failure leaves the earlier files as they were."""
     try:
         for path, _ in files:
@@ -212,7 +212,7 @@ def summary(result: Result, options: Options) -> str:
     return "\n".join(lines)
 
 
-def next_step(options: Options, entries: int = 2) -> str:
+def next_step(options: Options, entries: int) -> str:
     """The `affiner train` line that learns the output, with the recipe this machine can run and why, as a
     shell comment so that the line still pastes as it is."""
     if hub_reachable():
