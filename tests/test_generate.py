@@ -606,6 +606,20 @@ def test_short_replies_are_kept_and_reported(server, tmp_path, capsys):
     assert "fewer conversations than asked for: WHO (en) 1 of 3" in capsys.readouterr().out
 
 
+def test_a_held_out_file_left_empty_by_the_endpoint_says_why_and_how_to_get_more(server, tmp_path, capsys):
+    # Two good conversations a reply, whatever was asked: all go to training (--per-entry 2), none is held out.
+    server.behaviour = lambda body: Reply(json.dumps(written(prompt(body), count=2)))
+    glossary = write_json(tmp_path / "glossary.json", GLOSSARY[:1])
+    test = tmp_path / "test.json"
+    err = fails(capsys, str(glossary), "--output", str(tmp_path / "train.json"), "--endpoint", server.url,
+                "--model", "writer", "--languages", "en", "--per-entry", "2", "--test-output", str(test),
+                "--max-attempts", "1")
+    assert f"no conversation for {test}: nothing was written" in err
+    assert "the first --per-entry 2 of each entry and language are trained on" in err
+    assert "fewer than asked for: WHO (en) 2 of 4" in err and "higher --max-attempts (now 1)" in err
+    assert not test.exists() and not (tmp_path / "train.json").exists()
+
+
 def test_interrupted_generation_resumes_with_only_the_missing_requests(server, tmp_path, capsys):
     lock = threading.Lock()
     served = []

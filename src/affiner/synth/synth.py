@@ -81,13 +81,29 @@ def generate(options: Options, say: Callable[[str], None] = print) -> Result:
     files = [(options.output, result.train)] + ([(options.test_output, result.test)] if options.test_output else [])
     for path, records in files:
         if not records:
-            raise AffinerError(f"no conversation for {path}: nothing was written.")
+            raise AffinerError(f"no conversation for {path}: nothing was written.{_why_none(result, options)}")
     if not options.overwrite and (appeared := [str(path) for path, _ in files if path.exists()]):
         raise AffinerError(f"{', '.join(appeared)} appeared while synth ran (another command writing there?) and was "
                            "left untouched; nothing was written. Choose another file, or pass --overwrite.")
     _write_outputs(files)
     result.written = [(path, len(records), sum(len(r["conversation"]) for r in records)) for path, records in files]
     return result
+
+
+def _why_none(result: Result, options: Options) -> str:
+    """Why the held-out file got no conversation (training's are refused earlier, entry by entry): with an
+    endpoint, each entry and language kept at most --per-entry usable ones, and those go to training first."""
+    report = result.endpoint
+    if report is None:
+        return ""
+    short = "; ".join(report.short[:5]) + (f" (and {len(report.short) - 5} more)" if len(report.short) > 5 else "")
+    dropped = report.drops.describe()
+    return (f" The endpoint's usable conversations all went to training: the first --per-entry {options.per_entry} "
+            f"of each entry and language are trained on, the rest held out"
+            + (f"; fewer than asked for: {short}" if short else "")
+            + (f"; dropped: {dropped}" if dropped else "")
+            + ". The good replies are cached: run the same command again with a higher --max-attempts (now "
+              f"{options.llm.max_attempts}) to ask only for the missing ones, or lower --per-entry.")
 
 
 def _check_options(options: Options) -> None:
