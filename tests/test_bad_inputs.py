@@ -412,12 +412,15 @@ def test_the_latest_run_is_the_one_trained_last_not_the_one_written_into_last(sp
     assert RunFolder.latest(space.root / "runs").path == newer
 
 
-def test_one_damaged_run_does_not_hide_the_others(space, capsys):
-    _damage_run_json(space.interrupted)
+@pytest.mark.parametrize("content, problem", [('{"status": "finished", ', "not valid JSON"),
+                                              ("null", "null where an object belongs"),
+                                              ("[]", "an array where an object belongs")])
+def test_one_damaged_run_does_not_hide_the_others(space, capsys, content, problem):
+    (space.interrupted / "run.json").write_text(content)
     assert run_cli("runs", "--dir", "runs") == 0
     out, err = capsys.readouterr()
     assert "finished" in out and "interrupted" not in out
-    assert "skipping" in err and "run.json is damaged" in err
+    assert "skipping" in err and f"run.json is damaged ({problem}" in err
 
 
 def test_logs_stay_valid_json_when_a_value_is_not_finite(tmp_path):

@@ -36,13 +36,16 @@ def test_list_shows_every_run_with_its_scores(two_runs, capsys):
     assert lines[0].split()[:4] == ["run", "status", "model", "method"]
     assert [line.split()[0] for line in lines[1:]] == [first.name, second.name]
     evaluation = json.loads((first / "metrics.json").read_text())["metrics"]
-    correct = f"{100 * evaluation['contains']['base']['mean']:.0f} % → {100 * evaluation['contains']['tuned']['mean']:.0f} %"
+    correct = (f"contains {100 * evaluation['contains']['base']['mean']:.0f} % → "
+               f"{100 * evaluation['contains']['tuned']['mean']:.0f} %")  # the headline named
     assert correct in lines[1] and f"{evaluation['loss']['tuned']['mean']:.3f}" in lines[1]
     assert "not evaluated" in lines[2] and "finished" in lines[2]
     header = lines[0].split()
     minutes, steps = header.index("min"), header.index("steps")
     assert [line.split()[steps] for line in lines[1:]] == ["2", "2"]
     assert [line.split()[minutes] for line in lines[1:]] == ["<0.1", "<0.1"]  # seconds of training, not "-"
+    cli.main(["runs", "--dir", str(root.parent)])  # a sweep's (or a project's) folder: its runs/ are listed
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_compare_shows_config_differences_and_scores_side_by_side(two_runs, capsys):

@@ -82,8 +82,8 @@ def test_grid_expands_to_every_combination_first_key_outermost():
         "q-tmq_proj.v_proj-tiny-gpt2"
 
 
-def test_every_point_is_validated_with_typed_values_and_recorded(tmp_path):
-    config = write_config(tmp_path, "gpt2", "data.jsonl", train={"max_steps": None})
+def test_every_point_is_validated_with_typed_values_and_recorded(tmp_path, tiny_gpt2):
+    config = write_config(tmp_path, tiny_gpt2, "data.jsonl", train={"max_steps": None})
     folder, state = sweep.plan_sweep(str(config), ["train.learning_rate=1e-4,1e-3",
                                                    "lora.target_modules=[c_attn],[c_attn,c_proj]",
                                                    "train.epochs=1,2.5"],
@@ -122,9 +122,12 @@ def test_every_point_is_validated_with_typed_values_and_recorded(tmp_path):
     (["--grid", "lora.r=4,8", "--metric", "containz"], r"--metric containz .* Did you mean contains\?"),
     (["--grid", "lora.r=4,8", "--metric", "judge"], r"--metric judge needs an LLM judge"),
     ([], r"give at least one --grid"),
+    (["--grid", "lora.target_modules=[c_attn],[q_proj]"],  # what the architecture allows, before any point trains
+     r"grid point 2 of 2 \(lora\.target_modules=\[q_proj\]\): lora\.target_modules names layers .* q_proj"),
 ])
-def test_bad_grids_are_one_paragraph_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
-    config = write_config(tmp_path / "cfg", "gpt2", "data.jsonl")
+def test_bad_grids_are_one_paragraph_exit_2_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message,
+                                                               tiny_gpt2):
+    config = write_config(tmp_path / "cfg", tiny_gpt2, "data.jsonl")
     monkeypatch.chdir(tmp_path)
     assert affiner_sweep(str(config), *argv) == 2
     err = capsys.readouterr().err
@@ -133,8 +136,8 @@ def test_bad_grids_are_one_paragraph_exit_2_and_write_nothing(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cfg"]  # no sweeps/ folder, no run
 
 
-def test_resume_and_output_are_checked(tmp_path, capsys):
-    config = write_config(tmp_path / "cfg", "gpt2", "data.jsonl")
+def test_resume_and_output_are_checked(tmp_path, capsys, tiny_gpt2):
+    config = write_config(tmp_path / "cfg", tiny_gpt2, "data.jsonl")
     existing = tmp_path / "taken"
     existing.mkdir()
     assert affiner_sweep(str(config), "--grid", "lora.r=4,8", "--output", str(existing)) == 2
@@ -145,6 +148,13 @@ def test_resume_and_output_are_checked(tmp_path, capsys):
     assert "not an affiner sweep folder" in capsys.readouterr().err
     assert affiner_sweep("--resume", str(existing), "--grid", "lora.r=4") == 2
     assert "drop --grid" in capsys.readouterr().err
+    for damaged in ("{}", "null", '{"points": [1]}'):  # valid JSON, not a sweep's plan
+        (existing / "sweep.json").write_text(damaged)
+        assert affiner_sweep("--resume", str(existing)) == 2
+        err = capsys.readouterr().err
+        assert "sweep.json is damaged" in err and "Traceback" not in err
+    assert affiner_sweep("--resume", str(existing / "sweep.json")) == 2
+    assert f"is a file; --resume takes the sweep's folder ({existing})" in capsys.readouterr().err
 
 
 def test_resume_picks_the_right_continuation_for_each_point(tmp_path):
@@ -239,6 +249,15 @@ def test_a_two_point_sweep_trains_evaluates_and_compares(tmp_path, tiny_gpt2, qa
     assert "| train.learning_rate |" in (folder / "sweep.md").read_text()
     assert (folder / "sweep.png").read_bytes().startswith(PNG)
     assert "config.yaml" in {p.name for p in (folder / state["points"][0]["run"]).iterdir()}
+
+
+def test_a_metric_a_point_did_not_measure_is_said_at_once(capsys):
+    """--metric contains_key over rows without a key would rank nothing: said after the first point, not the last."""
+    sweep.warn_if_unmeasured("contains_key", {"index": 1, "metrics": {"tuned": {"contains": 1.0, "contains_key": None}}})
+    err = capsys.readouterr().err
+    assert "point 1's evaluation did not measure contains_key" in err and "eval.key_before" in err
+    sweep.warn_if_unmeasured("contains", {"index": 1, "metrics": {"tuned": {"contains": 0.0}}})
+    assert capsys.readouterr().err == ""
 
 
 def test_an_interrupted_sweep_resumes_with_its_second_point(tmp_path, tiny_gpt2, qa_file, monkeypatch, capsys,
@@ -339,8 +358,9 @@ def test_a_point_whose_judge_left_answers_unjudged_fails_and_resumes_by_evaluati
     assert [p.name for p in (folder / "runs").iterdir()] == [point["run"].split("/")[-1]]  # not trained again
 
 
-def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp_path, monkeypatch, capsys):
-    config = write_config(tmp_path, "gpt2", "data.jsonl")
+def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp_path, monkeypatch, capsys,
+                                                                              tiny_gpt2):
+    config = write_config(tmp_path, tiny_gpt2, "data.jsonl")
     folder = tmp_path / "sw"
 
     def ctrl_c(config=None, resume=None):
@@ -354,9 +374,55 @@ def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp
     assert state["points"][0]["run"] is None and sweep.next_action(state["points"][0], folder) == "fresh"
 
 
-def test_a_sweep_killed_before_it_recorded_its_run_continues_that_run(tmp_path, tiny_gpt2, qa_file, capsys):
+def test_a_second_process_on_a_running_sweep_is_refused_and_touches_nothing(tmp_path, monkeypatch, capsys,
+                                                                             tiny_gpt2):
+    """`affiner sweep --resume` in another terminal while the sweep runs would train every point twice."""
+    from affiner.core.files import sole_writer
+
+    config = write_config(tmp_path, tiny_gpt2, "data.jsonl")
+    folder = tmp_path / "sw"
+
+    def ctrl_c(config=None, resume=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", ctrl_c)
+    assert affiner_sweep(str(config), "--grid", "lora.r=4,8", "--output", str(folder)) == 130
+    before = (folder / "sweep.json").read_bytes()
+    monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a second sweep process trained"))
+    capsys.readouterr()
+    with sole_writer(folder, "sweep"):  # the first process, still running
+        assert affiner_sweep("--resume", str(folder)) == 2
+    assert re.search(r"is being written by another affiner \(affiner sweep, PID \d+", capsys.readouterr().err)
+    assert (folder / "sweep.json").read_bytes() == before
+
+
+def test_the_points_are_tracked_together_under_the_sweeps_name(tmp_path, monkeypatch, tiny_gpt2):
+    """Each point's config is named after its values: without a shared name, MLflow would file every point in an
+    experiment (and W&B in a project) of its own, where they cannot be compared."""
+    import os
+
+    for key in sweep.TRACKER_GROUPS:
+        monkeypatch.delenv(key, raising=False)
+    config, folder, seen = write_config(tmp_path, tiny_gpt2, "data.jsonl"), tmp_path / "sw", []
+
+    def train(config=None, resume=None):
+        seen.append({key: os.environ.get(key) for key in sweep.TRACKER_GROUPS})
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "train", train)
+    assert affiner_sweep(str(config), "--grid", "lora.r=4,8", "--output", str(folder)) == 130
+    assert seen == [{"MLFLOW_EXPERIMENT_NAME": "test", "WANDB_PROJECT": "test"}]
+    assert not any(key in os.environ for key in sweep.TRACKER_GROUPS)  # only while the points run
+    monkeypatch.setenv("WANDB_PROJECT", "mine")  # a name the user gives is kept
+    assert affiner_sweep("--resume", str(folder)) == 130
+    assert seen[-1] == {"MLFLOW_EXPERIMENT_NAME": "test", "WANDB_PROJECT": "mine"}
+
+
+def test_a_sweep_killed_before_it_recorded_its_run_continues_that_run(tmp_path, tiny_gpt2, qa_file, capsys,
+                                                                      monkeypatch):
     """kill -9 (no Python clean-up) during a point's training, before sweep.json names its run: --resume finds
-    the run the point left and continues it from its checkpoint, instead of training another beside it."""
+    the run the point left and continues it from its checkpoint, instead of training another beside it, however
+    the sweep folder is spelt (here relative, where the sweep was started with its absolute path)."""
     import os
     import signal
     import subprocess
@@ -373,7 +439,8 @@ def test_a_sweep_killed_before_it_recorded_its_run_continues_that_run(tmp_path, 
     (left,) = list((folder / "runs").iterdir())
     assert read_json(folder / "sweep.json")["points"][0]["run"] is None  # what the kill left unrecorded
     assert (left / "checkpoints").is_dir()
-    assert affiner_sweep("--resume", str(folder)) == 0
+    monkeypatch.chdir(tmp_path)
+    assert affiner_sweep("--resume", "sw") == 0
     assert f"continuing runs/{left.name}" in capsys.readouterr().out
     first, second = read_json(folder / "sweep.json")["points"]
     assert first["run"] == f"runs/{left.name}" and first["status"] == "finished" and first["abandoned"] == []

@@ -80,6 +80,22 @@ def test_mlflow_local_store_holds_params_metrics_and_artifacts(tmp_path, tiny_gp
             "report.html", "metrics.csv"} <= artifacts
 
 
+def test_mlflow_experiment_is_the_one_named_in_the_environment(tmp_path, tiny_gpt2, qa_file, monkeypatch):
+    """MLflow's own variable names the experiment (a sweep sets it, so that its points are logged together)."""
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    from affiner.core.config import load_config
+    from affiner.core.tracking import MlflowTracker
+
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "my-sweep")
+    config = load_config(str(write_config(tmp_path, tiny_gpt2, qa_file, train={"tracking": ["mlflow"]})))
+    (tmp_path / "runs" / "one").mkdir(parents=True)
+    tracker = MlflowTracker(config, tmp_path / "runs" / "one")
+    client = MlflowClient(tracking_uri=tracker.uri)
+    assert client.get_experiment(client.get_run(tracker.run_id).info.experiment_id).name == "my-sweep"
+
+
 def stopped_then_resumed(tmp_path, base, qa_file, interrupt_training, stop_after: int, presses: int, **train):
     """A run tracked in MLflow, stopped by Ctrl-C (`presses` times) after step `stop_after`, then resumed: its
     folder, MLflow run id (as first recorded) and client."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ from safetensors.torch import load_file
 from affiner.core.loss import supervised_loss
 from affiner.core.runfolder import RunFolder
 from affiner.experiments import workflow as train_mod
+from affiner.training import loop as loop_mod
 from affiner.training.loop import accumulate_gradients
+from affiner.training.stops import Interrupted
 from affiner.training.setup import make_scheduler, prepare_model
 from affiner.core.config import load_config
 from affiner.data.formats import to_examples
@@ -150,6 +154,34 @@ def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_saved_checkpoint(tmp_path
                                                      **settings))))
     run = RunFolder(next((tmp_path / "runs").iterdir()))
     assert run.status == "interrupted" and run.last_checkpoint().name == "step-000002"
+
+
+def test_ctrl_c_during_the_last_step_finishes_the_run_then_stops_what_follows(tmp_path, tiny_llama,
+                                                                              interrupt_training):
+    """The run is complete (nothing to resume), but the Ctrl-C is not lost: `affiner run` must not go on to
+    evaluate, a sweep must not train its next point."""
+    interrupt_training(4)
+    with pytest.raises(Interrupted, match="finished \\(4 steps\\) as Ctrl-C came.*affiner evaluate"):
+        train_mod.train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                                     train={"max_steps": 4}))))
+    run = RunFolder(next((tmp_path / "runs").iterdir()))
+    assert run.is_finished and run.has_adapter and run.info()["steps"] == 4
+
+
+def test_ctrl_c_while_the_run_is_written_lets_it_finish_whole(tmp_path, tiny_gpt2, monkeypatch):
+    """Pressed while the adapter is being saved, Ctrl-C still leaves a finished run with its card and curves."""
+    real_save = loop_mod.save_model
+
+    def save_then_ctrl_c(*args, **kwargs):
+        real_save(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(loop_mod, "save_model", save_then_ctrl_c)
+    with pytest.raises(Interrupted, match="run is complete"):
+        train_mod.train(load_config(str(write_config(tmp_path, tiny_gpt2, "embedded:glossary-train.json",
+                                                     train={"max_steps": 2}))))
+    folder = next((tmp_path / "runs").iterdir())
+    assert RunFolder(folder).is_finished and (folder / "README.md").is_file() and (folder / "loss.png").is_file()
 
 
 def test_checkpoints_respect_the_limit(tmp_path, tiny_gpt2):

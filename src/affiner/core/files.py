@@ -14,7 +14,9 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -209,6 +211,56 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+# The one process writing a folder (a run, a sweep) holds this lock; the owner file says who, for a second writer.
+LOCK_FILE = ".lock"
+LOCK_OWNER = ".lock-owner.json"
+
+
+@contextmanager
+def sole_writer(folder: Path, command: str) -> Iterator[None]:
+    """This process is `folder`'s one writer while the block runs; a second one is refused with the PID of the
+    first. The lock is the operating system's (filelock): a writer that dies, even by kill -9, releases it, so a
+    stale lock never blocks anyone."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise being_written(folder) from None
+    try:
+        write_json(folder / LOCK_OWNER, {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        yield
+    finally:
+        (folder / LOCK_OWNER).unlink(missing_ok=True)
+        lock.release()
+
+
+def has_writer(folder: Path) -> bool:
+    """Whether a process is writing `folder` now (it holds the lock); a folder left by a process that died
+    (kill -9, a crash, a restart) has none. Where it cannot be told (a read-only folder), True."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(folder / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except (Timeout, OSError):
+        return True
+    lock.release()
+    return False
+
+
+def being_written(folder: Path) -> AffinerError:
+    try:
+        owner = read_json(folder / LOCK_OWNER)
+        who = f"affiner {owner['command']}, PID {owner['pid']} on {owner['host']}, since {owner['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        who = "a process that has just started"
+    return AffinerError(f"{folder} is being written by another affiner ({who}); wait for it to end, or stop it, "
+                        "then try again.")
 
 
 def file_sha256(path: Path) -> str:

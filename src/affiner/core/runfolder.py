@@ -19,7 +19,6 @@ Every command reads runs through `RunFolder`, so "is it finished", "does it have
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from typing import Any, Iterable, Iterator
 from affiner.core.config import RunConfig, dump_config, validate_config
 from affiner.core.yaml_input import parse_yaml
 from affiner.core.errors import AffinerError
-from affiner.core.files import append_jsonl, read_json, read_jsonl, write_atomic, write_json, write_jsonl
+from affiner.core.files import (append_jsonl, being_written, has_writer, read_json, read_jsonl, sole_writer,
+                                write_atomic, write_json, write_jsonl)
 from affiner.core.templates import Example, Template, load_template, one_template, save_template
 
 CONFIG_FILE = "config.yaml"
@@ -41,8 +41,6 @@ EVALUATION_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
 CHECKPOINTS = "checkpoints"
-LOCK_FILE = ".lock"  # held (flock) by the one process writing the run
-LOCK_OWNER = ".lock-owner.json"  # who holds it, for the message a second writer gets
 FINISHED = "finished"
 FAILED = "failed"  # stopped by an error it explains (run.json "error"); resumable from its checkpoint
 
@@ -115,15 +113,20 @@ class RunFolder:
     def info(self) -> dict[str, Any]:
         return self._read(RUN_FILE)
 
-    def _read(self, name: str) -> Any:
-        """One of the run's JSON files; a damaged one (a crash of another tool, an edit) is named, not a
-        traceback."""
+    def _read(self, name: str, kind: type = dict) -> Any:
+        """One of the run's JSON files, a `kind` (an object, or for the held-out rows a list); a damaged one (a
+        crash of another tool, an edit) is named, not a traceback."""
         path = self.path / name
         try:
-            return read_json(path)
+            data = read_json(path)
         except (ValueError, UnicodeDecodeError) as error:
-            raise AffinerError(f"{path} is damaged (not valid JSON: {error}); restore it from a backup, or "
-                               f"set this run aside (move {self.path} out of its folder).") from None
+            data, problem = None, f"not valid JSON: {error}"
+        else:
+            problem = None if isinstance(data, kind) else f"{_json_kind(data)} where {_json_kind(kind())} belongs"
+        if problem:
+            raise AffinerError(f"{path} is damaged ({problem}); restore it from a backup, or set this run aside "
+                               f"(move {self.path} out of its folder).")
+        return data
 
     def update(self, **fields: Any) -> None:
         current = self.info() if (self.path / RUN_FILE).is_file() else {}
@@ -165,23 +168,10 @@ class RunFolder:
 
     @contextmanager
     def writing(self, command: str) -> Iterator[None]:
-        """This process is the run folder's one writer while the block runs (training, an evaluation); a second
-        one is refused with the PID of the first. The lock is the operating system's (filelock): a writer
-        that dies, even by kill -9, releases it, so a stale lock never blocks anyone."""
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self.path / LOCK_FILE))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            raise self._being_written() from None
-        try:
-            write_json(self.path / LOCK_OWNER, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        """This process is the run folder's one writer while the block runs (training, an evaluation): see
+        `core.files.sole_writer`."""
+        with sole_writer(self.path, command):
             yield
-        finally:
-            (self.path / LOCK_OWNER).unlink(missing_ok=True)
-            lock.release()
 
     def require_writable(self, then: str) -> "RunFolder":
         """This run, if `then` could write into it now: checked before a long job (an evaluation), so that a
@@ -190,32 +180,12 @@ class RunFolder:
             raise AffinerError(f"{self.path} is read-only here, so {then} could not be written into it; make it "
                                "writable, or copy the run folder somewhere writable.")
         if self.has_writer():
-            raise self._being_written()
+            raise being_written(self.path)
         return self
 
-    def _being_written(self) -> AffinerError:
-        return AffinerError(f"{self.path} is being written by another affiner ({self._lock_owner()}); wait for it "
-                            "to end, or stop it, then try again.")
-
     def has_writer(self) -> bool:
-        """Whether a process is writing this run now (it holds the lock); a run left "training" by a process that
-        died (kill -9, a crash, a restart) has none. Where it cannot be told (a read-only folder), True."""
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(self.path / LOCK_FILE))
-        try:
-            lock.acquire(timeout=0)
-        except (Timeout, OSError):
-            return True
-        lock.release()
-        return False
-
-    def _lock_owner(self) -> str:
-        try:
-            owner = read_json(self.path / LOCK_OWNER)
-            return f"affiner {owner['command']}, PID {owner['pid']} on {owner['host']}, since {owner['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that has just started"
+        """Whether a process is writing this run now; a run left "training" by a process that died has none."""
+        return has_writer(self.path)
 
     # ------------------------------------------------------------------------------------ what the run used
 
@@ -246,7 +216,7 @@ class RunFolder:
         if not path.is_file():
             return []
         return [Example(**{**row, "history": tuple(tuple(turn) for turn in row.get("history", []))})
-                for row in self._read(HELD_OUT_FILE)]
+                for row in self._read(HELD_OUT_FILE, list)]
 
     def save_held_out(self, examples: Iterable[Example]) -> None:
         write_json(self.path / HELD_OUT_FILE, [e.__dict__ | {"history": list(e.history)} for e in examples])
@@ -295,6 +265,11 @@ class RunFolder:
     def best_path(self) -> Path:
         """The weights of the best probed step so far (train.keep_best), until the run ends."""
         return self.path / CHECKPOINTS / "best"
+
+
+def _json_kind(value: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(
+        type(value), "a number")
 
 
 def base_key(config: RunConfig) -> tuple:

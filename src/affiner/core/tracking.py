@@ -10,7 +10,8 @@ Chosen in the config, several at once:
 `metrics.jsonl` is always written: it is what the app, the sweep table and the curves read. MLflow needs
 no server: the default store is a SQLite file beside the runs (browse it with
 `mlflow ui --backend-store-uri sqlite:///runs/mlflow.db`); set `mlflow_uri` to a server's address to
-log there instead. W&B logs to the project named by $WANDB_PROJECT, else the config's name, with the
+log there instead, in the experiment named by $MLFLOW_EXPERIMENT_NAME, else the config's name (a sweep names
+its points' experiment after itself). W&B logs to the project named by $WANDB_PROJECT, else the config's name, with the
 usual W&B settings (`wandb login`, or WANDB_MODE=offline to keep the run on disk for `wandb sync`;
 its files go to $WANDB_DIR, else beside the runs). The MLflow and W&B run ids are kept in run.json, so a
 resumed training and a later `affiner evaluate` add to the same runs.
@@ -101,7 +102,8 @@ class MlflowTracker:
         self.client, self.uri = mlflow_client(config)
         self.resumed = run_id is not None
         if run_id is None:
-            experiment = _experiment(self.client, config.name, Path(config.output_dir))
+            experiment = _experiment(self.client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or config.name,
+                                     Path(config.output_dir))
             run = self.client.create_run(experiment, run_name=folder.name,
                                          tags={"affiner.run_folder": str(folder.resolve())})
             run_id = run.info.run_id

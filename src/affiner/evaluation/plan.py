@@ -17,7 +17,8 @@ from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError, first_line
 from affiner.core.models import (base_context_length, context_length, dtype_for, dtype_of, load_for, load_model,
                                  load_tokenizer, tokenizer_for)
-from affiner.core.runfolder import LOCK_FILE, LOCK_OWNER, SUMMARY_FILE, RunFolder, model_names, require_one_base
+from affiner.core.files import LOCK_FILE, LOCK_OWNER
+from affiner.core.runfolder import SUMMARY_FILE, RunFolder, model_names, require_one_base
 from affiner.core.templates import Example, Template, template_for_adapters
 from affiner.data.formats import to_examples
 from affiner.data.filters import EXACT_OVERLAP, drop_empty, training_overlap

@@ -56,13 +56,16 @@ def _score(run: dict[str, Any], metric: str, model: str = "tuned") -> str:
 
 def list_runs(root: Path) -> str:
     runs = describe_runs(root)
+    if not runs and (root / "runs").is_dir():  # a sweep's folder, or a project's: its runs are in runs/
+        return list_runs(root / "runs")
     if not runs:
         return f"no run under {root} yet: affiner run"
     header = ["run", "status", "model", "method", "data", "rows", "steps", "min",
               "headline base→tuned", "stops tuned", "loss tuned"]
     rows = [header] + [[Path(r["run"]).name, r["status"], r["model"], r["method"], r["data"],
                         _shown(r["train_rows"]), _shown(r["steps"]), _minutes(r["minutes"]),
-                        f"{_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}" if r["scores"] else "not evaluated",
+                        f"{r['primary']} {_score(r, r['primary'], 'base')} → {_score(r, r['primary'])}"
+                        if r["scores"] else "not evaluated",
                         _score(r, "stopped"), _score(r, "loss")] for r in runs]
     stopped = [Path(r["run"]) for r in runs if r["status"] == STOPPED]
     note = (f"\n{STOPPED}: its training ended before the run did (killed, crashed, the machine restarted); "

@@ -6,12 +6,15 @@ The grid is parsed in `grid`; the table and the plot the sweep ends with are dra
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
+import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ import torch
 from affiner.core.config import RunConfig, resolve_config_path, validate_config
 from affiner.core.yaml_input import apply_overrides, parse_yaml
 from affiner.core.errors import AffinerError, Incomplete
-from affiner.core.files import read_json, write_json
+from affiner.core.files import read_json, sole_writer, write_json
 from affiner.core.runfolder import RUN_FILE, RunFolder
 from affiner.evaluation.evaluate import evaluate, require_judged
 from affiner.evaluation.report import REPORT_HTML
@@ -27,10 +30,14 @@ from affiner.experiments import workflow
 from affiner.experiments.grid import (METRICS, Grid, describe_point, expand, get_value, parse_grid, parse_value,
                                       point_name, set_value)
 from affiner.experiments.sweep_table import PLOT_FILE, TABLE_MD, point_summary, write_results
+from affiner.training.run import check_before_writing
 from affiner.training.stops import Interrupted
 from affiner.training.processes import Processes
 
 SWEEP_FILE = "sweep.json"
+# What resuming a sweep reads of its plan (sweep.json) and of each point.
+STATE_KEYS = {"config", "overrides", "grid", "metric", "status", "points"}
+POINT_KEYS = {"index", "name", "overrides", "values", "config", "status", "run", "abandoned", "attempts", "metrics"}
 RUNS = "runs"
 # Points that do not fit in memory (a large batch size, say) fail alone; the sweep goes on with the others.
 OUT_OF_MEMORY = (MemoryError, getattr(torch, "OutOfMemoryError", MemoryError))
@@ -87,6 +94,17 @@ def check_metric(metric: str, points: list[dict]) -> None:
                                "--set eval.judge.model=NAME.")
 
 
+def check_architectures(points: list[dict], label: str) -> None:
+    """What `affiner train` checks before it writes a run (layer names, the context, the extras a point needs),
+    for every point before the first trains: a bad point must not fail after hours of good ones."""
+    for point in points:
+        try:
+            check_before_writing(validate_config(point["config"], label))
+        except AffinerError as error:
+            raise AffinerError(f"grid point {point['index']} of {len(points)} "
+                               f"({describe_point(point['overrides'])}): {error}") from None
+
+
 def plan_sweep(config: str | None, grid_items: list[str], overrides: list[str], metric: str,
                output: Path | None) -> tuple[Path, dict]:
     """Validate everything, then create the sweep folder and its sweep.json; nothing is written on an error."""
@@ -100,8 +118,9 @@ def plan_sweep(config: str | None, grid_items: list[str], overrides: list[str], 
         raise AffinerError(f"sweep folder {folder} already exists; choose a new --output{hint}.")
     points = build_points(raw, label, grid, folder / RUNS)
     check_metric(metric, points)
+    check_architectures(points, label)
     folder.mkdir(parents=True)
-    state = {"version": 1, "config": label, "overrides": list(overrides),
+    state = {"version": 1, "name": base_name, "config": label, "overrides": list(overrides),
              "grid": [{"key": key, "values": values} for key, values in grid], "metric": metric,
              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "status": "planned", "points": points}
     write_json(folder / SWEEP_FILE, state)
@@ -123,14 +142,22 @@ def default_folder(name: str) -> Path:
 def load_sweep(folder: Path) -> dict:
     """The state of a sweep planned earlier, to resume it."""
     path = folder / SWEEP_FILE
+    if folder.is_file():
+        raise AffinerError(f"{folder} is a file; --resume takes the sweep's folder"
+                           f"{f' ({folder.parent})' if folder.name == SWEEP_FILE else ''}.")
     if not folder.is_dir():
         raise AffinerError(f"sweep folder {folder} does not exist.")
     if not path.is_file():
         raise AffinerError(f"{folder} is not an affiner sweep folder (no {SWEEP_FILE}).")
     try:
         state = read_json(path)
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise AffinerError(f"{path} is not valid JSON ({exc}).") from None
+    if not (isinstance(state, dict) and STATE_KEYS <= state.keys() and isinstance(state["points"], list)
+            and state["points"] and all(isinstance(p, dict) and POINT_KEYS <= p.keys() for p in state["points"])):
+        raise AffinerError(f"{path} is damaged (not the plan affiner sweep writes: an object with "
+                           f"{', '.join(sorted(STATE_KEYS))}, whose points each have {', '.join(sorted(POINT_KEYS))}); "
+                           "restore it, or start a new sweep.")
     return state
 
 # ---------------------------------------------------------------------------------------- running
@@ -152,10 +179,33 @@ def next_action(point: dict, folder: Path) -> str:
 
 
 def run_sweep(folder: Path, state: dict) -> None:
-    """Every point not finished yet, in order; then the table and the plot. Failed points end it with an error."""
+    """Every point not finished yet, in order; then the table and the plot. Failed points end it with an error.
+    One process at a time runs a sweep: a second (`--resume` in another terminal) is refused with the first's PID."""
     if Processes().several:
         raise AffinerError("affiner sweep runs its points one after another in one process; to train on several "
                            "devices, launch affiner run (or train) under torchrun with the settings of one point.")
+    with sole_writer(folder, "sweep"), trackers_grouped(state.get("name")):
+        _run_points(folder, state)
+
+
+# Each point's config is named after its point (lr1e-3...), which would give each its own MLflow experiment and
+# W&B project: the points are logged together, under the sweep's name, unless the user named one.
+TRACKER_GROUPS = ("MLFLOW_EXPERIMENT_NAME", "WANDB_PROJECT")
+
+
+@contextlib.contextmanager
+def trackers_grouped(name: str | None) -> Iterator[None]:
+    """The trackers' experiment (MLflow) and project (W&B) named `name` while the points run (unless set)."""
+    grouped = [key for key in TRACKER_GROUPS if name and not os.environ.get(key)]
+    os.environ.update({key: str(name) for key in grouped})
+    try:
+        yield
+    finally:
+        for key in grouped:
+            os.environ.pop(key, None)
+
+
+def _run_points(folder: Path, state: dict) -> None:
     runs_dir = folder / RUNS
     configs = {}
     for point in state["points"]:  # the recorded configs, re-checked before anything runs
@@ -220,6 +270,16 @@ def run_point(folder: Path, state: dict, point: dict, config: RunConfig) -> None
     save(folder, state)
     if point["status"] == "finished":
         print(f"[{point['index']}/{total}] {point['name']}: {point_summary(state, point)}")
+        warn_if_unmeasured(state["metric"], point)
+
+
+def warn_if_unmeasured(metric: str, point: dict) -> None:
+    """Say at once, not after the last point, that the metric the sweep ranks by was not measured."""
+    if (point.get("metrics") or {}).get("tuned", {}).get(metric) is None:
+        why = (" (its held-out rows have no key: set eval.key_before, or give the rows a \"key\" field)"
+               if metric == "contains_key" else "")
+        print(f"note: point {point['index']}'s evaluation did not measure {metric}{why}, so the sweep cannot rank "
+              "by it; stop it (Ctrl-C) and start one with another --metric.", file=sys.stderr)
 
 
 def train_and_evaluate_point(folder: Path, point: dict, config: RunConfig, action: str) -> None:
@@ -254,7 +314,9 @@ def unrecorded_run(folder: Path, state: dict, config: RunConfig) -> str | None:
         if relative in named or not (run / RUN_FILE).is_file():
             continue
         try:
-            if RunFolder(run).config() == config:
+            # output_dir is the sweep folder as typed (`sw`, `/tmp/sw`, from another directory): not the run's own
+            if not RunFolder(run).has_writer() and RunFolder(run).config().model_copy(
+                    update={"output_dir": config.output_dir}) == config:
                 return relative
         except (AffinerError, OSError):  # a damaged folder is nobody's run
             continue

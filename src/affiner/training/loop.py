@@ -38,7 +38,7 @@ from affiner.training.batches import global_batch, micro_batches, passes_of, pro
 from affiner.training.checkpoints import (adopt_best, checkpoint_seconds, restore_state, rng_states, save_best,
                                           save_checkpoint, save_model)
 from affiner.training.processes import Processes
-from affiner.training.stops import (Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
+from affiner.training.stops import (Interrupted, Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
                                     diverged_message, out_of_memory_message, stop_training)
 from affiner.training.selection import Selection
 from affiner.training.setup import make_optimizer, make_scheduler, prepare_model
@@ -273,7 +273,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     progress.close()
     if stopped:
         stop_training(trainer, run, completed, trackers, stopped)
-    _finish(trainer, run, trackers, round(trainer.elapsed(), 1), completed, early)
+    _finish_whole(trainer, run, trackers, completed, early, ctrl_c.asked)
 
 
 def _processes_agree(trainer: Trainer) -> bool | None:
@@ -309,6 +309,18 @@ def _local_batch(features: list[dict], rows: list[int], processes: Processes, pa
     batch = collate([features[rows[0]]], pad_id)
     batch["labels"].fill_(IGNORE_INDEX)
     return batch
+
+
+def _finish_whole(trainer: Trainer, run: RunFolder, trackers: Trackers | None, completed: int, early: bool,
+                  asked: bool) -> None:
+    """Ctrl-C during the last step (`asked`), or while the run is written (its adapter, card, curves, trackers),
+    lets the run finish whole, then stops what would follow (an evaluation, a sweep's next point): not lost."""
+    with ctrl_c_after_step(trainer.processes, "finishing the run, then stopping") as finishing:
+        _finish(trainer, run, trackers, round(trainer.elapsed(), 1), completed, early)
+    finishing.asked = finishing.asked or asked
+    if finishing.pressed():
+        raise Interrupted(f"training finished ({completed} steps) as Ctrl-C came, so the run is complete; evaluate "
+                          f"it with: affiner evaluate {run}")
 
 
 def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds: float, completed: int,

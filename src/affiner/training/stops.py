@@ -41,16 +41,15 @@ class CtrlC:
     step's weights and random state exactly (resuming gives what an uninterrupted run gives); a second
     Ctrl-C stops at once."""
 
-    def __init__(self, processes: Processes):
-        self.processes, self.asked = processes, False
+    def __init__(self, processes: Processes, note: str = "stopping after this step and saving a checkpoint"):
+        self.processes, self.asked, self.note = processes, False, note
 
     def handle(self, signum, frame) -> None:
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
         if self.processes.is_main:
-            print("\nstopping after this step and saving a checkpoint (Ctrl-C again to stop at once)",
-                  file=sys.stderr, flush=True)
+            print(f"\n{self.note} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def pressed(self) -> bool:
         """Whether Ctrl-C was pressed in any process (launchers forward it to all, but not always at once)."""
@@ -58,8 +57,8 @@ class CtrlC:
 
 
 @contextlib.contextmanager
-def ctrl_c_after_step(processes: Processes):
-    ctrl_c = CtrlC(processes)
+def ctrl_c_after_step(processes: Processes, note: str | None = None):
+    ctrl_c = CtrlC(processes) if note is None else CtrlC(processes, note)
     try:
         previous = signal.signal(signal.SIGINT, ctrl_c.handle)
     except ValueError:  # not the main thread: signals are not ours to handle, Ctrl-C raises as usual
