@@ -126,6 +126,11 @@ TRAIN: list[Case] = [
     ("template-unknown", lambda w: ["train", w.config(data={"template": "vicuna"})], r"template"),
     ("tracking-unknown", lambda w: ["train", w.config(train={"tracking": ["neptune"]})], r"tracking"),
     ("optimizer-unknown", lambda w: ["train", w.config(train={"optimizer": "sgd"})], r"optimizer"),
+    # settings that would quietly do nothing: the best step picked by answers no probe gives, patience with no probe
+    ("best-by-without-answers", lambda w: ["train", w.config(train={"best_by": "contains"}, eval={"sample_size": 0})],
+     r"train\.best_by: contains needs held-out answers.*eval\.sample_size"),
+    ("patience-without-probes", lambda w: ["train", w.config(train={"patience": 2}, eval={"every_steps": None})],
+     r"train\.patience counts held-out probes.*eval\.every_steps is null"),
     ("duplicated-section", lambda w: ["train", w.write("dup.yaml", open(w.config()).read() + "train:\n  max_steps: 9\n")],
      r"dup.yaml.*line \d+.*'train' is given twice"),
     ("duplicated-key", lambda w: ["train", w.write("dupkey.yaml", "name: a\nname: b\n")], r"'name' is given twice"),

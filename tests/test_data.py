@@ -200,8 +200,10 @@ def test_embedded_instruction_pairs_are_alpaca_shaped():
 
 
 def test_unreachable_hub_dataset_is_a_clear_error(offline_hub):
-    with pytest.raises(AffinerError, match="cannot load dataset 'nobody/no-such-dataset'.*unreachable"):
+    with pytest.raises(AffinerError, match="cannot load dataset 'nobody/no-such-dataset'.*unreachable") as error:
         read_rows("nobody/no-such-dataset")
+    # what can stand in for a dataset, not for a model
+    assert "CSV or Parquet file" in str(error.value) and "gemma-3-270m" not in str(error.value)
 
 
 # ---------------------------------------------------------------------------------------- strict readers

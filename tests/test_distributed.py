@@ -187,6 +187,19 @@ def test_out_of_memory_in_one_process_marks_the_run_failed(tmp_path, tiny_llama,
     assert json.loads((run / "run.json").read_text())["status"] == "finished"
 
 
+def test_a_refusal_under_two_processes_is_one_paragraph_without_an_internal_error(tmp_path, tiny_llama, data):
+    """The main process refuses the input before training; the other, waiting for it, exits quietly with its code
+    (it used to fail on the closed connection and call it a bug in affiner)."""
+    config = write_config(tmp_path / "two", tiny_llama, data, data={"max_length": 100000})
+    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "affiner", "train", str(config)], cwd=tmp_path, capture_output=True, text=True,
+                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert refused.returncode != 0
+    assert refused.stderr.count("affiner train: error: data.max_length is 100000") == 1, refused.stderr[-3000:]
+    assert "internal error" not in refused.stderr and "exitcode  : 1" not in refused.stderr
+    assert not (tmp_path / "two" / "runs").exists()
+
+
 def test_shipped_accelerate_configs_are_valid(tmp_path):
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -283,7 +296,7 @@ def test_what_sharding_cannot_do_is_refused_before_anything_is_written(tiny_llam
 def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, tiny_llama, data):
     from affiner.core.errors import AffinerError
     from affiner.core.runfolder import RunFolder
-    from affiner.training.processes import Processes
+    from affiner.training.processes import Processes, Strategy
     from affiner.training.run import check_resumable
 
     run = RunFolder(tmp_path)
@@ -293,3 +306,12 @@ def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, tiny_ll
         check_resumable(run, Processes(count=1, rank=0))
     RunFolder(tmp_path).update(processes=1)
     check_resumable(run, Processes(count=1, rank=0))
+    # As many processes, but another way of sharing them: the optimizer state was saved in another layout.
+    run.update(processes=2, parallelism="deepspeed-zero2")
+    with pytest.raises(AffinerError, match="trained with deepspeed-zero2 and this launch is ddp.*accelerate launch "
+                                           "--config_file .*--num_processes 2"):
+        check_resumable(run, Processes(count=2, rank=0))
+    run.update(parallelism="ddp")
+    with pytest.raises(AffinerError, match="trained with ddp and this launch is fsdp2.*torchrun --nproc_per_node 2"):
+        check_resumable(run, Processes(count=2, rank=0, strategy=Strategy("fsdp2")))
+    check_resumable(run, Processes(count=2, rank=1))

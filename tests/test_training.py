@@ -146,6 +146,45 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
         train_mod.train(resume=interrupted)
 
 
+def test_a_run_resumed_in_another_precision_says_so_and_records_both(tmp_path, tiny_llama, interrupt_training,
+                                                                      monkeypatch, capsys):
+    """precision auto decides per machine: a run stopped on one and resumed on another must not pass off its
+    first steps as trained in the second one's precision."""
+    interrupt_training(2)
+    with pytest.raises(AffinerError, match="interrupted after step 2"):
+        train_mod.train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                                     train={"max_steps": 4, "save_steps": 2}))))
+    interrupt_training.disarm()
+    run = RunFolder(next((tmp_path / "runs").iterdir()))
+    assert run.info()["precision"] == "float32"
+    monkeypatch.setenv("AFFINER_CPU_BF16", "1")  # the machine it resumes on computes in bf16
+    capsys.readouterr()
+    train_mod.train(resume=run.path)
+    assert "steps 1-2 of this run trained in float32, the rest trains in bfloat16" in capsys.readouterr().err
+    info = run.info()
+    assert info["precision"] == "bfloat16" and info["precision_before"] == {"precision": "float32", "until_step": 2}
+
+
+def test_sigterm_saves_the_step_as_ctrl_c_does(tmp_path, tiny_llama, monkeypatch, capsys):
+    """A Slurm time limit or a stopped container sends SIGTERM: without a train.save_steps checkpoint yet, the
+    steps trained so far were all lost."""
+    real_log = loop_mod.log_metrics
+
+    def log_then_terminate(folder, record, trackers):
+        real_log(folder, record, trackers)
+        if record["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(loop_mod, "log_metrics", log_then_terminate)
+    with pytest.raises(Interrupted, match="interrupted after step 2.*--resume"):
+        train_mod.train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                                     train={"max_steps": 4}))))
+    assert "asked to stop (SIGTERM): stopping after this step" in capsys.readouterr().err
+    run = RunFolder(next((tmp_path / "runs").iterdir()))
+    assert run.status == "interrupted" and run.last_checkpoint().name == "step-000002"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # given back once training ends
+
+
 def test_ctrl_c_twice_stops_at_once_and_keeps_the_last_saved_checkpoint(tmp_path, tiny_llama, interrupt_training):
     settings = {"train": {"max_steps": 6, "save_steps": 2, "learning_rate": 1e-2}}
     interrupt_training(3, times=2)  # while step 3 is being logged: its checkpoint is never written

@@ -32,7 +32,7 @@ import warnings
 from importlib import import_module
 from pathlib import Path
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, SaidElsewhere
 
 # The verb table: name -> (module under affiner.commands, one-line summary). A verb's module is
 # imported only when that verb is asked for, so `affiner --help` never pays for torch.
@@ -105,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.main(args)
     except AffinerError as exc:
-        print(f"affiner {args.verb}: error: {exc}", file=sys.stderr)
+        if not isinstance(exc, SaidElsewhere):
+            print(f"affiner {args.verb}: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -155,7 +155,8 @@ class TrainConfig(_Section):
         "train.best_by (null: never stop early): saves the steps past the best, a noisy probe may stop too soon"))
     best_by: Literal["loss", "contains", "rouge_l"] = Field("loss", description=(
         "the held-out probe's figure that picks the best step and drives train.patience: loss (of the reference "
-        "answers, steady even on a few questions) or contains / rouge_l (of generated answers, noisier)"))
+        "answers, steady even on a few questions) or contains / rouge_l (of generated answers, noisier; they need "
+        "eval.sample_size)"))
     keep_best: bool = Field(True, description=(
         "the run's adapter is the best probed step's (by train.best_by), not the last step's: protects against "
         "over-training; false keeps the last step"))
@@ -252,6 +253,17 @@ class RunConfig(_Section):
     data: DataConfig = Field(description="what to train and evaluate on, and how it is cleaned")
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop: steps, optimizer, checkpoints, trackers")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="the before/after evaluation")
+
+    @model_validator(mode="after")
+    def _probes_measure_what_the_choices_need(self) -> "RunConfig":
+        """Without these a run would quietly keep its last step and never stop early."""
+        if self.train.best_by != "loss" and self.eval.sample_size == 0:
+            raise ValueError(f"train.best_by: {self.train.best_by} needs held-out answers at each probe: set "
+                             "eval.sample_size (e.g. 16), or keep train.best_by: loss (a forward pass alone)")
+        if self.train.patience is not None and self.eval.every_steps is None:
+            raise ValueError("train.patience counts held-out probes, and eval.every_steps is null (no probe): "
+                             "set eval.every_steps (auto: 10 per run), or drop train.patience")
+        return self
 
     @property
     def quantization(self) -> str | None:

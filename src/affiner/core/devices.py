@@ -143,7 +143,8 @@ def _cpu_dtype(precision: str) -> torch.dtype:
         return torch.bfloat16
     if speedup >= CPU_BF16_MIN_SPEEDUP:
         note(f"precision auto: bf16 on this CPU (its bf16 matrix products run {speedup:.1f}x faster than fp32; "
-             "in training the trained weights, optimizer and loss stay fp32). Set model.precision: fp32 to compare.")
+             "in training the trained weights, optimizer and loss stay fp32). To compare with fp32: "
+             "AFFINER_CPU_BF16=0 before any affiner command, or model.precision: fp32 in a config to train.")
         return torch.bfloat16
     return torch.float32
 

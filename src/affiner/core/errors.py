@@ -21,6 +21,15 @@ class Incomplete(AffinerError):
     exit_code = 3
 
 
+class SaidElsewhere(AffinerError):
+    """A failure another process of the same training (the main one) has already told the user: this process
+    only exits, with that failure's exit code, saying nothing more (one paragraph, not one per process)."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code
+
+
 def first_line(error: BaseException) -> str:
     """What a library's exception says, in one line for a message of ours (its type when it says nothing)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -42,8 +42,10 @@ def hub_kwargs(name: str) -> dict:
 def hub_error(what: str, name: str, exc: Exception) -> AffinerError:
     reason = "the Hugging Face Hub is unreachable from this machine and it is not in the local cache" \
         if not hub_reachable() else "the Hub has no such repository, or it needs a token (set HF_TOKEN)"
-    return AffinerError(f"cannot load {what} '{name}': {reason}. Use a local folder, a .gguf file or "
-                        f"embedded:gemma-3-270m instead. ({first_line(exc)})")
+    instead = ("a local JSON, JSONL, CSV or Parquet file, a folder `affiner prepare` wrote, or a set affiner ships "
+               "(embedded:instruct-train.json, embedded:glossary-train.json)" if what == "dataset"
+               else "a local folder, a .gguf file or embedded:gemma-3-270m")
+    return AffinerError(f"cannot load {what} '{name}': {reason}. Use {instead} instead. ({first_line(exc)})")
 
 
 def hub_options(revision: str | None = None, trust_remote_code: bool = False) -> dict:

@@ -79,8 +79,8 @@ def verdict_line(section: dict, model: str) -> str:
                f"[{loss['low']:+.3f}, {loss['high']:+.3f}]"
                f", {change['harmed']} of {items} items harmed (loss up more than {section['harmed_item']})")
     if change["verdict"] == "measurable harm":
-        return (f"{model}: measurable harm on general ability ({figures}): the fine-tune cost more than it "
-                "taught here; fewer steps, a lower learning rate or a lower LoRA rank would cost less.")
+        return (f"{model}: measurable harm on general ability ({figures}): what the task gained (above) came at "
+                "this cost; fewer steps, a lower learning rate or a lower LoRA rank would cost less.")
     if change["verdict"] == "better":
         return f"{model}: no harm, general ability measurably better ({figures})."
     return f"{model}: no measurable harm on general ability ({figures})."

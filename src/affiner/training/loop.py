@@ -293,10 +293,15 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes, resumed_a
     if not processes.is_main:
         return None
     trackers = Trackers(config, run.path, run.info(), resumed_at)
-    dtype = dtype_for(config)
+    dtype, before = dtype_for(config), run.info().get("precision")
+    precision, reason = str(dtype).removeprefix("torch."), precision_reason(dtype, config.model.precision)
+    changed = {}
+    if resumed_at and before and before != precision:  # `auto` decided otherwise here (another machine, a GPU)
+        print(f"note: steps 1-{resumed_at} of this run trained in {before}, the rest trains in {precision} ({reason}); "
+              "the run.json records both.", file=sys.stderr)
+        changed = {"precision_before": {"precision": before, "until_step": resumed_at}}
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
-               parallelism=processes.parallelism, precision=str(dtype).removeprefix("torch."),
-               precision_reason=precision_reason(dtype, config.model.precision))
+               parallelism=processes.parallelism, precision=precision, precision_reason=reason, **changed)
     return trackers
 
 

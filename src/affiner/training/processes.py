@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, SaidElsewhere
 
 
 @dataclass(frozen=True)
@@ -91,9 +91,28 @@ class Processes:
         save a checkpoint."""
         return self.sharded or self.deepspeed
 
-    def main_first(self) -> contextlib.AbstractContextManager:
-        """The main process goes first (a Hub download, a GGUF conversion), the others then find it done."""
-        return self.accelerator.main_process_first() if self.several else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """The main process goes first (a Hub download, a GGUF conversion, the checks of the input), the others
+        then find it done. When the main process fails there (bad input), the others exit with its exit code,
+        quietly: waiting at a barrier it never reached, they failed on its closed connection, each printing an
+        "internal error" under its one-paragraph refusal."""
+        if not self.several:
+            yield
+            return
+        if not self.is_main:
+            failed = self.share(None)  # the main process's exit code when it failed, after its block
+            if failed is not None:
+                raise SaidElsewhere(failed)
+            yield
+            return
+        try:
+            yield
+        except BaseException as error:
+            self.share(error.exit_code if isinstance(error, AffinerError) else
+                       130 if isinstance(error, KeyboardInterrupt) else 1)
+            raise
+        self.share(None)
 
     def share(self, value: Any) -> Any:
         """The main process's `value`, on every process (a run folder's path, say)."""

@@ -112,12 +112,13 @@ def train(config: RunConfig | None = None, resume: Path | None = None,
         if resume is not None:
             run = RunFolder.open(resume)
             start = prepare_resume(run)
-            check_resumable(run, processes)
         else:
             start, held_out, data_info = prepare_new(config, print if processes.is_main else _quiet)
             check_before_writing(start.config)
         if processes.several:
             processes.strategy = strategy(start.config.train.accelerate_config)
+        if resume is not None:
+            check_resumable(run, processes)
         check_strategy(start.config, processes)
     if resume is None:
         run = RunFolder(Path(processes.share(str(create(start, held_out, data_info).path) if processes.is_main
@@ -188,11 +189,21 @@ def _record_failure(run: RunFolder, error: BaseException) -> None:
 def check_resumable(run: RunFolder, processes: Processes) -> None:
     """A run resumes on as many processes as it started with: the batch order and the step count depend
     on it, and a sharded optimizer state loads only into as many shards."""
-    started_with = run.info().get("processes", 1)
+    info = run.info()
+    started_with, parallelism = info.get("processes", 1), info.get("parallelism")
     if started_with != processes.count:
         raise AffinerError(f"{run} trained on {started_with} process(es); resume it on as many (this is "
                            f"{processes.count}): torchrun --nproc_per_node {started_with} -m affiner train "
                            f"--resume {run}")
+    if parallelism and parallelism != processes.parallelism:
+        # The checkpoints hold the optimizer as that parallelism saved it: whole (ddp), sharded (fsdp2), or
+        # partitioned by DeepSpeed, and only the same one reads it back.
+        launch = (f"torchrun --nproc_per_node {started_with} -m affiner train --resume {run}" if parallelism == "ddp"
+                  else f"accelerate launch --config_file <the {parallelism} config it was launched with> "
+                       f"--num_processes {started_with} -m affiner train --resume {run}")
+        raise AffinerError(f"{run} trained with {parallelism} and this launch is {processes.parallelism}: its "
+                           f"checkpoints hold the optimizer state as {parallelism} saved it, which only {parallelism} "
+                           f"reads back. Resume it as it was launched: {launch}")
 
 
 def check_strategy(config: RunConfig, processes: Processes) -> None:

@@ -62,8 +62,10 @@ def keep_4bit_layout_trainable(model) -> None:
 def make_optimizer(config: RunConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     name, lr, wd = config.train.optimizer, config.train.learning_rate, config.train.weight_decay
     if name.startswith("paged_") and not torch.cuda.is_available():
-        print(f"note: optimizer {name} pages optimizer state to CPU memory on a GPU; without one, plain AdamW is used.")
-        name = "adamw_8bit" if name.endswith("8bit") else "adamw"
+        unpaged = "adamw_8bit" if name.endswith("8bit") else "adamw"
+        print(f"note: optimizer {name} pages optimizer state to CPU memory on a GPU; without one, {unpaged} (the same "
+              "optimizer, unpaged) is used.")
+        name = unpaged
     if name == "adamw":
         # One fused kernel per step instead of a loop over tensors (torch has it on CUDA, MPS and CPU).
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, fused=True)

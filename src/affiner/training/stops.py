@@ -49,39 +49,47 @@ class CtrlC:
             raise KeyboardInterrupt
         self.asked = True
         if self.processes.is_main:
-            print(f"\n{self.note} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+            asked = "asked to stop (SIGTERM): " if signum == signal.SIGTERM else ""
+            print(f"\n{asked}{self.note} (Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def pressed(self) -> bool:
         """Whether Ctrl-C was pressed in any process (launchers forward it to all, but not always at once)."""
         return self.processes.total(float(self.asked)) > 0 if self.processes.several else self.asked
 
 
+# SIGTERM is how a machine asks a job to stop: a Slurm time limit, a Kubernetes pod or a container being stopped,
+# `kill`, a notebook's "stop". It is taken as a Ctrl-C: the step ends and is saved (before the SIGKILL that follows
+# after a grace period, 30 s by default on Slurm and Kubernetes), rather than losing every step since the last
+# train.save_steps checkpoint.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def ctrl_c_after_step(processes: Processes, note: str | None = None):
     ctrl_c = CtrlC(processes) if note is None else CtrlC(processes, note)
-    try:
-        previous = signal.signal(signal.SIGINT, ctrl_c.handle)
-    except ValueError:  # not the main thread: signals are not ours to handle, Ctrl-C raises as usual
+    with _signals_handled_by(ctrl_c.handle):
         yield ctrl_c
-        return
-    try:
-        yield ctrl_c
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
     """A second Ctrl-C (the launcher forwards each one) must not cut the checkpoint being saved short."""
+    with _signals_handled_by(signal.SIG_IGN):
+        yield
+
+
+@contextlib.contextmanager
+def _signals_handled_by(handler) -> Iterator[None]:
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: signals are not ours to handle
+        previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
+    except ValueError:  # not the main thread: signals are not ours to handle, Ctrl-C raises as usual
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 def diverged_message(config: RunConfig, learning_rate: float, run: object, completed: int, reason: str,
