@@ -284,6 +284,8 @@ SERVE: list[Case] = [
     ("app-port-too-high", lambda w: ["app", str(w.finished), "--port", "99999"], r"--port"),
     ("app-public-without-key", lambda w: ["app", str(w.finished), "--host", "0.0.0.0"], r"--api-key-env"),
     ("app-run-missing", lambda w: ["app", "runs/none"], r"runs/none"),
+    ("max-batch-with-an-engine", lambda w: ["serve", str(w.finished), "--engine", "vllm", "--max-batch", "4"],
+     r"--max-batch applies to --engine affiner only"),
 ]
 
 EXPORT: list[Case] = [
@@ -299,7 +301,23 @@ EXPORT: list[Case] = [
     ("output-missing", lambda w: ["export", str(w.finished)], r"--output"),
     ("run-json-damaged", lambda w: ["export", _damage_run_json(w.finished), "--output", "out"], r"run.json is damaged"),
     ("public-without-push", lambda w: ["export", str(w.finished), "--output", "out", "--public"], r"--public"),
+    # a run's own files damaged (a copy cut short, an edit): named, never an internal error
+    ("adapter-weights-truncated", lambda w: ["export", _damaged_file(w.finished / "adapter_model.safetensors"),
+                                             "--output", "out"], r"LoRA adapter in .* cannot be read"),
+    ("adapter-config-damaged", lambda w: ["export", _damaged_file(w.finished / "adapter_config.json", b"{bad"),
+                                          "--output", "out"], r"LoRA adapter in .* cannot be read"),
+    ("template-damaged", lambda w: ["export", _damaged_file(w.finished / "template.json", b"{bad"),
+                                    "--output", "out"], r"template.json is damaged"),
+    ("adapter-weights-truncated-gguf", lambda w: ["export", _damaged_file(w.finished / "adapter_model.safetensors"),
+                                                  "--output", "out", "--for", "llama.cpp"],
+     r"LoRA adapter in .* cannot be read"),
 ]
+
+
+def _damaged_file(path: Path, content: bytes | None = None) -> str:
+    """The file cut to its first 1000 bytes (a copy cut short), or replaced by `content`; the run folder's path."""
+    path.write_bytes(path.read_bytes()[:1000] if content is None else content)
+    return str(path.parent)
 
 
 def _users_folder(w: Workspace) -> str:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import copy_run, run_cli, write_config
+from conftest import copy_run, make_gemma_shaped, run_cli, write_config
 
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
@@ -265,6 +265,11 @@ def test_export_for_refuses_bad_options_before_writing_anything(tmp_path, capfd,
     other = copy_run(run, tmp_path / "neox-run", model__base=str(neox))
     _one_paragraph_error(capfd, run_cli("export", str(other), "--output", str(out), "--for", "vllm,ollama"),
                          "export", "--for ollama needs the base model as GGUF", "'gpt_neox' architecture")
+    # Ollama's own engine, which alone runs Gemma 3, applies no adapter: the model would fail at its first answer
+    gemma = copy_run(run, tmp_path / "gemma-run", model__base=str(make_gemma_shaped(tmp_path / "gemma")))
+    capfd.readouterr()  # what building the tiny Gemma printed
+    _one_paragraph_error(capfd, run_cli("export", str(gemma), "--output", str(out), "--for", "ollama"),
+                         "export", "Ollama runs gemma3_text models on its own engine", "Export --gguf instead")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

@@ -7,6 +7,7 @@ from zero); every export is written under tmp_path.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -113,7 +114,8 @@ def test_adapter_export_reloads_with_plain_peft_and_disables_to_the_base(tmp_pat
     weights, trained = load_file(adapter / "adapter_model.safetensors"), load_file(llama_run / "adapter_model.safetensors")
     assert weights.keys() == trained.keys() and all(torch.equal(weights[k], trained[k]) for k in weights)
     assert max(float(v.abs().max()) for k, v in weights.items() if "lora_B" in k) > 1e-2  # far from its zero start
-    assert read_json(adapter / "adapter_config.json")["base_model_name_or_path"] == str(tiny_llama)
+    # a local base by its last part, as the card names it: never a path of this machine, which --push would publish
+    assert read_json(adapter / "adapter_config.json")["base_model_name_or_path"] == Path(tiny_llama).name
     assert load_template(adapter) == load_template(llama_run)
 
     tokenizer = AutoTokenizer.from_pretrained(str(adapter))
@@ -153,6 +155,26 @@ def test_merged_equals_unmerged_equals_the_reloaded_export(request, tmp_path, na
     eos = generation["eos_token_id"]
     assert (eos if isinstance(eos, list) else [eos]) == list(load_template(run).stop_token_ids)
     assert load_template(out / "merged") == load_template(run)
+    # readable by whoever may read the export (transformers writes the weights through a 0600 temporary file)
+    assert {oct(p.stat().st_mode & 0o777) for p in (out / "merged").iterdir()} == {oct(0o666 & ~_umask())}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_the_current_folder_as_output_is_refused(tmp_path, llama_run, monkeypatch, capsys):
+    """`--output .` in an empty folder: swapping it for the export would leave the shell in a removed folder (it was
+    an internal error before)."""
+    run = llama_run
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert run_cli("export", str(run), "--output", ".") == 2
+    err = capsys.readouterr().err
+    assert "--output . is the current folder" in err and "--output export" in err
+    assert not any((tmp_path / "here").iterdir())
 
 
 def test_a_nan_in_the_adapter_is_refused_and_nothing_is_written(tmp_path, llama_run):
@@ -307,6 +329,8 @@ def test_gguf_loads_back_through_transformers_and_answers_like_the_merged_model(
     field = GGUFReader(out / "model.gguf").fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == tokenizer.chat_template
 
+    # the card's llama-cli line gives the rendered prompt: not a conversation, which the file's template would start
+    assert "llama-cli -m model.gguf -no-cnv -p " in (out / "README.md").read_text()
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and "ollama create" in modelfile
     assert "### Question: {{ .Content }}\n### Answer:{{ end }}{{ end }}" in modelfile
@@ -552,7 +576,9 @@ def test_embedded_gemma_exports_a_gguf_that_answers_like_the_merged_model(tmp_pa
     from affiner.export.gguf_metadata import read_metadata
 
     copied = {k: v for k, v, *_ in read_metadata(out / "model.gguf", "tokenizer.")}
-    assert copied == {k: v for k, v, *_ in read_metadata(source, "tokenizer.")}  # the vocabulary, as llama.cpp had it
+    assert copied.pop("tokenizer.chat_template") == tokenizer.chat_template  # the run's prompt format, for chats
+    original = {k: v for k, v, *_ in read_metadata(source, "tokenizer.") if k != "tokenizer.chat_template"}
+    assert copied == original  # the vocabulary, as llama.cpp had it
 
 
 CONVERSATIONS = {
@@ -591,3 +617,10 @@ def test_the_modelfile_prompts_every_turn_as_affiner_does(tiny_llama, name, syst
     # llama.cpp adds BOS itself (tokenizer.ggml.add_bos_token), then reads special tokens in the text.
     ollama_ids = tokenizer(prompt)["input_ids"]
     assert ollama_ids == Engine(template=template, tokenizer=tokenizer, model=None).prompt_ids(messages)
+
+
+def test_the_vllm_script_says_when_its_hub_base_is_not_the_weights_trained():
+    """The embedded base is the Q4_K_M file dequantised: vLLM's base from the Hub is the original, not those."""
+    said = "\n".join(export_mod.vllm_script_comments({"stop": [], "stop_token_ids": []}, "embedded:gemma-3-270m"))
+    assert "Q4_K_M" in said and "google/gemma-3-270m holds the original weights" in said and "--merged" in said
+    assert "original weights" not in "\n".join(export_mod.vllm_script_comments({"stop": [], "stop_token_ids": []}, "gpt2"))

@@ -312,3 +312,25 @@ def test_llama_cpp_runs_the_four_bit_file(tmp_path, runs, name):
         got = np.array(llm.scores[llm.n_tokens - 1])
         assert int(np.argmax(got)) in np.argsort(expected)[-5:]
         assert np.corrcoef(got, expected)[0, 1] > 0.9
+
+
+def test_a_vocabulary_copied_from_a_gguf_base_carries_the_runs_chat_template_not_the_bases(tmp_path):
+    """llama-server renders chats with the file's chat template: the base's own (an instruct GGUF's) or none
+    would prompt the model otherwise than it was trained."""
+    from types import SimpleNamespace
+
+    from gguf import GGUFWriter
+
+    from affiner.export.gguf_tokenizer import tokenizer_metadata
+
+    source = tmp_path / "base.gguf"
+    writer = GGUFWriter(str(source), "llama")
+    writer.add_token_list(["<unk>", "a", "b"])
+    writer.add_chat_template("{{ the base's own }}")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+    entries, origin = tokenizer_metadata(SimpleNamespace(chat_template="{{ the run's }}"), 3, source)
+    templates = [value for key, value, *_ in entries if key == "tokenizer.chat_template"]
+    assert templates == ["{{ the run's }}"] and origin == "copied from base.gguf"
+    assert [value for key, value, *_ in entries if key == "tokenizer.ggml.tokens"] == [["<unk>", "a", "b"]]

@@ -275,6 +275,9 @@ def test_full_fine_tuning_changes_the_weights_and_saves_a_loadable_model(tmp_pat
     tuned, base = load_model(str(folder)), load_model(str(tiny_gpt2))
     changed = [n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])]
     assert "transformer.h.0.attn.c_attn.weight" in changed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # not transformers' 0600
 
 
 def test_unknown_target_module_is_a_clear_error(tmp_path, tiny_gpt2):

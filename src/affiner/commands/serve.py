@@ -84,8 +84,13 @@ def main(args: argparse.Namespace) -> None:
         serve(folders, host=args.host, port=args.port, api_key_env=args.api_key_env,
               **({"max_batch": args.max_batch} if args.max_batch is not None else {}))
         return
+    from affiner.core.errors import AffinerError
     from affiner.export.engines import engine_command
     from affiner.interfaces.engines import engine_environment, find_launcher, run_engine
+
+    if args.max_batch is not None:  # the engines batch by their own rules (vLLM: continuous batching)
+        raise AffinerError(f"--max-batch applies to --engine affiner only; {args.engine} batches requests its own "
+                           "way (see its documentation).")
 
     # Installed, and host, port and key sound, before anything is exported.
     launcher = find_launcher(args.engine)

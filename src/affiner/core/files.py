@@ -123,6 +123,9 @@ def check_replaceable(output: Path, overwrite: bool, marker: str, verb: str) -> 
     a user's own folder is never replaced by mistake. What an earlier, killed `affiner VERB` left beside it
     is cleaned up first (its earlier folder put back if it was caught between two renames)."""
     output = output.resolve() if output.is_symlink() else output  # as folder_written_whole writes it
+    if Path.cwd().resolve().is_relative_to(output.resolve()):  # `.`: it would be swapped from under the shell
+        raise AffinerError(f"--output {output} is the current folder (or holds it); name a folder to create, "
+                           f"e.g. --output {output / verb}.")
     cleaned = remove_leftovers(output.parent, named=output.name)
     if cleaned:
         print(f"note: cleaned what an interrupted affiner left in {output.parent}: {', '.join(cleaned)}",
@@ -261,6 +264,16 @@ def being_written(folder: Path) -> AffinerError:
         who = "a process that has just started"
     return AffinerError(f"{folder} is being written by another affiner ({who}); wait for it to end, or stop it, "
                         "then try again.")
+
+
+def usual_permissions(folder: Path) -> None:
+    """The files in `folder` readable as the umask allows: transformers' `save_pretrained` writes model.safetensors
+    through a private temporary file (mode 0600), which other users of a shared export or run could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
 
 
 def file_sha256(path: Path) -> str:

@@ -207,6 +207,10 @@ def load_template(folder: Path) -> Template:
     path = Path(folder) / TEMPLATE_FILE
     if not path.is_file():
         raise AffinerError(f"{folder} has no {TEMPLATE_FILE}: it is not an affiner run folder.")
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    raw["stop_token_ids"] = tuple(raw.get("stop_token_ids", ()))
-    return Template(**raw)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw["stop_token_ids"] = tuple(raw.get("stop_token_ids", ()))
+        return Template(**raw)
+    except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as exc:  # not JSON, or not a template's
+        raise AffinerError(f"{path} is damaged ({exc}); restore it from a backup, or copy it from a run trained "
+                           "with the same template.") from None

@@ -84,7 +84,9 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
         lines += [(f"With Ollama or llama.cpp (`{GGUF_FILE}`, and the `{MODELFILE}` that carries the prompt "
                    "template), in a folder holding both:"), "", "```sh", f"ollama create {name} -f {MODELFILE}",
                   f"ollama run {name} \"{EXAMPLE_QUESTION}\"",
-                  f"llama-cli -m {GGUF_FILE} -p {json.dumps(cli_prompt)} -n 64 --temp 0", "```", ""]
+                  # -no-cnv: the prompt is given rendered; with a chat template in the file llama-cli would
+                  # otherwise start a conversation, with that prompt as its system message
+                  f"llama-cli -m {GGUF_FILE} -no-cnv -p {json.dumps(cli_prompt)} -n 64 --temp 0", "```", ""]
     return lines
 
 

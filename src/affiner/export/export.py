@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from affiner.core.card import hub_id
+from affiner.core.card import hub_id, shown
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
                                 write_json)
-from affiner.core.models import save_tokenizer, tokenizer_for
+from affiner.core.models import damaged, model_type_of, save_tokenizer, tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
@@ -148,8 +148,14 @@ def _write_adapter(run: RunFolder, config: RunConfig, template: Template, tokeni
     target.mkdir(parents=True)
     # A copy into the staging folder, which replace_folder swaps in whole: no file is ever seen half written.
     shutil.copyfile(run / ADAPTER_WEIGHTS, target / ADAPTER_WEIGHTS)
-    adapter_config = read_json(run / ADAPTER_CONFIG)
-    adapter_config["base_model_name_or_path"] = hub_id(config.model.base) or config.model.base
+    try:
+        adapter_config = read_json(run / ADAPTER_CONFIG)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise damaged("LoRA adapter", run.path, exc) from None
+    if not isinstance(adapter_config, dict):
+        raise damaged("LoRA adapter", run.path, ValueError(f"{ADAPTER_CONFIG} holds no JSON object"))
+    # A path of this machine would be pushed with the export: named by its last part, as the card names it.
+    adapter_config["base_model_name_or_path"] = hub_id(config.model.base) or shown(config.model.base)
     adapter_config["revision"] = config.model.revision
     write_json(target / ADAPTER_CONFIG, adapter_config)
     save_tokenizer(tokenizer, target)
@@ -172,6 +178,11 @@ def _check_targets(targets: tuple[str, ...], config: RunConfig, gguf: bool) -> N
                            "--for ollama for base.gguf with adapter.gguf); choose one.")
 
 
+# Architectures Ollama runs only on its own engine (fs/ggml OllamaEngineRequired), whose runner refuses adapters
+# (runner/ollamarunner: "loras are not yet implemented"), as of Ollama 0.22.
+OLLAMA_WITHOUT_ADAPTERS = ("gemma3",)
+
+
 def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, ...]) -> None:
     """llama.cpp and Ollama need the base as GGUF: refuse an architecture the writer cannot write, naming --for."""
     gguf_targets = [t for t in targets if t in GGUF_ENGINES]
@@ -180,6 +191,12 @@ def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, .
             check_gguf_architecture(run, config)
         except AffinerError as exc:
             raise AffinerError(f"--for {','.join(gguf_targets)} needs the base model as GGUF: {exc}") from None
+    kind = model_type_of(config.model.base, config.model.revision, config.model.trust_remote_code) or ""
+    if "ollama" in targets and kind.startswith(OLLAMA_WITHOUT_ADAPTERS):
+        raise AffinerError(f"--for ollama: Ollama runs {kind} models on its own engine, which does not apply LoRA "
+                           "adapters (`ollama create` succeeds, the first answer fails: \"loras are not yet "
+                           "implemented\"). Export --gguf instead: the merged model.gguf with its Modelfile, which "
+                           "Ollama runs as it is (or --for llama.cpp, which applies the adapter).")
 
 
 def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template: Template, tokenizer,
@@ -199,7 +216,7 @@ def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template
         argv = vllm_argv(portable_base(config.model.base), {TUNED_NAME: "adapter"}, config.lora.r,
                          CHAT_TEMPLATE_FILE, VLLM_CONFIG_DIR, revision=config.model.revision,
                          trust_remote_code=config.model.trust_remote_code, quantized=config.method == "qlora")
-        write_script(target / SCRIPTS["vllm"], argv, _vllm_comments(stops))
+        write_script(target / SCRIPTS["vllm"], argv, vllm_script_comments(stops, config.model.base))
         written += [f"{VLLM_CONFIG_DIR}/", SCRIPTS["vllm"]]
     if any(t in GGUF_ENGINES for t in targets):
         write_adapter_gguf(run, config, target / ADAPTER_GGUF)  # first: it refuses what llama.cpp cannot apply
@@ -214,10 +231,14 @@ def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template
     return written
 
 
-def _vllm_comments(stops: dict[str, list]) -> list[str]:
+def vllm_script_comments(stops: dict[str, list], base: str) -> list[str]:
+    substitute = [f"The adapter was trained on {base}, the 4-bit (Q4_K_M) weights affiner ships, dequantised;",
+                  f"{portable_base(base)} holds the original weights, so answers can differ a little from the run's.",
+                  "For the very weights trained, export --merged and serve that folder: vllm serve merged"] \
+        if base.startswith("embedded:") else []
     return ["vLLM with the LoRA adapter of this export: the base is served as \"base\", the adapter as \"tuned\",",
             "on http://127.0.0.1:8000/v1; arguments given to this script are passed on (e.g. --port 8080).",
-            "Needs a CUDA GPU and vLLM: pip install vllm.", *stop_notes(stops)]
+            "Needs a CUDA GPU and vLLM: pip install vllm.", *substitute, *stop_notes(stops)]
 
 
 def _llama_cpp_comments(stops: dict[str, list]) -> list[str]:

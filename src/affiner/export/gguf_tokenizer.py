@@ -20,8 +20,16 @@ _CONVERT_INSTEAD = "Export --merged and convert it with llama.cpp's convert_hf_t
 def tokenizer_metadata(tokenizer, vocab_rows: int, source_gguf: Path | None) -> tuple[list[Entry], str]:
     """(tokenizer.* entries, where the vocabulary came from, for the report)."""
     if source_gguf is not None:
-        return _copied_tokenizer(source_gguf, vocab_rows), f"copied from {source_gguf.name}"
+        # The base's own chat template (if its GGUF has one) is not the run's: llama.cpp would render chats with it.
+        copied = [e for e in _copied_tokenizer(source_gguf, vocab_rows) if e[0] != "tokenizer.chat_template"]
+        return copied + _chat_template(tokenizer), f"copied from {source_gguf.name}"
     return _byte_level_tokenizer(tokenizer, vocab_rows), "byte-level BPE (vocabulary and merges)"
+
+
+def _chat_template(tokenizer) -> list[Entry]:
+    """The run's prompt format as the tokenizer carries it (a Jinja chat template), for llama.cpp's chats."""
+    template = getattr(tokenizer, "chat_template", None)
+    return [entry("tokenizer.chat_template", template, T.STRING)] if isinstance(template, str) else []
 
 
 def _copied_tokenizer(source: Path, vocab_rows: int) -> list[Entry]:
@@ -61,9 +69,7 @@ def _byte_level_tokenizer(tokenizer, vocab_rows: int) -> list[Entry]:
                           ("unknown", tokenizer.unk_token_id), ("padding", tokenizer.pad_token_id)):
         if token_id is not None:
             out.append(entry(f"tokenizer.ggml.{key}_token_id", int(token_id), T.UINT32))
-    if isinstance(getattr(tokenizer, "chat_template", None), str):
-        out.append(entry("tokenizer.chat_template", tokenizer.chat_template, T.STRING))
-    return out
+    return out + _chat_template(tokenizer)
 
 
 def _vocabulary(spec: dict, unk_id: int | None, vocab_rows: int) -> tuple[list[str], list[int]]:

@@ -18,9 +18,10 @@ import torch
 
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
+from affiner.core.files import usual_permissions
 from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
-from affiner.core.models import drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
+from affiner.core.models import damaged, drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:
@@ -114,9 +115,14 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 def check_finite_adapter(folder: Path) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    for name, tensor in load_file(folder / ADAPTER_WEIGHTS).items():
+    try:
+        weights = load_file(folder / ADAPTER_WEIGHTS)
+    except (SafetensorError, OSError) as exc:
+        raise damaged("LoRA adapter", folder, exc) from None
+    for name, tensor in weights.items():
         if not _finite(tensor):
             raise AffinerError(f"the adapter of {folder} holds NaN or infinite values in {name}; training diverged "
                                "(lower train.learning_rate, or use fp32/bf16), so there is nothing sound to export.")
@@ -149,6 +155,7 @@ def save_model(model: PreTrainedModel, tokenizer, template: Template, target: Pa
     model.save_pretrained(target, safe_serialization=True)
     save_tokenizer(tokenizer, target)
     save_template(template, target)
+    usual_permissions(target)
 
 
 def _generation_config(model: PreTrainedModel, tokenizer, template: Template) -> GenerationConfig:

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from affiner.core.card import CARD_FILE, write_run_card
 from affiner.core.errors import AffinerError, first_line
-from affiner.core.files import replace_folder
+from affiner.core.files import replace_folder, usual_permissions
 from affiner.core.runfolder import RUN_FILE, RunFolder
 from affiner.training.processes import Processes
 
@@ -69,6 +69,7 @@ def save_model(model, folder: Path, state: dict[str, torch.Tensor] | None = None
             model.save_pretrained(folder)
         else:
             model.save_pretrained(folder, state_dict={key.removeprefix("model."): v for key, v in state.items()})
+        usual_permissions(folder)
     if (folder / RUN_FILE).is_file():
         write_run_card(folder)
     else:
