@@ -131,6 +131,9 @@ def test_compare_page_streams_base_and_tuned_side_by_side(monkeypatch, runs, dow
     assert all(text and text != "generating…" for _, text in base + tuned)
     timings = [c.value for c in at.caption if c.value.startswith("first token")]
     assert len(timings) == 2 and all("tokens/s" in t and "total" in t for t in timings)
+    # how each answer ended, as the report counts it: a base cut at 12 tokens must not pass for one that stopped
+    endings = ("stopped by itself", "cut at the answer limit (12 tokens)", "cut where the model began a new turn")
+    assert all(any(ending in t for ending in endings) for t in timings)
     assert at.expander[0].label == "Prompt the model saw"
     assert QUESTION in at.expander[0].code[0].value and "### Answer:" in at.expander[0].code[0].value
 
@@ -140,6 +143,7 @@ def test_compare_page_streams_base_and_tuned_side_by_side(monkeypatch, runs, dow
     assert rows[0]["instruction"] == QUESTION and rows[0]["max_new_tokens"] == "12"
     assert rows[0]["base answer"] and rows[0]["tuned answer"] and float(rows[0]["tuned seconds"]) > 0
     assert int(rows[0]["tuned tokens"]) >= 1
+    assert all(any(rows[0][f"{m} ended"].startswith(e) for e in endings) for m in ("base", "tuned"))
     assert at.query_params["prompt"] == QUESTION  # the address bar now links to this comparison
 
 

@@ -44,3 +44,27 @@ def test_ctrl_c_before_the_answer_begins_says_it_is_stopping_at_once(capsys):
     out, err = capsys.readouterr()
     assert "(stopping: the model stops once it has read the prompt)" in err and "[stopped]" in out
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C as before once answered
+
+
+class Scripted:
+    """An engine whose answer ends as `how` says: at the answer limit, at a new turn, or with its stop token."""
+
+    def __init__(self, how: str):
+        self.how = how
+
+    def stream(self, name, messages, settings, stop, reply):
+        reply.text, reply.tokens = "Step 1: Load the", settings.max_new_tokens if self.how == "limit" else 4
+        reply.stopped, reply.new_turn = self.how == "stop", self.how == "new turn"
+        yield reply.text
+
+
+@pytest.mark.parametrize("how, said", [
+    ("limit", "(cut at the answer limit (30 tokens): it did not stop by itself (/set max_new_tokens=N))"),
+    ("new turn", "(cut where the model began a new turn: it did not stop by itself)"),
+    ("stop", ""),
+])
+def test_an_answer_that_did_not_stop_by_itself_says_so(capsys, how, said):
+    """A base model cut at the limit mid-sentence otherwise reads as an answer that ended there."""
+    chat.answer(Scripted(how), "base", [{"role": "user", "content": "How?"}], Settings(max_new_tokens=30))
+    out, err = capsys.readouterr()
+    assert out == "Step 1: Load the\n" and err.strip() == said  # the answer alone on stdout, for scripts

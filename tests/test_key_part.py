@@ -101,3 +101,21 @@ def test_key_before_on_the_command_line_overrides_the_config(run, tmp_path):
     assert run_cli("evaluate", str(run), "--test", str(test), "--key-before", " - ") == 0
     assert json.loads((run / "metrics.json").read_text())["primary_metric"] == "contains_key"
     assert "tuned_contains_key" in (run / "answers.csv").read_text().splitlines()[0]
+
+
+def test_figures_disagree_only_where_both_changes_are_measured_beyond_noise():
+    """A change whose paired interval holds 0 is "within noise" in the table: it ranks the models in no order, so
+    it cannot contradict the headline."""
+    from affiner.evaluation.report_content import rank_disagreements
+
+    def evaluation(embedding_interval):
+        return {"models": ["base", "tuned"], "primary_metric": "rouge_l",
+                "metric_info": {"rouge_l": {"label": "ROUGE-L F1"}, "embedding": {"label": "embedding similarity"}},
+                "metrics": {"rouge_l": {"base": {"mean": 0.12}, "tuned": {"mean": 0.19}},
+                            "embedding": {"base": {"mean": 0.514}, "tuned": {"mean": 0.513}}},
+                "changes": {"rouge_l": {"tuned": {"mean": 0.07, "low": 0.05, "high": 0.09}},
+                            "embedding": {"tuned": {"mean": -0.001, **embedding_interval}}}}
+
+    assert rank_disagreements(evaluation({"low": -0.052, "high": 0.048}), ["embedding"]) == []
+    (note,) = rank_disagreements(evaluation({"low": -0.003, "high": -0.0005}), ["embedding"])
+    assert "embedding similarity ranks it below base, ROUGE-L F1 above" in note

@@ -61,6 +61,29 @@ def test_compare_shows_config_differences_and_scores_side_by_side(two_runs, caps
     cli.main(["runs", "compare", str(first), str(second)])
     text = capsys.readouterr().out
     assert "train.learning_rate" in text and "contains the reference" in text
+    assert comparison["questions"][1] is None and comparison["caveats"] == []  # one base, one evaluation
+
+
+def test_compare_says_when_the_figures_do_not_compare(two_runs, tmp_path, capsys):
+    """Other questions, or another tokenizer, under figures side by side: said, not left to be guessed."""
+    import shutil
+
+    _, (first, _) = two_runs
+    other = tmp_path / "other"
+    shutil.copytree(first, other)
+    report = json.loads((other / "metrics.json").read_text())
+    report["settings"] |= {"test": "mine.jsonl", "questions": 6}
+    (other / "metrics.json").write_text(json.dumps(report))
+    config = (other / "config.yaml").read_text()
+    base = next(line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("base:"))
+    (other / "config.yaml").write_text(config.replace(base, str(tmp_path / "another-model"), 1))
+    (tmp_path / "another-model").mkdir()
+    capsys.readouterr()
+    cli.main(["runs", "compare", str(first), str(other)])
+    text = capsys.readouterr().out
+    assert "questions answered" in text and "6 of mine.jsonl" in text
+    assert "note: the runs were scored on different questions" in text
+    assert "note: the runs tune different base models: held-out loss and perplexity" in text
 
 
 @pytest.mark.parametrize("argv, message", [

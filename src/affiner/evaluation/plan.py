@@ -56,7 +56,14 @@ def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Temp
     questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
     overlap with the training rows was dropped when the run was trained)."""
     if test:
-        examples, empty = drop_empty(source_examples(read_test_rows(test), test, config.data), held_out=True)
+        try:
+            rows = source_examples(read_test_rows(test), test, config.data)
+        except AffinerError as error:  # data.columns is the run's, which evaluate takes no --set to change
+            raise AffinerError(f"{error} affiner evaluate reads --test as the run read its data (data.format "
+                               f"{config.data.format}, data.columns {dict(config.data.columns) or 'none'}), with no "
+                               "setting of its own: rename the file's columns to those (question/answer, "
+                               "instruction/input/output or messages, unless data.columns maps others).") from None
+        examples, empty = drop_empty(rows, held_out=True)
         examples, overlapping, overlap = _overlap(run, config, examples, keep_overlap)
         kept, dropped = prompts_that_fit(examples, template, tokenizer, context_length(config))
         return kept, dropped_rows(empty + overlapping + dropped), overlap

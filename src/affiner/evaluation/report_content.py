@@ -149,7 +149,9 @@ CORRECTNESS = {
     "contains": "the answer holds the whole reference, word for word (case, accents and punctuation aside): a "
                 "reworded reference counts as wrong",
     "embedding": "closeness of meaning to the reference (0 to 1): rewards paraphrase, but extra words around a right "
-                 "answer (\"X stands for ...\") lower it",
+                 "answer (\"X stands for ...\") lower it; its model (all-MiniLM-L6-v2) learnt English, so texts in "
+                 "other languages read closer than they are (two unrelated French sentences score about 0.5, their "
+                 "English translations about 0.1): compare base with tuned rather than read the level",
     "judge": "an LLM judge's verdict against the reference",
 }
 SIMILAR, DISSIMILAR = 0.8, 0.4  # similarity above: "reads as right"; below: "reads as wrong"
@@ -173,15 +175,26 @@ def rank_disagreements(evaluation: dict, figures: list[str]) -> list[str]:
     """'embedding similarity ranks tuned below base, contains the key above': the reader must not pick one."""
     primary, notes = evaluation["primary_metric"], []
     for model in tuned_models(evaluation):
-        by_primary = delta(evaluation, primary, model)
+        by_primary = clear_change(evaluation, primary, model)
         for other in figures:
-            by_other = delta(evaluation, other, model)
+            by_other = clear_change(evaluation, other, model)
             if other != primary and by_primary and by_other and (by_primary > 0) != (by_other > 0):
                 notes.append(f"The figures disagree on {model}: {metric_label(evaluation, other)} ranks it "
                              f"{'above' if by_other > 0 else 'below'} {evaluation['models'][0]}, "
                              f"{metric_label(evaluation, primary)} {'above' if by_primary > 0 else 'below'}; "
                              "the answers where they part are marked under Every question.")
     return notes
+
+
+def clear_change(evaluation: dict, metric: str, model: str) -> float | None:
+    """`model`'s change from the base when its paired interval excludes 0 (or none was recorded), else None: a
+    change the table calls "within noise" ranks the models in no order."""
+    change = delta(evaluation, metric, model)
+    interval = evaluation.get("changes", {}).get(metric, {}).get(model)
+    if change is None or interval is None:
+        return change
+    low, high = as_number(interval.get("low")), as_number(interval.get("high"))
+    return None if low is None or high is None or low <= 0 <= high else change
 
 
 def figures_of(example: dict, model: str, evaluation: dict) -> str:

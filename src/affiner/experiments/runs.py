@@ -47,7 +47,14 @@ def describe_run(folder: Path) -> dict[str, Any]:
             "minutes": round(info["train_seconds"] / 60, 1) if "train_seconds" in info else None,
             "started": info.get("started"), "scores": scores,
             "primary": (evaluation or {}).get("primary_metric") or "contains",
+            "questions": _questions(evaluation),
             "config": flatten(config.model_dump(mode="json"))}
+
+
+def _questions(evaluation: dict | None) -> str | None:
+    """What the run's evaluation answered: '60 of embedded:glossary-test.json' (None: not evaluated)."""
+    settings = (evaluation or {}).get("settings") or {}
+    return f"{settings.get('questions', '?')} of {settings.get('test', '?')}" if evaluation else None
 
 
 def _score(run: dict[str, Any], metric: str, model: str = "tuned") -> str:
@@ -93,7 +100,21 @@ def compare_runs(folders: list[Path]) -> dict[str, Any]:
               for m in metrics}
     return {"runs": [r["run"] for r in runs], "differences": differences, "scores": scores,
             "status": [r["status"] for r in runs], "minutes": [r["minutes"] for r in runs],
-            "train_rows": [r["train_rows"] for r in runs]}
+            "train_rows": [r["train_rows"] for r in runs], "questions": [r["questions"] for r in runs],
+            "caveats": _caveats(runs)}
+
+
+def _caveats(runs: list[dict[str, Any]]) -> list[str]:
+    """What makes the figures side by side not comparable: other questions, other tokenizers."""
+    caveats = []
+    asked = {r["questions"] for r in runs if r["questions"]}
+    if len(asked) > 1:
+        caveats.append(f"the runs were scored on different questions ({'; '.join(sorted(asked))}): their figures "
+                       "do not compare question for question; evaluate them on one --test file to compare")
+    if len({r["model"] for r in runs}) > 1:
+        caveats.append("the runs tune different base models: held-out loss and perplexity are per token of each "
+                       "model's own tokenizer, so they do not compare across them (the answer scores do)")
+    return caveats
 
 
 def format_comparison(comparison: dict[str, Any]) -> str:
@@ -105,7 +126,8 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     else:
         lines.append("  none: the same config")
     rows = [["metric (base → tuned)", *names],
-            ["status", *comparison["status"]], ["training minutes", *map(_minutes, comparison["minutes"])]]
+            ["status", *comparison["status"]], ["training minutes", *map(_minutes, comparison["minutes"])],
+            ["questions answered", *(q or "-" for q in comparison["questions"])]]
     for metric, per_run in comparison["scores"].items():
         label = METRIC_INFO.get(metric, {"label": metric})["label"]
         rows.append([label, *(" → ".join(_score({"scores": {metric: s}}, metric, model) for model in ("base", "tuned"))
@@ -113,4 +135,5 @@ def format_comparison(comparison: dict[str, Any]) -> str:
     lines += ["", text_table(rows)]
     if not comparison["scores"]:
         lines.append("(no run is evaluated yet: affiner evaluate RUN)")
+    lines += [f"note: {caveat}." for caveat in comparison["caveats"]]
     return "\n".join(lines)

@@ -258,7 +258,7 @@ def messages_for(instruction: str, input_text: str = "") -> list[dict[str, str]]
 def generate_answer(engine, name: str, instruction: str, input_text: str, settings,
                     on_piece: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> dict:
     """Stream one model's answer, calling `on_piece(text so far)` per piece; returns the answer and its timings."""
-    from affiner.interfaces.engine import Reply
+    from affiner.interfaces.engine import Reply, how_it_ended
 
     reply = Reply()
     with quiet_libraries, closing(engine.stream(name, messages_for(instruction, input_text), settings, stop=stop,
@@ -267,7 +267,7 @@ def generate_answer(engine, name: str, instruction: str, input_text: str, settin
             if on_piece is not None:
                 on_piece(reply.text)
     return {"text": reply.text.strip(), "tokens": reply.tokens, "stopped": reply.stopped,
-            "prompt_tokens": reply.prompt_tokens, "first_token_seconds": reply.first_token_seconds,
+            "ended": how_it_ended(reply, settings.max_new_tokens), "prompt_tokens": reply.prompt_tokens, "first_token_seconds": reply.first_token_seconds,
             "seconds": reply.seconds, "tokens_per_second": reply.tokens_per_second}
 
 
@@ -298,8 +298,9 @@ def answer_box(kind: str, text: str, name: str = "", pending: bool = False) -> s
 def timing_line(answer: dict) -> str:
     first = answer.get("first_token_seconds")
     first_text = human_duration(first) if first is not None else "–"
+    ended = f" · {answer['ended']}" if answer.get("ended") else ""
     return (f"first token {first_text} · total {human_duration(answer['seconds'])} · {answer['tokens']} tokens · "
-            f"{format_value(answer['tokens_per_second'], 'count')} tokens/s")
+            f"{format_value(answer['tokens_per_second'], 'count')} tokens/s{ended}")
 
 
 def run_facts(run: RunFolder) -> str:
@@ -348,7 +349,7 @@ def comparisons_csv(comparisons: list[dict]) -> str:
     fields = ["instruction", "input", *DECODING_FIELDS]
     for comparison in comparisons:
         for name in comparison["answers"]:
-            for suffix in ("answer", "tokens", "seconds", "first_token_seconds"):
+            for suffix in ("answer", "ended", "tokens", "seconds", "first_token_seconds"):
                 if f"{name} {suffix}" not in fields:
                     fields.append(f"{name} {suffix}")
     out = io.StringIO()
@@ -360,7 +361,8 @@ def comparisons_csv(comparisons: list[dict]) -> str:
                **{k: settings.get(k) for k in DECODING_FIELDS}}
         for name, answer in comparison["answers"].items():
             first = answer.get("first_token_seconds")
-            row.update({f"{name} answer": answer["text"], f"{name} tokens": answer["tokens"],
+            row.update({f"{name} answer": answer["text"], f"{name} ended": answer.get("ended", ""),
+                        f"{name} tokens": answer["tokens"],
                         f"{name} seconds": round(answer["seconds"], 3),
                         f"{name} first_token_seconds": None if first is None else round(first, 3)})
         writer.writerow(row)

@@ -22,7 +22,7 @@ from affiner.core.errors import AffinerError, first_line
 from affiner.core.files import is_text
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
-from affiner.interfaces.engine import BASE, Engine, Reply
+from affiner.interfaces.engine import BASE, Engine, Reply, how_it_ended
 
 BLOCK = '"""'  # opens and closes a message of several lines (a pasted text), as in Ollama
 HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty), "
@@ -129,11 +129,15 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
         stop.set()
         sys.stdout.write(" [stopped]")
         started = True
+        reply.stopped = True  # by the user: nothing more to say about how it ended
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not started:  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
         # which a script reads as the answer)
         print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
+    elif reply.new_turn or (not reply.stopped and reply.tokens >= settings.max_new_tokens):
+        hint = " (/set max_new_tokens=N)" if not reply.new_turn else ""
+        print(f"({how_it_ended(reply, settings.max_new_tokens)}{hint})", file=sys.stderr, flush=True)
     return reply
 
 

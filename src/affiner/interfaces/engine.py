@@ -53,6 +53,18 @@ class Reply:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
+def how_it_ended(reply: Reply, limit: int) -> str:
+    """How an answer ended, as the evaluation report counts it: a base model cut at a new turn or at the limit
+    otherwise looks, in a chat or side by side, as if it had answered and stopped."""
+    if reply.new_turn:
+        return "cut where the model began a new turn: it did not stop by itself"
+    if reply.stopped:
+        return "stopped by itself"
+    if reply.tokens >= limit:
+        return f"cut at the answer limit ({limit} tokens): it did not stop by itself"
+    return "ended without its stop token"  # asked to stop (a Ctrl-C, a closed page), or the context window full
+
+
 @dataclass(frozen=True)
 class Ask:
     """One question of a batch (`Engine.complete_batch`): a conversation or a raw prompt, its token limit,
