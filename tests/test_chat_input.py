@@ -59,7 +59,8 @@ class Scripted:
 
 
 @pytest.mark.parametrize("how, said", [
-    ("limit", "(cut at the answer limit (30 tokens): it did not stop by itself (/set max_new_tokens=N))"),
+    ("limit", "(cut at the answer limit (30 tokens): it did not stop by itself (/set max_new_tokens=N, or "
+              "--max-new-tokens N))"),
     ("new turn", "(cut where the model began a new turn: it did not stop by itself)"),
     ("stop", ""),
 ])

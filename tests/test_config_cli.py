@@ -221,3 +221,14 @@ def test_the_type_of_a_bounded_setting_that_may_be_auto_is_shown_in_words(capsys
     out = capsys.readouterr().out
     assert "(default auto; number > 0 or auto)" in out and "whole number >= 1 or auto, or null" in out
     assert "Annotated" not in out
+
+
+def test_settings_refused_for_a_new_run_still_read_in_a_run_trained_before():
+    """train.best_by: contains without eval.sample_size is refused when a run is about to train (it would do
+    nothing), not by the schema: runs trained with it before must still evaluate, export and chat."""
+    from affiner.training.run import check_probe_settings
+
+    config = load_config("quickstart", ["train.best_by=contains", "train.patience=2", "eval.every_steps=null"])
+    assert config.train.best_by == "contains"
+    with pytest.raises(AffinerError, match="train.best_by: contains needs held-out answers"):
+        check_probe_settings(config)

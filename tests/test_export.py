@@ -329,8 +329,8 @@ def test_gguf_loads_back_through_transformers_and_answers_like_the_merged_model(
     field = GGUFReader(out / "model.gguf").fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == tokenizer.chat_template
 
-    # the card's llama-cli line gives the rendered prompt: not a conversation, which the file's template would start
-    assert "llama-cli -m model.gguf -no-cnv -p " in (out / "README.md").read_text()
+    # the card's one-shot line gives the rendered prompt: not a conversation, which the file's template would start
+    assert "llama-completion -m model.gguf -p " in (out / "README.md").read_text()
     modelfile = (out / "Modelfile").read_text()
     assert "FROM ./model.gguf" in modelfile and "ollama create" in modelfile
     assert "### Question: {{ .Content }}\n### Answer:{{ end }}{{ end }}" in modelfile
@@ -624,3 +624,10 @@ def test_the_vllm_script_says_when_its_hub_base_is_not_the_weights_trained():
     said = "\n".join(export_mod.vllm_script_comments({"stop": [], "stop_token_ids": []}, "embedded:gemma-3-270m"))
     assert "Q4_K_M" in said and "google/gemma-3-270m holds the original weights" in said and "--merged" in said
     assert "original weights" not in "\n".join(export_mod.vllm_script_comments({"stop": [], "stop_token_ids": []}, "gpt2"))
+
+
+def test_an_adapter_exports_without_its_base_at_hand(tmp_path, llama_run):
+    """A run copied to another machine, its base not there: the adapter, card and tokenizer are the run's own."""
+    moved = copy_run(llama_run, tmp_path / "moved", model__base=str(tmp_path / "not-here"))
+    out = export_mod.export(moved, tmp_path / "export")
+    assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()

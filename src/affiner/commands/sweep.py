@@ -52,8 +52,8 @@ def main(args: argparse.Namespace) -> None:
             raise AffinerError(f"--resume continues a sweep as it was planned; drop {', '.join(given)} "
                                "(or start a new sweep).")
         folder = Path(args.resume)
-        state = load_sweep(folder)
+        load_sweep(folder)  # a folder that is no sweep is said before anything else
     else:
-        folder, state = plan_sweep(args.config, args.grid, args.overrides, args.metric or DEFAULT_METRIC,
-                                   Path(args.output) if args.output else None)
-    run_sweep(folder, state)
+        folder, _ = plan_sweep(args.config, args.grid, args.overrides, args.metric or DEFAULT_METRIC,
+                               Path(args.output) if args.output else None)
+    run_sweep(folder)

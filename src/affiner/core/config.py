@@ -254,17 +254,6 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="the training loop: steps, optimizer, checkpoints, trackers")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="the before/after evaluation")
 
-    @model_validator(mode="after")
-    def _probes_measure_what_the_choices_need(self) -> "RunConfig":
-        """Without these a run would quietly keep its last step and never stop early."""
-        if self.train.best_by != "loss" and self.eval.sample_size == 0:
-            raise ValueError(f"train.best_by: {self.train.best_by} needs held-out answers at each probe: set "
-                             "eval.sample_size (e.g. 16), or keep train.best_by: loss (a forward pass alone)")
-        if self.train.patience is not None and self.eval.every_steps is None:
-            raise ValueError("train.patience counts held-out probes, and eval.every_steps is null (no probe): "
-                             "set eval.every_steps (auto: 10 per run), or drop train.patience")
-        return self
-
     @property
     def quantization(self) -> str | None:
         return "nf4" if self.method == "qlora" else None

@@ -267,13 +267,30 @@ def being_written(folder: Path) -> AffinerError:
 
 
 def usual_permissions(folder: Path) -> None:
-    """The files in `folder` readable as the umask allows: transformers' `save_pretrained` writes model.safetensors
-    through a private temporary file (mode 0600), which other users of a shared export or run could not read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file() and not path.is_symlink():
-            path.chmod(0o666 & ~umask)
+    """The weights in `folder` readable as the umask allows: transformers' `save_pretrained` writes model.safetensors
+    through a private temporary file (mode 0600), which other users of a shared export or run could not read. Only
+    our own private weight files change; one that cannot is left as it is."""
+    wanted = 0o666 & ~current_umask()
+    for path in folder.glob("*.safetensors"):
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_uid == os.getuid() \
+                    and path.stat().st_mode & 0o777 == 0o600 != wanted:
+                path.chmod(wanted)
+        except OSError:  # not ours after all, or a file system without permissions
+            continue
+
+
+def current_umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it, for every thread, while it reads it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def file_sha256(path: Path) -> str:

@@ -86,10 +86,11 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     if not plan.examples:
         reasons = (plan.dropped or {}).get("reasons") or {}
         why = "; ".join(f"{n} row(s): {reason}" for reason, n in reasons.items())
+        unreferenced = any("no answer or reference" in reason for reason in reasons)
         raise AffinerError(f"no held-out question to answer ({plan.test})" + (f": every row was left out ({why})"
-                           if why else "") + ". Each question needs a reference answer to be scored against; to "
+                           if why else "") + (". Each question needs a reference answer to be scored against; to "
                            "compare base and tuned on prompts of your own without one, use affiner app (side by "
-                           "side) or affiner chat --base / chat RUN --prompt TEXT.")
+                           "side) or affiner chat --base / chat RUN --prompt TEXT." if unreferenced else "."))
     if plan.headline == "contains_key" and not any(key_of(e, plan.key_before) for e in plan.examples):
         raise AffinerError(f"eval.headline is contains_key, but no question of {plan.test} has a key: give the rows a "
                            "`key` field, set eval.key_before (--key-before SEP), or choose another eval.headline.")

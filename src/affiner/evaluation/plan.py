@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from affiner.core.card import RUN_SPLIT
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError, first_line
 from affiner.core.models import (base_context_length, context_length, dtype_for, dtype_of, load_for, load_model,
@@ -56,8 +57,9 @@ def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Temp
     questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
     overlap with the training rows was dropped when the run was trained)."""
     if test:
+        read = read_test_rows(test)
         try:
-            rows = source_examples(read_test_rows(test), test, config.data)
+            rows = source_examples(read, test, config.data)
         except AffinerError as error:  # data.columns is the run's, which evaluate takes no --set to change
             raise AffinerError(f"{error} affiner evaluate reads --test as the run read its data (data.format "
                                f"{config.data.format}, data.columns {dict(config.data.columns) or 'none'}), with no "
@@ -119,7 +121,7 @@ def plan_runs(folders: list[Path], test: str | None, max_questions: int | None, 
     return Plan(output=run.path, template=template, tokenizer=tokenizer,
                 examples=examples[: max_questions or config.eval.max_questions],
                 loaders=loaders, max_new_tokens=config.eval.max_new_tokens, batch_size=config.eval.batch_size,
-                test=test or (config.data.test or "held-out split of the run"),
+                test=test or (config.data.test or RUN_SPLIT),
                 judge=config.eval.judge if config.eval.judge.url else None, general=config.eval.general,
                 dropped=dropped, overlap=overlap, folders={n: r.path for n, r in zip(names, runs)}, key_before=key_before or config.eval.key_before,
                 repetition_penalty=config.eval.repetition_penalty, headline=config.eval.headline)

@@ -10,6 +10,7 @@ from typing import Any
 from affiner.core.config import flatten
 from affiner.core.errors import AffinerError
 from affiner.core.formatting import METRIC_INFO, format_value, metric_kind, text_table
+from affiner.core.card import RUN_SPLIT
 from affiner.core.runfolder import RunFolder
 
 
@@ -47,14 +48,17 @@ def describe_run(folder: Path) -> dict[str, Any]:
             "minutes": round(info["train_seconds"] / 60, 1) if "train_seconds" in info else None,
             "started": info.get("started"), "scores": scores,
             "primary": (evaluation or {}).get("primary_metric") or "contains",
-            "questions": _questions(evaluation),
+            "questions": _questions(evaluation, config.data.train),
             "config": flatten(config.model_dump(mode="json"))}
 
 
-def _questions(evaluation: dict | None) -> str | None:
-    """What the run's evaluation answered: '60 of embedded:glossary-test.json' (None: not evaluated)."""
+def _questions(evaluation: dict | None, train: str) -> str | None:
+    """What the run's evaluation answered: '60 of embedded:glossary-test.json', '24 held out of data.jsonl'
+    (None: not evaluated)."""
     settings = (evaluation or {}).get("settings") or {}
-    return f"{settings.get('questions', '?')} of {settings.get('test', '?')}" if evaluation else None
+    test = settings.get("test", "?")
+    source = f"held out of {train}" if test == RUN_SPLIT else f"of {test}"
+    return f"{settings.get('questions', '?')} {source}" if evaluation else None
 
 
 def _score(run: dict[str, Any], metric: str, model: str = "tuned") -> str:

@@ -178,14 +178,16 @@ def next_action(point: dict, folder: Path) -> str:
     return "resume" if run.last_checkpoint() is not None else "fresh"
 
 
-def run_sweep(folder: Path, state: dict) -> None:
+def run_sweep(folder: Path) -> None:
     """Every point not finished yet, in order; then the table and the plot. Failed points end it with an error.
     One process at a time runs a sweep: a second (`--resume` in another terminal) is refused with the first's PID."""
     if Processes().several:
         raise AffinerError("affiner sweep runs its points one after another in one process; to train on several "
                            "devices, launch affiner run (or train) under torchrun with the settings of one point.")
-    with sole_writer(folder, "sweep"), trackers_grouped(state.get("name")):
-        _run_points(folder, state)
+    with sole_writer(folder, "sweep"):
+        state = load_sweep(folder)  # under the lock: as the last writer left it
+        with trackers_grouped(state.get("name")):
+            _run_points(folder, state)
 
 
 # Each point's config is named after its point (lr1e-3...), which would give each its own MLflow experiment and

@@ -84,9 +84,11 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
         lines += [(f"With Ollama or llama.cpp (`{GGUF_FILE}`, and the `{MODELFILE}` that carries the prompt "
                    "template), in a folder holding both:"), "", "```sh", f"ollama create {name} -f {MODELFILE}",
                   f"ollama run {name} \"{EXAMPLE_QUESTION}\"",
-                  # -no-cnv: the prompt is given rendered; with a chat template in the file llama-cli would
-                  # otherwise start a conversation, with that prompt as its system message
-                  f"llama-cli -m {GGUF_FILE} -no-cnv -p {json.dumps(cli_prompt)} -n 64 --temp 0", "```", ""]
+                  # The prompt is given rendered: a one-shot completion. llama-cli starts a conversation when the
+                  # file has a chat template (llama.cpp's one-shot tool is now llama-completion; older builds
+                  # took llama-cli -no-cnv)
+                  f"llama-completion -m {GGUF_FILE} -p {json.dumps(cli_prompt)} -n 64 --temp 0",
+                  "# older llama.cpp builds: llama-cli -no-cnv with the same arguments", "```", ""]
     return lines
 
 

@@ -191,8 +191,9 @@ def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, .
             check_gguf_architecture(run, config)
         except AffinerError as exc:
             raise AffinerError(f"--for {','.join(gguf_targets)} needs the base model as GGUF: {exc}") from None
-    kind = model_type_of(config.model.base, config.model.revision, config.model.trust_remote_code) or ""
-    if "ollama" in targets and kind.startswith(OLLAMA_WITHOUT_ADAPTERS):
+    kind = (model_type_of(config.model.base, config.model.revision, config.model.trust_remote_code) or ""
+            if "ollama" in targets else "")
+    if kind.startswith(OLLAMA_WITHOUT_ADAPTERS):
         raise AffinerError(f"--for ollama: Ollama runs {kind} models on its own engine, which does not apply LoRA "
                            "adapters (`ollama create` succeeds, the first answer fails: \"loras are not yet "
                            "implemented\"). Export --gguf instead: the merged model.gguf with its Modelfile, which "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from affiner.core.card import hub_id
 from affiner.core.errors import AffinerError
 from affiner.core.hub import endpoint_reachable, hub_endpoint, hub_reachable
 from affiner.export.gguf_metadata import read_metadata
@@ -86,6 +87,8 @@ def base_licence(base: str, revision: str | None = None) -> tuple[str | None, st
         licence = read_front_matter(path / "README.md").get("license")
         return (str(licence), f"{licence}, from the base model folder's README.md") if licence else \
             (None, "not stated in the base model folder: see where it came from")
+    if hub_id(base) is None:  # a local model that is no longer here (a run copied to another machine)
+        return None, "not stated: the base model is not at hand here; see where it came from"
     licence = _hub_licence(base, revision)
     if licence:
         return licence, f"{licence}, from the model card of {base} on the Hub"

@@ -136,7 +136,7 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
         # which a script reads as the answer)
         print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
     elif reply.new_turn or (not reply.stopped and reply.tokens >= settings.max_new_tokens):
-        hint = " (/set max_new_tokens=N)" if not reply.new_turn else ""
+        hint = " (/set max_new_tokens=N, or --max-new-tokens N)" if not reply.new_turn else ""
         print(f"({how_it_ended(reply, settings.max_new_tokens)}{hint})", file=sys.stderr, flush=True)
     return reply
 

@@ -297,9 +297,10 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes, resumed_a
     precision, reason = str(dtype).removeprefix("torch."), precision_reason(dtype, config.model.precision)
     changed = {}
     if resumed_at and before and before != precision:  # `auto` decided otherwise here (another machine, a GPU)
-        print(f"note: steps 1-{resumed_at} of this run trained in {before}, the rest trains in {precision} ({reason}); "
-              "the run.json records both.", file=sys.stderr)
-        changed = {"precision_before": {"precision": before, "until_step": resumed_at}}
+        print(f"note: this run trained in {before} up to step {resumed_at}; it goes on in {precision} ({reason}). "
+              "run.json records each precision and its steps.", file=sys.stderr)
+        history = run.info().get("precision_before", [])
+        changed = {"precision_before": [*history, {"precision": before, "until_step": resumed_at}]}
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
                parallelism=processes.parallelism, precision=precision, precision_reason=reason, **changed)
     return trackers

@@ -144,6 +144,7 @@ def check_before_writing(config: RunConfig) -> None:
     """What would otherwise fail only once the run folder exists: the extras the config needs, and the
     settings the model's architecture must allow (read from its config, without loading its weights)."""
     require_trackers_installed(config)  # tensorboard, mlflow, wandb
+    check_probe_settings(config)
     if (config.method == "qlora" or config.train.optimizer in ("adamw_8bit", "paged_adamw_8bit")
             or (config.train.optimizer == "paged_adamw_32bit" and torch.cuda.is_available())) \
             and importlib.util.find_spec("bitsandbytes") is None:
@@ -162,6 +163,17 @@ def check_before_writing(config: RunConfig) -> None:
             raise AffinerError(f"lora.target_modules names layers {config.model.base} does not have: "
                                f"{', '.join(missing)}. Its linear layers are: "
                                f"{', '.join(default_target_modules(model))}.")
+
+
+def check_probe_settings(config: RunConfig) -> None:
+    """Settings that would quietly do nothing: a run would keep its last step and never stop early. Checked for a
+    run about to train, not in the config's schema, which also reads the configs of runs trained before."""
+    if config.train.best_by != "loss" and config.eval.sample_size == 0:
+        raise AffinerError(f"train.best_by: {config.train.best_by} needs held-out answers at each probe: set "
+                           "eval.sample_size (e.g. 16), or keep train.best_by: loss (a forward pass alone).")
+    if config.train.patience is not None and config.eval.every_steps is None:
+        raise AffinerError("train.patience counts held-out probes, and eval.every_steps is null (no probe): set "
+                           "eval.every_steps (auto: 10 per run), or drop train.patience.")
 
 
 def _remove_leftovers(run: RunFolder) -> None:

@@ -45,6 +45,9 @@ class CtrlC:
         self.processes, self.asked, self.note = processes, False, note
 
     def handle(self, signum, frame) -> None:
+        if self.asked and signum == signal.SIGTERM:
+            # The same request again: Slurm signals every process of a job, and torchrun forwards it to each too.
+            return
         if self.asked:
             raise KeyboardInterrupt
         self.asked = True
