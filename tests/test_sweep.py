@@ -358,16 +358,21 @@ def test_a_point_whose_judge_left_answers_unjudged_fails_and_resumes_by_evaluati
     assert [p.name for p in (folder / "runs").iterdir()] == [point["run"].split("/")[-1]]  # not trained again
 
 
-def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp_path, monkeypatch, capsys,
-                                                                              tiny_gpt2):
-    config = write_config(tmp_path, tiny_gpt2, "data.jsonl")
-    folder = tmp_path / "sw"
+def stopped_before_training(tmp_path, monkeypatch, base) -> Path:
+    """A two-point sweep whose first point was stopped by Ctrl-C before its run folder existed: its folder."""
+    config, folder = write_config(tmp_path, base, "data.jsonl"), tmp_path / "sw"
 
     def ctrl_c(config=None, resume=None):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_mod, "train", ctrl_c)
     assert affiner_sweep(str(config), "--grid", "lora.r=4,8", "--output", str(folder)) == 130
+    return folder
+
+
+def test_ctrl_c_before_the_run_folder_exists_leaves_the_point_to_start_again(tmp_path, monkeypatch, capsys,
+                                                                              tiny_gpt2):
+    folder = stopped_before_training(tmp_path, monkeypatch, tiny_gpt2)
     assert f"affiner sweep --resume {folder}" in capsys.readouterr().err
     state = read_json(folder / "sweep.json")
     assert [p["status"] for p in state["points"]] == ["running", "pending"]
@@ -379,14 +384,7 @@ def test_a_second_process_on_a_running_sweep_is_refused_and_touches_nothing(tmp_
     """`affiner sweep --resume` in another terminal while the sweep runs would train every point twice."""
     from affiner.core.files import sole_writer
 
-    config = write_config(tmp_path, tiny_gpt2, "data.jsonl")
-    folder = tmp_path / "sw"
-
-    def ctrl_c(config=None, resume=None):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod, "train", ctrl_c)
-    assert affiner_sweep(str(config), "--grid", "lora.r=4,8", "--output", str(folder)) == 130
+    folder = stopped_before_training(tmp_path, monkeypatch, tiny_gpt2)
     before = (folder / "sweep.json").read_bytes()
     monkeypatch.setattr(train_mod, "train", lambda *a, **k: pytest.fail("a second sweep process trained"))
     capsys.readouterr()
