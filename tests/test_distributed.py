@@ -190,14 +190,20 @@ def test_out_of_memory_in_one_process_marks_the_run_failed(tmp_path, tiny_llama,
 def test_a_refusal_under_two_processes_is_one_paragraph_without_an_internal_error(tmp_path, tiny_llama, data):
     """The main process refuses the input before training; the other, waiting for it, exits quietly with its code
     (it used to fail on the closed connection and call it a bug in affiner)."""
+    def launched(*argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "affiner", *argv], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
     config = write_config(tmp_path / "two", tiny_llama, data, data={"max_length": 100000})
-    refused = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                              "-m", "affiner", "train", str(config)], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    refused = launched("train", str(config))
     assert refused.returncode != 0
     assert refused.stderr.count("affiner train: error: data.max_length is 100000") == 1, refused.stderr[-3000:]
     assert "internal error" not in refused.stderr and "exitcode  : 1" not in refused.stderr
     assert not (tmp_path / "two" / "runs").exists()
+    # A config every process reads alike, and refuses alike: said once too.
+    refused = launched("run", str(config), "--set", "train.lerning_rate=1e-3")
+    assert refused.stderr.count("train.lerning_rate: unknown key") == 1, refused.stderr[-3000:]
 
 
 def test_shipped_accelerate_configs_are_valid(tmp_path):

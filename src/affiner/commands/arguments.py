@@ -65,6 +65,23 @@ def training_overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *extra]
 
 
+def training_start(args: argparse.Namespace):
+    """(config, None) for a new run, or (None, run folder) for --resume. Under torchrun every process reads the
+    same command line and config: a mistake in them is told by the main process alone (each printed the same
+    paragraph), the others exit with its code."""
+    from affiner.core.config import load_config
+    from affiner.core.errors import AffinerError, SaidElsewhere
+    from affiner.training.processes import Processes
+
+    try:
+        resume = resumed_run(args)
+        return (None, resume) if resume else (load_config(args.config, training_overrides(args)), None)
+    except AffinerError as error:
+        if Processes().is_main:
+            raise
+        raise SaidElsewhere(error.exit_code) from None
+
+
 # Number types for flags: argparse reports a value out of range as `argument --flag: ...`, exit 2, before
 # anything runs.
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from affiner.commands.arguments import add_training_arguments, resumed_run, training_overrides
+from affiner.commands.arguments import add_training_arguments, training_start
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,17 +20,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from affiner.core.config import load_config
     from affiner.core.runfolder import RunFolder
     from affiner.evaluation.evaluate import require_judged
     from affiner.evaluation.table import format_table
     from affiner.experiments.workflow import train_and_evaluate
 
     started = time.time()
-    if resume := resumed_run(args):
-        folder, evaluation = train_and_evaluate(resume=resume)
-    else:
-        folder, evaluation = train_and_evaluate(load_config(args.config, training_overrides(args)))
+    config, resume = training_start(args)
+    folder, evaluation = train_and_evaluate(config, resume=resume)
     if evaluation is None:  # another process than the main one: the main one reports
         return
     print()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from affiner.commands.arguments import add_training_arguments, resumed_run, training_overrides
+from affiner.commands.arguments import add_training_arguments, training_start
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,13 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from affiner.core.config import load_config
     from affiner.experiments.workflow import train
     from affiner.training.processes import Processes
 
-    if resume := resumed_run(args):
-        folder = train(resume=resume)
-    else:
-        folder = train(load_config(args.config, training_overrides(args)))
+    config, resume = training_start(args)
+    folder = train(config, resume=resume)
     if Processes().is_main:
         print(f"Run folder: {folder}")
