@@ -108,6 +108,25 @@ def test_a_task_whose_dataset_cannot_be_had_is_named_before_any_model_loads(tmp_
         run_benchmarks({"base": never_loaded}, None, ["affiner_hub_only"], tmp_path, None, 4)
 
 
+def test_a_missing_data_file_and_a_broken_task_file_are_named_as_such(tmp_path, offline_hub, monkeypatch):
+    """Offline, every failure was blamed on the Hub, the README's own local task included when run from elsewhere;
+    a task file that did not parse was reported as an unknown task."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is an optional extra: pip install 'affiner[benchmarks]'")
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)  # restored afterwards
+    monkeypatch.chdir(tmp_path)  # not the task's folder: its relative data_files is not found from here
+    with pytest.raises(AffinerError, match=f"task '{TASK}': a data file it names is not there; a relative "
+                                           "data_files path is read from the folder affiner runs in") as error:
+        run_benchmarks({"base": never_loaded}, None, [TASK], TASK_DIR, None, 4)
+    assert "unreachable" not in str(error.value)
+    broken = tmp_path / "tasks"
+    broken.mkdir()
+    (broken / "broken.yaml").write_text('task: broken_task\ndoc_to_text: "Question: {{question}}\n')
+    with pytest.raises(AffinerError, match=r"the task file .*broken.yaml does not parse as YAML"):
+        run_benchmarks({"base": never_loaded}, None, ["broken_task"], broken, None, 4)
+
+
 def test_without_lm_eval_the_error_says_how_to_install_it(monkeypatch):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -234,8 +234,6 @@ def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama)
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from affiner.core.config import JudgeConfig
-
     class Judge(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - the http.server API
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -256,7 +254,7 @@ def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
-        judge = JudgeConfig(url=f"http://127.0.0.1:{server.server_port}/v1", model="stand-in")
+        judge = {"url": f"http://127.0.0.1:{server.server_port}/v1", "model": "stand-in"}
         evaluation = ev.evaluate(folder, max_questions=2, judge=judge)
     finally:
         server.shutdown()

@@ -445,3 +445,19 @@ def test_the_judge_sees_the_tasks_input_as_the_report_shows_it(server, tmp_path)
     judge_answers(make_judge(server, tmp_path), JudgeConfig(url=server.url, model="judge-test", mode="absolute"),
                   [example], {"base": [Answer("Bonjour", True, 1)]}, {"base": [{}]})
     assert block(server.requests[0][1], "question") == "Translate into French.\n\nInput: Good morning"
+
+
+def test_judge_flags_override_the_runs_judge_key_by_key():
+    """--judge-mode alone keeps the run's endpoint and model; --judge-endpoint alone keeps its model and
+    concurrency (each flag replaced the whole eval.judge: the mode was ignored, the model asked for again)."""
+    from affiner.core.config import JudgeConfig
+    from affiner.evaluation.evaluate import judge_settings_over
+
+    recorded = JudgeConfig(url="http://127.0.0.1:9/v1", model="judge-m", mode="both", concurrency=2)
+    assert judge_settings_over(recorded, {}) is recorded
+    moded = judge_settings_over(recorded, {"mode": "absolute"})
+    assert (moded.url, moded.model, moded.mode, moded.concurrency) == ("http://127.0.0.1:9/v1", "judge-m", "absolute", 2)
+    moved = judge_settings_over(recorded, {"url": "http://127.0.0.1:8/v1"})
+    assert (moved.url, moved.model, moved.concurrency) == ("http://127.0.0.1:8/v1", "judge-m", 2)
+    assert judge_settings_over(None, {"mode": "absolute"}) is None  # no endpoint anywhere: no judge
+    assert judge_settings_over(None, {"url": "http://x/v1", "model": "m"}).model == "m"

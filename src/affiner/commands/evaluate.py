@@ -115,7 +115,6 @@ def _add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
-    from affiner.core.config import JudgeConfig
     from affiner.core.errors import AffinerError
     from affiner.core.settings import Settings
     from affiner.evaluation.evaluate import evaluate, require_judged
@@ -123,10 +122,19 @@ def main(args: argparse.Namespace) -> None:
     from affiner.evaluation.table import format_table
 
     sampling = Settings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    judge = JudgeConfig(url=args.judge_endpoint, model=args.judge_model, api_key_env=args.judge_api_key_env,
-                        **({"mode": args.judge_mode} if args.judge_mode else {}))
+    judge = {key: value for key, value in (("url", args.judge_endpoint), ("model", args.judge_model),
+                                           ("api_key_env", args.judge_api_key_env), ("mode", args.judge_mode))
+             if value is not None}  # each over the run's own eval.judge
     if bool(args.runs) == bool(args.model):
         raise AffinerError("give either run folders (affiner evaluate RUN ...) or --model MODEL with --adapter DIR.")
+    unused = [flag for flag, value in (("--adapter", args.adapter), ("--output", args.output),
+                                       ("--template", args.template)) if value and args.runs]
+    unused += [flag for flag, value in (("--benchmarks-include", args.benchmarks_include),
+                                        ("--benchmarks-limit", args.benchmarks_limit)) if value and args.benchmarks is None]
+    if unused:
+        raise AffinerError(f"{', '.join(unused)} would be ignored here: --adapter, --output and --template go with "
+                           "--model (a run folder brings its adapter and template, and its evaluation goes into it), "
+                           "--benchmarks-include and --benchmarks-limit with --benchmarks TASKS.")
     plan = None
     if args.model:
         if not args.adapter:
@@ -136,7 +144,7 @@ def main(args: argparse.Namespace) -> None:
                              key_before=args.key_before)
     evaluation = evaluate([Path(r) for r in args.runs], test=args.test, max_new_tokens=args.max_new_tokens,
                           max_questions=args.max_questions, batch_size=args.batch_size, sampling=sampling,
-                          judge=judge if judge.url else None, plan=plan, benchmarks=_benchmarks(args),
+                          judge=judge, plan=plan, benchmarks=_benchmarks(args),
                           keep_overlap=args.keep_overlap, key_before=args.key_before, general=args.general,
                           reuse_base=args.base_cache, repetition_penalty=args.repetition_penalty,
                           headline=args.headline)
@@ -151,8 +159,8 @@ def main(args: argparse.Namespace) -> None:
 def _benchmarks(args: argparse.Namespace):
     from affiner.evaluation.benchmarks import Benchmarks
 
-    if not args.benchmarks:
-        return None
+    if args.benchmarks is None:
+        return None  # an empty --benchmarks "" is refused by name, not taken for none
     return Benchmarks([t.strip() for t in args.benchmarks.split(",") if t.strip()],
                       Path(args.benchmarks_include) if args.benchmarks_include else None, args.benchmarks_limit)
 

@@ -47,8 +47,9 @@ class ModelConfig(_Section):
     revision: str | None = Field(None, description=(
         "a Hub branch, tag or commit: pins the weights a run is reproduced with (null: the latest)"))
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description=(
-        "what the model computes in: auto picks bf16 on a GPU that has it, and on a CPU whose bf16 is measured "
-        "at least 1.5x faster, else fp32; fp16/bf16 halve memory, fp32 is the slowest and most exact"))
+        "what the model computes in: auto picks bf16 on a GPU that has it natively, else fp16 with a gradient "
+        "scaler (fp32 for Gemma 3, which overflows in fp16); on a CPU, bf16 where it is measured at least 1.5x "
+        "faster, else fp32; fp16/bf16 halve memory, fp32 is the slowest and most exact"))
     double_quant: bool = Field(True, description=(
         "QLoRA: quantise the quantisation constants too, about 0.4 bit per weight less memory for a little time"))
     trust_remote_code: bool = Field(False, description=(
@@ -131,7 +132,8 @@ class TrainConfig(_Section):
         "fine-tune about ten times less"))
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
         "passes over the training data (fractions allowed): more recalls the data better and risks overfitting; "
-        "auto: at least 3 passes and 90 optimizer steps on small data (30 rows of batch 8: 23 passes), about "
+        "auto: at least 3 passes and 90 optimizer steps on small data, at most 30 passes (30 rows of batch 8: 23 "
+        "passes), about "
         "3000 steps on large data, never under one pass (training/batches.py)"))
     max_steps: int | None = Field(None, ge=1, description=(
         "stop after this many optimizer steps, whatever the epochs (null: the epochs decide)"))

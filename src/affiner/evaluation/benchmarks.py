@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import yaml
+
 from affiner.core.errors import AffinerError, first_line
 from affiner.core.formatting import MISSING, format_delta, format_interval, format_value
 
@@ -71,6 +73,8 @@ def check_benchmarks(tasks: list[str], include: Path | None) -> list[str]:
 
 def checked(tasks: list[str], include: Path | None) -> tuple[Harness, list[str]]:
     harness = load_harness(include)
+    if include is not None:
+        check_task_files(include)
     names = check_tasks(harness, tasks)
     check_datasets(harness, names)
     return harness, names
@@ -101,6 +105,24 @@ def task_index(include: str | None):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=include)
+
+
+class _TaskFileLoader(yaml.SafeLoader):
+    """YAML as lm-eval's task files write it: `!function module.name` tags are read as text, not refused."""
+
+
+_TaskFileLoader.add_multi_constructor("!", lambda loader, tag, node: None)
+
+
+def check_task_files(include: Path) -> None:
+    """Every task file of --benchmarks-include parses: lm-eval skips one that does not without a word, and its task
+    was then reported unknown, with other tasks' names as suggestions."""
+    for path in sorted(Path(include).rglob("*.yaml")):
+        try:
+            yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskFileLoader)  # noqa: S506 (a safe loader)
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise AffinerError(f"--benchmarks-include: the task file {path} does not parse as YAML "
+                               f"({first_line(exc)}); fix it, then run the same command again.") from None
 
 
 def check_tasks(harness: Harness, tasks: list[str]) -> list[str]:
@@ -135,11 +157,23 @@ def check_datasets(harness: Harness, tasks: list[str]) -> None:
         try:
             harness.task_manager.load([name])  # builds the task, which loads its dataset
         except Exception as exc:  # datasets and lm-eval wrap network, missing-file and YAML failures in many types
-            reason = ("the Hugging Face Hub is unreachable from this machine and the dataset is not in the local "
-                      "cache; run it once with the network, or use a local task (--benchmarks-include DIR)"
-                      if not reachable else "check the task's dataset_path and data files, and the network")
-            raise AffinerError(f"--benchmarks: cannot load the dataset of task '{name}': {reason}. "
+            raise AffinerError(f"--benchmarks: cannot load the dataset of task '{name}': {_why(exc, reachable)}. "
                                f"({type(exc).__name__}: {first_line(exc)})") from None
+
+
+def _why(error: Exception, reachable: bool) -> str:
+    """What most likely stopped a task's dataset from loading, from the error itself: a file, the task, the Hub."""
+    import jinja2
+
+    if isinstance(error, FileNotFoundError) or type(error).__name__ == "DataFilesNotFoundError":
+        return ("a data file it names is not there; a relative data_files path is read from the folder affiner runs "
+                "in, not the task's: give an absolute path, or run from the folder the path is relative to")
+    if isinstance(error, jinja2.TemplateError):
+        return "its prompt template (doc_to_text, doc_to_target or doc_to_choice) is broken"
+    if not reachable:
+        return ("the Hugging Face Hub is unreachable from this machine and the dataset is not in the local cache; "
+                "run it once with the network, or use a local task (--benchmarks-include DIR)")
+    return "check the task's dataset_path and data files, and the network"
 
 
 def paired_results(raw: dict[str, dict], version: str, limit: int | None) -> dict:

@@ -58,9 +58,18 @@ class Answered:
     past_context: int = 0  # references running past the model's context (scored on the part that fits)
 
 
+def judge_settings_over(recorded: JudgeConfig | None, given: dict) -> JudgeConfig | None:
+    """The judge an evaluation asks: each key given (a --judge-* flag) over the run's own eval.judge, the others
+    kept (its model, concurrency...); None when that leaves no endpoint."""
+    if not given:
+        return recorded
+    judge = JudgeConfig.model_validate({**(recorded.model_dump() if recorded else {}), **given})
+    return judge if judge.url else None
+
+
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
-             judge: JudgeConfig | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
+             judge: dict | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
              keep_overlap: bool = False, key_before: str | None = None, general: bool | None = None,
              reuse_base: bool = True, repetition_penalty: float | None = None,
              headline: str | None = None) -> dict:
@@ -68,11 +77,12 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     `keep_overlap`: score the --test questions the run trained on too; `key_before`, `general`, `headline`:
     eval.key_before's, eval.general's and eval.headline's values (None: the run's); `reuse_base`: the base's answers
     may come from an earlier evaluation with the same base weights, questions, template and decoding;
-    `repetition_penalty`: replaces the run's eval.repetition_penalty in `sampling` (None: the run's)."""
+    `repetition_penalty`: replaces the run's eval.repetition_penalty in `sampling` (None: the run's); `judge`:
+    eval.judge keys given for this evaluation (the --judge-* flags), each over the run's own."""
     if plan is None:
         plan = plan_runs(folders if isinstance(folders, list) else [folders], test, max_questions, keep_overlap,
                          key_before)
-    judge = judge or plan.judge
+    judge = judge_settings_over(plan.judge, judge or {})
     sampling = replace(sampling, repetition_penalty=plan.repetition_penalty if repetition_penalty is None
                        else repetition_penalty)
     if general is not None:
