@@ -133,8 +133,7 @@ class TrainConfig(_Section):
     epochs: Annotated[float, Field(gt=0)] | Literal["auto"] = Field("auto", description=(
         "passes over the training data (fractions allowed): more recalls the data better and risks overfitting; "
         "auto: at least 3 passes and 90 optimizer steps on small data, at most 30 passes (30 rows of batch 8: 23 "
-        "passes), about "
-        "3000 steps on large data, never under one pass (training/batches.py)"))
+        "passes), about 3000 steps on large data, never under one pass (training/batches.py)"))
     max_steps: int | None = Field(None, ge=1, description=(
         "stop after this many optimizer steps, whatever the epochs (null: the epochs decide)"))
     batch_size: int = Field(8, ge=1, description=(

@@ -15,6 +15,7 @@ import re
 import secrets
 import shutil
 import socket
+import stat
 import sys
 import time
 from contextlib import contextmanager
@@ -273,8 +274,9 @@ def usual_permissions(folder: Path) -> None:
     wanted = 0o666 & ~current_umask()
     for path in folder.glob("*.safetensors"):
         try:
-            if path.is_file() and not path.is_symlink() and path.stat().st_uid == os.getuid() \
-                    and path.stat().st_mode & 0o777 == 0o600 != wanted:
+            status = path.lstat()  # a link is left alone: what it leads to is not this folder's
+            if stat.S_ISREG(status.st_mode) and status.st_uid == os.getuid() \
+                    and stat.S_IMODE(status.st_mode) == 0o600 != wanted:
                 path.chmod(wanted)
         except OSError:  # not ours after all, or a file system without permissions
             continue

@@ -310,6 +310,17 @@ def attach_adapter(model, adapter: str | Path, trainable: bool = False):
         raise damaged("LoRA adapter", folder, exc) from None
 
 
+def adapter_weights(file: Path, as_numpy: bool = False) -> dict:
+    """The tensors of an adapter's safetensors file (torch, or numpy arrays); one cut short is named as damaged."""
+    from safetensors.numpy import load_file as load_numpy
+    from safetensors.torch import load_file as load_torch
+
+    try:
+        return (load_numpy if as_numpy else load_torch)(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise damaged("LoRA adapter", Path(file).parent, exc) from None
+
+
 def damaged(what: str, folder: Path, exc: Exception) -> AffinerError:
     """A local file that exists but cannot be read whole (a copy cut short, a disk error)."""
     return AffinerError(f"the {what} in {folder} cannot be read ({first_line(exc)}): the files are damaged or "

@@ -67,6 +67,20 @@ def judge_settings_over(recorded: JudgeConfig | None, given: dict) -> JudgeConfi
     return judge if judge.url else None
 
 
+def nothing_to_answer(plan: Plan) -> str:
+    """Why an evaluation has no question: every row left out, with the reasons counted, and for rows without a
+    reference where prompts without one can be compared."""
+    reasons = (plan.dropped or {}).get("reasons") or {}
+    text = f"no held-out question to answer ({plan.test})"
+    if reasons:
+        text += f": every row was left out ({'; '.join(f'{n} row(s): {why}' for why, n in reasons.items())})"
+    if any("no answer or reference" in why for why in reasons):
+        text += (". Each question needs a reference answer to be scored against; to compare base and tuned on "
+                 "prompts of your own without one, use affiner app (side by side) or affiner chat --base / chat RUN "
+                 "--prompt TEXT")
+    return text + "."
+
+
 def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, max_new_tokens: int | None = None,
              max_questions: int | None = None, batch_size: int | None = None, sampling: Settings = GREEDY,
              judge: dict | None = None, plan: Plan | None = None, benchmarks: Benchmarks | None = None,
@@ -94,13 +108,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
     judge_client = Judge(judge_settings(judge)) if judge else None
     tasks = check_benchmarks(benchmarks.tasks, benchmarks.include) if benchmarks else None
     if not plan.examples:
-        reasons = (plan.dropped or {}).get("reasons") or {}
-        why = "; ".join(f"{n} row(s): {reason}" for reason, n in reasons.items())
-        unreferenced = any("no answer or reference" in reason for reason in reasons)
-        raise AffinerError(f"no held-out question to answer ({plan.test})" + (f": every row was left out ({why})"
-                           if why else "") + (". Each question needs a reference answer to be scored against; to "
-                           "compare base and tuned on prompts of your own without one, use affiner app (side by "
-                           "side) or affiner chat --base / chat RUN --prompt TEXT." if unreferenced else "."))
+        raise AffinerError(nothing_to_answer(plan))
     if plan.headline == "contains_key" and not any(key_of(e, plan.key_before) for e in plan.examples):
         raise AffinerError(f"eval.headline is contains_key, but no question of {plan.test} has a key: give the rows a "
                            "`key` field, set eval.key_before (--key-before SEP), or choose another eval.headline.")

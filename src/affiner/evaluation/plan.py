@@ -57,9 +57,9 @@ def held_out(run: RunFolder, test: str | None, config: RunConfig, template: Temp
     questions the run trained on left out unless `keep_overlap`), else the run's own held-out split (whose
     overlap with the training rows was dropped when the run was trained)."""
     if test:
-        read = read_test_rows(test)
+        raw_rows = read_test_rows(test)
         try:
-            rows = source_examples(read, test, config.data)
+            rows = source_examples(raw_rows, test, config.data)
         except AffinerError as error:  # data.columns is the run's, which evaluate takes no --set to change
             raise AffinerError(f"{error} affiner evaluate reads --test as the run read its data (data.format "
                                f"{config.data.format}, data.columns {dict(config.data.columns) or 'none'}), with no "

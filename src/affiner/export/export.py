@@ -191,8 +191,9 @@ def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, .
             check_gguf_architecture(run, config)
         except AffinerError as exc:
             raise AffinerError(f"--for {','.join(gguf_targets)} needs the base model as GGUF: {exc}") from None
-    kind = (model_type_of(config.model.base, config.model.revision, config.model.trust_remote_code) or ""
-            if "ollama" in targets else "")
+    if "ollama" not in targets:  # the base's config is read only for Ollama: an adapter export needs no base
+        return
+    kind = model_type_of(config.model.base, config.model.revision, config.model.trust_remote_code) or ""
     if kind.startswith(OLLAMA_WITHOUT_ADAPTERS):
         raise AffinerError(f"--for ollama: Ollama runs {kind} models on its own engine, which does not apply LoRA "
                            "adapters (`ollama create` succeeds, the first answer fails: \"loras are not yet "

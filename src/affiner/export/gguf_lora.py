@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType as T
 from gguf.quants import quantize
-from safetensors import SafetensorError
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import damaged
+from affiner.core.models import adapter_weights
 from affiner.export.gguf_metadata import entry
 from affiner.export.gguf_writer import (general_metadata, gguf_architecture, gguf_tensor_name, llama_cpp_shapes,
                                         reorder_rows, tensor_names, write_file)
@@ -99,15 +98,9 @@ def _adapter_settings(folder: Path) -> dict:
 
 def _gguf_pairs(folder: Path, base_config, arch: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """GGUF base tensor name -> (A, B) in llama.cpp's layout, from the adapter's safetensors."""
-    from safetensors.numpy import load_file
-
     names = tensor_names(arch, base_config)
     halves: dict[str, dict[str, np.ndarray]] = {}
-    try:
-        weights = load_file(str(folder / _WEIGHTS))
-    except (SafetensorError, OSError) as exc:
-        raise damaged("LoRA adapter", folder, exc) from None
-    for key, array in weights.items():
+    for key, array in adapter_weights(folder / _WEIGHTS, as_numpy=True).items():
         module, part = _split_key(key, folder)
         gguf_name = gguf_tensor_name(names, module + ".weight")
         if gguf_name is None or gguf_name == "token_embd.weight":

@@ -21,7 +21,7 @@ from affiner.core.errors import AffinerError
 from affiner.core.files import usual_permissions
 from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
-from affiner.core.models import damaged, drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
+from affiner.core.models import adapter_weights, drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:
@@ -115,14 +115,7 @@ def _finite(tensor: torch.Tensor) -> bool:
 
 
 def check_finite_adapter(folder: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(folder / ADAPTER_WEIGHTS)
-    except (SafetensorError, OSError) as exc:
-        raise damaged("LoRA adapter", folder, exc) from None
-    for name, tensor in weights.items():
+    for name, tensor in adapter_weights(folder / ADAPTER_WEIGHTS).items():
         if not _finite(tensor):
             raise AffinerError(f"the adapter of {folder} holds NaN or infinite values in {name}; training diverged "
                                "(lower train.learning_rate, or use fp32/bf16), so there is nothing sound to export.")

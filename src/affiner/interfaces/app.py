@@ -267,8 +267,9 @@ def generate_answer(engine, name: str, instruction: str, input_text: str, settin
             if on_piece is not None:
                 on_piece(reply.text)
     return {"text": reply.text.strip(), "tokens": reply.tokens, "stopped": reply.stopped,
-            "ended": how_it_ended(reply, settings.max_new_tokens), "prompt_tokens": reply.prompt_tokens, "first_token_seconds": reply.first_token_seconds,
-            "seconds": reply.seconds, "tokens_per_second": reply.tokens_per_second}
+            "ended": how_it_ended(reply, settings.max_new_tokens), "prompt_tokens": reply.prompt_tokens,
+            "first_token_seconds": reply.first_token_seconds, "seconds": reply.seconds,
+            "tokens_per_second": reply.tokens_per_second}
 
 
 def settings_dict(settings) -> dict:

@@ -292,15 +292,16 @@ def _trackers(config: RunConfig, run: RunFolder, processes: Processes, resumed_a
     """The main process alone logs; it also records how the batch was shaped and shared."""
     if not processes.is_main:
         return None
-    trackers = Trackers(config, run.path, run.info(), resumed_at)
-    dtype, before = dtype_for(config), run.info().get("precision")
+    info = run.info()
+    trackers = Trackers(config, run.path, info, resumed_at)
+    dtype, before = dtype_for(config), info.get("precision")
     precision, reason = str(dtype).removeprefix("torch."), precision_reason(dtype, config.model.precision)
     changed = {}
     if resumed_at and before and before != precision:  # `auto` decided otherwise here (another machine, a GPU)
         print(f"note: this run trained in {before} up to step {resumed_at}; it goes on in {precision} ({reason}). "
               "run.json records each precision and its steps.", file=sys.stderr)
-        history = run.info().get("precision_before", [])
-        changed = {"precision_before": [*history, {"precision": before, "until_step": resumed_at}]}
+        changed = {"precision_before": [*info.get("precision_before", []),
+                                        {"precision": before, "until_step": resumed_at}]}
     run.update(**trackers.run_info, processes=processes.count, global_batch=global_batch(config, processes.count),
                parallelism=processes.parallelism, precision=precision, precision_reason=reason, **changed)
     return trackers

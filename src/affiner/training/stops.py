@@ -41,7 +41,7 @@ class CtrlC:
     step's weights and random state exactly (resuming gives what an uninterrupted run gives); a second
     Ctrl-C stops at once."""
 
-    def __init__(self, processes: Processes, note: str = "stopping after this step and saving a checkpoint"):
+    def __init__(self, processes: Processes, note: str):
         self.processes, self.asked, self.note = processes, False, note
 
     def handle(self, signum, frame) -> None:
@@ -68,8 +68,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def ctrl_c_after_step(processes: Processes, note: str | None = None):
-    ctrl_c = CtrlC(processes) if note is None else CtrlC(processes, note)
+def ctrl_c_after_step(processes: Processes, note: str = "stopping after this step and saving a checkpoint"):
+    ctrl_c = CtrlC(processes, note)
     with _signals_handled_by(ctrl_c.handle):
         yield ctrl_c
 
