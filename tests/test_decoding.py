@@ -1,15 +1,16 @@
 """affiner's batch decoder: rows leave the batch when they end, and the answers are model.generate's."""
 
+import functools
 from dataclasses import replace
 
 import pytest
 import torch
 from transformers import LogitsProcessorList
 
-from affiner.core.decoding import decode_rows, penalties
+from affiner.core import kv_cache
+from affiner.core.decoding import decode_queue, decode_rows, left_pad, penalties
 from affiner.core.models import load_model, load_tokenizer
 from affiner.core.settings import GREEDY, Settings
-from affiner.core.decoding import left_pad
 
 PROMPTS = ["QUILT?", "What does the acronym FROND stand for, in full, please?", "Define MAPLE.", "TANGO"]
 
@@ -46,6 +47,58 @@ def test_greedy_rows_are_model_generate_s_even_as_rows_leave_the_batch(request, 
     assert len({len(row) for row in expected}) > 1  # rows do leave the batch at different steps
 
     assert decode_rows(model, input_ids, attention, 16, [stop], GREEDY) == expected
+
+
+QUEUED = PROMPTS + ["A much longer prompt that goes on and on about FROND, MAPLE, QUILT and the TANGO", "OK",
+                    "Tell me about TANGO dancing in two words", "Define QUILT and FROND"]
+
+
+def _decode_step_rows(model, monkeypatch) -> list[int]:
+    """The number of rows of each decode step (a forward reading one new token a row) the model runs from now on."""
+    rows, real = [], model.forward
+
+    @functools.wraps(real)
+    def counting(*args, **kwargs):
+        if kwargs["input_ids"].shape[1] == 1:
+            rows.append(kwargs["input_ids"].shape[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counting)
+    return rows
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+@pytest.mark.parametrize("fixture", ["tiny_gpt2", "tiny_llama", "tiny_gemma"])
+def test_a_queue_refilling_its_batch_gives_every_prompt_its_one_by_one_answer(request, monkeypatch, fixture, penalty):
+    """Rows join a batch still decoding (their caches merged, growing past their spare columns, Gemma's
+    sliding-window layers past their 64-token window) and each prompt gets the tokens `model.generate` gives it
+    alone, with or without a repetition penalty."""
+    tokenizer, model = load_tokenizer(str(request.getfixturevalue(fixture))), load_model(
+        str(request.getfixturevalue(fixture)))
+    settings, pad = replace(GREEDY, repetition_penalty=penalty), tokenizer.pad_token_id
+    prompts = [tokenizer(p)["input_ids"] for p in QUEUED]
+    alone = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=80, do_sample=False, eos_token_id=None,
+                            logits_processor=LogitsProcessorList(penalties(settings, len(p))),
+                            pad_token_id=pad)[0, len(p):].tolist() for p in prompts]  # transformers' own cache
+    stop = max({t for row in alone for t in row}, key=lambda t: len({len(_until_stop(row, t)) for row in alone}))
+    expected = [_until_stop(row, stop) for row in alone]
+    assert len({len(row) for row in expected}) > 1 and max(map(len, expected)) == 80  # rows end far apart
+    steps = _decode_step_rows(model, monkeypatch)
+
+    answers = dict(decode_queue(model, prompts, pad, 80, [stop], settings, batch_size=3))
+    assert [answers[i] for i in range(len(prompts))] == expected
+    assert max(steps) == 3 and any(later > earlier for earlier, later in zip(steps, steps[1:]))  # rows joined
+
+
+def test_a_cache_that_cannot_be_joined_is_decoded_batch_after_batch(monkeypatch, tiny_llama):
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    prompts = [tokenizer(p)["input_ids"] for p in QUEUED]
+    expected = dict(decode_queue(model, prompts, tokenizer.pad_token_id, 12, [], GREEDY, batch_size=3))
+    monkeypatch.setattr(kv_cache, "joinable", lambda cache: False)
+    steps = _decode_step_rows(model, monkeypatch)
+
+    assert dict(decode_queue(model, prompts, tokenizer.pad_token_id, 12, [], GREEDY, batch_size=3)) == expected
+    assert steps == [3] * 11 + [3] * 11 + [2] * 11  # three batches, none joined while another decoded
 
 
 def test_a_row_done_by_the_caller_leaves_the_batch_and_the_others_go_on(tiny_llama):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 
@@ -266,6 +267,33 @@ def test_evaluate_with_a_judge_endpoint_scores_and_reports(tmp_path, tiny_llama)
     assert "Judge" in (folder / "report.md").read_text()
 
 
+def test_generation_out_of_memory_starts_the_questions_left_again_at_half_size(capsys, monkeypatch, tiny_llama):
+    tokenizer = load_tokenizer(str(tiny_llama))
+    model = load_model(str(tiny_llama))
+    template = build_template("qa", tokenizer)
+    expected = generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=4)
+    prefills, real = [], model.forward
+
+    @functools.wraps(real)
+    def failing(*args, **kwargs):  # as a GPU would: out of memory reading a second group of prompts
+        rows, width = kwargs["input_ids"].shape
+        if width > 1:
+            prefills.append(rows)
+            if len(prefills) == 2:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing)
+    assert generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=4) == expected
+    assert "out of memory with batch 4: retrying with 2" in capsys.readouterr().out
+    assert prefills[0] == 4 and sum(prefills[2:]) == 1  # the four answers given before are not generated again
+
+    monkeypatch.setattr(model, "forward", functools.wraps(real)(lambda *a, **k: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("CUDA out of memory"))))
+    with pytest.raises(AffinerError, match=r"--max-new-tokens.*eval\.batch_size / --batch-size"):
+        generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=2)
+
+
 def _out_of_memory_above(rows: int, real, batch_rows):
     """`real`, failing as a GPU would when its batch has more than `rows` rows; the rows it ran are counted."""
     ran = []
@@ -278,23 +306,6 @@ def _out_of_memory_above(rows: int, real, batch_rows):
         return real(*args, **kwargs)
 
     return wrapper, ran
-
-
-def test_generation_out_of_memory_retries_the_batch_at_half_size(capsys, monkeypatch, tiny_llama):
-    tokenizer = load_tokenizer(str(tiny_llama))
-    model = load_model(str(tiny_llama))
-    template = build_template("qa", tokenizer)
-    expected = generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5)
-    rows = lambda model, input_ids, *args: input_ids.shape[0]  # noqa: E731
-    failing, ran = _out_of_memory_above(2, generation.decode_rows, rows)
-    monkeypatch.setattr(generation, "decode_rows", failing)
-    assert generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=5) == expected
-    assert "out of memory with batch 5: retrying with 2" in capsys.readouterr().out
-    assert ran == [2, 2, 1]  # the finished batches are never generated again
-
-    monkeypatch.setattr(generation, "decode_rows", _out_of_memory_above(0, failing, lambda *args: 1)[0])
-    with pytest.raises(AffinerError, match=r"--max-new-tokens.*eval\.batch_size / --batch-size"):
-        generation.generate(model, tokenizer, template, QUESTIONS, max_new_tokens=12, batch_size=2)
 
 
 def test_held_out_loss_out_of_memory_retries_the_batch_at_half_size(capsys, monkeypatch, tiny_gpt2):

@@ -106,12 +106,16 @@ def test_general_answers_keep_their_own_limit_under_a_longer_task_limit(tiny_run
     real = evaluate_module.generate
 
     def recording(model, tokenizer, template, examples, limit, *args, desc="", **kwargs):
-        limits[desc] = limit
-        return real(model, tokenizer, template, examples, limit, *args, desc=desc, **kwargs)
+        answers = real(model, tokenizer, template, examples, limit, *args, desc=desc, **kwargs)
+        limits[desc.split()[0]] = (limit, [a.tokens for a in answers])
+        return answers
 
+    general = len(general_examples())
     monkeypatch.setattr(evaluate_module, "generate", recording)
     evaluate(tiny_run, max_questions=1, max_new_tokens=MAX_NEW_TOKENS + 20)
-    assert limits == {"base answers": MAX_NEW_TOKENS + 20, "base general": MAX_NEW_TOKENS,
-                      "tuned answers": MAX_NEW_TOKENS + 20, "tuned general": MAX_NEW_TOKENS}
+    for model in ("base", "tuned"):  # one question of the task, then the general set, in one queue
+        asked, tokens = limits[model]
+        assert asked == [MAX_NEW_TOKENS + 20] + [MAX_NEW_TOKENS] * general
+        assert max(tokens[1:]) <= MAX_NEW_TOKENS  # a random tiny model never stops: answers run to their limit
     evaluate(tiny_run, max_questions=1, max_new_tokens=8, reuse_base=False)
-    assert limits["base general"] == limits["tuned general"] == 8  # a lower task limit applies to both
+    assert limits["base"][0] == limits["tuned"][0] == [8] * (1 + general)  # a lower task limit applies to both

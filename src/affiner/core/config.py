@@ -208,8 +208,9 @@ class EvalConfig(_Section):
     max_new_tokens: int = Field(64, ge=1, description=(
         "answer length limit: longer answers count as not stopping; higher costs time"))
     batch_size: int = Field(64, ge=1, description=(
-        "questions answered together: faster, more memory (halved by itself when out of memory); held-out losses "
-        "take at most this many rows and 4096 padded tokens a batch"))
+        "questions answered together (an answer that ends makes room for the next question): faster, more memory "
+        "(halved by itself when out of memory); held-out losses take at most this many rows and 4096 padded "
+        "tokens a batch"))
     repetition_penalty: float = Field(1.0, ge=MIN_PENALTY, le=MAX_PENALTY, description=(
         "above 1, tokens the answer already holds are made less likely (transformers' repetition penalty over "
         "the answer's own tokens: the question's words stay free; for base and tuned alike, in the report's "

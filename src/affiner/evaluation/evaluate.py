@@ -125,7 +125,8 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         **({"questions without an answer to take the loss of (a reference only)": without}
            if (without := sum(not has_answer(e) for e in examples)) else {}),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
-        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items()),
+        "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())
+                           + (f" (with the {len(general)} general questions)" if general else ""),
         **({"base answers and losses": "from an earlier evaluation with the same base weights, questions, template "
             "and decoding (--no-base-cache answers again)"} if done.base_from_cache else {})}
     if tasks:  # last: lm-eval resets the random seeds
@@ -215,13 +216,15 @@ def _answer(done: Answered, name: str, model, plan: Plan, general: list[Example]
             sampling: Settings) -> None:
     tokenizer, template, examples = plan.tokenizer, plan.template, plan.examples
     started = time.time()
-    done.answers[name] = generate(model, tokenizer, template, examples, limit, size, sampling, desc=f"{name} answers")
+    # One queue for both sets: the general set's short answers fill the batch while the task's longest run on.
+    limits = [limit] * len(examples) + [general_limit(limit)] * len(general)
+    answers = generate(model, tokenizer, template, examples + general, limits, size, sampling,
+                       desc=f"{name} answers" + (f" (+{len(general)} general)" if general else ""))
     done.seconds[name] = round(time.time() - started, 1)
+    done.answers[name] = answers[:len(examples)]
     done.losses[name] = held_out_losses(model, tokenizer, template, examples, size)
     if general:  # the no-harm check: the same model, settings and template on everyday questions
-        done.general[name] = (generate(model, tokenizer, template, general, general_limit(limit), size, sampling,
-                                       desc=f"{name} general"),
-                              held_out_losses(model, tokenizer, template, general, size))
+        done.general[name] = (answers[len(examples):], held_out_losses(model, tokenizer, template, general, size))
 
 
 def _summary(folder: Path, plan: Plan, evaluation: dict, done: Answered, scores: dict, models: list[str]) -> dict:

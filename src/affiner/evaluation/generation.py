@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from affiner.core.errors import AffinerError
-from affiner.core.decoding import decode_rows, left_pad, tokens_for
+from affiner.core.decoding import RowsDone, decode_queue, tokens_for
 from affiner.core.devices import device
 from affiner.core.models import max_positions
 from affiner.core.stopping import RowEnds, cut_at_turn, turn_markers
@@ -29,46 +29,51 @@ class Answer:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, template: Template, examples: list[Example], max_new_tokens: int,
+def generate(model, tokenizer, template: Template, examples: list[Example], max_new_tokens: int | list[int],
              batch_size: int = 16, sampling: Settings = GREEDY, desc: str = "generating") -> list[Answer]:
-    """Answers generated in left-padded batches of similar lengths, returned in the examples' order.
+    """Answers generated `batch_size` at a time, returned in the examples' order; `max_new_tokens` for all of them
+    or for each. The questions allowed the most tokens go first, shortest prompts first among equals: the rows
+    that can run longest start early and those with less to write fill the batch around them at the end.
 
     Greedy batches give exactly the answers of one-by-one generation (tested): padding is masked, every
-    stop token of the template ends a row, and a row leaves its batch as soon as it ends (a stop token, a new
-    turn of the template, or the limit). A batch out of memory is retried at half the size.
+    stop token of the template ends a row, a row leaves its batch as soon as it ends (a stop token, a new
+    turn of the template, or the limit) and the next questions take the room (`decode_queue`). Out of memory,
+    the questions not yet answered start again at half the batch size.
     """
     prompts = [encode_prompt(template, tokenizer, e) for e in examples]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     stop_ids = list(template.stop_token_ids) or [tokenizer.eos_token_id]
     markers = turn_markers(template)
     if not sampling.greedy:
         torch.manual_seed(sampling.seed or 0)
     answers: dict[int, Answer] = {}
-    start, size = 0, batch_size
+    size = batch_size
     window = max_positions(model)
-    if window and max(map(len, prompts), default=0) + max_new_tokens > window:
+    asked = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    if window and max((len(p) + n for p, n in zip(prompts, asked)), default=0) > window:
         # Past its positions a model degrades into noise (or fails): answers stop at the window, said once.
-        print(f"note: {max_new_tokens} new tokens do not fit the model's {window}-token window after the longest "
+        print(f"note: {max(asked)} new tokens do not fit the model's {window}-token window after the longest "
               "prompt; answers stop at the window.")
-    with tqdm(total=len(order), desc=desc, unit="question", leave=False) as progress:
-        while start < len(order):
-            chunk = order[start:start + size]
-            input_ids, attention = left_pad([prompts[i] for i in chunk], tokenizer.pad_token_id)
-            limits = [max(1, min(max_new_tokens, window - len(prompts[i]))) if window else max_new_tokens
-                      for i in chunk]
+    limits = [max(1, min(n, window - len(p))) if window else n for p, n in zip(prompts, asked)]
+    ends = RowEnds(tokenizer, limits, [markers] * len(prompts))
+    with tqdm(total=len(prompts), desc=desc, unit="question", leave=False) as progress:
+        while len(answers) < len(prompts):
+            left = sorted((i for i in range(len(prompts)) if i not in answers), key=lambda i: (-asked[i], len(prompts[i])))
+            out_of_memory = False
             try:
-                output = decode_rows(model, input_ids.to(device()), attention.to(device()), max(limits), stop_ids,
-                                     sampling, RowEnds(tokenizer, limits, [markers] * len(chunk)))
+                for row, tokens in decode_queue(model, [prompts[i] for i in left], tokenizer.pad_token_id,
+                                                max(limits), stop_ids, sampling, _rows_of(ends, left), size, device()):
+                    answers[left[row]] = decode(tokens, stop_ids, tokenizer, markers)
+                    progress.update(1)
             except torch.OutOfMemoryError:
-                output = None  # handled outside the except block, whose traceback still holds the batch's tensors
-            if output is None:
+                out_of_memory = True  # handled outside the except block, whose traceback still holds the batch
+            if out_of_memory:  # the answers already given are kept
                 size = halve_batch(size)
-                continue
-            for row, index in enumerate(chunk):
-                answers[index] = decode(output[row], stop_ids, tokenizer, markers)
-            start += len(chunk)
-            progress.update(len(chunk))
     return [answers[i] for i in range(len(examples))]
+
+
+def _rows_of(ends: RowEnds, rows: list[int]) -> RowsDone:
+    """`ends`, which knows every prompt's limit, asked about the rows of a queue of `rows`' prompts."""
+    return lambda queued, new_tokens: ends([rows[i] for i in queued], new_tokens)
 
 
 def eval_decoding(config) -> Settings:
