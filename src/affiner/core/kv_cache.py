@@ -89,7 +89,9 @@ def joinable(cache) -> bool:
     sliding-window attention) or ours, whose tensors `join_layers` knows how to pad; other caches (quantised,
     recurrent layers of hybrid models) are decoded batch after batch instead."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) in PLAIN and not getattr(layer, "record_past", False) for layer in layers)
+    # A sliding-window layer is read through `cumulative_length` (transformers 5.x's name for its length so far).
+    return bool(layers) and all(type(layer) in PLAIN and not getattr(layer, "record_past", False)
+                                and (not layer.is_sliding or hasattr(layer, "cumulative_length")) for layer in layers)
 
 
 def join_layers(mine, theirs, width: int) -> None:
