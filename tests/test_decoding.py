@@ -90,6 +90,11 @@ def test_a_queue_refilling_its_batch_gives_every_prompt_its_one_by_one_answer(re
     assert max(steps) == 3 and any(later > earlier for earlier, later in zip(steps, steps[1:]))  # rows joined
 
 
+def test_an_empty_queue_decodes_nothing(tiny_llama):
+    tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
+    assert list(decode_queue(model, [], tokenizer.pad_token_id, 8, [], GREEDY, batch_size=3)) == []
+
+
 def test_a_cache_that_cannot_be_joined_is_decoded_batch_after_batch(monkeypatch, tiny_llama):
     tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
     prompts = [tokenizer(p)["input_ids"] for p in QUEUED]

@@ -55,6 +55,8 @@ def decode_queue(model, prompts: list[list[int]], pad_id: int, max_new_tokens: i
                  device: torch.device | None = None) -> Iterator[tuple[int, list[int]]]:
     """(index, new tokens) of each prompt as it ends (as `decode_rows` ends a row), the prompts read in the order
     given, at most `batch_size` decoded at once: rows that end make room for the next prompts."""
+    if not prompts:
+        return
     queue = list(range(len(prompts)))
 
     def refill(room: int) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
@@ -72,7 +74,7 @@ def _decode(model, first: tuple[list[int], torch.Tensor, torch.Tensor], refill: 
             stop_ids: list[int], settings: Settings, done: RowsDone | None,
             batch_size: int = 0) -> Iterator[tuple[int, list[int]]]:
     new_tokens: dict[int, list[int]] = {}
-    pick = _picker(settings, 0)  # the penalty sees each row's answer tokens (`_Batch.answers`), never the prompt
+    pick = _picker(settings)
     keyword = _cache_keyword(model)
     batch = _Batch.prefill(model, *first, pick, keyword, new_tokens)
     joins = kv_cache.joinable(batch.cache)
@@ -245,12 +247,12 @@ class AnswerRepetitionPenalty:
         return scores.scatter_(1, answer, penalised)
 
 
-def _picker(settings: Settings, prompt_width: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Next token of each row from its logits, given the rows' tokens so far (the first `prompt_width` the prompt):
-    the argmax, or a draw after transformers' own warpers; any repetition penalty first."""
+def _picker(settings: Settings) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Next token of each row from its logits, given the rows' answer tokens so far (`_Batch.answers`, never the
+    prompt): the argmax, or a draw after transformers' own warpers; any repetition penalty first."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    processors = LogitsProcessorList(penalties(settings, prompt_width))
+    processors = LogitsProcessorList(penalties(settings, 0))
     if settings.greedy:
         return lambda sequences, logits: processors(sequences, logits).argmax(dim=-1)
     processors.append(TemperatureLogitsWarper(settings.temperature))
