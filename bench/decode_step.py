@@ -20,13 +20,10 @@ import time
 from dataclasses import replace
 
 from affiner.core import decoding
-from affiner.core.config import load_config
 from affiner.core.decoding import decode_rows, left_pad
-from affiner.core.models import load_for, tokenizer_for
 from affiner.core.settings import GREEDY
-from affiner.core.templates import build_template, encode_prompt
-from affiner.data.formats import to_examples
-from affiner.data.read import read_rows
+from affiner.core.templates import encode_prompt
+from instruct_questions import instruct_questions
 
 
 def transformers_penalty(settings, prompt_width: int) -> list:
@@ -41,10 +38,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    config = load_config("instruct")
-    tokenizer, model = tokenizer_for(config), load_for(config)
-    template = build_template(config.data.template, tokenizer)
-    examples = to_examples(read_rows(config.data.test))[: args.batch]
+    config, tokenizer, model, template, examples = instruct_questions(args.batch)
     input_ids, attention = left_pad([encode_prompt(template, tokenizer, e) for e in examples], tokenizer.pad_token_id)
     penalised = replace(GREEDY, repetition_penalty=config.eval.repetition_penalty)
     ours = decoding.penalties

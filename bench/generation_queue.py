@@ -23,12 +23,8 @@ import time
 from transformers import DynamicCache
 
 from affiner.core import kv_cache
-from affiner.core.config import load_config
-from affiner.core.models import load_for, tokenizer_for
-from affiner.core.templates import build_template
-from affiner.data.formats import to_examples
-from affiner.data.read import read_rows
 from affiner.evaluation.generation import eval_decoding, generate
+from instruct_questions import instruct_questions
 
 
 def main() -> None:
@@ -37,10 +33,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
-    config = load_config("instruct")
-    tokenizer, model = tokenizer_for(config), load_for(config)
-    template = build_template(config.data.template, tokenizer)
-    examples = to_examples(read_rows(config.data.test))[: args.questions]
+    config, tokenizer, model, template, examples = instruct_questions(args.questions)
     joinable, new_cache = kv_cache.joinable, kv_cache.new_cache
     ways = {"batches": (lambda cache: False, lambda model: DynamicCache(config=model.config)),
             "queue": (joinable, new_cache)}

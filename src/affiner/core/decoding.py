@@ -78,18 +78,18 @@ def _decode(model, first: tuple[list[int], torch.Tensor, torch.Tensor], refill: 
     keyword = _cache_keyword(model)
     batch = _Batch.prefill(model, *first, pick, keyword, new_tokens)
     joins = kv_cache.joinable(batch.cache)
-    stops = torch.tensor(stop_ids, device=batch.chosen.device)
+    stops = set(stop_ids)
     while batch.size:
-        finished = torch.isin(batch.chosen, stops)
-        rows = batch.rows.tolist()
-        finished |= torch.tensor([len(new_tokens[row]) >= max_new_tokens for row in rows], device=finished.device)
+        # Decided on the host from the tokens already copied there: the step's one device-to-host copy is `record`'s.
+        rows = batch.rows
+        finished = [new_tokens[row][-1] in stops or len(new_tokens[row]) >= max_new_tokens for row in rows]
         if done is not None:
-            finished |= torch.tensor(done(rows, [new_tokens[row] for row in rows]), device=finished.device)
-        for row, ended in zip(rows, finished.tolist()):
+            finished = [a or b for a, b in zip(finished, done(rows, [new_tokens[row] for row in rows]))]
+        for row, ended in zip(rows, finished):
             if ended:
                 yield row, new_tokens.pop(row)
-        if bool(finished.any()):
-            batch.keep((~finished).nonzero().squeeze(1))
+        if any(finished):
+            batch.keep([i for i, ended in enumerate(finished) if not ended])
         if batch.size:
             batch.step(model, pick, keyword, new_tokens)
         # Enough rows free (all of them where the cache cannot be joined): the next prompts come in.
@@ -106,7 +106,7 @@ class _Batch:
     of the last token read, every token picked so far (`answers`, left-padded with each row's own first token,
     which a repetition penalty counts once anyway) and the token just picked, not yet read (`chosen`)."""
     cache: object
-    rows: torch.Tensor
+    rows: list[int]
     attention: torch.Tensor
     position: torch.Tensor
     answers: torch.Tensor
@@ -114,7 +114,7 @@ class _Batch:
 
     @property
     def size(self) -> int:
-        return int(self.rows.shape[0])
+        return len(self.rows)
 
     @classmethod
     def prefill(cls, model, rows: list[int], input_ids: torch.Tensor, attention: torch.Tensor, pick, keyword: str,
@@ -125,13 +125,12 @@ class _Batch:
                        logits_to_keep=last_position(input_ids.device), **{keyword: cache})
         empty = input_ids.new_zeros((input_ids.shape[0], 0))
         chosen = pick(empty, output.logits[:, -1, :].float())
-        batch = cls(cache, torch.tensor(rows, device=input_ids.device), attention, positions[:, -1:], chosen[:, None],
-                    chosen)
+        batch = cls(cache, list(rows), attention, positions[:, -1:], chosen[:, None], chosen)
         batch.record(new_tokens)
         return batch
 
     def record(self, new_tokens: dict[int, list[int]]) -> None:
-        for row, token in zip(self.rows.tolist(), self.chosen.tolist()):  # one host sync per step, whatever the batch
+        for row, token in zip(self.rows, self.chosen.tolist()):  # one host sync per step, whatever the batch
             new_tokens.setdefault(row, []).append(token)
 
     def step(self, model, pick, keyword: str, new_tokens: dict[int, list[int]]) -> None:
@@ -144,11 +143,13 @@ class _Batch:
         self.answers = torch.cat([self.answers, self.chosen[:, None]], dim=1)
         self.record(new_tokens)
 
-    def keep(self, kept: torch.Tensor) -> None:
-        """Only the `kept` rows go on; columns now padding in every row are dropped."""
-        self.cache.batch_select_indices(kept)
-        self.rows, self.attention, self.position = self.rows[kept], self.attention[kept], self.position[kept]
-        self.answers, self.chosen = self.answers[kept], self.chosen[kept]
+    def keep(self, kept: list[int]) -> None:
+        """Only the `kept` rows (their places in the batch) go on; columns now padding in every row are dropped."""
+        index = torch.tensor(kept, dtype=torch.long, device=self.chosen.device)
+        self.cache.batch_select_indices(index)
+        self.rows = [self.rows[i] for i in kept]
+        self.attention, self.position = self.attention[index], self.position[index]
+        self.answers, self.chosen = self.answers[index], self.chosen[index]
         if self.size:
             unused = int(self.attention.any(0).int().argmax())  # leading columns no row attends to
             if unused:
@@ -161,7 +162,7 @@ class _Batch:
         width = max(self.attention.shape[1], other.attention.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             kv_cache.join_layers(mine, theirs, width)
-        self.rows = torch.cat([self.rows, other.rows])
+        self.rows = self.rows + other.rows
         self.attention = torch.cat([kv_cache.pad_left(mask, width, 0) for mask in (self.attention, other.attention)])
         self.position = torch.cat([self.position, other.position])
         answers = max(self.answers.shape[1], other.answers.shape[1])
