@@ -14,7 +14,9 @@ from safetensors.torch import load_file
 from affiner.core.loss import supervised_loss
 from affiner.core.runfolder import RunFolder
 from affiner.experiments import workflow as train_mod
+from affiner.training import checkpoints
 from affiner.training import loop as loop_mod
+from affiner.training.checkpoints import AUTO_SAVE_SECONDS, AUTO_SAVE_SHARE, checkpoint_due
 from affiner.training.loop import accumulate_gradients
 from affiner.training.stops import Interrupted
 from affiner.training.setup import make_scheduler, prepare_model
@@ -229,6 +231,30 @@ def test_checkpoints_respect_the_limit(tmp_path, tiny_gpt2):
                           train={"max_steps": 7, "save_steps": 2, "save_total_limit": 2})
     folder = train_mod.train(load_config(str(config)))
     assert sorted(p.name for p in (folder / "checkpoints").iterdir()) == ["step-000004", "step-000006"]
+
+
+def test_checkpoint_due_every_n_steps_or_by_the_clock():
+    assert [step for step in range(1, 9) if checkpoint_due(3, step, 0.0, 0.0)] == [3, 6]
+    assert not any(checkpoint_due(None, step, 1e9, 0.0) for step in range(1, 9))
+    assert not checkpoint_due("auto", 5, AUTO_SAVE_SECONDS - 1, 0.0)
+    assert checkpoint_due("auto", 5, AUTO_SAVE_SECONDS, 0.0)
+    slow = AUTO_SAVE_SECONDS / 2  # a checkpoint slow to write (a full fine-tune's): the next one waits longer
+    assert not checkpoint_due("auto", 5, AUTO_SAVE_SHARE * slow - 1, slow)
+    assert checkpoint_due("auto", 5, AUTO_SAVE_SHARE * slow, slow)
+
+
+def test_checkpoints_come_by_the_clock_by_default(tmp_path, tiny_gpt2, monkeypatch):
+    """train.save_steps auto, the default: a run of seconds pays for no checkpoint; once the interval has passed
+    since the last one, the step just trained is saved, so a kill -9 loses at most that interval."""
+    short = load_config(str(write_config(tmp_path / "short", tiny_gpt2, "embedded:glossary-train.json",
+                                         train={"max_steps": 4})))
+    assert short.train.save_steps == "auto"
+    assert RunFolder(train_mod.train(short)).checkpoints() == []
+    monkeypatch.setattr(checkpoints, "AUTO_SAVE_SECONDS", 0.0)  # every step is past the interval
+    monkeypatch.setattr(checkpoints, "AUTO_SAVE_SHARE", 0)
+    timed = train_mod.train(load_config(str(write_config(tmp_path / "timed", tiny_gpt2, "embedded:glossary-train.json",
+                                                         train={"max_steps": 4, "save_total_limit": 5}))))
+    assert [p.name for p in RunFolder(timed).checkpoints()] == ["step-000001", "step-000002", "step-000003"]
 
 
 def test_qlora_trains_4bit_base_on_cpu(tmp_path, tiny_llama):

@@ -8,7 +8,7 @@
 
 The run folder gets the adapter (plain peft format), tokenizer, resolved config, prompt template,
 data fingerprints and what the cleaning dropped (data.json), `metrics.jsonl`, and checkpoints every
-`train.save_steps` steps.
+`train.save_steps` steps (by default every 10 minutes of training).
 """
 
 from __future__ import annotations

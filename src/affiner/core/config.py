@@ -164,9 +164,11 @@ class TrainConfig(_Section):
     seed: int = Field(42, description="seed of the adapter's initial weights and of the batch order")
     logging_steps: int = Field(10, ge=1, description=(
         "log the loss every N steps to metrics.jsonl and the trackers: lower gives finer curves"))
-    save_steps: int | None = Field(None, ge=1, description=(
-        "checkpoint every N steps, to resume after an interruption (null: no checkpoints until the end); "
-        "each costs a write of the adapter and optimizer state"))
+    save_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field("auto", description=(
+        "checkpoint every N steps, to resume after a crash or a kill -9 (Ctrl-C, SIGTERM, out of memory and a "
+        "diverged loss save the last good step anyway); each writes the adapter (or model) and optimizer state. "
+        "auto: once 10 minutes of training passed since the last one, or 20 times the last one's writing time "
+        "if longer (at most ~5 % of the time spent writing): a run of a few minutes writes none; null: none"))
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept, the oldest removed: more costs disk")
     group_by_length: bool = Field(True, description=(
         "batch examples of similar lengths: padding 14 % -> 1 % on the quickstart, same held-out loss"))

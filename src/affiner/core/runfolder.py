@@ -8,7 +8,7 @@ A run folder `runs/<name>-<timestamp>/` is created once, never overwritten, and 
     data.json            data sources, fingerprints and what the cleaning dropped
     test_examples.json   the held-out questions, as the run split them
     metrics.jsonl        one line per logged training step
-    checkpoints/step-N/  adapter + optimizer state, every train.save_steps steps
+    checkpoints/step-N/  adapter + optimizer state, every train.save_steps steps (auto: every 10 minutes)
     adapter_*            the adapter once training finished (or the full model's weights)
     metrics.json, summary.json, report.*   after `affiner evaluate`
 

@@ -1,4 +1,5 @@
-"""Checkpoints: the adapter (or model), optimizer, scheduler and RNG state every train.save_steps steps.
+"""Checkpoints: the adapter (or model), optimizer, scheduler and RNG state every train.save_steps steps (`auto`: by
+the clock, `checkpoint_due`).
 
 A checkpoint is written into `step-N.partial/` and renamed into place once complete, so a crash while
 saving never leaves a checkpoint that `--resume` would trust.
@@ -29,6 +30,21 @@ STATE_FILE = "trainer_state.pt"
 STEP_FILE = "step.json"
 RNG_FILE = "rng-{rank}.pt"  # one per process: each draws its own dropout masks
 OPTIMIZER_FILE = "optimizer-{rank}.pt"  # one per process under DeepSpeed ZeRO: each holds a partition
+
+
+# `train.save_steps: auto`: what a kill -9 (the kernel's out-of-memory killer, a lost machine) may cost at most,
+# unless writing a checkpoint is slow (a full fine-tune's weights and optimizer state: gigabytes), when the wait
+# grows to AUTO_SAVE_SHARE times the last write so that writing never takes more than about 1/20 of the time.
+AUTO_SAVE_SECONDS = 600.0
+AUTO_SAVE_SHARE = 20
+
+
+def checkpoint_due(save_steps: int | str | None, step: int, waited: float, last_write: float) -> bool:
+    """Whether `step` gets a checkpoint: every `save_steps` steps, or (`auto`) once `waited` seconds of training
+    passed since the last checkpoint, or since training began, given how long that one took to write."""
+    if save_steps == "auto":
+        return waited >= max(AUTO_SAVE_SECONDS, AUTO_SAVE_SHARE * last_write)
+    return bool(save_steps) and step % int(save_steps) == 0
 
 
 # How torch's and safetensors' writers word a failed write (they raise their own errors, naming no file).

@@ -4,7 +4,7 @@
         gradients of `gradient_accumulation` micro-batches (loss on answer tokens only)
         clip, optimizer step, scheduler step
         log (and probe a held-out sample every eval.every_steps steps, keeping the best step's weights and
-        stopping after train.patience probes without a better one), checkpoint every save_steps
+        stopping after train.patience probes without a better one), checkpoint every save_steps (auto: by the clock)
 
 Ctrl-C, a loss that is no longer finite and an out-of-memory error stop it with one paragraph, keeping
 the last good step as a checkpoint (with sharded weights or a partitioned optimizer state: the last
@@ -35,8 +35,8 @@ from affiner.core.runfolder import FAILED, FINISHED, RunFolder
 from affiner.core.tracking import Trackers
 from affiner.data.tokens import collate
 from affiner.training.batches import global_batch, micro_batches, passes_of, probe_interval, total_steps
-from affiner.training.checkpoints import (adopt_best, checkpoint_seconds, restore_state, rng_states, save_best,
-                                          save_checkpoint, save_model)
+from affiner.training.checkpoints import (adopt_best, checkpoint_due, checkpoint_seconds, restore_state, rng_states,
+                                          save_best, save_checkpoint, save_model)
 from affiner.training.processes import Processes
 from affiner.training.stops import (Interrupted, Stop, cpu_allocation_failures_as_out_of_memory, ctrl_c_after_step,
                                     diverged_message, out_of_memory_message, stop_training)
@@ -112,6 +112,8 @@ class Trainer:
     # saved when training stops resumes from (a failure mid-step has drawn the next step's dropout masks already).
     recorded: int = 0
     rng: dict | None = None
+    saved_at: float = 0.0  # time.monotonic() of the last checkpoint, or of the first step: save_steps auto
+    save_seconds: float = 0.0  # how long that checkpoint took to write
 
     def __post_init__(self) -> None:
         self.recorded = self.start_step
@@ -230,7 +232,7 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     if trainer.start_step and processes.is_main:
         run.truncate_log(trainer.start_step)
     per_epoch = math.ceil(len(features) / global_rows)
-    trainer.started = time.time()
+    trainer.started, trainer.saved_at = time.time(), time.monotonic()
     progress = tqdm(range(trainer.start_step, trainer.steps), initial=trainer.start_step, total=trainer.steps,
                     desc="training", unit="step", disable=not processes.is_main)
     completed, stopped, early = trainer.start_step, None, False
@@ -274,6 +276,14 @@ def loop(config: RunConfig, run: RunFolder, features: list[dict], pad_id: int, c
     if stopped:
         stop_training(trainer, run, completed, trackers, stopped)
     _finish_whole(trainer, run, trackers, completed, early, ctrl_c.asked)
+
+
+def _checkpoint_due(trainer: Trainer, done: int) -> bool:
+    """Whether step `done` gets a checkpoint; by the clock (save_steps auto), the main process's clock decides for
+    every process, as each must take part."""
+    due = checkpoint_due(trainer.config.train.save_steps, done, time.monotonic() - trainer.saved_at,
+                         trainer.save_seconds)
+    return trainer.processes.share(due) if trainer.config.train.save_steps == "auto" else due
 
 
 def _processes_agree(trainer: Trainer) -> bool | None:
@@ -375,7 +385,10 @@ def _after_step(trainer: Trainer, run: RunFolder, record: dict, probe: Probe | N
         log_metrics(run, record, trackers)
         if probing and trainer.selection.summary():
             run.update(best=trainer.selection.summary())  # a resumed run compares with it
-    if config.train.save_steps and done % config.train.save_steps == 0 and not last and not stop:
+    if not last and not stop and _checkpoint_due(trainer, done):
+        started = time.monotonic()
         save_checkpoint(trainer, run, done, config.train.save_total_limit)
+        trainer.saved_at = time.monotonic()
+        trainer.save_seconds = trainer.saved_at - started
     trainer.recorded, trainer.rng = done, rng_states()
     return stop
