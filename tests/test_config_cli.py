@@ -68,6 +68,9 @@ def test_overrides_are_typed_and_validated():
     ("data: {train: x}\nlora: {rank: 8}\n", r"lora\.rank: unknown key.*allowed: r, alpha"),
     ("model: {base: gpt2}\n", r"data: required key is missing"),
     ("data: {train: x}\nmethod: dora\n", r"method: input should be 'lora', 'qlora' or 'full'"),
+    ("data: {train: x}\ntrain: {save_steps: 0}\n",  # one problem, named by its key, saying both what it takes
+     r"has 1 problem\(s\): train\.save_steps: input should be greater than or equal to 1 or be 'auto' \(got 0\)\.$"),
+    ("data: {train: x}\ntrain: {save_steps: true}\n", r"'save_steps' must be a number, or auto, or null, not true"),
     ("data: [1, 2\n", r"not valid YAML at line 2"),
     ("- a\n- b\n", r"must be a mapping"),
 ])

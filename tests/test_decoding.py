@@ -90,6 +90,23 @@ def test_a_queue_refilling_its_batch_gives_every_prompt_its_one_by_one_answer(re
     assert max(steps) == 3 and any(later > earlier for earlier, later in zip(steps, steps[1:]))  # rows joined
 
 
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gemma"])
+def test_bf16_logits_picked_through_the_kept_fp32_buffer_give_model_generate_s_answers(request, fixture):
+    """A bf16 model's logits are copied into one fp32 buffer kept from step to step and prompt to prompt (the
+    penalty writes into it): each prompt, decoded alone, gets the tokens `model.generate` gives it."""
+    folder = request.getfixturevalue(fixture)
+    tokenizer, model = load_tokenizer(str(folder)), load_model(str(folder)).to(torch.bfloat16)
+    settings, pad = replace(GREEDY, repetition_penalty=1.5), tokenizer.pad_token_id
+    prompts = [tokenizer(p)["input_ids"] for p in QUEUED]
+    expected = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                               logits_processor=LogitsProcessorList(penalties(settings, len(p))),
+                               pad_token_id=pad)[0, len(p):].tolist() for p in prompts]
+    assert len({tuple(row) for row in expected}) > 1
+
+    answers = dict(decode_queue(model, prompts, pad, 24, [], settings, batch_size=1))
+    assert [answers[i] for i in range(len(prompts))] == expected
+
+
 def test_an_empty_queue_decodes_nothing(tiny_llama):
     tokenizer, model = load_tokenizer(str(tiny_llama)), load_model(str(tiny_llama))
     assert list(decode_queue(model, [], tokenizer.pad_token_id, 8, [], GREEDY, batch_size=3)) == []

@@ -252,9 +252,13 @@ def test_checkpoints_come_by_the_clock_by_default(tmp_path, tiny_gpt2, monkeypat
     assert RunFolder(train_mod.train(short)).checkpoints() == []
     monkeypatch.setattr(checkpoints, "AUTO_SAVE_SECONDS", 0.0)  # every step is past the interval
     monkeypatch.setattr(checkpoints, "AUTO_SAVE_SHARE", 0)
+    saved, save = [], loop_mod.save_checkpoint
+    monkeypatch.setattr(loop_mod, "save_checkpoint", lambda trainer, run, step, keep: saved.append(
+        (step, RunFolder(save(trainer, run, step, keep).parent.parent).checkpoints()[-1].name)))
     timed = train_mod.train(load_config(str(write_config(tmp_path / "timed", tiny_gpt2, "embedded:glossary-train.json",
                                                          train={"max_steps": 4, "save_total_limit": 5}))))
-    assert [p.name for p in RunFolder(timed).checkpoints()] == ["step-000001", "step-000002", "step-000003"]
+    assert saved == [(1, "step-000001"), (2, "step-000002"), (3, "step-000003")]
+    assert RunFolder(timed).is_finished and RunFolder(timed).checkpoints() == []  # no use once finished: removed
 
 
 def test_qlora_trains_4bit_base_on_cpu(tmp_path, tiny_llama):

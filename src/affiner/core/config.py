@@ -36,7 +36,8 @@ class _Section(BaseModel):
             for name, value in data.items():
                 field = cls.model_fields.get(name)
                 if isinstance(value, bool) and field is not None and _numeric(field.annotation):
-                    raise ValueError(f"'{name}' must be a number, not {str(value).lower()}")
+                    raise ValueError(f"'{name}' must be a number{_or_words(field.annotation)}, not "
+                                     f"{str(value).lower()}")
         return data
 
 
@@ -166,9 +167,10 @@ class TrainConfig(_Section):
         "log the loss every N steps to metrics.jsonl and the trackers: lower gives finer curves"))
     save_steps: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field("auto", description=(
         "checkpoint every N steps, to resume after a crash or a kill -9 (Ctrl-C, SIGTERM, out of memory and a "
-        "diverged loss save the last good step anyway); each writes the adapter (or model) and optimizer state. "
-        "auto: once 10 minutes of training passed since the last one, or 20 times the last one's writing time "
-        "if longer (at most ~5 % of the time spent writing): a run of a few minutes writes none; null: none"))
+        "diverged loss save the last good step anyway, unless sharded); each writes the adapter (or model) and "
+        "optimizer state. auto: at the first step 10 minutes of training after the last one, or 20 times the last "
+        "one's writing time if longer (at most ~5 % of the time spent writing); a run of a few minutes writes "
+        "none, a finished run removes them; null: none"))
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept, the oldest removed: more costs disk")
     group_by_length: bool = Field(True, description=(
         "batch examples of similar lengths: padding 14 % -> 1 % on the quickstart, same held-out loss"))
@@ -273,6 +275,20 @@ def _kinds(annotation: Any) -> set:
                                                                       else None]))
 
 
+def _or_words(annotation: Any) -> str:
+    """What a numeric key takes besides a number, as a message says it: `Literal["auto"] | None` -> " or auto, or
+    null"."""
+    def literals(part: Any) -> list:
+        if get_origin(part) is Literal:
+            return list(get_args(part))
+        if isinstance(part, type):
+            return []
+        return [v for sub in get_args(part)[:1 if get_origin(part) is Annotated else None] for v in literals(sub)]
+
+    words = [str(v) for v in literals(annotation)] + (["null"] if type(None) in _kinds(annotation) else [])
+    return "".join(f", or {word}" for word in words)
+
+
 def _numeric(annotation: Any) -> bool:
     kinds = _kinds(annotation)
     return bool(kinds & {int, float}) and bool not in kinds
@@ -332,19 +348,33 @@ def validate_config(raw: dict[str, Any], label: str) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(err) for err in exc.errors()]
+        problems = _problems(exc.errors())
         raise AffinerError(f"{label} has {len(problems)} problem(s): " + "; ".join(problems) + ".") from None
 
 
-def _describe(err: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+def _problems(errors: list[dict[str, Any]]) -> list[str]:
+    """One line per key: a value refused by every type a key allows (a number or `auto`) is one problem, not one
+    per type, and is named by its key alone (pydantic adds each type's tag, `constrained-int`, to the path)."""
+    by_key: dict[tuple, list[dict[str, Any]]] = {}
+    for err in errors:
+        by_key.setdefault(tuple(part for part in err["loc"] if not _type_tag(part)), []).append(err)
+    return [_describe(loc, errs) for loc, errs in by_key.items()]
+
+
+def _type_tag(part: Any) -> bool:
+    return isinstance(part, str) and (not part.isidentifier() or part in {"int", "float", "str", "bool", "none"})
+
+
+def _describe(loc: tuple, errs: list[dict[str, Any]]) -> str:
+    path, err = ".".join(str(p) for p in loc) or "(top level)", errs[0]
     if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key{_suggestion(err['loc'])}"
+        return f"{path}: unknown key{_suggestion(loc)}"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
     given = err.get("input")
     shown = "" if isinstance(given, dict) else f" (got {shortened(given)})"
-    message = err["msg"].removeprefix("Value error, ")  # pydantic's prefix for our own validators
+    messages = [e["msg"].removeprefix("Value error, ") for e in errs]  # pydantic's prefix for our own validators
+    message = messages[0] + "".join(" or " + m.removeprefix("Input should ") for m in messages[1:])
     return f"{path}: {message[0].lower()}{message[1:]}{shown}"
 
 

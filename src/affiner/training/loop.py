@@ -361,6 +361,9 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
                        f"{selection.key} than step {selection.best_step}'s"} if early else {}),
                    **({"processes_agree": agree} if agree is not None else {}))
         shutil.rmtree(run.best_path, ignore_errors=True)  # only now: a run killed before resumes with it
+        if trainer.config.train.save_steps == "auto":  # a crash's insurance, of no use to a finished run (GBs each
+            for checkpoint in run.checkpoints():      # for a full fine-tune); checkpoints asked for by steps stay
+                shutil.rmtree(checkpoint, ignore_errors=True)
         write_run_card(run.path)  # with the steps and time just recorded
         trackers.close(run.path, FINISHED)  # the curves, then the artifacts: the adapter and the finished run.json
     trainer.processes.wait()  # the others return once the adapter is there, for whatever comes next
