@@ -276,17 +276,9 @@ def _kinds(annotation: Any) -> set:
 
 
 def _or_words(annotation: Any) -> str:
-    """What a numeric key takes besides a number, as a message says it: `Literal["auto"] | None` -> " or auto, or
-    null"."""
-    def literals(part: Any) -> list:
-        if get_origin(part) is Literal:
-            return list(get_args(part))
-        if isinstance(part, type):
-            return []
-        return [v for sub in get_args(part)[:1 if get_origin(part) is Annotated else None] for v in literals(sub)]
-
-    words = [str(v) for v in literals(annotation)] + (["null"] if type(None) in _kinds(annotation) else [])
-    return "".join(f", or {word}" for word in words)
+    """What a numeric key takes besides a number: `... | Literal["auto"] | None` -> ", or auto, or null"."""
+    words = [str(v) for part in get_args(annotation) if get_origin(part) is Literal for v in get_args(part)]
+    return "".join(f", or {word}" for word in words + (["null"] if type(None) in _kinds(annotation) else []))
 
 
 def _numeric(annotation: Any) -> bool:
