@@ -342,7 +342,7 @@ OTHERS: list[Case] = [
     ("runs-list-with-folders", lambda w: ["runs", "list", str(w.finished)], r"affiner runs compare"),
     ("runs-dir-missing", lambda w: ["runs", "--dir", "nowhere"], r"nowhere does not exist"),
     ("runs-compare-missing", lambda w: ["runs", "compare", str(w.finished), "runs/none"], r"runs/none"),
-    ("runs-unknown-action", lambda w: ["runs", "delete"], r"invalid choice"),
+    ("runs-unknown-action", lambda w: ["runs", "delete"], r"runs delete: not list, compare or a folder of runs"),
     ("sweep-no-grid", lambda w: ["sweep", w.config()], r"--grid"),
     ("sweep-grid-unknown-key", lambda w: ["sweep", w.config(), "--grid", "train.lr=1,2"], r"train.lr"),
     ("sweep-grid-no-values", lambda w: ["sweep", w.config(), "--grid", "train.learning_rate="],

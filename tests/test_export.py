@@ -532,6 +532,9 @@ def test_cli_errors(tmp_path, capfd, llama_run):
     _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", str(llama_run / "export")),
                          "overlaps the run folder")
     assert not (tmp_path / "x").exists() and not _leftovers(tmp_path)
+    if Path("/proc/self").is_dir():  # a folder where nothing can be made, even by root: named as given
+        _one_paragraph_error(capfd, affiner_export(str(llama_run), "--output", "/proc/affiner-export"),
+                             "/proc/affiner-export: No such file or directory")
 
 
 def test_overwrite_replaces_an_export_only_once_the_new_one_is_complete(tmp_path, llama_run):

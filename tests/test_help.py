@@ -4,8 +4,11 @@ former spellings still accepted), and examples that run as written outside this 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
+import subprocess
+import sys
 
 import pytest
 
@@ -110,3 +113,23 @@ def test_one_flag_name_per_concept_across_verbs():
     for verb, text in shown.items():
         for spelling in ("--judge-url", "--judge-key-env", "--max-tokens", "--base MODEL"):
             assert spelling not in text, f"affiner {verb} --help still shows {spelling}"
+
+
+def test_deepspeed_s_no_gpu_notice_is_not_shown_its_other_messages_are():
+    """accelerate imports DeepSpeed whenever transformers saves a model (`affiner export --merged`): on a machine
+    without a GPU it warned that it "was unable to detect" one, which users read as a fault."""
+    pytest.importorskip("deepspeed")
+    code = ("import logging; from affiner import cli; cli.quiet_third_party_logs()\n"
+            "from deepspeed.accelerator import get_accelerator; get_accelerator()\n"
+            "logging.getLogger('DeepSpeed').warning('another warning')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = result.stdout + result.stderr
+    assert "another warning" in said and "unable to detect" not in said
+
+
+def test_an_unknown_flag_of_a_verb_points_to_that_verb_s_help(capsys):
+    assert run_cli("train", "quickstart", "--sett", "train.max_steps=2") == 2
+    assert capsys.readouterr().err.strip() == ("affiner train: error: unrecognized arguments: --sett "
+                                               "train.max_steps=2 (see affiner train --help).")

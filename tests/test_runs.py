@@ -46,6 +46,8 @@ def test_list_shows_every_run_with_its_scores(two_runs, capsys):
     assert [line.split()[minutes] for line in lines[1:]] == ["<0.1", "<0.1"]  # seconds of training, not "-"
     cli.main(["runs", "--dir", str(root.parent)])  # a sweep's (or a project's) folder: its runs/ are listed
     assert capsys.readouterr().out.splitlines() == lines
+    cli.main(["runs", str(root)])  # a folder in place of `list`, as a user types it
+    assert capsys.readouterr().out.splitlines() == lines
 
 
 def test_compare_shows_config_differences_and_scores_side_by_side(two_runs, capsys):
@@ -91,6 +93,8 @@ def test_compare_says_when_the_figures_do_not_compare(two_runs, tmp_path, capsys
     (["runs", "compare", "{first}", "{root}/nowhere"], "nowhere does not exist"),
     (["runs", "compare", "{first}", "{root}"], "is not an affiner run folder"),
     (["runs", "--dir", "{root}/nowhere"], "nowhere does not exist"),
+    (["runs", "lsit"], "affiner runs lsit: not list, compare or a folder of runs"),
+    (["runs", "{root}", "{first}"], "to compare run folders: affiner runs compare"),
 ])
 def test_wrong_input_is_one_paragraph_and_exit_2(two_runs, capsys, argv, message):
     root, (first, _) = two_runs

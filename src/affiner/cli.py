@@ -64,8 +64,11 @@ class Parser(argparse.ArgumentParser):
     """argparse, with its errors in affiner's own shape: one line naming the flag, no usage block above it
     (the block pushes the one line that matters off a small screen), exit 2."""
 
+    asked: str | None = None  # the verb on the command line: argparse reports a verb's unknown flags at the top
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help).\n")
+        prog = f"{self.prog} {self.asked}" if self.asked and message.startswith("unrecognized arguments") else self.prog
+        self.exit(2, f"{prog}: error: {message} (see {prog} --help).\n")
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
@@ -79,6 +82,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     parser = Parser(prog="affiner", description=f"{__doc__}\n{recipes}",
                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"affiner {__version__}")
+    parser.asked = verb
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for name, (module_name, summary) in VERBS.items():
         if verb is not None and name != verb:
@@ -91,15 +95,28 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_logs() -> None:
+    """Libraries' log lines that speak to their maintainers or that describe a normal state as a fault."""
+    # bitsandbytes, imported with peft by every verb, warns on CPUs with AVX512-BF16 that its optional `kernels`
+    # (fetched from the Hub) are missing and to pip install them: its own 4-bit code runs without them, and the
+    # warning came before every chat answer and evaluation, QLoRA or not.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # DeepSpeed (installed for ZeRO training), imported by accelerate whenever transformers saves a model, warns on
+    # a machine without a GPU that it "was unable to detect" one: true, expected, and read as a fault after
+    # `affiner export --merged`. Its logger keeps a filter set before it exists; its other messages still show.
+    logging.getLogger("DeepSpeed").addFilter(_not_the_cpu_fallback_notice)  # added once, however often called
+
+
+def _not_the_cpu_fallback_notice(record: logging.LogRecord) -> bool:
+    return "Setting accelerator to CPU" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Deprecation notices inside transformers/peft are for their maintainers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes, imported with peft by every verb, warns on CPUs with AVX512-BF16 that its optional `kernels`
-    # (fetched from the Hub) are missing and to pip install them: its own 4-bit code runs without them, and the
-    # warning came before every chat answer and evaluation, QLoRA or not.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    quiet_third_party_logs()
     verb = _asked_verb(argv)
     args = build_parser(verb or "").parse_args(argv)
     try:

@@ -4,8 +4,10 @@
     affiner export runs/quickstart-20261122-183000 --output exports/glossary --merged --gguf
     affiner export runs/quickstart-20261122-183000 --output exports/glossary --merged --dtype bf16 --merge-device auto
     affiner export runs/quickstart-20261122-183000 --output exports/glossary --gguf --gguf-type q8_0 --overwrite
-    affiner export runs/quickstart-20261122-183000 --output exports/glossary --for vllm,llama.cpp --for ollama
-    exports/glossary/serve-vllm.sh --port 8080           # or serve-llama-cpp.sh, or create-ollama.sh
+    affiner export runs/quickstart-20261122-183000 --output exports/glossary --for vllm,llama.cpp
+    exports/glossary/serve-vllm.sh --port 8080           # or serve-llama-cpp.sh
+    affiner export runs/llama-3.2-1b-glaive-qlora-20261122-183000 --output exports/glaive --for ollama
+    exports/glaive/create-ollama.sh                      # Ollama applies adapters on llama and gpt2 bases, not Gemma 3
     HF_TOKEN=hf_... affiner export runs/quickstart-20261122-183000 --output exports/glossary --merged --push my-org/glossary-gemma
     ollama create glossary -f exports/glossary/Modelfile && ollama run glossary "What does QUILT stand for?"
 

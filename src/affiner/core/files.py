@@ -149,9 +149,12 @@ def folder_written_whole(output: Path) -> Iterator[Path]:
     when the block ends without error, and removed whatever happens: no half-written output, ever. An `output`
     that is a symbolic link is written where it leads (the link stays, and keeps leading to the new folder)."""
     output = output.resolve() if output.is_symlink() else output
-    output.parent.mkdir(parents=True, exist_ok=True)
     staging = output.with_name(f".{output.name}-staging-{os.getpid()}-{secrets.token_hex(4)}")
-    staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
+    except OSError as error:  # named by the folder asked for: the staging folder's name means nothing to a user
+        raise OSError(error.errno, error.strerror, str(output)) from None
     try:
         yield staging
         replace_folder(staging, output)
