@@ -69,3 +69,13 @@ def test_an_answer_that_did_not_stop_by_itself_says_so(capsys, how, said):
     chat.answer(Scripted(how), "base", [{"role": "user", "content": "How?"}], Settings(max_new_tokens=30))
     out, err = capsys.readouterr()
     assert out == "Step 1: Load the\n" and err.strip() == said  # the answer alone on stdout, for scripts
+
+
+@pytest.mark.parametrize("is_chat, said", [(True, "the conversation so far is kept"), (False, "one question at a time")])
+def test_switching_models_says_what_the_template_keeps(capsys, is_chat, said):
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(names=["base", "tuned"], template=SimpleNamespace(is_chat=is_chat, name="qa"))
+    session = chat.Session(engine, "tuned", Settings())
+    session.command("/use base")
+    assert session.name == "base" and capsys.readouterr().out.strip() == f"(now talking to base; {said})"

@@ -222,7 +222,8 @@ class Session:
                 print(f"(error: no model named '{rest.strip()}'; models: {self.models()})")
                 return
             self.name = rest.strip()
-            print(f"(now talking to {self.name}; the conversation so far is kept)")
+            kept = "the conversation so far is kept" if self.engine.template.is_chat else "one question at a time"
+            print(f"(now talking to {self.name}; {kept})")
         elif verb == "/settings":
             print(self.described_settings())
         elif verb == "/set" and rest.strip():
