@@ -78,3 +78,30 @@ def test_a_saved_tokenizer_lists_its_added_tokens_and_loads_back_the_same(fixtur
     for text in ("<bos>a question<eos>", "### Question: what? ### Answer: yes", "  spaces\n\ttabs <pad>"):
         assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
         assert again.decode(again(text)["input_ids"]) == tokenizer.decode(tokenizer(text)["input_ids"])
+
+
+def test_a_cached_gguf_conversion_gets_gemma_s_image_markers_as_special_tokens(tiny_gemma, tmp_path):
+    """A GGUF calls Gemma 3's image markers user-defined tokens, transformers reads them as text, and a base model's
+    stray `<start_of_image>` showed in its answers; a conversion cached before the fix is upgraded in place."""
+    import json
+
+    from tokenizers import AddedToken
+
+    from affiner.core.models import GGUF_TOKENIZER_VERSION, load_tokenizer, save_tokenizer, upgrade_gguf_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_gemma))
+    tokenizer.add_tokens([AddedToken("<start_of_image>", special=False, normalized=False), "<table>"])
+    save_tokenizer(tokenizer, tmp_path)
+    (tmp_path / "converted.json").write_text(json.dumps({"source": "gemma.gguf", "seconds": 60.0}))
+    marker, table = tokenizer.convert_tokens_to_ids(["<start_of_image>", "<table>"])
+    word = tokenizer("Answer", add_special_tokens=False)["input_ids"][0]
+    assert tokenizer.decode([marker, word], skip_special_tokens=True).startswith("<start_of_image>")
+
+    upgrade_gguf_tokenizer(tmp_path)
+    upgraded = load_tokenizer(str(tmp_path))
+    assert upgraded.decode([marker, word, table], skip_special_tokens=True) == tokenizer.decode([word, table])
+    assert len(upgraded) == len(tokenizer) and upgraded("a <start_of_image> b")["input_ids"] == tokenizer(
+        "a <start_of_image> b")["input_ids"]  # same ids: only what a decoded answer shows changes
+    assert json.loads((tmp_path / "converted.json").read_text()) == {"source": "gemma.gguf", "seconds": 60.0,
+                                                                      "tokenizer": GGUF_TOKENIZER_VERSION}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing left aside

@@ -7,6 +7,7 @@ transformers once and cached as a safetensors folder, so later loads take second
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -155,6 +156,9 @@ def convert_gguf(gguf: Path) -> Path:
     key = hashlib.sha256(f"{gguf}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_root() / "gguf" / f"{gguf.stem}-{key}"
     if (target / "converted.json").is_file():
+        if read_json(target / "converted.json").get("tokenizer") != GGUF_TOKENIZER_VERSION:
+            with contextlib.suppress(OSError):  # a cache this user cannot write: its tokenizer as it is
+                upgrade_gguf_tokenizer(target)
         return target
     print(f"Converting {gguf.name} to a cached safetensors model in {target} (once; later loads take seconds).")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -163,16 +167,48 @@ def convert_gguf(gguf: Path) -> Path:
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    mark_gguf_special_tokens(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     drop_gguf_quantizer(model)
     model.save_pretrained(staging)
     save_tokenizer(tokenizer, staging)
-    (staging / "converted.json").write_text(json.dumps({"source": str(gguf), "seconds": round(time.time() - start, 1)}))
+    (staging / "converted.json").write_text(json.dumps({"source": str(gguf), "seconds": round(time.time() - start, 1),
+                                                        "tokenizer": GGUF_TOKENIZER_VERSION}))
     if target.exists():  # another process finished first; keep its copy
         shutil.rmtree(staging, ignore_errors=True)
     else:
         staging.rename(target)
     return target
+
+
+# Gemma 3's image markers are special tokens in Google's own tokenizer (its conversion script names them), but
+# user-defined ones in the GGUF, which transformers reads as text: a base model's stray `<start_of_image>` then
+# showed in its answers (chat, reports). Marked special here, as on the Hub; same ids, same vocabulary size.
+GGUF_SPECIAL_TOKENS = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+GGUF_TOKENIZER_VERSION = 2  # converted.json's "tokenizer": a conversion cached before it is upgraded in place
+
+
+def mark_gguf_special_tokens(tokenizer) -> None:
+    from tokenizers import AddedToken
+
+    vocabulary = tokenizer.get_vocab()
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in GGUF_SPECIAL_TOKENS
+                          if token in vocabulary], special_tokens=True)
+
+
+def upgrade_gguf_tokenizer(folder: Path) -> None:
+    """A converted model's tokenizer brought to GGUF_TOKENIZER_VERSION (seconds, not the minute of converting
+    again): written aside, then each file moved into place, so that a reader never sees one half written."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    mark_gguf_special_tokens(tokenizer)
+    staging = folder / f".tokenizer-{os.getpid()}"
+    save_tokenizer(tokenizer, staging)
+    for written in staging.iterdir():
+        os.replace(written, folder / written.name)
+    staging.rmdir()
+    write_json(folder / "converted.json", {**read_json(folder / "converted.json"), "tokenizer": GGUF_TOKENIZER_VERSION})
 
 
 def drop_gguf_quantizer(model: nn.Module) -> None:
