@@ -71,6 +71,10 @@ def test_overrides_are_typed_and_validated():
     ("data: {train: x}\ntrain: {save_steps: 0}\n",  # one problem, named by its key, saying both what it takes
      r"has 1 problem\(s\): train\.save_steps: input should be greater than or equal to 1 or be 'auto' \(got 0\)\.$"),
     ("data: {train: x}\ntrain: {save_steps: true}\n", r"'save_steps' must be a number, or auto, or null, not true"),
+    ("data: {train: x}\noutput-dir: r\n", r"output-dir: unknown key, did you mean 'output_dir'"),  # not a type's tag
+    ("data: {train: x}\ntrain: {save-steps: 5, max-steps: 3}\n",
+     r"2 problem\(s\): train\.save-steps: unknown key, did you mean 'save_steps'.*train\.max-steps: unknown key"),
+    ("data: {train: x, columns: {my-col: 1}}\n", r"data\.columns\.my-col: input should be a valid string \(got 1\)"),
     ("data: [1, 2\n", r"not valid YAML at line 2"),
     ("- a\n- b\n", r"must be a mapping"),
 ])

@@ -95,6 +95,7 @@ def test_compare_says_when_the_figures_do_not_compare(two_runs, tmp_path, capsys
     (["runs", "--dir", "{root}/nowhere"], "nowhere does not exist"),
     (["runs", "lsit"], "affiner runs lsit: not list, compare or a folder of runs"),
     (["runs", "{root}", "{first}"], "to compare run folders: affiner runs compare"),
+    (["runs", "{first}"], "is a run folder: affiner runs --dir"),
 ])
 def test_wrong_input_is_one_paragraph_and_exit_2(two_runs, capsys, argv, message):
     root, (first, _) = two_runs

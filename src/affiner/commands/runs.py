@@ -30,6 +30,9 @@ def main(args: argparse.Namespace) -> None:
     from affiner.experiments.runs import compare_runs, describe_runs, format_comparison, list_runs
 
     if args.action not in ("list", "compare"):
+        if (Path(args.action) / "run.json").is_file():
+            raise AffinerError(f"{args.action} is a run folder: affiner runs --dir {Path(args.action).parent} lists it "
+                               "with the others; affiner runs compare RUN RUN ... compares runs.")
         if not Path(args.action).is_dir():
             raise AffinerError(f"affiner runs {args.action}: not list, compare or a folder of runs; e.g. affiner runs, "
                                "affiner runs --dir sweeps/NAME/runs, affiner runs compare runs/a runs/b.")

@@ -349,12 +349,15 @@ def _problems(errors: list[dict[str, Any]]) -> list[str]:
     per type, and is named by its key alone (pydantic adds each type's tag, `constrained-int`, to the path)."""
     by_key: dict[tuple, list[dict[str, Any]]] = {}
     for err in errors:
-        by_key.setdefault(tuple(part for part in err["loc"] if not _type_tag(part)), []).append(err)
+        loc = err["loc"]  # an unknown key is the user's own word, whatever it looks like
+        key = loc if err["type"] == "extra_forbidden" else [p for i, p in enumerate(loc) if not (
+            i and isinstance(p, str) and UNION_TAG.fullmatch(p))]
+        by_key.setdefault(tuple(key), []).append(err)
     return [_describe(loc, errs) for loc, errs in by_key.items()]
 
 
-def _type_tag(part: Any) -> bool:
-    return isinstance(part, str) and (not part.isidentifier() or part in {"int", "float", "str", "bool", "none"})
+# The tag pydantic puts in an error's path for each member of a union: `constrained-int`, `literal['auto']`, `int`.
+UNION_TAG = re.compile(r"constrained-\w+|\w+(-\w+)*\[.*\]|int|float|str|bool|none")
 
 
 def _describe(loc: tuple, errs: list[dict[str, Any]]) -> str:

@@ -198,16 +198,21 @@ def mark_gguf_special_tokens(tokenizer) -> None:
 
 def upgrade_gguf_tokenizer(folder: Path) -> None:
     """A converted model's tokenizer brought to GGUF_TOKENIZER_VERSION (seconds, not the minute of converting
-    again): written aside, then each file moved into place, so that a reader never sees one half written."""
+    again), unless this user cannot write the cache: written aside, then each file moved into place (a reader sees
+    whole files; at worst, once, the old decoding)."""
     from transformers import AutoTokenizer
 
+    if not os.access(folder, os.W_OK):
+        return
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     mark_gguf_special_tokens(tokenizer)
     staging = folder / f".tokenizer-{os.getpid()}"
-    save_tokenizer(tokenizer, staging)
-    for written in staging.iterdir():
-        os.replace(written, folder / written.name)
-    staging.rmdir()
+    try:
+        save_tokenizer(tokenizer, staging)
+        for written in staging.iterdir():
+            os.replace(written, folder / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     write_json(folder / "converted.json", {**read_json(folder / "converted.json"), "tokenizer": GGUF_TOKENIZER_VERSION})
 
 
