@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 import sys
 
 import pytest
@@ -203,8 +204,13 @@ def summary_of(records: list) -> dict:
 def wandb_runs(wandb_dir, run_id: str) -> list[list]:
     """The records of every offline W&B run written under this id, in the order they started (a resumed
     training and each evaluation open the same run again)."""
-    runs = [wandb_records(d) for d in (wandb_dir / "wandb").glob("offline-run-*")]
-    runs = [r for r in runs if of_kind(r, "run")[0].run_id == run_id]
+    deadline = time.monotonic() + 30  # W&B's own service process writes the log: on a busy machine, a moment late
+    while True:
+        runs = [wandb_records(d) for d in (wandb_dir / "wandb").glob("offline-run-*")]
+        if all(of_kind(r, "run") for r in runs) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    runs = [r for r in runs if of_kind(r, "run") and of_kind(r, "run")[0].run_id == run_id]
     return sorted(runs, key=lambda r: of_kind(r, "run")[0].start_time.ToNanoseconds())
 
 
