@@ -475,3 +475,15 @@ def test_logs_stay_valid_json_when_a_value_is_not_finite(tmp_path):
 def test_a_value_quoted_in_an_error_is_shortened(space, capsys):
     assert run_cli("train", space.write("laughs.yaml", _laughs())) == 2
     assert len(capsys.readouterr().err) < 3000  # the whole value was 52 MB of text
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc, where nothing can be made, even by root")
+def test_a_file_that_cannot_be_made_is_named_as_asked_not_as_its_hidden_copy():
+    from affiner.core.files import folder_written_whole, write_atomic
+
+    with pytest.raises(OSError) as refused:
+        write_atomic(Path("/proc/affiner-file.json"), "{}")
+    assert refused.value.filename == "/proc/affiner-file.json"
+    with pytest.raises(OSError) as refused, folder_written_whole(Path("/proc/affiner-folder")):
+        pass
+    assert refused.value.filename == "/proc/affiner-folder"

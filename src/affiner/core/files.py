@@ -42,14 +42,16 @@ def write_together(files: dict[Path, str | bytes]) -> None:
     try:
         for path, content in files.items():
             temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            staged.append((temporary, path))
             try:
+                descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                staged.append((temporary, path))
                 with os.fdopen(descriptor, "wb") as out:
                     out.write(content.encode("utf-8") if isinstance(content, str) else content)
                     out.flush()
                     os.fsync(out.fileno())
-            except OSError as error:  # a full disk: the message must name the file, which a write error does not
+            # Named by the file asked for: a write error (a full disk) names none, and a folder where nothing can be
+            # made would name the hidden copy, which means nothing to a user (as `folder_written_whole` does).
+            except OSError as error:
                 raise OSError(error.errno, error.strerror, str(path)) from error
         for temporary, path in staged:
             os.replace(temporary, path)
