@@ -4,6 +4,9 @@ checked on this CPU. Also: the loss applies each model's own output scaling (Gra
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -251,6 +254,36 @@ def test_the_cpu_measurement_is_real_and_overridable(machine, monkeypatch):
     assert resolve_dtype("auto") == torch.bfloat16
     monkeypatch.setenv("AFFINER_CPU_BF16", "0")
     assert resolve_dtype("auto") == torch.float32
+
+
+def test_a_cpu_that_emulates_bf16_is_told_by_one_small_product(monkeypatch):
+    """An emulated bf16 product of 1024 x 1024 takes seconds (torch's fallback kernel): the measurement, which every
+    command makes at start-up, stops at the product of half the size when bf16 is clearly slower there."""
+    def products(speedups: dict[int, float]) -> list[int]:
+        sizes = []
+        monkeypatch.setattr(devices, "bf16_product_speedup", lambda size, rounds: sizes.append(size) or speedups[size])
+        devices.cpu_bf16_speedup.cache_clear()
+        assert devices.cpu_bf16_speedup() == speedups[sizes[-1]]
+        return sizes
+
+    try:
+        assert products({512: 0.1, 1024: 0.01}) == [512]  # emulated: told at half the size
+        assert products({512: 1.9, 1024: 2.4}) == [512, 1024]  # native: the full measurement decides
+        assert products({512: 0.9, 1024: 1.6}) == [512, 1024]  # not clearly slower: measured in full
+    finally:
+        devices.cpu_bf16_speedup.cache_clear()
+
+
+def test_a_cpu_held_to_avx2_stays_in_fp32(tmp_path):
+    """This CPU restricted to AVX2 (oneDNN's and ATen's instruction sets capped, as an older CPU has them): bf16
+    products fall to an emulated kernel and `auto` keeps fp32, whatever the machine running the tests."""
+    script = ("from affiner.core.devices import cpu_bf16_speedup, resolve_dtype; import torch; "
+              "assert resolve_dtype('auto') == torch.float32, cpu_bf16_speedup(); print(cpu_bf16_speedup())")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    env.pop("AFFINER_CPU_BF16", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) < devices.CPU_BF16_MIN_SPEEDUP / 2
 
 
 def test_mps_loads_onto_mps(machine, loads):

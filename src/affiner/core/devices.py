@@ -97,8 +97,20 @@ def gpu_capability() -> str:
 def cpu_bf16_speedup(size: int = 1024, rounds: int = 4) -> float:
     """How many times faster this CPU multiplies bf16 matrices than fp32 ones: measured once per process (the best
     of `rounds` products of `size` x `size` matrices in each dtype, taken in turn so that a burst of load on a shared
-    machine slows both; about 0.1 s). AMX or AVX512-BF16 make bf16 several times faster; a CPU with AVX2 only
-    emulates it, slower than fp32."""
+    machine slows both; a few tenths of a second). AMX or AVX512-BF16 make bf16 several times faster; a CPU with
+    AVX2 only emulates it, slower than fp32, and is told by a first product at half the size."""
+    # Emulated bf16 slows down faster than the size grows (torch's fallback kernel, no oneDNN): on a 2-core Zen 4
+    # held to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2) one product of 1024 took 2.3 s, 0.013x fp32,
+    # so measuring at 1024 cost every command 12 s at start-up. Half the size costs an eighth of the work, and
+    # there emulation already measures 0.1x and native bf16 above 1.5x: only a CPU not clearly slower goes on.
+    first = bf16_product_speedup(size // 2, rounds=2)
+    if first < CPU_BF16_MIN_SPEEDUP / 2:
+        return first
+    return bf16_product_speedup(size, rounds)
+
+
+def bf16_product_speedup(size: int, rounds: int) -> float:
+    """fp32's time over bf16's for a product of two `size` x `size` matrices, the best of `rounds` of each."""
     matrices = {dtype: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
                 for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(matrices, float("inf"))
