@@ -150,10 +150,15 @@ TRAIN: list[Case] = [
     ("set-without-equals", lambda w: ["train", w.config(), "--set", "train.max_steps"], r"train.max_steps"),
     ("set-unknown-key", lambda w: ["train", w.config(), "--set", "train.epochz=2"], r"epochz"),
     ("set-bad-value", lambda w: ["train", w.config(), "--set", "train.batch_size=-2"], r"batch_size"),
+    ("lora-rank-absurd", lambda w: ["train", w.config(), "--set", "lora.r=99999999999999999999999999"],
+     r"lora.r is 99999999999999999999999999, but the smallest layer it adapts .* Set lora.r to \d+ or less"),
     ("data-missing", lambda w: ["train", w.config(data={"train": "missing.jsonl"})], r"missing.jsonl"),
     ("data-empty", lambda w: ["train", w.config(data={"train": w.write("empty.jsonl", "")})], r"empty.jsonl"),
     ("data-test-missing", lambda w: ["train", w.config(data={"test": "nope.jsonl"})], r"nope.jsonl"),
     ("data-not-json", lambda w: ["train", w.config(data={"train": w.write("x.jsonl", "{oops}\n")})], r"x.jsonl:1"),
+    ("data-jsonl-holding-a-list", lambda w: ["train", w.config(data={"train": w.write("l.jsonl", json.dumps(
+        [{"question": "What is QUILT?", "answer": "A quilt."}] * 3) + "\n")})],
+     r"l.jsonl:1 is a JSON list of records, not one record.*rename it"),
     ("data-deep-nesting", lambda w: ["train", w.config(data={"train": w.write("deep.jsonl", "[" * 100000 + "\n")})],
      r"deep.jsonl:1"),
     ("data-role-list", lambda w: ["train", w.config(data={"format": "conversations", "template": "chat", "train": w.write(
@@ -253,6 +258,12 @@ EVALUATE: list[Case] = [
                                         w.write("caps.csv", "Query,Reply\nWhat is QUILT?,A quilt.\n")],
      r"caps.csv.*Query, Reply.*affiner evaluate reads --test as the run read its data.*rename the file's columns"),
     ("adapter-truncated", lambda w: ["evaluate", _damage_adapter(w)], r"adapter in .*finished cannot be read"),
+    ("adapter-weights-missing", lambda w: ["evaluate", _remove(w.finished / "adapter_model.safetensors")],
+     r"adapter in .*finished cannot be read \(adapter_model.safetensors is missing\)"),
+    ("template-hollow", lambda w: ["evaluate", _damaged_file(w.finished / "template.json", b'{"name": "x"}')],
+     r"template.json is damaged \(its prompt must be a text holding \{instruction\}\)"),
+    ("tokenizer-truncated", lambda w: ["evaluate", _damaged_file(w.finished / "tokenizer.json")],
+     r"tokenizer in .*finished cannot be read"),
     ("max-new-tokens-zero", lambda w: ["evaluate", str(w.finished), "--max-new-tokens", "0"], r"--max-new-tokens"),
     ("max-new-tokens-text", lambda w: ["evaluate", str(w.finished), "--max-new-tokens", "many"], r"--max-new-tokens"),
     ("max-questions-negative", lambda w: ["evaluate", str(w.finished), "--max-questions", "-2"], r"--max-questions"),
@@ -278,6 +289,9 @@ CHAT: list[Case] = [
     ("run-missing", lambda w: ["chat", "runs/none"], r"runs/none"),
     ("unfinished", lambda w: ["chat", str(w.interrupted)], r"has not finished training"),
     ("run-json-damaged", lambda w: ["chat", _damage_run_json(w.finished)], r"run.json is damaged"),
+    ("template-without-input", lambda w: ["chat", _damaged_file(w.finished / "template.json", json.dumps(
+        {"name": "qa", "prompt": "Q: {instruction}\nA:", "prompt_with_input": "Q: {instruction}\nA:"}).encode())],
+     r"template.json is damaged \(its prompt_with_input must be a text holding \{instruction\} and \{input\}\)"),
     ("adapter-truncated", lambda w: ["chat", _damage_adapter(w)], r"adapter in .*finished cannot be read"),
     ("top-p-five", lambda w: ["chat", str(w.finished), "--top-p", "5"], r"--top-p"),
     ("top-k-negative", lambda w: ["chat", str(w.finished), "--top-k", "-3"], r"--top-k"),
@@ -311,6 +325,8 @@ EXPORT: list[Case] = [
     ("merge-device-unknown", lambda w: ["export", str(w.finished), "--output", "out", "--merge-device", "tpu"],
      r"--merge-device"),
     ("output-missing", lambda w: ["export", str(w.finished)], r"--output"),
+    ("output-under-a-file", lambda w: ["export", str(w.finished), "--output", w.write("afile", "x") + "/sub"],
+     r"afile: a file, not a folder"),
     ("run-json-damaged", lambda w: ["export", _damage_run_json(w.finished), "--output", "out"], r"run.json is damaged"),
     ("public-without-push", lambda w: ["export", str(w.finished), "--output", "out", "--public"], r"--public"),
     # a run's own files damaged (a copy cut short, an edit): named, never an internal error
@@ -324,6 +340,11 @@ EXPORT: list[Case] = [
                                                   "--output", "out", "--for", "llama.cpp"],
      r"LoRA adapter in .* cannot be read"),
 ]
+
+
+def _remove(path: Path) -> str:
+    path.unlink()
+    return str(path.parent)
 
 
 def _damaged_file(path: Path, content: bytes | None = None) -> str:
@@ -341,6 +362,8 @@ OTHERS: list[Case] = [
     ("runs-compare-one", lambda w: ["runs", "compare", str(w.finished)], r"at least two run folders"),
     ("runs-list-with-folders", lambda w: ["runs", "list", str(w.finished)], r"affiner runs compare"),
     ("runs-dir-missing", lambda w: ["runs", "--dir", "nowhere"], r"nowhere does not exist"),
+    ("runs-dir-a-run-folder", lambda w: ["runs", "--dir", str(w.finished)],
+     r"finished is a run folder: affiner runs --dir .* lists it with the others"),
     ("runs-compare-missing", lambda w: ["runs", "compare", str(w.finished), "runs/none"], r"runs/none"),
     ("runs-unknown-action", lambda w: ["runs", "delete"], r"runs delete: not list, compare or a folder of runs"),
     ("sweep-no-grid", lambda w: ["sweep", w.config()], r"--grid"),

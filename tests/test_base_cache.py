@@ -75,15 +75,36 @@ def test_changed_weights_change_the_key(tiny_gpt2):
     assert base_cache.weights_fingerprint(model) != before
 
 
-def test_a_damaged_entry_is_answered_again_and_rewritten(run, generations):
-    evaluate(run)
+def cut_short(entry: dict) -> str:
+    return json.dumps(entry)[:40]
+
+
+def one_answer_left(entry: dict) -> str:
+    return json.dumps({**entry, "answers": entry["answers"][:1]})
+
+
+def tokens_as_text(entry: dict) -> str:
+    return json.dumps({**entry, "answers": [{**entry["answers"][0], "tokens": "x"}, *entry["answers"][1:]]})
+
+
+def losses_of_other_rows(entry: dict) -> str:
+    return json.dumps({**entry, "losses": [entry["losses"][0][:1], entry["losses"][1][:1]]})
+
+
+@pytest.mark.parametrize("damage", [cut_short, one_answer_left, tokens_as_text, losses_of_other_rows])
+def test_a_damaged_entry_is_answered_again_and_rewritten(run, generations, damage):
+    """An entry cut short, or whole JSON of another shape (edited by hand, or left by another version), is a miss:
+    never an internal error, never answers scored against the wrong questions."""
+    first = evaluate(run)
     entries = list(base_cache.folder().glob("*.json"))
     assert len(entries) == 1
-    entries[0].write_text("{ cut sho")
+    whole = json.loads(entries[0].read_text())
+    entries[0].write_text(damage(whole))
     generations.clear()
-    evaluate(run)
+    again = evaluate(run)
     assert "base" in generations
-    assert json.loads(entries[0].read_text())["answers"]
+    assert json.loads(entries[0].read_text()) == {**whole, "seconds": json.loads(entries[0].read_text())["seconds"]}
+    assert again["metrics"]["rouge_l"]["base"] == first["metrics"]["rouge_l"]["base"]
 
 
 def test_a_changed_config_tokenizer_or_answering_code_changes_the_key(tiny_gpt2, monkeypatch):

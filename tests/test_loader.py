@@ -66,7 +66,8 @@ def test_a_saved_tokenizer_lists_its_added_tokens_and_loads_back_the_same(fixtur
     tokenizer.json in Python: 4.1-4.5 s for Gemma's against 2.55 s), and the tokenizer reads back unchanged."""
     import json
 
-    from affiner.core.models import load_tokenizer, save_tokenizer
+    from affiner.core.gguf_cache import save_tokenizer
+    from affiner.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(request.getfixturevalue(fixture)))
     save_tokenizer(tokenizer, tmp_path)
@@ -87,7 +88,8 @@ def test_a_cached_gguf_conversion_gets_gemma_s_image_markers_as_special_tokens(t
 
     from tokenizers import AddedToken
 
-    from affiner.core.models import GGUF_TOKENIZER_VERSION, load_tokenizer, save_tokenizer, upgrade_gguf_tokenizer
+    from affiner.core.gguf_cache import GGUF_TOKENIZER_VERSION, save_tokenizer, upgrade_gguf_tokenizer
+    from affiner.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(tiny_gemma))
     tokenizer.add_tokens([AddedToken("<start_of_image>", special=False, normalized=False), "<table>"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from affiner.core.models import load_tokenizer
-from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, turn_markers
+from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, trim_unfinished_marker, turn_markers
 from affiner.core.templates import TEXT_TEMPLATES, Template, build_template
 from affiner.evaluation.generation import decode, generate
 
@@ -98,6 +98,26 @@ def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):
     assert answer.tokens == len(tokenizer(" It is X.\n", add_special_tokens=False)["input_ids"])
     stopped = decode(ids[:3] + [tokenizer.eos_token_id], [tokenizer.eos_token_id], tokenizer, turn_markers(QA))
     assert stopped.stopped and not stopped.new_turn
+
+
+def test_a_marker_the_limit_left_unfinished_is_not_part_of_the_answer(tiny_gpt2):
+    """A base model at its token limit in the middle of "\n### Question:" wrote the start of a new turn, not
+    answer: it is left out, in evaluation, in a served reply and in a stream alike. It was not finished, so the
+    answer ran to the limit (not into a new turn), and its tokens count: they were generated."""
+    markers = turn_markers(QA)
+    assert trim_unfinished_marker(" It is X.\n###", markers) == " It is X.\n"
+    assert trim_unfinished_marker(" It is X.\n  ### Quest", markers) == " It is X.\n  "
+    assert trim_unfinished_marker(" It is X. ###", markers) == " It is X. ###"  # not where a turn begins
+    assert trim_unfinished_marker(" It is X.\n### Answers vary", markers) == " It is X.\n### Answers vary"
+    tokenizer = load_tokenizer(str(tiny_gpt2))
+    ids = tokenizer(" It is X.\n### Quest", add_special_tokens=False)["input_ids"]
+    answer = decode(ids, [tokenizer.eos_token_id], tokenizer, markers)
+    assert answer.text == "It is X." and not answer.new_turn and not answer.stopped and answer.tokens == len(ids)
+    cutter = TurnCutter(markers)
+    streamed = "".join(cutter.feed(p) for p in [" It", " is X.", "\n", "###", " Quest"]) + cutter.flush()
+    assert streamed == " It is X.\n" and not cutter.cut
+    stop_text = TurnCutter(("END",), anywhere=True)
+    assert "".join(stop_text.feed(p) for p in [" one\n", "EN"]) + stop_text.flush() == " one\nEN"
 
 
 class Scripted(torch.nn.Module):

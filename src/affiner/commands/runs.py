@@ -29,10 +29,11 @@ def main(args: argparse.Namespace) -> None:
     from affiner.core.errors import AffinerError
     from affiner.experiments.runs import compare_runs, describe_runs, format_comparison, list_runs
 
-    if args.action not in ("list", "compare"):
-        if (Path(args.action) / "run.json").is_file():
-            raise AffinerError(f"{args.action} is a run folder: affiner runs --dir {Path(args.action).parent} lists it "
+    for folder in (args.action, args.dir):  # a run folder given where a folder of runs is expected
+        if (Path(folder) / "run.json").is_file():
+            raise AffinerError(f"{folder} is a run folder: affiner runs --dir {Path(folder).parent} lists it "
                                "with the others; affiner runs compare RUN RUN ... compares runs.")
+    if args.action not in ("list", "compare"):
         if not Path(args.action).is_dir():
             raise AffinerError(f"affiner runs {args.action}: not list, compare or a folder of runs; e.g. affiner runs, "
                                "affiner runs --dir sweeps/NAME/runs, affiner runs compare runs/a runs/b.")

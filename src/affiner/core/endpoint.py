@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -23,6 +22,7 @@ import httpx2
 import openai
 
 from affiner.core.errors import AffinerError
+from affiner.core.files import cache_root
 from affiner.core.net import is_loopback, read_api_key
 
 SENT_HEADERS = {"host", "accept", "accept-encoding", "connection", "content-length", "content-type"}
@@ -93,8 +93,7 @@ class ChatClient:
         base = checked_url(settings, label)
         self.endpoint, self.settings, self.user_agent = f"{base}/chat/completions", settings, user_agent
         self._api_key = read_api_key(settings.api_key_env, f"The {label} key variable")
-        cache_root = Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner"))  # as models.cache_root()
-        self.cache_path = (settings.cache_dir or cache_root / cache_name) / "replies.sqlite3"
+        self.cache_path = (settings.cache_dir or cache_root() / cache_name) / "replies.sqlite3"
         try:
             self.cache_path.parent.mkdir(parents=True, exist_ok=True)
             self._cache("CREATE TABLE IF NOT EXISTS replies (key TEXT PRIMARY KEY, reply TEXT NOT NULL, created REAL)")

@@ -7,6 +7,7 @@ beside the target, flushed to disk, then renamed over it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -23,6 +24,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from affiner.core.errors import AffinerError
+
+
+def cache_root() -> Path:
+    """Where affiner keeps what it can make again (converted models, base evaluations, replies): $AFFINER_CACHE,
+    else ~/.cache/affiner."""
+    return Path(os.environ.get("AFFINER_CACHE", Path.home() / ".cache" / "affiner"))
 
 
 def write_atomic(path: Path, content: str | bytes) -> Path:
@@ -156,6 +163,9 @@ def folder_written_whole(output: Path) -> Iterator[Path]:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
     except OSError as error:  # named by the folder asked for: the staging folder's name means nothing to a user
+        file = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        if file is not None:  # mkdir says "File exists" of the folder asked for
+            raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(file)) from None
         raise OSError(error.errno, error.strerror, str(output)) from None
     try:
         yield staging

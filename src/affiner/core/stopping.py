@@ -50,6 +50,16 @@ def cut_at_turn(text: str, markers: tuple[str, ...], anywhere: bool = False) -> 
     return (text, False) if at is None else (text[:at], True)
 
 
+def trim_unfinished_marker(text: str, markers: tuple[str, ...]) -> str:
+    """`text` without a last line that only begins a marker: an answer the token limit ended inside "\n### Quest"
+    ends where that marker began, as `cut_at_turn` cuts a whole one. The marker was never finished, so the answer
+    is not counted as a new turn; its tokens were all generated, and stay counted."""
+    start = text.rpartition("\n")[2].lstrip(" \t")
+    if start and any(marker.startswith(start) for marker in markers):
+        return text[:len(text) - len(start)]
+    return text
+
+
 class RowEnds:
     """For a batch decoder (`decode_rows`' `done`): which rows have ended, besides at a stop token, given each row's
     new tokens so far: at the row's own token limit, at a new turn of its template (`markers`), at one of its
@@ -95,5 +105,8 @@ class TurnCutter:
         return ready
 
     def flush(self) -> str:
-        rest, self.released = ("" if self.cut else self.text[self.released:]), len(self.text)
+        """What was held back, at the end: none of a new turn, nor of a marker the limit left unfinished (a
+        request's stop text, found `anywhere`, is not at a line's start: its unfinished start is text)."""
+        whole = self.text if self.anywhere else trim_unfinished_marker(self.text, self.markers)
+        rest, self.released = ("" if self.cut else whole[self.released:]), len(self.text)
         return rest

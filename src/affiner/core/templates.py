@@ -210,7 +210,24 @@ def load_template(folder: Path) -> Template:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
         raw["stop_token_ids"] = tuple(raw.get("stop_token_ids", ()))
-        return Template(**raw)
+        template = Template(**raw)
+        _check_saved(template)
+        return template
     except (ValueError, UnicodeDecodeError, TypeError, AttributeError) as exc:  # not JSON, or not a template's
         raise AffinerError(f"{path} is damaged ({exc}); restore it from a backup, or copy it from a run trained "
                            "with the same template.") from None
+
+
+def _check_saved(template: Template) -> None:
+    """A saved template that can prompt the model as it was trained: one missing its prompt would condition every
+    answer on an empty text, and the scores would look like the model's own."""
+    if template.is_chat:
+        if not isinstance(template.chat_template, str) or not template.chat_template.strip():
+            raise ValueError("its chat_template is empty")
+        return
+    for key, fields in (("prompt", ("{instruction}",)), ("prompt_with_input", ("{instruction}", "{input}"))):
+        text = getattr(template, key)
+        if not isinstance(text, str) or not all(f in text for f in fields):
+            raise ValueError(f"its {key} must be a text holding {' and '.join(fields)}")
+    if not all(isinstance(i, int) for i in template.stop_token_ids):
+        raise ValueError("its stop_token_ids must be token ids")

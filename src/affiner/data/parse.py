@@ -128,6 +128,9 @@ def _where_too_deep(text: str) -> tuple[int, int]:
 
 
 def as_record(item: Any, where: str) -> dict[str, Any]:
+    if isinstance(item, list) and item and all(isinstance(m, dict) and "role" not in m for m in item):
+        raise AffinerError(f"{where} is a JSON list of records, not one record: a .jsonl file holds one JSON object "
+                           "per line. A file that is one JSON list is read as .json: rename it.")
     if isinstance(item, list):  # a bare conversation: [{role, content}, ...]
         return {"messages": item}
     if not isinstance(item, dict):

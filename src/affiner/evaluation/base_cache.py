@@ -20,7 +20,7 @@ import torch
 
 from affiner.core import decoding, loss, models, stopping, templates
 from affiner.core.files import read_json, write_json
-from affiner.core.models import cache_root
+from affiner.core.files import cache_root
 from affiner.core.settings import Settings
 from affiner.core.templates import Example, Template
 from affiner.data import tokens
@@ -78,17 +78,37 @@ def _path(key: str) -> Path:
     return folder() / f"{key}.json"
 
 
-def load(key: str) -> dict[str, Any] | None:
-    """{"answers", "losses", "seconds", "general"} as an earlier evaluation left them, or None."""
+def load(key: str, questions: int, general: int) -> dict[str, Any] | None:
+    """{"answers", "losses", "seconds", "general"} as an earlier evaluation left them for `questions` task and
+    `general` general-set questions, or None: absent, or damaged (cut short, edited), answered again and rewritten."""
     path = _path(key)
     try:
         saved = read_json(path)
-        return {"answers": [Answer(**a) for a in saved["answers"]], "losses": tuple(saved["losses"]),
-                "seconds": saved["seconds"],
-                "general": ([Answer(**a) for a in saved["general"][0]], tuple(saved["general"][1]))
-                if saved.get("general") else None}
-    except (OSError, ValueError, KeyError, TypeError):  # absent, or damaged: answered again, then rewritten
+        kept = {"answers": _answers(saved["answers"], questions), "losses": _losses(saved["losses"], questions),
+                "seconds": float(saved["seconds"]),
+                "general": (_answers(saved["general"][0], general), _losses(saved["general"][1], general))
+                if general else None}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+    return kept
+
+
+def _answers(saved: list, count: int) -> list[Answer]:
+    answers = [Answer(**a) for a in saved]
+    if len(answers) != count or not all(isinstance(a.text, str) and type(a.tokens) is int and a.tokens >= 0
+                                        and isinstance(a.stopped, bool) and isinstance(a.new_turn, bool)
+                                        for a in answers):
+        raise ValueError("not the answers asked for")
+    return answers
+
+
+def _losses(saved: list, count: int) -> tuple[list, list]:
+    """Each answer's summed loss and token count; ([], []) where no row had a reference to score."""
+    sums, counts = saved
+    if (len(sums), len(counts)) not in {(count, count), (0, 0)} or not all(
+            isinstance(s, (int, float)) and type(c) is int for s, c in zip(sums, counts)):
+        raise ValueError("not the losses asked for")
+    return sums, counts
 
 
 def save(key: str, answers: list[Answer], losses: tuple, seconds: float, general: tuple | None) -> None:

@@ -198,7 +198,7 @@ def answer_all(plan: Plan, general: list[Example], limit: int, size: int, sampli
         if name == "base":
             done.past_context = over_context(model, tokenizer, template, examples)
             key = base_cache.cache_key(model, tokenizer, template, examples, general, limit, size, sampling)
-            kept = base_cache.load(key) if plan.base_cache else None
+            kept = base_cache.load(key, len(examples), len(general)) if plan.base_cache else None
         if kept is not None:  # the key holds the general set too: kept["general"] is there exactly when asked
             done.answers[name], done.losses[name], done.seconds[name] = kept["answers"], kept["losses"], 0.0
             if general:

@@ -30,7 +30,8 @@ from pathlib import Path
 from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import json_text, write_atomic, write_json
-from affiner.core.models import resolve_base, save_tokenizer, tokenizer_for
+from affiner.core.gguf_cache import save_tokenizer
+from affiner.core.models import resolve_base, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
 from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, adds_bos, encode_prompt

@@ -21,7 +21,8 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
                                 write_json)
-from affiner.core.models import damaged, model_type_of, save_tokenizer, tokenizer_for
+from affiner.core.gguf_cache import save_tokenizer
+from affiner.core.models import ADAPTER_WEIGHTS, damaged, model_type_of, tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
@@ -31,7 +32,7 @@ from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE,
                                     with_run_chat_template, write_generation_config, write_script)
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES
 from affiner.export.hub import check_push, push_folder
-from affiner.export.merge import (ADAPTER_WEIGHTS, check_finite_adapter, resolve_merge_device, save_model,
+from affiner.export.merge import (check_finite_adapter, resolve_merge_device, save_model,
                                   saved_dtype, tuned_model)
 from affiner.export.ollama import (GGUF_FILE, MODELFILE, check_gguf_architecture, modelfile, slug, write_adapter_gguf,
                                    write_base_gguf, write_gguf_files)

@@ -25,14 +25,13 @@ from gguf import GGMLQuantizationType, GGUFValueType as T
 from gguf.quants import quantize
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import adapter_weights
+from affiner.core.models import ADAPTER_WEIGHTS, adapter_weights
+from affiner.core.runfolder import ADAPTER_CONFIG
 from affiner.export.gguf_metadata import entry
 from affiner.export.gguf_writer import (general_metadata, gguf_architecture, gguf_tensor_name, llama_cpp_shapes,
                                         reorder_rows, tensor_names, write_file)
 
 ADAPTER_TYPES = ("f32", "f16", "bf16")  # rank-wide rows are rarely whole blocks: no quantised types
-_WEIGHTS = "adapter_model.safetensors"
-_CONFIG = "adapter_config.json"
 _PREFIX = "base_model.model."
 # adapter_config.json settings llama.cpp has no way to apply, and what each one means to a user.
 _UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "modules_to_save": "modules saved whole (modules_to_save)",
@@ -79,9 +78,9 @@ def write_lora_gguf(adapter_folder: Path, base_config, target: Path, gguf_type: 
 def _adapter_settings(folder: Path) -> dict:
     """adapter_config.json, after refusing what llama.cpp cannot apply."""
     try:
-        settings = json.loads((folder / _CONFIG).read_text(encoding="utf-8"))
+        settings = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise AffinerError(f"cannot read the LoRA adapter's {folder / _CONFIG} ({exc}); a LoRA GGUF is written "
+        raise AffinerError(f"cannot read the LoRA adapter's {folder / ADAPTER_CONFIG} ({exc}); a LoRA GGUF is written "
                            "from a peft adapter folder (adapter_config.json and adapter_model.safetensors).") from None
     if settings.get("peft_type", "LORA") != "LORA":
         raise AffinerError(f"the adapter in {folder} is a {settings['peft_type']} adapter; llama.cpp loads LoRA "
@@ -100,7 +99,7 @@ def _gguf_pairs(folder: Path, base_config, arch: str) -> dict[str, tuple[np.ndar
     """GGUF base tensor name -> (A, B) in llama.cpp's layout, from the adapter's safetensors."""
     names = tensor_names(arch, base_config)
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, array in adapter_weights(folder / _WEIGHTS, as_numpy=True).items():
+    for key, array in adapter_weights(folder / ADAPTER_WEIGHTS, as_numpy=True).items():
         module, part = _split_key(key, folder)
         gguf_name = gguf_tensor_name(names, module + ".weight")
         if gguf_name is None or gguf_name == "token_embd.weight":

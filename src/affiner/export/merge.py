@@ -21,13 +21,13 @@ from affiner.core.errors import AffinerError
 from affiner.core.files import usual_permissions
 from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
-from affiner.core.models import adapter_weights, drop_gguf_quantizer, load_for, load_model, resolve_base, save_tokenizer
+from affiner.core.gguf_cache import drop_gguf_quantizer, save_tokenizer
+from affiner.core.models import ADAPTER_WEIGHTS, adapter_weights, load_for, load_model, resolve_base
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 EXAMPLE_QUESTION = "What does QUILT stand for?"  # the test prompt here, the example of the card and Modelfile
 MERGE_TOLERANCE = 1e-3  # relative to the largest logit: merging reorders fp32 sums, nothing more
 MERGE_DEVICES = ("cpu", "auto")

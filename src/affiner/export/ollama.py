@@ -17,7 +17,8 @@ from affiner.core.config import RunConfig
 from affiner.core.errors import AffinerError
 from affiner.core.files import write_atomic
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
-from affiner.core.models import EMBEDDED_MODELS, embedded_gguf, resolve_base
+from affiner.core.gguf_cache import EMBEDDED_MODELS, embedded_gguf
+from affiner.core.models import resolve_base
 from affiner.core.runfolder import RunFolder
 from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, adds_bos, chat_text, render_prompt, starts_with_bos
@@ -79,7 +80,8 @@ def write_base_gguf(run: RunFolder, config: RunConfig, template: Template, token
     """The run's base as one GGUF file, unmerged: the model llama.cpp's --lora and Ollama's ADAPTER add to."""
     import torch
 
-    from affiner.core.models import drop_gguf_quantizer, load_for
+    from affiner.core.gguf_cache import drop_gguf_quantizer
+    from affiner.core.models import load_for
 
     # fp32 on the CPU, unquantised even for QLoRA: the GGUF type alone decides how the file rounds weights.
     model = load_for(config, full_precision=True, quantized=False, on=torch.device("cpu"))

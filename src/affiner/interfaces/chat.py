@@ -32,7 +32,7 @@ HISTORY_LENGTH = 1000
 
 
 def history_path() -> Path:
-    from affiner.core.models import cache_root
+    from affiner.core.files import cache_root
 
     return cache_root() / HISTORY_FILE
 

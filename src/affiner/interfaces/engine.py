@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from affiner.core.errors import AffinerError
 from affiner.core.decoding import decode_rows, last_position, left_pad, penalties, tokens_for
 from affiner.core.settings import GREEDY, Settings
-from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, turn_markers
+from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, trim_unfinished_marker, turn_markers
 from affiner.core.devices import device
 from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
 from affiner.core.runfolder import RunFolder, model_names, require_one_base
@@ -339,6 +339,7 @@ class Engine:
             streamer.put(torch.tensor([token]))
         streamer.end()
         text, new_turn = cut_at_turn("".join(streamer), markers)
+        text = text if new_turn else trim_unfinished_marker(text, markers)
         reply.text, by_stop = cut_at_turn(text, stops, anywhere=True)
         cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
         reply.new_turn, reply.stopped = new_turn, by_stop or (cut is not None and not new_turn)

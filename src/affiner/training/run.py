@@ -21,8 +21,9 @@ from affiner.core.config import RunConfig
 from affiner.core.devices import share_cpu_bf16_speedup
 from affiner.core.errors import AffinerError
 from affiner.core.files import file_sha256, remove_leftovers
+from affiner.core.gguf_cache import save_tokenizer
 from affiner.core.models import (check_weights_readable, context_length, default_target_modules, dtype_for,
-                                 max_positions, save_tokenizer, skeleton_for, tokenizer_for)
+                                 max_positions, skeleton_for, tokenizer_for)
 from affiner.core.runfolder import CHECKPOINTS, CONFIG_FILE, RunFolder
 from affiner.core.templates import Template, build_template
 from affiner.core.tracking import require_trackers_installed
@@ -163,6 +164,21 @@ def check_before_writing(config: RunConfig) -> None:
             raise AffinerError(f"lora.target_modules names layers {config.model.base} does not have: "
                                f"{', '.join(missing)}. Its linear layers are: "
                                f"{', '.join(default_target_modules(model))}.")
+    if config.method != "full":
+        check_lora_rank(config, model)
+
+
+def check_lora_rank(config: RunConfig, model) -> None:
+    """lora.r within the adapted layers' sizes: above the smallest one the adapter adds weights but no capacity,
+    and an absurd rank would fail in torch's allocator once the run folder exists."""
+    targets = default_target_modules(model) if config.lora.target_modules == "auto" else config.lora.target_modules
+    sizes = [(min(module.weight.shape), name) for name, module in model.named_modules()
+             if name.rsplit(".", 1)[-1] in targets and getattr(module, "weight", None) is not None]
+    smallest, name = min(sizes, default=(None, ""))
+    if smallest is not None and config.lora.r > smallest:
+        raise AffinerError(f"lora.r is {config.lora.r}, but the smallest layer it adapts ({name}) has {smallest} "
+                           f"inputs or outputs: a rank above that adds weights and no capacity. Set lora.r to "
+                           f"{smallest} or less (8-64 is usual).")
 
 
 def check_probe_settings(config: RunConfig) -> None:
