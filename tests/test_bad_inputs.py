@@ -151,7 +151,7 @@ TRAIN: list[Case] = [
     ("set-unknown-key", lambda w: ["train", w.config(), "--set", "train.epochz=2"], r"epochz"),
     ("set-bad-value", lambda w: ["train", w.config(), "--set", "train.batch_size=-2"], r"batch_size"),
     ("lora-rank-absurd", lambda w: ["train", w.config(), "--set", "lora.r=99999999999999999999999999"],
-     r"lora.r is 99999999999999999999999999, but the smallest layer it adapts .* Set lora.r to \d+ or less"),
+     r"lora.r is 99999999999999999999999999, but the layers it adapts have at most \d+ .* Set lora.r to \d+ or less"),
     ("data-missing", lambda w: ["train", w.config(data={"train": "missing.jsonl"})], r"missing.jsonl"),
     ("data-empty", lambda w: ["train", w.config(data={"train": w.write("empty.jsonl", "")})], r"empty.jsonl"),
     ("data-test-missing", lambda w: ["train", w.config(data={"test": "nope.jsonl"})], r"nope.jsonl"),

@@ -274,6 +274,20 @@ def test_a_cpu_that_emulates_bf16_is_told_by_one_small_product(monkeypatch):
         devices.cpu_bf16_speedup.cache_clear()
 
 
+def test_measuring_the_cpu_leaves_the_runs_random_stream_alone():
+    """The measurement's random matrices do not come from the global generator, which the run seeded for its LoRA
+    weights and data order: a run measured and one pinned by AFFINER_CPU_BF16 start from the same weights."""
+    devices.cpu_bf16_speedup.cache_clear()
+    try:
+        torch.manual_seed(3)
+        expected = torch.rand(4)
+        torch.manual_seed(3)
+        devices.cpu_bf16_speedup()
+        assert torch.equal(torch.rand(4), expected)
+    finally:
+        devices.cpu_bf16_speedup.cache_clear()
+
+
 def test_a_cpu_held_to_avx2_stays_in_fp32(tmp_path):
     """This CPU restricted to AVX2 (oneDNN's and ATen's instruction sets capped, as an older CPU has them): bf16
     products fall to an emulated kernel and `auto` keeps fp32, whatever the machine running the tests."""

@@ -103,7 +103,8 @@ def test_decoding_cuts_the_new_turn_and_does_not_call_it_a_stop(tiny_gpt2):
 def test_a_marker_the_limit_left_unfinished_is_not_part_of_the_answer(tiny_gpt2):
     """A base model at its token limit in the middle of "\n### Question:" wrote the start of a new turn, not
     answer: it is left out, in evaluation, in a served reply and in a stream alike. It was not finished, so the
-    answer ran to the limit (not into a new turn), and its tokens count: they were generated."""
+    answer ran to the limit (not into a new turn), and its tokens count: they were generated. An answer that
+    ended with a stop token is whole as written ("Réponse: R" with the instruction template's markers)."""
     markers = turn_markers(QA)
     assert trim_unfinished_marker(" It is X.\n###", markers) == " It is X.\n"
     assert trim_unfinished_marker(" It is X.\n  ### Quest", markers) == " It is X.\n  "
@@ -113,11 +114,15 @@ def test_a_marker_the_limit_left_unfinished_is_not_part_of_the_answer(tiny_gpt2)
     ids = tokenizer(" It is X.\n### Quest", add_special_tokens=False)["input_ids"]
     answer = decode(ids, [tokenizer.eos_token_id], tokenizer, markers)
     assert answer.text == "It is X." and not answer.new_turn and not answer.stopped and answer.tokens == len(ids)
+    stopped = decode(ids + [tokenizer.eos_token_id], [tokenizer.eos_token_id], tokenizer, markers)
+    assert stopped.text == "It is X.\n### Quest" and stopped.stopped
+    pieces = [" It", " is X.", "\n", "###", " Quest"]
     cutter = TurnCutter(markers)
-    streamed = "".join(cutter.feed(p) for p in [" It", " is X.", "\n", "###", " Quest"]) + cutter.flush()
-    assert streamed == " It is X.\n" and not cutter.cut
+    assert "".join(cutter.feed(p) for p in pieces) + cutter.flush(trim=True) == " It is X.\n" and not cutter.cut
+    cutter = TurnCutter(markers)
+    assert "".join(cutter.feed(p) for p in pieces) + cutter.flush() == " It is X.\n### Quest"  # a stop token ended it
     stop_text = TurnCutter(("END",), anywhere=True)
-    assert "".join(stop_text.feed(p) for p in [" one\n", "EN"]) + stop_text.flush() == " one\nEN"
+    assert "".join(stop_text.feed(p) for p in [" one\n", "EN"]) + stop_text.flush(trim=True) == " one\nEN"
 
 
 class Scripted(torch.nn.Module):

@@ -454,3 +454,27 @@ def test_fp16s_gradient_scale_is_kept_in_a_checkpoint_and_restored(tmp_path, tin
     fresh = torch.amp.GradScaler("cpu")
     assert restore_state(checkpoint, model, optimizer, scheduler, Processes(), fresh) == 7
     assert fresh.get_scale() == 1024.0
+
+
+def test_a_lora_rank_some_adapted_layer_can_use_is_accepted_one_none_can_is_refused():
+    """A mixture of experts' 1-wide gate or Gemma 3n's 4 x 4 layers are adapted along with layers hundreds wide:
+    the default rank must not be refused for them; a rank above every adapted layer's size is."""
+    from affiner.core.config import load_config
+    from affiner.core.errors import AffinerError
+    from affiner.training.run import check_lora_rank
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.q_proj = torch.nn.Linear(64, 1), torch.nn.Linear(64, 48)
+
+    config = load_config("quickstart")
+
+    def with_rank(r: int):
+        return config.model_copy(update={"lora": config.lora.model_copy(update={"r": r,
+                                                                               "target_modules": ["gate", "q_proj"]})})
+
+    check_lora_rank(with_rank(16), Block())
+    check_lora_rank(with_rank(48), Block())
+    with pytest.raises(AffinerError, match=r"lora.r is 49, but the layers it adapts have at most 48 .*q_proj"):
+        check_lora_rank(with_rank(49), Block())

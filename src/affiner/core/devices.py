@@ -111,7 +111,10 @@ def cpu_bf16_speedup(size: int = 1024, rounds: int = 4) -> float:
 
 def bf16_product_speedup(size: int, rounds: int) -> float:
     """fp32's time over bf16's for a product of two `size` x `size` matrices, the best of `rounds` of each."""
-    matrices = {dtype: (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
+    # Drawn from a generator of its own: the global one seeds the run's LoRA weights and data order, which were
+    # otherwise not the same measured (a CPU) and not (AFFINER_CPU_BF16 set, a GPU), nor from one version to the next.
+    draw = torch.Generator().manual_seed(0)
+    matrices = {dtype: tuple(torch.randn(size, size, generator=draw).to(dtype) for _ in range(2))
                 for dtype in (torch.float32, torch.bfloat16)}
     best = dict.fromkeys(matrices, float("inf"))
     for a, b in matrices.values():

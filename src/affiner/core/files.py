@@ -163,7 +163,7 @@ def folder_written_whole(output: Path) -> Iterator[Path]:
         output.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir()  # mode 0o777 less the umask, unlike mkdtemp's 0700: the result has the usual permissions
     except OSError as error:  # named by the folder asked for: the staging folder's name means nothing to a user
-        file = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+        file = next((p for p in output.parents if _a_file(p)), None)
         if file is not None:  # mkdir says "File exists" of the folder asked for
             raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", str(file)) from None
         raise OSError(error.errno, error.strerror, str(output)) from None
@@ -172,6 +172,13 @@ def folder_written_whole(output: Path) -> Iterator[Path]:
         replace_folder(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _a_file(path: Path) -> bool:
+    try:
+        return path.exists() and not path.is_dir()
+    except OSError:  # a folder this user may not look into
+        return False
 
 
 def replace_folder(staging: Path, output: Path) -> None:

@@ -152,8 +152,8 @@ def load_tokenizer(source: str, revision: str | None = None, trust_remote_code: 
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, **hub_kwargs(name), **options)
     except Exception as exc:  # tokenizers' own parser raises a bare Exception for a tokenizer.json cut short
-        if local:  # a run's or converted model's own copy is damaged, not out of reach
-            raise damaged("tokenizer", Path(source), exc) from None
+        if local and not isinstance(exc, ImportError) and "trust_remote_code" not in str(exc):
+            raise damaged("tokenizer", Path(source), exc) from None  # a local copy: damaged, not out of reach
         if isinstance(exc, (OSError, ValueError)):
             raise hub_error("tokenizer", source, exc) from None
         raise

@@ -104,9 +104,10 @@ class TurnCutter:
         ready, self.released = kept[self.released:], max(self.released, len(kept))
         return ready
 
-    def flush(self) -> str:
-        """What was held back, at the end: none of a new turn, nor of a marker the limit left unfinished (a
-        request's stop text, found `anywhere`, is not at a line's start: its unfinished start is text)."""
-        whole = self.text if self.anywhere else trim_unfinished_marker(self.text, self.markers)
+    def flush(self, trim: bool = False) -> str:
+        """What was held back, at the end: none of a new turn, nor, with `trim` (no stop token ended the answer),
+        of a marker the limit left unfinished. A request's stop text, found `anywhere`, may begin mid-line: its
+        unfinished start is text."""
+        whole = trim_unfinished_marker(self.text, self.markers) if trim and not self.anywhere else self.text
         rest, self.released = ("" if self.cut else whole[self.released:]), len(self.text)
         return rest

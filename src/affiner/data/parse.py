@@ -17,6 +17,7 @@ from affiner.core.errors import AffinerError
 from affiner.core.files import is_text
 
 Row = tuple[dict[str, Any], str]  # a record and where it came from ("file.jsonl:12")
+MESSAGE_KEYS = {"role", "content", "from", "value"}  # a message's keys (ShareGPT's from/value among them)
 
 DEEP = 100  # lists or objects nested deeper than this are no training record; where they start is the line we name
 _STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
@@ -62,7 +63,11 @@ def read_jsonl(path: Path, label: str) -> list[Row]:
         if not line or line.isspace():  # isspace, not strip: no copy of a long line
             continue
         where = f"{label}:{number}"
-        rows.append((as_record(loads(line, label, number), where), where))
+        item = loads(line, label, number)
+        if isinstance(item, list) and item and all(isinstance(m, dict) and not m.keys() & MESSAGE_KEYS for m in item):
+            raise AffinerError(f"{where} is a JSON list of records, not one record: a .jsonl file holds one JSON "
+                               "object per line. A file that is one JSON list is read as .json: rename it.")
+        rows.append((as_record(item, where), where))
     return rows
 
 
@@ -128,9 +133,6 @@ def _where_too_deep(text: str) -> tuple[int, int]:
 
 
 def as_record(item: Any, where: str) -> dict[str, Any]:
-    if isinstance(item, list) and item and all(isinstance(m, dict) and "role" not in m for m in item):
-        raise AffinerError(f"{where} is a JSON list of records, not one record: a .jsonl file holds one JSON object "
-                           "per line. A file that is one JSON list is read as .json: rename it.")
     if isinstance(item, list):  # a bare conversation: [{role, content}, ...]
         return {"messages": item}
     if not isinstance(item, dict):

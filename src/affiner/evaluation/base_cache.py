@@ -106,7 +106,7 @@ def _losses(saved: list, count: int) -> tuple[list, list]:
     """Each answer's summed loss and token count; ([], []) where no row had a reference to score."""
     sums, counts = saved
     if (len(sums), len(counts)) not in {(count, count), (0, 0)} or not all(
-            isinstance(s, (int, float)) and type(c) is int for s, c in zip(sums, counts)):
+            (s is None or isinstance(s, (int, float))) and type(c) is int for s, c in zip(sums, counts)):  # NaN: null
         raise ValueError("not the losses asked for")
     return sums, counts
 

@@ -100,7 +100,7 @@ def decode(new_ids: list[int], stop_ids: list[int], tokenizer, markers: tuple[st
     cut = next((i for i, token in enumerate(new_ids) if token in stop_ids), None)
     kept = new_ids if cut is None else new_ids[:cut]
     text, new_turn = cut_at_turn(tokenizer.decode(kept, skip_special_tokens=True), markers)
-    text = text if new_turn else trim_unfinished_marker(text, markers)
+    text = text if new_turn or cut is not None else trim_unfinished_marker(text, markers)
     # Cut at a new turn: the tokens generated up to the marker, as serve's usage counts them.
     tokens = tokens_for(text, kept, tokenizer) if new_turn else len(kept)
     return Answer(text=text.strip(), stopped=cut is not None and not new_turn, tokens=tokens, new_turn=new_turn)

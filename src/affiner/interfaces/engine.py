@@ -89,6 +89,12 @@ def _join_through_interrupts(worker: threading.Thread) -> None:
             continue
 
 
+def _ended_by_stop_token(output: dict, prompt_length: int, stop_ids: list[int]) -> bool:
+    """Whether the generation thread's answer (its `output`) holds a stop token (none after an error)."""
+    ids = output.get("ids")
+    return ids is not None and any(token in stop_ids for token in ids[0, prompt_length:].tolist())
+
+
 class _StopOnEvent:
     """Stopping criterion: ends generation at the next token once the event is set (Ctrl-C, a client gone)."""
 
@@ -257,7 +263,11 @@ class Engine:
         try:
             worker.start()
             for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutter held back
-                piece = cutter.feed(piece) if piece is not None else cutter.flush()
+                if piece is None:  # the generation is over: whether a stop token ended it decides the flush
+                    _join_through_interrupts(worker)
+                    piece = cutter.flush(trim=not _ended_by_stop_token(output, len(prompt), stop_ids))
+                else:
+                    piece = cutter.feed(piece)
                 if cutter.cut:
                     stop.set()  # a new turn began: the answer a reader wants is complete
                 if not piece:
@@ -339,9 +349,10 @@ class Engine:
             streamer.put(torch.tensor([token]))
         streamer.end()
         text, new_turn = cut_at_turn("".join(streamer), markers)
-        text = text if new_turn else trim_unfinished_marker(text, markers)
         reply.text, by_stop = cut_at_turn(text, stops, anywhere=True)
         cut = next((i for i, t in enumerate(tokens) if t in stop_ids), None)
+        if not (new_turn or by_stop) and cut is None:  # ended by the limit: as `stream` flushes it
+            reply.text = trim_unfinished_marker(reply.text, markers)
         reply.new_turn, reply.stopped = new_turn, by_stop or (cut is not None and not new_turn)
         reply.ids = tokens if cut is None else tokens[:cut]
         reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if new_turn or by_stop else len(reply.ids)

@@ -169,16 +169,17 @@ def check_before_writing(config: RunConfig) -> None:
 
 
 def check_lora_rank(config: RunConfig, model) -> None:
-    """lora.r within the adapted layers' sizes: above the smallest one the adapter adds weights but no capacity,
-    and an absurd rank would fail in torch's allocator once the run folder exists."""
+    """lora.r that some adapted layer can use: a rank above every layer's inputs or outputs adds weights and no
+    capacity, and an absurd one would fail in torch's allocator once the run folder exists. (A rank above a few
+    small layers' size, as Gemma 3n's 4 x 4 or a mixture of experts' gate, is fine for the others.)"""
     targets = default_target_modules(model) if config.lora.target_modules == "auto" else config.lora.target_modules
     sizes = [(min(module.weight.shape), name) for name, module in model.named_modules()
              if name.rsplit(".", 1)[-1] in targets and getattr(module, "weight", None) is not None]
-    smallest, name = min(sizes, default=(None, ""))
-    if smallest is not None and config.lora.r > smallest:
-        raise AffinerError(f"lora.r is {config.lora.r}, but the smallest layer it adapts ({name}) has {smallest} "
-                           f"inputs or outputs: a rank above that adds weights and no capacity. Set lora.r to "
-                           f"{smallest} or less (8-64 is usual).")
+    largest, name = max(sizes, default=(None, ""))
+    if largest is not None and config.lora.r > largest:
+        raise AffinerError(f"lora.r is {config.lora.r}, but the layers it adapts have at most {largest} inputs or "
+                           f"outputs ({name}): a rank above that adds weights and no capacity. Set lora.r to "
+                           f"{largest} or less (8-64 is usual).")
 
 
 def check_probe_settings(config: RunConfig) -> None:
