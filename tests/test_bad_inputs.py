@@ -156,6 +156,9 @@ TRAIN: list[Case] = [
     ("data-empty", lambda w: ["train", w.config(data={"train": w.write("empty.jsonl", "")})], r"empty.jsonl"),
     ("data-test-missing", lambda w: ["train", w.config(data={"test": "nope.jsonl"})], r"nope.jsonl"),
     ("data-not-json", lambda w: ["train", w.config(data={"train": w.write("x.jsonl", "{oops}\n")})], r"x.jsonl:1"),
+    ("data-nul-character", lambda w: ["train", w.config(data={"train": w.write(
+        "n.jsonl", json.dumps({"question": "What is\u0000 QUILT?", "answer": "A quilt."}) + "\n")})],
+     r"n.jsonl:1: 'question' holds a NUL character"),
     ("data-jsonl-holding-a-list", lambda w: ["train", w.config(data={"train": w.write("l.jsonl", json.dumps(
         [{"question": "What is QUILT?", "answer": "A quilt."}] * 3) + "\n")})],
      r"l.jsonl:1 is a JSON list of records, not one record.*rename it"),

@@ -144,6 +144,8 @@ def test_resume_after_interruption_ends_where_an_uninterrupted_run_ends(tmp_path
     assert [r["learning_rate"] for r in logged] == [r["learning_rate"] for r in straight_log]
     seconds = [r["seconds"] for r in logged]  # the training before the interruption counts in the run's time
     assert seconds == sorted(seconds) and read_json(interrupted / "run.json")["train_seconds"] >= seconds[2]
+    info = read_json(interrupted / "run.json")
+    assert info["status"] == "finished" and info["step"] == info["steps"] == 4  # not the step it was stopped at
     with pytest.raises(AffinerError, match="already finished"):
         train_mod.train(resume=interrupted)
 

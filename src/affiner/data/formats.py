@@ -85,6 +85,9 @@ def text_of(value: Any, what: str, required: bool = True) -> str:
     """A cell as text, refusing anything else: a number or a list turned into text by str() would train
     the model on "42.0", "nan" or "['a']" that nobody wrote. An optional cell may be null (empty)."""
     if isinstance(value, str):
+        if "\x00" in value:  # JSON's \u0000: valid JSON, but no text; reports holding it read as binary files
+            raise AffinerError(f"{what} holds a NUL character (\\u0000), which is no text (a binary value, a "
+                               "bad export?): remove it.")
         return value
     if value is None and not required:
         return ""

@@ -355,7 +355,7 @@ def _finish(trainer: Trainer, run: RunFolder, trackers: Trackers | None, seconds
         for line in advice:
             print(f"note: {line}", file=sys.stderr)
         kept = {"best": {**selection.summary(), "kept": best}} if selection.summary() else {}
-        run.update(status=FINISHED, steps=completed, planned_steps=trainer.steps, train_seconds=seconds,
+        run.update(status=FINISHED, step=completed, steps=completed, planned_steps=trainer.steps, train_seconds=seconds,
                    finished=time.strftime("%Y-%m-%d %H:%M:%S"), advice=advice, **kept,
                    **({"stopped_early": f"train.patience: {selection.patience} probes without a better "
                        f"{selection.key} than step {selection.best_step}'s"} if early else {}),
