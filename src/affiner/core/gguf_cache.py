@@ -107,7 +107,6 @@ def drop_gguf_quantizer(model: nn.Module) -> None:
     quantizer.remove_quantization_config(model)
 
 
-
 def save_tokenizer(tokenizer, folder: str | Path) -> None:
     """`tokenizer.save_pretrained(folder)`, with its added tokens listed in tokenizer_config.json as well.
 

@@ -89,10 +89,10 @@ def _join_through_interrupts(worker: threading.Thread) -> None:
             continue
 
 
-def _ended_by_stop_token(output: dict, prompt_length: int, stop_ids: list[int]) -> bool:
-    """Whether the generation thread's answer (its `output`) holds a stop token (none after an error)."""
-    ids = output.get("ids")
-    return ids is not None and any(token in stop_ids for token in ids[0, prompt_length:].tolist())
+def _answer_ids(output: dict, prompt_length: int, stop_ids: list[int]) -> tuple[list[int], int | None]:
+    """The generation thread's new ids (its `output`; none after an error) and where its first stop token is."""
+    new = output["ids"][0, prompt_length:].tolist() if "ids" in output else []
+    return new, next((i for i, token in enumerate(new) if token in stop_ids), None)
 
 
 class _StopOnEvent:
@@ -265,7 +265,8 @@ class Engine:
             for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutter held back
                 if piece is None:  # the generation is over: whether a stop token ended it decides the flush
                     _join_through_interrupts(worker)
-                    piece = cutter.flush(trim=not _ended_by_stop_token(output, len(prompt), stop_ids))
+                    new, cut = _answer_ids(output, len(prompt), stop_ids)  # the loop always ends here
+                    piece = cutter.flush(trim=cut is None)
                 else:
                     piece = cutter.feed(piece)
                 if cutter.cut:
@@ -282,8 +283,6 @@ class Engine:
             reply.seconds = time.perf_counter() - started
         if "error" in output:
             raise output["error"]
-        new = output["ids"][0, len(prompt):].tolist()
-        cut = next((i for i, t in enumerate(new) if t in stop_ids), None)
         reply.new_turn = cutter.cut
         reply.ids = new if cut is None else new[:cut]
         reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if cutter.cut else len(reply.ids)
