@@ -138,7 +138,7 @@ def test_compare_page_streams_base_and_tuned_side_by_side(monkeypatch, runs, dow
     assert QUESTION in at.expander[0].code[0].value and "### Answer:" in at.expander[0].code[0].value
 
     csv_files = [d for d in downloads if d["mimetype"] == "text/csv"]
-    rows = list(csv.DictReader(io.StringIO(csv_files[-1]["data"].decode("utf-8"))))
+    rows = list(csv.DictReader(io.StringIO(csv_files[-1]["data"].decode("utf-8-sig"))))
     assert len(rows) == 1
     assert rows[0]["instruction"] == QUESTION and rows[0]["max_new_tokens"] == "12"
     assert rows[0]["base answer"] and rows[0]["tuned answer"] and float(rows[0]["tuned seconds"]) > 0
@@ -171,7 +171,7 @@ def test_switching_adapters_reuses_the_loaded_base(monkeypatch, runs, downloads)
     generate(at, "Define MAPLE.")
     assert app.ENGINE_LOADS[key] == 1
     assert [name for name, _ in boxes(at, "tuned")] == [alpha, beta]
-    rows = list(csv.DictReader(io.StringIO(downloads[-1]["data"].decode("utf-8"))))
+    rows = list(csv.DictReader(io.StringIO(downloads[-1]["data"].decode("utf-8-sig"))))
     assert [r["instruction"] for r in rows] == [QUESTION, "Define FROND.", "Define MAPLE."]
     assert rows[0][f"{alpha} answer"] == "" and rows[1][f"{alpha} answer"] and rows[2][f"{beta} answer"]
     assert {r["temperature"] for r in rows} == {"0.0"}
@@ -541,3 +541,17 @@ def test_a_terminated_affiner_app_stops_its_page_server_too():
     assert stopped.value.code == 128 + signal.SIGTERM
     assert page_server.poll() == -signal.SIGTERM  # terminated by affiner, not by the clean-up above
     assert signal.getsignal(signal.SIGTERM) == before  # affiner's handler lasts as long as the page server
+
+
+def test_a_hand_edited_metrics_row_is_left_out_of_the_curves_not_a_traceback(tmp_path):
+    rows = [{"step": 1, "loss": 2.0}, {"step": "x", "loss": "NaN"}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curves = app.read_metrics(tmp_path)
+    assert list(curves.index) == [1, 2] and list(curves["loss"]) == [2.0, 1.5]
+
+
+def test_the_downloaded_csv_opens_with_its_accents_in_excel():
+    comparison = {"instruction": "Été ?", "input": "", "settings": {}, "answers": {"tuned": {"text": "Oui, l'été.", "tokens": 4, "seconds": 0.5}}}
+    data = app.comparisons_download([comparison])
+    assert data.startswith(b"\xef\xbb\xbf")  # the byte-order mark Excel needs to read UTF-8
+    assert next(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))["instruction"] == "Été ?"

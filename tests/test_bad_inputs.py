@@ -313,6 +313,12 @@ SERVE: list[Case] = [
     ("app-port-too-high", lambda w: ["app", str(w.finished), "--port", "99999"], r"--port"),
     ("app-public-without-key", lambda w: ["app", str(w.finished), "--host", "0.0.0.0"], r"--api-key-env"),
     ("app-run-missing", lambda w: ["app", "runs/none"], r"runs/none"),
+    ("app-adapter-weights-missing", lambda w: ["app", _remove(w.finished / "adapter_model.safetensors")],
+     r"adapter in .*finished cannot be read \(adapter_model.safetensors is missing\)"),
+    ("chat-adapter-weights-missing", lambda w: ["chat", _remove(w.finished / "adapter_model.safetensors"),
+                                                "--prompt", "hi"],
+     r"adapter in .*finished cannot be read \(adapter_model.safetensors is missing\)"),
+    ("chat-prompt-empty", lambda w: ["chat", str(w.finished), "--prompt", "  "], r"--prompt is empty"),
     ("max-batch-with-an-engine", lambda w: ["serve", str(w.finished), "--engine", "vllm", "--max-batch", "4"],
      r"--max-batch applies to --engine affiner only"),
 ]

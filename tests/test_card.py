@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from affiner.core.card import card_data, hub_id, shown, write_run_card
 from affiner.core.config import load_config
 from affiner.core.files import read_json
+from affiner.core.formatting import general_verdict
 from affiner.core.models import tokenizer_for
 from affiner.core.runfolder import RunFolder
 from affiner.export import export as export_mod
@@ -35,7 +36,7 @@ def trained(tmp_path_factory, tiny_llama) -> tuple[Path, str]:
                           train={"max_steps": 2, "learning_rate": 5e-2, "batch_size": 2, "seed": 0})
     folder = train(load_config(str(config)))
     after_training = (folder / "README.md").read_text()
-    evaluate(folder, max_questions=2)  # refreshes README.md with the evaluation
+    evaluate(folder, max_questions=2, general=True)  # refreshes README.md with the evaluation
     return folder, after_training
 
 
@@ -90,6 +91,18 @@ def test_after_evaluation_model_index_holds_each_metric_once_with_its_values(tra
     for key in expected:  # one table row per metric
         assert len(re.findall(rf"^\| {re.escape(info[key]['label'])} \|", str(card), re.MULTILINE)) == 1
     assert "Not evaluated yet" not in str(card)
+
+
+def test_the_card_tells_the_no_harm_verdict_the_evaluation_made(trained, tmp_path):
+    """Whatever the task's table says, a reader of the card (and of the export's) learns what the fine-tune did to
+    the general questions: the verdict and its figures as the report gives them."""
+    folder, _ = trained
+    general = read_json(folder / "metrics.json")["general"]
+    verdict = general_verdict(general, "tuned")
+    assert "### General ability (no-harm check)" in (folder / "README.md").read_text()
+    assert verdict in " ".join((folder / "README.md").read_text().split())
+    exported = (export_mod.export(folder, tmp_path / "export") / "README.md").read_text()
+    assert verdict in " ".join(exported.split())
 
 
 def test_a_folder_without_a_run_gets_no_card(tmp_path):

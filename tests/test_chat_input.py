@@ -79,3 +79,36 @@ def test_switching_models_says_what_the_template_keeps(capsys, is_chat, said):
     session = chat.Session(engine, "tuned", Settings())
     session.command("/use base")
     assert session.name == "base" and capsys.readouterr().out.strip() == f"(now talking to base; {said})"
+
+
+def test_a_one_shot_answer_cut_by_ctrl_c_exits_as_interrupted_with_stdout_holding_only_the_answer(capsys):
+    """--prompt: a script must not take a cut answer for a whole one (no marker on stdout, Ctrl-C passed on)."""
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        chat.answer(SlowToRead(), "tuned", [{"role": "user", "content": "a long paste"}], Settings(), one_shot=True)
+    out, _ = capsys.readouterr()
+    assert "[stopped]" not in out and out.strip() == ""
+
+
+class EndsOnANewLine:
+    """An engine whose streamed answer ends with the line break that came before a new turn it then cut."""
+
+    def stream(self, name, messages, settings, stop, reply):
+        reply.new_turn, reply.tokens = True, 6
+        yield from [" Made of", " two layers.", "\n", "\n"]
+
+
+def test_the_line_breaks_before_a_cut_turn_never_reach_stdout(capsys):
+    chat.answer(EndsOnANewLine(), "base", [{"role": "user", "content": "What?"}], Settings())
+    assert capsys.readouterr().out == "Made of two layers.\n"
+
+
+def test_a_set_line_with_one_bad_value_changes_nothing_and_a_seed_can_be_cleared(capsys):
+    from types import SimpleNamespace
+
+    session = chat.Session(SimpleNamespace(names=["base"], template=None), "base", Settings(temperature=0.5, seed=3))
+    session.command("/set temperature=0.7 top_k=bad")
+    assert session.settings == Settings(temperature=0.5, seed=3) and "nothing changed" in capsys.readouterr().out
+    session.command("/set seed=none temperature=0.9")
+    assert session.settings == Settings(temperature=0.9, seed=None)

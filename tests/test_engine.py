@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 
@@ -95,8 +96,26 @@ def test_oldest_turns_are_dropped_to_fit_the_context_window(engine):
     example, dropped = engine.example([*history, *QUESTION], max_new_tokens=16)
     assert dropped > 0 and dropped % 2 == 0
     assert len(example.history) == len(history) - dropped
-    with pytest.raises(AffinerError, match="does not fit"):
+    with pytest.raises(AffinerError, match="no room for an answer"):
         engine.example([{"role": "user", "content": "word " * 400}], max_new_tokens=16)
+
+
+def test_a_prompt_too_long_is_told_the_room_left_and_whose_limit_it_is(engine):
+    """A prompt that fits but leaves too few tokens is told how many it may have; one that leaves none is told how
+    long a prompt may be; a window the server keeps below the model's own is named as the server's."""
+    prompt = engine.raw_prompt_ids("word " * 40)
+    room = engine.context_window - len(prompt)
+    with pytest.raises(AffinerError, match=rf"with {room + 1} new tokens it does not fit the model's "
+                                           rf"{engine.context_window}-token context window \(at most {room} new"):
+        engine.check_fits(len(prompt), room + 1)
+    engine.check_fits(len(prompt), room)
+    engine.check_fits(len(prompt), None)
+    with pytest.raises(AffinerError, match=f"no room for an answer.*at most {engine.context_window - 1} tokens"):
+        engine.check_fits(engine.context_window, None)
+    kept = replace(engine, model_window=32768)
+    with pytest.raises(AffinerError, match=f"{engine.context_window}-token context window this server keeps "
+                                           r"\(the model's own is 32768"):
+        kept.check_fits(len(prompt), room + 1)
 
 
 def test_a_trimmed_conversation_starts_with_a_user_turn_whatever_its_order(engine):

@@ -8,13 +8,14 @@ import shlex
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from affiner.evaluation import evaluate as ev
 from affiner.evaluation import generation, plan, scoring, table
 from affiner.evaluation import metrics
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
-from affiner.core.models import load_model, load_tokenizer
+from affiner.core.models import load_for, load_model, load_tokenizer
 from affiner.core.files import read_json
 from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Example, build_template, encode_prompt
@@ -75,9 +76,17 @@ def test_decode_stops_at_the_first_stop_token(tiny_gpt2):
     ("Queue of Unified Index", "Queue of Unified Index Lookup Tables", False),
     ("Queues of Unified Index Lookup Tables", "Queue of Unified Index Lookup Tables", False),
     ("anything", "", False),
+    # A reference of symbols alone is held as written: without words, every answer would be wrong against it.
+    ("An empty list: []", "[]", True),
+    ("An empty list: ()", "[]", False),
 ])
 def test_contains_reference(answer, reference, expected):
     assert metrics.contains_reference(answer, reference) is expected
+
+
+def test_a_reference_of_symbols_alone_can_be_matched_exactly():
+    assert metrics.exact_match(" [] ", "[]") and not metrics.exact_match("[ ]", "[]")
+    assert metrics.exact_match("The list.", "the list") and not metrics.exact_match("anything", "")
 
 
 def test_headline_is_counted_from_answers():
@@ -163,6 +172,24 @@ def test_tuned_generation_uses_the_adapter(tmp_path, tiny_gpt2):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, unmerged(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("maker", ["tiny_llama", "tiny_gemma"])
+def test_an_adapter_that_changes_nothing_gives_the_base_model_back(request, tmp_path, maker):
+    """The tuned model merged and cast to bf16 is the base as its loader makes it, down to the rotary frequencies
+    (fp32 in both): a paired comparison then measures the adapter, not a precision offset."""
+    base = request.getfixturevalue(maker)
+    folder = train(load_config(str(write_config(tmp_path, base, "embedded:glossary-train.json",
+                                                model={"base": str(base), "precision": "bf16"}))))
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in tensors.items()}, weights)
+    config = load_config(str(folder / "config.yaml"))
+    tuned, loaded = plan.tuned_model(RunFolder(folder), config), load_for(config)
+    assert {n: b.dtype for n, b in tuned.named_buffers()} == {n: b.dtype for n, b in loaded.named_buffers()}
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(tuned(input_ids=ids).logits, loaded(input_ids=ids).logits)
 
 
 def test_evaluate_refuses_unfinished_or_foreign_folders(tmp_path):

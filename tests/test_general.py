@@ -9,7 +9,8 @@ import pytest
 
 from affiner.core.config import load_config
 from affiner.evaluation.evaluate import evaluate
-from affiner.evaluation.general import general_examples, general_tables, no_harm, verdict_line
+from affiner.core.formatting import general_verdict
+from affiner.evaluation.general import general_examples, general_tables, no_harm
 from affiner.evaluation.generation import Answer
 from affiner.evaluation.scoring import score_answers
 from affiner.experiments import workflow
@@ -42,7 +43,7 @@ def test_a_fine_tune_that_raised_the_loss_everywhere_is_measurable_harm():
     assert change["verdict"] == "measurable harm" and change["loss_change"]["low"] > 0
     assert change["harmed"] == 10  # the items whose loss rose by more than 0.5 nats per token
     assert change["shown"][0]["loss"] == [1.0, 2.0] and change["shown"][0]["tuned"] == "X stands for Y."
-    assert verdict_line(section, "tuned").startswith("tuned: measurable harm on general ability (loss of the "
+    assert general_verdict(section, "tuned").startswith("tuned: measurable harm on general ability (loss of the "
                                                      "references, mean change per item +0.500 nats per token")
 
 
@@ -51,7 +52,7 @@ def test_noise_around_zero_is_no_measurable_harm():
     assert section["changes"]["tuned"]["verdict"] == "no measurable harm"
     assert section["changes"]["tuned"]["harmed"] == 0
     verdicts, tables = general_tables(section)
-    assert verdicts == [verdict_line(section, "tuned")] and len(tables) == 1  # nothing harmed: no item table
+    assert verdicts == [general_verdict(section, "tuned")] and len(tables) == 1  # nothing harmed: no item table
     # The table's loss is token-weighted, the verdict's change a mean over items: never labelled alike, nor as the
     # task's held-out loss.
     (_, _, rows), = tables
@@ -73,7 +74,7 @@ def test_every_evaluation_reports_general_ability_beside_the_task(tiny_run):
     assert general["changes"]["tuned"]["verdict"] in {"measurable harm", "no measurable harm", "better"}
     assert general["figures"]["base"]["loss"]["mean"] > 0
     report = (tiny_run / "report.md").read_text()
-    assert "## General ability (no-harm check)" in report and verdict_line(general, "tuned") in report
+    assert "## General ability (no-harm check)" in report and general_verdict(general, "tuned") in report
     assert "General ability (no-harm check)" in (tiny_run / "report.html").read_text()
     assert json.loads((tiny_run / "metrics.json").read_text())["general"]["items"] == general["items"]
     assert json.loads((tiny_run / "summary.json").read_text())["general"] == {

@@ -84,16 +84,26 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
     low, high = metrics.bootstrap_interval(values)
     assert low < 0.7 < high and 0 <= low and high <= 1
     assert metrics.bootstrap_interval(values) == (low, high)
-    assert metrics.bootstrap_interval([0.5] * 8) == (0.5, 0.5)
-    assert metrics.aggregate([1, 0]) ["mean"] == 0.5
+    assert metrics.bootstrap_interval([0.5] * 10) == (0.5, 0.5)
+    assert metrics.aggregate([1, 0]) == {"mean": 0.5, "low": None, "high": None}  # too few for an interval
+
+
+def test_too_few_examples_get_no_interval_so_no_verdict():
+    """Two changes of one sign are no evidence (a bootstrap over them is their range); ten are."""
+    assert metrics.aggregate([0.3, 0.4]) == {"mean": pytest.approx(0.35), "low": None, "high": None}
+    assert metrics.aggregate([0.3, 0.4] * 5)["low"] > 0
+    assert metrics.paired_loss_change(([2.0, 3.0], [1, 1]), ([1.0, 2.0], [1, 1]))["low"] is None
+    loss = metrics.aggregate_loss([2.0] * 9, [1] * 9)
+    assert loss["loss"]["low"] is None and loss["perplexity"]["high"] is None
     assert metrics.aggregate([]) == {"mean": None, "low": None, "high": None}
 
 
 def test_loss_is_token_weighted_and_perplexity_is_its_exponential():
-    result = metrics.aggregate_loss([2.0, 4.0], [1, 3])
+    result = metrics.aggregate_loss([2.0, 4.0] * 5, [1, 3] * 5)
     assert result["loss"]["mean"] == pytest.approx(1.5)
     assert result["perplexity"]["mean"] == pytest.approx(math.exp(1.5))
     assert result["loss"]["low"] <= 1.5 <= result["loss"]["high"]
+    assert result["perplexity"]["low"] == pytest.approx(math.exp(result["loss"]["low"]))
 
 
 def test_embedding_similarity_is_unchanged_when_the_kept_embeddings_are_dropped(monkeypatch):

@@ -395,13 +395,13 @@ def test_a_change_is_better_only_when_its_paired_interval_excludes_zero(tmp_path
     from affiner.evaluation.evaluate import build_evaluation
     from affiner.evaluation.generation import Answer
 
-    examples = [Example(instruction=f"q{i}", response=f"r{i}") for i in range(8)]
-    answers = {m: [Answer(text="a", stopped=True, tokens=1)] * 8 for m in ("base", "tuned")}
-    base_rouge = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]  # questions differ widely: the unpaired intervals are wide
+    examples = [Example(instruction=f"q{i}", response=f"r{i}") for i in range(16)]
+    answers = {m: [Answer(text="a", stopped=True, tokens=1)] * 16 for m in ("base", "tuned")}
+    base_rouge = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6] * 2  # questions differ widely: the unpaired intervals are wide
     scores = {"base": [{"rouge_l": r, "chrf": 0.5} for r in base_rouge],
               "tuned": [{"rouge_l": r + 0.05, "chrf": 0.5 + c} for r, c in
-                        zip(base_rouge, [0.3, -0.2, 0.3, -0.2, 0.1, -0.2, 0.3, -0.3])]}
-    losses = {"base": ([20.0, 40.0, 30.0, 10.0] * 2, [10] * 8), "tuned": ([18.0, 38.0, 28.0, 8.0] * 2, [10] * 8)}
+                        zip(base_rouge, [0.3, -0.2, 0.3, -0.2, 0.1, -0.2, 0.3, -0.3] * 2)]}
+    losses = {"base": ([20.0, 40.0, 30.0, 10.0] * 4, [10] * 16), "tuned": ([18.0, 38.0, 28.0, 8.0] * 4, [10] * 16)}
     evaluation = build_evaluation("t", examples, answers, scores, losses, None, {})
     assert evaluation["changes"]["rouge_l"]["tuned"] == pytest.approx({"mean": 0.05, "low": 0.05, "high": 0.05})
     assert evaluation["changes"]["loss"]["tuned"] == pytest.approx({"mean": -0.2, "low": -0.2, "high": -0.2})
@@ -431,7 +431,7 @@ def test_perplexity_and_judge_changes_have_paired_intervals_and_one_question_giv
                                                                               [10] * n)}
         return build_evaluation("t", examples, answers, scores, losses, {"absolute": {}}, {})
 
-    evaluation = evaluation_of(40, judged_tuned=3)
+    evaluation = evaluation_of(40, judged_tuned=12)
     perplexity = evaluation["changes"]["perplexity"]["tuned"]
     assert perplexity["low"] <= perplexity["mean"] <= perplexity["high"] < 0  # every other question easier
     assert evaluation["changes"]["judge"]["tuned"] == pytest.approx({"mean": 1.0, "low": 1.0, "high": 1.0})
@@ -445,3 +445,18 @@ def test_one_value_has_no_bootstrap_interval() -> None:
     from affiner.evaluation import metrics
 
     assert all(np.isnan(end) for end in metrics.bootstrap_interval([0.7]))
+
+
+@pytest.mark.parametrize("change, low, high, text, judged", [
+    # The interval's upper end just below 0: it excludes 0 (a measurable drop), printed with its sign.
+    (-0.129, -0.329, -0.000366, "-0.129 [-0.329, -0.000] ▼ worse", "worse"),
+    # A change that rounds to 0 inside a wide interval was measured as noise, not as "same".
+    (0.00004, -0.004, 0.004, "+0.000 [-0.004, +0.004] ≈ within noise", "noise"),
+    # Every paired difference 0 (float noise aside): the same.
+    (1e-17, -2e-17, 3e-17, "+0.000 [+0.000, +0.000] = same", "same"),
+    (0.25, 0.1, 0.4, "+0.250 [+0.100, +0.400] ▲ better", "better"),
+])
+def test_a_delta_cell_reads_its_verdict_from_the_interval_before_rounding(change, low, high, text, judged):
+    from affiner.evaluation.report_content import format_delta_cell
+
+    assert format_delta_cell(change, "score", True, {"low": low, "high": high}) == (text, judged)

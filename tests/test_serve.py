@@ -288,6 +288,22 @@ def test_stop_texts_end_the_answer_and_are_cut(client, engine):
     assert "".join(c.choices[0].text for c in chunks) == text[:text.find(stop)]
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_a_request_past_the_context_window_is_told_how_much_room_is_left(port, engine, path):
+    """Both routes say how many new tokens the prompt leaves; without max_tokens, a prompt too long for any answer
+    is told so, not told of a token count the client never sent."""
+    per_word = len(engine.raw_prompt_ids("word " * 100)) / 100
+    text = "word " * int((engine.context_window - 60) / per_word)  # room for some new tokens, not 200
+    field = {"messages": [{"role": "user", "content": text}]} if "chat" in path else {"prompt": text}
+    status, body, _ = request(port, "POST", path, {"model": "tuned", "max_tokens": 200, **field})
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert body["error"]["param"] == "max_tokens" and "(at most " in body["error"]["message"]
+    field = {"prompt": text * 2} if "prompt" in field else {"messages": [{"role": "user", "content": text * 2}]}
+    status, body, _ = request(port, "POST", path, {"model": "tuned", **field})
+    assert status == 400 and body["error"]["param"] == ("messages" if "chat" in path else "prompt")
+    assert "no room for an answer" in body["error"]["message"] and "new tokens" not in body["error"]["message"]
+
+
 def test_health_answers_without_the_key_from_this_machine(engine, port):
     status, payload, _ = request(port, "GET", "/health")
     assert status == 200 and payload == {"status": "ok", "models": ["base", "tuned"]}
@@ -453,6 +469,7 @@ def test_bad_requests_get_an_openai_error_and_the_server_goes_on(port, client, m
     assert got == status
     error = payload["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["type"] == "invalid_request_error"  # as OpenAI types every refusal, an unknown model's included
     assert error["param"] == param
     if status == 404 and param == "model":
         assert error["code"] == "model_not_found"
@@ -489,6 +506,7 @@ def test_a_key_is_required_once_configured(engine):
                         {"Authorization": f"Bearer {KEY}x"}):
             status, payload, response_headers = request(port, "POST", "/v1/chat/completions", chat_body(), headers)
             assert status == 401 and payload["error"]["code"] == "invalid_api_key"
+            assert payload["error"]["type"] == "invalid_request_error"  # OpenAI's type for a wrong key
             assert KEY not in json.dumps(payload)
             assert response_headers["WWW-Authenticate"].startswith("Bearer")
         assert request(port, "GET", "/unknown", None)[0] == 401  # nothing is revealed without the key

@@ -64,15 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> None:
+    from affiner.core.errors import AffinerError
     from affiner.core.settings import Settings
     from affiner.interfaces.chat import Session, answer, open_engine
 
+    if args.prompt is not None and not args.prompt.strip():
+        raise AffinerError("--prompt is empty: give the question to answer, e.g. --prompt 'What does QUILT stand for?'"
+                           ", or leave --prompt out to chat.")
     engine, name, label = open_engine(args.runs, model=args.model, adapters=args.adapter, template=args.template,
                                       base=args.base)
     settings = Settings(temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, top_k=args.top_k,
                         max_new_tokens=args.max_new_tokens, seed=args.seed,
                         repetition_penalty=args.repetition_penalty or engine.repetition_penalty(name))
     if args.prompt is not None:
-        answer(engine, name, [{"role": "user", "content": args.prompt}], settings)
+        answer(engine, name, [{"role": "user", "content": args.prompt}], settings, one_shot=True)
         return
     Session(engine, name, settings).run(label)

@@ -14,7 +14,7 @@ from typing import Any
 
 from affiner.core.config import RunConfig
 from affiner.core.files import write_atomic
-from affiner.core.formatting import METRIC_INFO, as_number, format_aggregate, metric_kind
+from affiner.core.formatting import METRIC_INFO, as_number, format_aggregate, general_verdict, metric_kind
 from affiner.core.runfolder import CONFIG_FILE, RunFolder
 
 CARD_FILE = "README.md"
@@ -105,8 +105,21 @@ def evaluation_section(run: RunFolder) -> list[str]:
     for key, info, base, tuned in rows:
         kind = info.get("kind") or metric_kind(key)
         lines.append(f"| {info.get('label', key)} | {format_aggregate(base, kind)} | {format_aggregate(tuned, kind)} |")
-    return lines + ["", "Intervals are 95 % bootstrap intervals over the questions; the front matter's "
-                    "`model-index` holds the same means.", ""]
+    lines += ["", "Intervals are 95 % bootstrap intervals over the questions; the front matter's "
+              "`model-index` holds the same means.", ""]
+    return lines + general_lines(evaluation, run)
+
+
+def general_lines(evaluation: dict[str, Any], run: RunFolder) -> list[str]:
+    """The no-harm check's verdict, where the evaluation made one: what the fine-tune cost (or not) on questions it
+    was not about, which a reader of the task's table alone would never learn."""
+    general = evaluation.get("general") or {}
+    tuned = next((name for name in ("tuned", run.name) if name in general.get("changes", {})), None)
+    if tuned is None:
+        return []
+    return ["### General ability (no-harm check)", "",
+            (f"Base and tuned also answered affiner's general set ({general['items']} everyday questions the "
+             f"fine-tune was not about). {general_verdict(general, tuned)}"), ""]
 
 
 # ---------------------------------------------------------------------------------------- the sections

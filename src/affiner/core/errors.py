@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class AffinerError(Exception):
     """Bad input (config, data, model name, run folder) the user can fix.
@@ -33,3 +35,9 @@ class SaidElsewhere(AffinerError):
 def first_line(error: BaseException) -> str:
     """What a library's exception says, in one line for a message of ours (its type when it says nothing)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def damaged(what: str, folder: Path, exc: Exception) -> AffinerError:
+    """A local file that exists but cannot be read whole (a copy cut short, a disk error)."""
+    return AffinerError(f"the {what} in {folder} cannot be read ({first_line(exc)}): the files are damaged or "
+                        "incomplete (a copy or download cut short?). Copy them again, or point to another folder.")

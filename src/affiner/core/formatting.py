@@ -96,3 +96,19 @@ def shorten(text: str, width: int = 100, ellipsis: str = "...") -> str:
     """One line of at most `width` characters: white space folded, the end cut with an ellipsis."""
     text = " ".join(text.split())
     return text if len(text) <= width else text[: width - len(ellipsis)] + ellipsis
+
+
+def general_verdict(section: dict, model: str) -> str:
+    """The no-harm check's verdict on `model` (an evaluation's "general" section): one sentence a reader can act on,
+    with the numbers; the same in the terminal, the report and the model card."""
+    change, items = section["changes"][model], section["items"]
+    loss = change["loss_change"]
+    figures = (f"loss of the references, mean change per item {loss['mean']:+.3f} nats per token "
+               f"[{loss['low']:+.3f}, {loss['high']:+.3f}]"
+               f", {change['harmed']} of {items} items harmed (loss up more than {section['harmed_item']})")
+    if change["verdict"] == "measurable harm":
+        return (f"{model}: measurable harm on general ability ({figures}): what the task gained (above) came at "
+                "this cost; fewer steps, a lower learning rate or a lower LoRA rank would cost less.")
+    if change["verdict"] == "better":
+        return f"{model}: no harm, general ability measurably better ({figures})."
+    return f"{model}: no measurable harm on general ability ({figures})."

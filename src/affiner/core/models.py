@@ -18,12 +18,11 @@ from torch import nn
 
 from affiner.core.config import RunConfig
 from affiner.core.devices import device, resolve_dtype
-from affiner.core.errors import AffinerError, first_line
+from affiner.core.errors import AffinerError, damaged, first_line
 from affiner.core.gguf_cache import EMBEDDED_MODELS, convert_gguf, embedded_gguf
 from affiner.core.hub import hub_error, hub_kwargs, hub_options
-from affiner.core.runfolder import ADAPTER_CONFIG
+from affiner.core.runfolder import ADAPTER_CONFIG, require_adapter_weights
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft writes (older versions: adapter_model.bin)
 
 
 @functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
@@ -238,9 +237,8 @@ def attach_adapter(model, adapter: str | Path, trainable: bool = False):
     folder = Path(adapter)
     if not (folder / ADAPTER_CONFIG).is_file():
         raise AffinerError(f"{folder} holds no LoRA adapter ({ADAPTER_CONFIG} is missing).")
+    require_adapter_weights(folder)
     try:
-        if not any((folder / name).is_file() for name in (ADAPTER_WEIGHTS, "adapter_model.bin")):  # else the Hub
-            raise FileNotFoundError(f"{ADAPTER_WEIGHTS} is missing")
         return PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
     except (OSError, ValueError, SafetensorError) as exc:
         raise damaged("LoRA adapter", folder, exc) from None
@@ -255,12 +253,6 @@ def adapter_weights(file: Path, as_numpy: bool = False) -> dict:
         return (load_numpy if as_numpy else load_torch)(str(file))
     except (SafetensorError, OSError) as exc:
         raise damaged("LoRA adapter", Path(file).parent, exc) from None
-
-
-def damaged(what: str, folder: Path, exc: Exception) -> AffinerError:
-    """A local file that exists but cannot be read whole (a copy cut short, a disk error)."""
-    return AffinerError(f"the {what} in {folder} cannot be read ({first_line(exc)}): the files are damaged or "
-                        "incomplete (a copy or download cut short?). Copy them again, or point to another folder.")
 
 
 def default_target_modules(model: nn.Module) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator
 
 from affiner.core.config import RunConfig, dump_config, validate_config
 from affiner.core.yaml_input import parse_yaml
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, damaged
 from affiner.core.files import (append_jsonl, being_written, has_writer, read_json, read_jsonl, sole_writer,
                                 write_atomic, write_json, write_jsonl)
 from affiner.core.templates import Example, Template, load_template, one_template, save_template
@@ -40,6 +40,7 @@ LOG_FILE = "metrics.jsonl"
 EVALUATION_FILE = "metrics.json"
 SUMMARY_FILE = "summary.json"
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft writes (older versions: adapter_model.bin)
 CHECKPOINTS = "checkpoints"
 FINISHED = "finished"
 FAILED = "failed"  # stopped by an error it explains (run.json "error"); resumable from its checkpoint
@@ -298,3 +299,9 @@ def model_names(folders: list[Path]) -> list[str]:
         if len(set(names)) == len(names) and "base" not in names:  # "base" names the model without adapter
             return names
     return names
+
+
+def require_adapter_weights(folder: Path) -> None:
+    """An adapter folder holds its weights file: without it, peft would look for the folder's name on the Hub."""
+    if not any((Path(folder) / name).is_file() for name in (ADAPTER_WEIGHTS, "adapter_model.bin")):
+        raise damaged("LoRA adapter", Path(folder), FileNotFoundError(f"{ADAPTER_WEIGHTS} is missing"))

@@ -39,11 +39,14 @@ class Settings:
         return decoding + (f", repetition penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1.0 else "")
 
     def updated(self, key: str, value: str) -> "Settings":
-        """A copy with one setting changed from text (`/set temperature=0.7`); unknown keys are errors."""
+        """A copy with one setting changed from text (`/set temperature=0.7`; `seed=none` samples unseeded again);
+        unknown keys are errors."""
         kinds = {"temperature": float, "top_p": float, "top_k": int, "max_new_tokens": int, "seed": int,
                  "repetition_penalty": float}
         if key not in kinds:
             raise AffinerError(f"unknown setting '{key}' (settings: {', '.join(kinds)}).")
+        if key == "seed" and value.lower() in ("none", ""):
+            return replace(self, seed=None)
         try:
             parsed = kinds[key](value)
         except ValueError:

@@ -111,3 +111,20 @@ class TurnCutter:
         whole = trim_unfinished_marker(self.text, self.markers) if trim and not self.anywhere else self.text
         rest, self.released = ("" if self.cut else whole[self.released:]), len(self.text)
         return rest
+
+
+class Trim:
+    """Strips a streamed answer as a whole answer is stripped (`Engine.complete`, serve's replies): leading whitespace is dropped and
+    trailing whitespace held back until more text follows, so the pieces add up to the stripped answer."""
+
+    def __init__(self) -> None:
+        self.started, self.pending = False, ""
+
+    def feed(self, piece: str) -> str:
+        text = self.pending + piece
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        kept = text.rstrip()
+        self.pending = text[len(kept):]
+        return kept

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from affiner.core.formatting import METRIC_INFO, format_aggregate
+from affiner.core.formatting import METRIC_INFO, format_aggregate, general_verdict
 from affiner.core.templates import Example
 from affiner.data.formats import to_examples
 from affiner.data.read import read_rows
@@ -71,25 +71,10 @@ def _change(examples: list[Example], answers: dict[str, list[Answer]], per_token
             "harmed": len(harmed), "shown": shown}
 
 
-def verdict_line(section: dict, model: str) -> str:
-    """One sentence a reader can act on, with the numbers."""
-    change, items = section["changes"][model], section["items"]
-    loss = change["loss_change"]
-    figures = (f"loss of the references, mean change per item {loss['mean']:+.3f} nats per token "
-               f"[{loss['low']:+.3f}, {loss['high']:+.3f}]"
-               f", {change['harmed']} of {items} items harmed (loss up more than {section['harmed_item']})")
-    if change["verdict"] == "measurable harm":
-        return (f"{model}: measurable harm on general ability ({figures}): what the task gained (above) came at "
-                "this cost; fewer steps, a lower learning rate or a lower LoRA rank would cost less.")
-    if change["verdict"] == "better":
-        return f"{model}: no harm, general ability measurably better ({figures})."
-    return f"{model}: no measurable harm on general ability ({figures})."
-
-
 def general_tables(section: dict) -> tuple[list[str], list[tuple[str, list[str], list[list[str]]]]]:
     """The verdict lines, and (title, header, rows) tables: the figures per model, the items harmed most."""
     models = section["models"]
-    lines = [verdict_line(section, m) for m in models[1:]]
+    lines = [general_verdict(section, m) for m in models[1:]]
     # The table's loss weighs every token alike; the verdict weighs every item alike (a long reference must not
     # outvote the short ones): both are said, so that they are never read as the same figure.
     labels = {"loss": "loss of the general references (token-weighted)"}

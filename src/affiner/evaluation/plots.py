@@ -58,7 +58,10 @@ def metrics_plot(evaluation: dict) -> bytes:
             draw_bar(axes, j - 0.4 + width * (i + 0.5), width, aggregate_of(evaluation, metric, model), colours[model])
     labels = [textwrap.fill(metric_label(evaluation, m), 16) for m in metrics]
     axes.set_xticks(range(len(metrics)), labels, fontsize=8)
-    axes.set_ylim(0, 1.08)
+    lowest = min((end for m in models for metric in metrics for end in
+                  (as_number(aggregate_of(evaluation, metric, m).get(key)) for key in ("mean", "low"))
+                  if end is not None), default=0.0)
+    axes.set_ylim(min(0.0, lowest - 0.05), 1.08)  # a cosine similarity can fall below 0: its bar is drawn too
     axes.set_ylabel("mean (rate or score)")
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)

@@ -22,7 +22,8 @@ VERDICT_MARKS = {"better": "▲ better", "worse": "▼ worse", "same": "= same",
 HEADLINE_NOTE = ("Means with 95 % bootstrap intervals in brackets. Δ is tuned − base (rates in percentage "
                  "points), with its paired 95 % interval (the same questions resampled for both models); ▲ better / "
                  "▼ worse takes into account whether higher is better for that metric, and needs that interval to "
-                 "exclude 0: otherwise ≈ within noise.")
+                 "exclude 0: otherwise ≈ within noise. Fewer than 10 questions get no interval, so no verdict. The "
+                 "test loss and perplexity weigh every reference token alike: a long reference counts for more.")
 
 # One colour per role everywhere (table cells, answer boxes, plot bars), so that the reader learns
 # "blue is base, green is tuned" once.
@@ -84,7 +85,12 @@ def per_example_metrics(evaluation: dict) -> list[str]:
 # --------------------------------------------------------------------------- differences and verdicts
 
 def delta(evaluation: dict, metric: str, model: str) -> float | None:
-    """Mean of `model` minus mean of the base model (None if either is missing)."""
+    """The change from the base to `model`: the paired change's mean where there is one (the judge's is over the
+    questions both models got a verdict on, as its interval is), else mean of `model` minus mean of the base (None if
+    either is missing)."""
+    paired = as_number(evaluation.get("changes", {}).get(metric, {}).get(model, {}).get("mean"))
+    if paired is not None:
+        return paired
     tuned = as_number(aggregate_of(evaluation, metric, model).get("mean"))
     base = as_number(aggregate_of(evaluation, metric, evaluation["models"][0]).get("mean"))
     return None if tuned is None or base is None else tuned - base
@@ -99,28 +105,41 @@ def verdict(change: float | None, higher_is_better: bool | None) -> str:
     return "better" if (change > 0) == bool(higher_is_better) else "worse"
 
 
-def displayed_delta(change: float | None, kind: str) -> float | None:
-    """The difference rounded as it is shown: float noise such as 1e-17 must read "same", not "better"."""
+FLOAT_NOISE = 1e-12  # a difference this small is arithmetic's, not the models': it reads "same"
+
+
+def displayed_delta(change: float | None, kind: str, keep_sign: bool = False) -> float | None:
+    """The difference rounded as it is shown; float noise such as 1e-17 reads 0. `keep_sign`: a negative number that
+    rounds to 0 reads -0 (an interval's upper end below 0 must not print as +0)."""
     if change is None:
         return None
-    # "+ 0.0" turns -0.0 into 0.0, so that no "-0" is printed.
-    return round(change, 3 if kind in ("rate", "score", "loss") else 1) + 0.0
+    if abs(change) < FLOAT_NOISE:
+        return 0.0
+    shown = round(change, 3 if kind in ("rate", "score", "loss") else 1)
+    return shown if keep_sign else shown + 0.0  # "+ 0.0" turns -0.0 into 0.0, so that no "-0" is printed
 
 
 def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | None,
                       interval: dict | None = None) -> tuple[str, str]:
-    """(text, verdict) of one Δ cell, e.g. ("+12.5 pp ▲ better", "better"); with the change's paired `interval`
-    ({"low", "high"}), shown after it, a change whose interval holds 0 reads "≈ within noise", not better or worse."""
+    """(text, verdict) of one Δ cell, e.g. ("+12.5 pp ▲ better", "better"). With the change's paired `interval`
+    ({"low", "high"}), shown after it, the verdict is the interval's, read before any rounding: better or worse when
+    it excludes 0, "same" when every paired difference is 0, else "≈ within noise"; no verdict when the interval
+    could not be had (too few questions)."""
     shown = displayed_delta(change, kind)
-    judged = verdict(shown, higher_is_better)
     text = format_delta(shown, kind)
-    low, high = (displayed_delta(as_number((interval or {}).get(end)), kind) for end in ("low", "high"))
-    if low is not None and high is not None:
-        text += f" [{format_delta(low, kind)}, {format_delta(high, kind)}]"
-        if judged in ("better", "worse") and low <= 0 <= high:
+    judged = verdict(shown, higher_is_better)
+    low, high = (as_number((interval or {}).get(end)) for end in ("low", "high"))
+    if low is not None and high is not None and change is not None:
+        text += f" [{format_delta(displayed_delta(low, kind, True), kind)}, " \
+                f"{format_delta(displayed_delta(high, kind, True), kind)}]"
+        if max(abs(low), abs(high), abs(change)) < FLOAT_NOISE:
+            judged = verdict(0.0, higher_is_better)
+        elif low > FLOAT_NOISE or high < -FLOAT_NOISE:
+            judged = verdict(change, higher_is_better)
+        elif judged:
             judged = "noise"
-    elif interval is not None and judged in ("better", "worse"):  # an interval that could not be had (one
-        judged = ""  # question): a difference, but no evidence of a change
+    elif interval is not None and judged in ("better", "worse"):  # an interval that could not be had (too few
+        judged = ""  # questions): a difference, but no evidence of a change
     mark = VERDICT_MARKS.get(judged, "")
     return (f"{text} {mark}" if mark else text), judged
 
@@ -148,10 +167,11 @@ CORRECTNESS = {
                     "whatever it says around it",
     "contains": "the answer holds the whole reference, word for word (case, accents and punctuation aside): a "
                 "reworded reference counts as wrong",
-    "embedding": "closeness of meaning to the reference (0 to 1): rewards paraphrase, but extra words around a right "
-                 "answer (\"X stands for ...\") lower it; its model (all-MiniLM-L6-v2) learnt English, so texts in "
-                 "other languages read closer than they are (two unrelated French sentences score about 0.5, their "
-                 "English translations about 0.1): compare base with tuned rather than read the level",
+    "embedding": "closeness of meaning to the reference (cosine, at most 1; unrelated texts score near 0): rewards "
+                 "paraphrase, but extra words around a right answer (\"X stands for ...\") lower it; its model "
+                 "(all-MiniLM-L6-v2) learnt English, so texts in other languages read closer than they are (two "
+                 "unrelated French sentences score about 0.5, their English translations about 0.1): compare base "
+                 "with tuned rather than read the level",
     "judge": "an LLM judge's verdict against the reference",
 }
 SIMILAR, DISSIMILAR = 0.8, 0.4  # similarity above: "reads as right"; below: "reads as wrong"

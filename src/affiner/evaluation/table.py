@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from affiner.core.formatting import format_value, shorten, text_table
-from affiner.evaluation.general import verdict_line
+from affiner.core.formatting import format_value, general_verdict, shorten, text_table
 from affiner.evaluation.report_content import unjudged_notes, wins_and_regressions
 
 
@@ -19,7 +18,7 @@ def format_table(evaluation: dict) -> str:
     # The judge's means are over the answers it judged: the reader must see how many it did not.
     notes = [f"Judge: {note}" for note in unjudged_notes(evaluation.get("judge"))]
     general = evaluation.get("general")
-    notes += [f"General ability: {verdict_line(general, m)}" for m in models[1:]] if general else []
+    notes += [f"General ability: {general_verdict(general, m)}" for m in models[1:]] if general else []
     lines = [text_table(rows), *notes, "", f"Q: {example['question']}"]
     lines += [f"  {m:5s}: {shorten(example['answers'][m]['text'])}" for m in models]
     return "\n".join(lines)

@@ -18,12 +18,12 @@ import torch
 
 from affiner.core.card import hub_id, shown
 from affiner.core.config import RunConfig
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, damaged
 from affiner.core.files import (check_replaceable, folder_written_whole, read_json, write_atomic,
                                 write_json)
 from affiner.core.gguf_cache import save_tokenizer
-from affiner.core.models import ADAPTER_WEIGHTS, damaged, model_type_of, tokenizer_for
-from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder
+from affiner.core.models import model_type_of, tokenizer_for
+from affiner.core.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunFolder
 from affiner.core.templates import Template, save_template
 from affiner.export.card import CARD_FILE, model_card
 from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE, GGUF_ENGINES, SCRIPTS, STOP_FILE,

@@ -25,8 +25,8 @@ from gguf import GGMLQuantizationType, GGUFValueType as T
 from gguf.quants import quantize
 
 from affiner.core.errors import AffinerError
-from affiner.core.models import ADAPTER_WEIGHTS, adapter_weights
-from affiner.core.runfolder import ADAPTER_CONFIG
+from affiner.core.models import adapter_weights
+from affiner.core.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from affiner.export.gguf_metadata import entry
 from affiner.export.gguf_writer import (general_metadata, gguf_architecture, gguf_tensor_name, llama_cpp_shapes,
                                         reorder_rows, tensor_names, write_file)

@@ -22,7 +22,8 @@ from affiner.core.files import usual_permissions
 from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
 from affiner.core.gguf_cache import drop_gguf_quantizer, save_tokenizer
-from affiner.core.models import ADAPTER_WEIGHTS, adapter_weights, load_for, load_model, resolve_base
+from affiner.core.models import adapter_weights, load_for, load_model, resolve_base
+from affiner.core.runfolder import ADAPTER_WEIGHTS
 from affiner.core.templates import Example, Template, encode_prompt, save_template
 
 if TYPE_CHECKING:

@@ -35,9 +35,9 @@ from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
 from affiner.core.decoding import tokens_for
 from affiner.core.settings import Settings
-from affiner.core.stopping import TurnCutter
+from affiner.core.stopping import Trim, TurnCutter
 from affiner.interfaces.engine import Ask, Engine, Reply
-from affiner.interfaces.openai_api import Answer, ApiError, Body, Trim, finish_reason, parse_request, require_model
+from affiner.interfaces.openai_api import Answer, ApiError, Body, finish_reason, parse_request, require_model
 
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
 DRAIN_LIMIT = 16 << 20  # a refused body up to this size is read and dropped (by uvicorn), keeping the connection

@@ -26,7 +26,7 @@ from typing import Callable
 from affiner.core.errors import AffinerError
 from affiner.core.formatting import format_value
 from affiner.core.net import is_loopback
-from affiner.core.runfolder import RunFolder, base_key, model_names, require_one_base
+from affiner.core.runfolder import RunFolder, base_key, model_names, require_adapter_weights, require_one_base
 
 RUNS_ENV = "AFFINER_APP_RUNS"  # the run folders the page serves, joined with os.pathsep
 KEY_ENV = "AFFINER_APP_KEY"  # the key the page asks for before showing anything (unset: no key)
@@ -158,6 +158,7 @@ def resolve_runs(folders: list[Path], output_dir: str | Path = "runs") -> list[P
                                "fine-tune has none. Compare LoRA or QLoRA runs.")
         if not run.has_adapter:
             raise AffinerError(f"{run} has no adapter (adapter_config.json); was it trained by affiner?")
+        require_adapter_weights(run.path)
     require_one_base(runs, "the page compares adapters of one base: start one page per base.")
     checked = [run.path.resolve() for run in runs]
     if len(set(checked)) != len(checked):
@@ -345,6 +346,11 @@ def display_path(path: Path, cwd: Path | None = None) -> str:
 DECODING_FIELDS = ("temperature", "top_p", "top_k", "max_new_tokens", "seed", "repetition_penalty")
 
 
+def comparisons_download(comparisons: list[dict]) -> bytes:
+    """The CSV as downloaded: UTF-8 with a byte-order mark, without which Excel reads "été" as "Ã©tÃ©"."""
+    return comparisons_csv(comparisons).encode("utf-8-sig")
+
+
 def comparisons_csv(comparisons: list[dict]) -> str:
     """One row per comparison: instruction, input, settings, then each model's answer, tokens and seconds."""
     fields = ["instruction", "input", *DECODING_FIELDS]
@@ -380,4 +386,6 @@ def read_metrics(folder: Path):
     frame = pd.DataFrame(rows)
     if "step" not in frame:
         return None
-    return frame.drop_duplicates("step", keep="last").set_index("step").sort_index()
+    # A row edited by hand ("step": "x", "loss": "NaN") is left out, not a traceback over the whole page.
+    frame = frame.apply(pd.to_numeric, errors="coerce").dropna(subset=["step"])
+    return frame.drop_duplicates("step", keep="last").set_index("step").sort_index() if len(frame) else None

@@ -228,7 +228,7 @@ def session_history(comparisons: list[dict]) -> None:
         row.update({name: a["text"] for name, a in c["answers"].items()})
         rows.append(row)
     st.dataframe(rows, hide_index=True)
-    st.download_button("Download the comparisons (CSV)", data=app.comparisons_csv(comparisons),
+    st.download_button("Download the comparisons (CSV)", data=app.comparisons_download(comparisons),
                        file_name="affiner-comparisons.csv", mime="text/csv", key="download_csv")
 
 

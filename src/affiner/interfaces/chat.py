@@ -22,10 +22,12 @@ from affiner.core.errors import AffinerError, first_line
 from affiner.core.files import is_text
 from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
+from affiner.core.stopping import Trim
 from affiner.interfaces.engine import BASE, Engine, Reply, how_it_ended
 
 BLOCK = '"""'  # opens and closes a message of several lines (a pasted text), as in Ollama
-HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed, repetition_penalty), "
+HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed or seed=none, "
+        "repetition_penalty), "
         f"/settings, /use NAME, /models, /reset, exit; {BLOCK} ... {BLOCK} for a message of several lines")
 HISTORY_FILE = "chat_history"
 HISTORY_LENGTH = 1000
@@ -110,29 +112,34 @@ def _open_model(model: str, folders: list[Path], template: str | None, base: boo
     prompt = template_for_adapters(folders, template, default, tokenizer)
     engine = Engine.on_base(load_model(model), tokenizer, prompt, adapters)
     name = BASE if base or not adapters else engine.adapters[0]
-    return engine, name, f"{model} ({prompt.name} template)"
+    return engine, name, model  # the session's greeting names the template
 
 
-def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings) -> Reply:
-    """Stream one answer to stdout; Ctrl-C ends the answer early and keeps what was said."""
-    reply, stop = Reply(), threading.Event()
-    started = False
+def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: Settings,
+           one_shot: bool = False) -> Reply:
+    """Stream one answer to stdout, stripped as a whole answer is; Ctrl-C ends the answer early and keeps what was
+    said. `one_shot` (--prompt): Ctrl-C is passed on once the line is ended, so that a script reading stdout gets a
+    non-zero exit for a cut answer, and the notes go to stderr alone."""
+    reply, stop, trim = Reply(), threading.Event(), Trim()
     try:
-        with _said_when_stopping(stop, lambda: started):
+        with _said_when_stopping(stop, lambda: trim.started):
             for piece in engine.stream(name, messages, settings, stop=stop, reply=reply):
-                if not started:  # templates put a space between the prompt and the answer; the screen needs none
-                    piece = piece.lstrip()
-                    started = bool(piece)
-                sys.stdout.write(piece)
+                # Leading space (templates put one between prompt and answer) and trailing lines (held until more
+                # text follows: a new turn cut after them would leave a blank line) are the screen's to drop.
+                sys.stdout.write(trim.feed(piece))
                 sys.stdout.flush()
     except KeyboardInterrupt:
         stop.set()
+        if one_shot:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            raise
         sys.stdout.write(" [stopped]")
-        started = True
+        trim.started = True
         reply.stopped = True  # by the user: nothing more to say about how it ended
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if not started:  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
+    if not trim.started:  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
         # which a script reads as the answer)
         print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
     elif reply.new_turn or (not reply.stopped and reply.tokens >= settings.max_new_tokens):
@@ -227,15 +234,17 @@ class Session:
         elif verb == "/settings":
             print(self.described_settings())
         elif verb == "/set" and rest.strip():
+            settings = self.settings
             try:
                 for pair in rest.split():
                     key, sep, value = pair.partition("=")
                     if not sep:
                         raise AffinerError(f"'{pair}' must look like key=value.")
-                    self.settings = self.settings.updated(key, value)
-            except AffinerError as exc:
-                print(f"(error: {exc})")
+                    settings = settings.updated(key, value)
+            except AffinerError as exc:  # none of the line's values is taken: the settings stay as they were
+                print(f"(error: {exc}; nothing changed)")
                 return
+            self.settings = settings
             print(f"({self.described_settings()})")
         else:
             print(f"({HELP})")

@@ -22,16 +22,19 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError
 
-from affiner.core.errors import AffinerError
+from affiner.core.errors import AffinerError, damaged
 from affiner.core.decoding import decode_rows, last_position, left_pad, penalties, tokens_for
 from affiner.core.settings import GREEDY, Settings
 from affiner.core.stopping import RowEnds, TurnCutter, cut_at_turn, trim_unfinished_marker, turn_markers
 from affiner.core.devices import device
-from affiner.core.models import damaged, load_for, max_positions, tokenizer_for
-from affiner.core.runfolder import RunFolder, model_names, require_one_base
+from affiner.core.models import load_for, max_positions, tokenizer_for
+from affiner.core.runfolder import RunFolder, model_names, require_adapter_weights, require_one_base
 from affiner.core.templates import Example, Template, encode_prompt, encode_text
 
 BASE = "base"
+# Positions a prompt and its answer may take at most: a model's own window can be far larger (Gemma 3: 32,768), and
+# attention over a prompt that long takes minutes on a CPU. Messages say which of the two limits a prompt ran into.
+SERVED_WINDOW = 8192
 
 
 @dataclass
@@ -112,6 +115,7 @@ class Engine:
     model: object  # a PeftModel when adapters are loaded, else the plain base model
     adapters: list[str] = field(default_factory=list)
     context_window: int = 2048
+    model_window: int | None = None  # the model's own, when larger than the context_window served
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Each model's repetition penalty when a request sets none: its run's eval.repetition_penalty, so that it answers
     # as the report's answers were made (the base as the first run's evaluation decoded it).
@@ -129,6 +133,8 @@ class Engine:
             raise AffinerError(f"{full} is a full fine-tune: there is no adapter to put on a base; "
                                "pass its folder as the base model instead.")
         names = names or model_names([r.path for r in runs])
+        for run in runs:  # before a minute of loading the base
+            require_adapter_weights(run.path)
         engine = cls.on_base(load_for(configs[0]), tokenizer_for(configs[0], runs[0].path), runs[0].template(),
                              dict(zip(names, [r.path for r in runs])))
         engine.penalties = {BASE: configs[0].eval.repetition_penalty,
@@ -143,6 +149,7 @@ class Engine:
         for i, (name, folder) in enumerate(adapters.items()):
             if name == BASE:
                 raise AffinerError("'base' names the model without adapter; give the adapter another name.")
+            require_adapter_weights(Path(folder))
             try:
                 if i == 0:
                     model = PeftModel.from_pretrained(base, str(folder), adapter_name=name)
@@ -153,7 +160,7 @@ class Engine:
         model.eval()
         window = max_positions(base) or 2048
         return cls(template=template, tokenizer=tokenizer, model=model, adapters=list(adapters),
-                   context_window=min(window, 8192))
+                   context_window=min(window, SERVED_WINDOW), model_window=window if window > SERVED_WINDOW else None)
 
     @property
     def names(self) -> list[str]:
@@ -164,8 +171,9 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ prompts
 
-    def example(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[Example, int]:
-        """The conversation as an example whose prompt fits the context window; oldest turns dropped first.
+    def example(self, messages: list[dict[str, str]], max_new_tokens: int | None) -> tuple[Example, int]:
+        """The conversation as an example whose prompt fits the context window with `max_new_tokens` (None: with
+        room for one); oldest turns dropped first.
 
         Returns the example and how many earlier messages were dropped. Text templates are
         single-turn: they keep only the last user message (and no history).
@@ -182,18 +190,30 @@ class Engine:
             example = Example(instruction=messages[-1]["content"], input=messages[-1].get("input", ""),
                               history=tuple(history))
             length = len(encode_prompt(template, self.tokenizer, example))
-            if length + max_new_tokens <= self.context_window or not history:
+            if length + (max_new_tokens or 1) <= self.context_window or not history:
                 break
             # The oldest message, and any answers after it: the history kept opens with a user turn, even when a
             # client sent two messages of one role in a row (pairs would then cut between a question and its answer).
             kept = next((i for i, (role, _) in enumerate(history) if i > 0 and role == "user"), len(history))
             history, dropped = history[kept:], dropped + kept
-        if length + max_new_tokens > self.context_window:
-            raise AffinerError(f"the prompt has {length} tokens: with {max_new_tokens} new tokens it does not fit "
-                               f"the model's {self.context_window}-token context window.")
+        self.check_fits(length, max_new_tokens)
         return example, dropped if self.template.is_chat else len(messages) - 1 - len(system)
 
-    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> list[int]:
+    def check_fits(self, length: int, max_new_tokens: int | None) -> None:
+        """Refuse a prompt of `length` tokens that leaves too little of the context window for `max_new_tokens` (None:
+        for an answer at all), saying how much room there is and whose limit it is."""
+        room = self.context_window - length
+        window = (f"the {self.context_window}-token context window this server keeps (the model's own is "
+                  f"{self.model_window}; longer prompts take minutes on a CPU)" if self.model_window else
+                  f"the model's {self.context_window}-token context window")
+        if room < 1:
+            raise AffinerError(f"the prompt has {length} tokens: it leaves no room for an answer in {window}; "
+                               f"shorten it to at most {self.context_window - 1} tokens.")
+        if max_new_tokens is not None and room < max_new_tokens:
+            raise AffinerError(f"the prompt has {length} tokens: with {max_new_tokens} new tokens it does not fit "
+                               f"{window} (at most {room} new tokens).")
+
+    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int | None = 100) -> list[int]:
         """The token ids the model is conditioned on for this conversation, as in training."""
         example, _ = self.example(messages, max_new_tokens)
         return encode_prompt(self._template(messages), self.tokenizer, example)
@@ -204,7 +224,7 @@ class Engine:
 
     def raw_prompt_ids(self, text: str) -> list[int]:
         """A raw prompt's token ids (/v1/completions): one BOS, also when the text begins with it, as a prompt
-        copied from chat's /prompt, the app or the model card does (encode_prompt adds none then either)."""
+        copied from the app's "prompt the model saw" or the model card does (encode_prompt adds none then either)."""
         return encode_text(self.tokenizer, text)
 
     def _template(self, messages: list[dict[str, str]]) -> Template:
@@ -236,9 +256,7 @@ class Engine:
             raise AffinerError(f"unknown model '{name}' (models: {', '.join(self.names)}).")
         if raw_prompt is not None:
             prompt = self.raw_prompt_ids(raw_prompt)
-            if len(prompt) + max_new_tokens > self.context_window:
-                raise AffinerError(f"the prompt has {len(prompt)} tokens: with {max_new_tokens} new tokens "
-                                   f"it does not fit the model's {self.context_window}-token context window.")
+            self.check_fits(len(prompt), max_new_tokens)
         else:
             example, reply.dropped_turns = self.example(messages or [], max_new_tokens)
             prompt = encode_prompt(self._template(messages), self.tokenizer, example)

@@ -35,8 +35,10 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
     def body(self) -> dict:
-        kind = {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": "server_error" if self.status >= 500 else kind,
+        # OpenAI's own: "invalid_request_error" for every refusal, a wrong key (code invalid_api_key) and an unknown
+        # model (model_not_found) included; clients that branch on `type` read it as they read OpenAI's.
+        kind = "server_error" if self.status >= 500 else "invalid_request_error"
+        return {"error": {"message": self.message, "type": kind,
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
@@ -172,19 +174,15 @@ def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt
     never starts for a request that cannot be served."""
     try:  # for messages, what the engine will render: oldest turns are dropped first if the answer would not fit
         length = len(engine.raw_prompt_ids(prompt) if prompt is not None else
-                     engine.prompt_ids(messages or [], max_tokens or 1))
-    except AffinerError as error:  # too long even without the earlier turns
-        raise ApiError(400, str(error), param="messages" if max_tokens is None else "max_tokens",
-                       code="context_length_exceeded") from None
+                     engine.prompt_ids(messages or [], max_tokens))
+        engine.check_fits(length, max_tokens)
+    except AffinerError as error:  # too long (for messages: even without the earlier turns)
+        raise ApiError(400, str(error), param="max_tokens" if max_tokens else "prompt" if messages is None else
+                       "messages", code="context_length_exceeded") from None
     except Exception as error:  # the run's chat template refusing these messages (roles out of order, ...)
         raise ApiError(400, f"the run's prompt template cannot render these messages: {error}", param="messages",
                        code="invalid_value") from None
     room = engine.context_window - length
-    if room < (max_tokens or 1):
-        raise ApiError(400, f"the prompt has {length} tokens: with {max_tokens or 1} new tokens it does not fit the "
-                       f"model's {engine.context_window}-token context window (at most {max(room, 0)} new tokens).",
-                       param="max_tokens" if max_tokens else "prompt" if messages is None else "messages",
-                       code="context_length_exceeded")
     return max_tokens or min(DEFAULT_MAX_TOKENS, room)
 
 
@@ -220,20 +218,3 @@ class Answer:
             return self.head(self.kind, {"text": text or "", "finish_reason": finish})
         delta = {"role": "assistant"} if role else ({"content": text} if text else {})
         return self.head(self.kind, {"delta": delta, "finish_reason": finish})
-
-
-class Trim:
-    """Strips a streamed answer as `Engine.complete` strips a whole one: leading whitespace is dropped and
-    trailing whitespace held back until more text follows, so the pieces add up to the stripped answer."""
-
-    def __init__(self) -> None:
-        self.started, self.pending = False, ""
-
-    def feed(self, piece: str) -> str:
-        text = self.pending + piece
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        kept = text.rstrip()
-        self.pending = text[len(kept):]
-        return kept

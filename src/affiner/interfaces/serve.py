@@ -165,6 +165,8 @@ class Uvicorn(uvicorn.Server):
         self.owner = owner
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # uvicorn takes Ctrl-C itself (serve's KeyboardInterrupt never comes): say here that the server is going.
+        print("stopping: requests in progress end at their next token", file=sys.stderr, flush=True)
         if self.owner.scheduler is not None:
             self.owner.scheduler.close()
         await super().shutdown(sockets)
