@@ -19,6 +19,7 @@ from affiner.commands import serve as serve_command
 from affiner.interfaces import openai_api, serve
 from affiner.core.config import load_config
 from affiner.core.settings import Settings
+from affiner.core.stopping import Trim
 from affiner.interfaces.engine import Ask, Engine, Reply
 from affiner.core.errors import AffinerError
 from affiner.core.endpoint import EndpointSettings
@@ -636,5 +637,5 @@ def test_an_answer_cut_by_the_server_stopping_is_an_error_not_a_success(engine, 
 
 def test_trim_streams_what_strip_gives():
     pieces = ["\n", " Hello", " ", "", "wor", "ld \n", "\t", "!", "  \n"]
-    trim = openai_api.Trim()
+    trim = Trim()
     assert "".join(trim.feed(p) for p in pieces) == "".join(pieces).strip()
