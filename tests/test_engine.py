@@ -289,3 +289,13 @@ def test_chat_prompt_writes_the_answer_alone_on_stdout(runs):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() and "note:" not in done.stdout and "Loading" not in done.stdout
     assert "pip install kernels" not in done.stderr  # bitsandbytes' advice to fetch optional kernels from the Hub
+
+
+def test_chat_for_a_script_prints_the_answer_and_no_loading_bar(runs, capsys):
+    """`chat RUN --prompt`: stdout the answer, stderr without the libraries' progress bars or developer notes."""
+    from conftest import run_cli
+
+    assert run_cli("chat", str(runs[0]), "--prompt", "What does QUILT stand for?", "--greedy",
+                   "--max-new-tokens", "4") == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "Loading weights" not in err and "it/s]" not in err

@@ -24,6 +24,7 @@ from affiner.core.runfolder import ADAPTER_CONFIG, RunFolder, model_names
 from affiner.core.settings import Settings
 from affiner.core.stopping import Trim
 from affiner.interfaces.engine import BASE, Engine, Reply, how_it_ended
+from affiner.interfaces.quiet import quiet_libraries
 
 BLOCK = '"""'  # opens and closes a message of several lines (a pasted text), as in Ollama
 HELP = ("commands: /set key=value ... (temperature, top_p, top_k, max_new_tokens, seed or seed=none, "
@@ -77,7 +78,8 @@ def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path]
     if model:
         if runs:
             raise AffinerError("pass either run folders or --model (with --adapter folders), not both.")
-        return _open_model(model, adapters or [], template, base)
+        with quiet_libraries:  # the loading bar and notes for developers: not the chat's (nor a script's stderr)
+            return _open_model(model, adapters or [], template, base)
     if adapters:
         raise AffinerError("--adapter goes with --model (a base model); run folders carry their own adapter.")
     latest = RunFolder.latest()
@@ -85,7 +87,8 @@ def open_engine(runs: list[Path], model: str | None = None, adapters: list[Path]
     if not folders:
         raise AffinerError("no run folder given and none found under runs/; train one with: affiner run "
                            "(or talk to any model with --model NAME).")
-    engine = Engine.from_runs(folders)
+    with quiet_libraries:
+        engine = Engine.from_runs(folders)
     name = BASE if base else engine.adapters[0]
     label = ", ".join(str(f) for f in folders) + (" (starting with the base model)" if base else "")
     return engine, name, label
