@@ -555,3 +555,30 @@ def test_the_downloaded_csv_opens_with_its_accents_in_excel():
     data = app.comparisons_download([comparison])
     assert data.startswith(b"\xef\xbb\xbf")  # the byte-order mark Excel needs to read UTF-8
     assert next(csv.DictReader(io.StringIO(data.decode("utf-8-sig"))))["instruction"] == "Été ?"
+
+
+def test_a_stopped_generation_keeps_what_was_said_under_its_own_question(monkeypatch, runs):
+    """Streamlit's Stop ends the script mid-answer: the next run shows this question's partial answers, marked as
+    cut, never the previous question's answers under it; the comparison is kept in the session's history."""
+    from streamlit.runtime.scriptrunner_utils.exceptions import StopException
+
+    real = app.generate_answer
+
+    def stopped_on_tuned(engine, name, *args, reply=None, **kwargs):
+        if name == "base":
+            return real(engine, name, *args, reply=reply, **kwargs)
+        reply.text, reply.tokens = " Partial", 1
+        raise StopException()
+
+    at = generate(page(monkeypatch, runs[:1]).run(), "What does QUILT stand for?")
+    monkeypatch.setattr(app, "generate_answer", stopped_on_tuned)
+    at.text_area(key="instruction").input("What does FROND stand for?")
+    at.button(key="generate").click().run()
+    monkeypatch.setattr(app, "generate_answer", real)
+    comparisons = at.session_state["comparisons"]
+    assert [c["instruction"] for c in comparisons] == ["What does QUILT stand for?", "What does FROND stand for?"]
+    assert comparisons[-1]["answers"]["tuned"]["text"] == "Partial"
+    assert comparisons[-1]["answers"]["tuned"]["ended"] == app.STOPPED
+    at.toggle(key="greedy").set_value(not at.toggle(key="greedy").value).run()  # the next interaction
+    assert [text for _, text in boxes(at, "tuned")] == ["Partial"]
+    assert any(app.STOPPED in c.value for c in at.caption)

@@ -218,20 +218,29 @@ def messages_for(instruction: str, input_text: str = "") -> list[dict[str, str]]
 
 
 def generate_answer(engine, name: str, instruction: str, input_text: str, settings,
-                    on_piece: Callable[[str], None] | None = None, stop: threading.Event | None = None) -> dict:
-    """Stream one model's answer, calling `on_piece(text so far)` per piece; returns the answer and its timings."""
+                    on_piece: Callable[[str], None] | None = None, stop: threading.Event | None = None,
+                    reply=None) -> dict:
+    """Stream one model's answer, calling `on_piece(text so far)` per piece; returns the answer and its timings.
+    `reply` (an engine Reply) holds what was said so far, should the page be stopped mid-answer."""
     from affiner.interfaces.engine import Reply, how_it_ended
 
-    reply = Reply()
+    reply = reply if reply is not None else Reply()
     with quiet_libraries, closing(engine.stream(name, messages_for(instruction, input_text), settings, stop=stop,
                                                 reply=reply)) as pieces:
         for _ in pieces:
             if on_piece is not None:
                 on_piece(reply.text)
-    return {"text": reply.text.strip(), "tokens": reply.tokens, "stopped": reply.stopped,
-            "ended": how_it_ended(reply, settings.max_new_tokens), "prompt_tokens": reply.prompt_tokens,
-            "first_token_seconds": reply.first_token_seconds, "seconds": reply.seconds,
-            "tokens_per_second": reply.tokens_per_second}
+    return answer_of(reply, how_it_ended(reply, settings.max_new_tokens))
+
+
+STOPPED = "stopped before its end (the page was stopped or changed)"
+
+
+def answer_of(reply, ended: str = STOPPED) -> dict:
+    """An answer as the page shows and keeps it (by default one cut short by the page: what was said so far)."""
+    return {"text": reply.text.strip(), "tokens": reply.tokens, "stopped": reply.stopped, "ended": ended,
+            "prompt_tokens": reply.prompt_tokens, "first_token_seconds": reply.first_token_seconds,
+            "seconds": reply.seconds, "tokens_per_second": reply.tokens_per_second}
 
 
 def settings_dict(settings) -> dict:

@@ -31,7 +31,7 @@ from affiner.core.runfolder import CONFIG_FILE, RunFolder, model_names  # noqa: 
 from affiner.core.settings import MAX_PENALTY, Settings  # noqa: E402
 from affiner.interfaces import app  # noqa: E402
 from affiner.interfaces.chat import run_repetition_penalty  # noqa: E402
-from affiner.interfaces.engine import BASE  # noqa: E402
+from affiner.interfaces.engine import BASE, Reply  # noqa: E402
 
 DEFAULTS = {"instruction": "", "input": "", "greedy": False, **asdict(Settings())}
 WIDGET_KEYS = (*DEFAULTS, "models", "page")
@@ -196,26 +196,38 @@ def generate(engine, base_id: str, folders_by_name: dict[str, Path]) -> dict | N
         slots[name][0].markdown(app.answer_box(kind, "", name, pending=True), unsafe_allow_html=True)
     with st.expander("Prompt the model saw"):
         st.code(prompt, language=None)
-    answers = {}
-    for name, kind in models:
-        box, meta = slots[name]
+    answers, replies = {}, {}
 
-        def show(text: str, box=box, kind=kind, name=name) -> None:
-            box.markdown(app.answer_box(kind, text, name, pending=True), unsafe_allow_html=True)
+    def comparison() -> dict:
+        return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "instruction": instruction, "input": input_text,
+                "settings": app.settings_dict(settings), "answers": answers, "prompt": prompt,
+                "folders": {name: folders_by_name[name] for name in answers if name != BASE}}
 
-        try:
-            answer = app.generate_answer(engine, name, instruction, input_text, settings, on_piece=show)
-        except AffinerError as exc:
-            box.error(str(exc))
-            answers[name] = {"text": "", "tokens": 0, "seconds": 0.0, "first_token_seconds": None,
-                             "tokens_per_second": 0.0, "error": str(exc)}
-            continue
-        box.markdown(app.answer_box(kind, answer["text"], name), unsafe_allow_html=True)
-        meta.caption(app.timing_line(answer))
-        answers[name] = answer
-    return {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "instruction": instruction, "input": input_text,
-            "settings": app.settings_dict(settings), "answers": answers, "prompt": prompt,
-            "folders": {name: folders_by_name[name] for name in answers if name != BASE}}
+    try:
+        for name, kind in models:
+            box, meta = slots[name]
+
+            def show(text: str, box=box, kind=kind, name=name) -> None:
+                box.markdown(app.answer_box(kind, text, name, pending=True), unsafe_allow_html=True)
+
+            replies[name] = Reply()
+            try:
+                answer = app.generate_answer(engine, name, instruction, input_text, settings, on_piece=show,
+                                             reply=replies[name])
+            except AffinerError as exc:
+                box.error(str(exc))
+                answers[name] = {"text": "", "tokens": 0, "seconds": 0.0, "first_token_seconds": None,
+                                 "tokens_per_second": 0.0, "error": str(exc)}
+                continue
+            box.markdown(app.answer_box(kind, answer["text"], name), unsafe_allow_html=True)
+            meta.caption(app.timing_line(answer))
+            answers[name] = answer
+    except BaseException:  # Streamlit's Stop, or a widget changed mid-answer, ends the script run here
+        # What was said is kept, marked as cut: the next run shows this question's answers, never the previous one's.
+        answers.update({name: app.answer_of(reply) for name, reply in replies.items() if name not in answers})
+        st.session_state["comparisons"].append(comparison())
+        raise
+    return comparison()
 
 
 def session_history(comparisons: list[dict]) -> None:
