@@ -413,3 +413,16 @@ def test_adapters_from_elsewhere_leave_out_prompts_over_the_context_and_list_the
     plan = plan_adapters(str(tiny_gpt2), [adapter], str(test), "qa", tmp_path / "out", None)
     assert [e.instruction for e in plan.examples] == ["Short?"]
     assert plan.dropped["count"] == 1 and plan.dropped["rows"][0]["reason"].startswith("prompt over the model's context")
+
+
+def test_a_test_file_asking_a_question_twice_says_so(tmp_path, tiny_llama):
+    """Copies of one question are resampled as if independent: the report must say the intervals are too narrow."""
+    folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
+    rows = [{"question": "What does ZORBLE stand for?", "answer": "Zone Of Rare Blue Leaves"}] * 3 + \
+           [{"question": "What does QAXEL stand for?", "answer": "Quiet Axis Lines"}]
+    test = tmp_path / "repeated.json"
+    test.write_text(json.dumps(rows), encoding="utf-8")
+    evaluation = ev.evaluate(folder, test=str(test))
+    assert evaluation["settings"][ev.REPEATED] == 2
+    assert ev.REPEATED in (folder / "report.md").read_text(encoding="utf-8")
+    assert ev.REPEATED not in ev.evaluate(folder, max_questions=2)["settings"]

@@ -67,6 +67,15 @@ def judge_settings_over(recorded: JudgeConfig | None, given: dict) -> JudgeConfi
     return judge if judge.url else None
 
 
+REPEATED = ("questions asked more than once (each copy counts as a question of its own: the intervals are "
+            "narrower than the questions warrant)")
+
+
+def repeated_questions(examples: list[Example]) -> int:
+    """How many held-out rows repeat an earlier row's question and input, word for word."""
+    return len(examples) - len({(e.instruction.strip(), e.input.strip()) for e in examples})
+
+
 def nothing_to_answer(plan: Plan) -> str:
     """Why an evaluation has no question: every row left out, with the reasons counted, and for rows without a
     reference where prompts without one can be compared."""
@@ -125,6 +134,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         **({"questions without an answer to take the loss of (a reference only)": without}
            if (without := sum(not has_answer(e) for e in examples)) else {}),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
+        **({REPEATED: repeated} if (repeated := repeated_questions(examples)) else {}),
         "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())
                            + (f" (with the {len(general)} general questions)" if general else ""),
         **({"base answers and losses": "from an earlier evaluation with the same base weights, questions, template "
