@@ -460,3 +460,10 @@ def test_a_delta_cell_reads_its_verdict_from_the_interval_before_rounding(change
     from affiner.evaluation.report_content import format_delta_cell
 
     assert format_delta_cell(change, "score", True, {"low": low, "high": high}) == (text, judged)
+
+
+def test_a_rate_interval_just_below_zero_keeps_its_sign():
+    from affiner.evaluation.report_content import format_delta_cell
+
+    assert format_delta_cell(-0.008, "rate", False, {"low": -0.017, "high": -0.0003}) == \
+        ("-0.8 pp [-1.7 pp, -0 pp] ▲ better", "better")

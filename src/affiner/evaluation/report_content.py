@@ -108,15 +108,20 @@ def verdict(change: float | None, higher_is_better: bool | None) -> str:
 FLOAT_NOISE = 1e-12  # a difference this small is arithmetic's, not the models': it reads "same"
 
 
-def displayed_delta(change: float | None, kind: str, keep_sign: bool = False) -> float | None:
-    """The difference rounded as it is shown; float noise such as 1e-17 reads 0. `keep_sign`: a negative number that
-    rounds to 0 reads -0 (an interval's upper end below 0 must not print as +0)."""
+def displayed_delta(change: float | None, kind: str) -> float | None:
+    """The difference rounded as it is shown; float noise such as 1e-17 reads 0."""
     if change is None:
         return None
     if abs(change) < FLOAT_NOISE:
         return 0.0
-    shown = round(change, 3 if kind in ("rate", "score", "loss") else 1)
-    return shown if keep_sign else shown + 0.0  # "+ 0.0" turns -0.0 into 0.0, so that no "-0" is printed
+    return round(change, 3 if kind in ("rate", "score", "loss") else 1) + 0.0  # + 0.0: no "-0" for a change
+
+
+def bound_text(value: float, kind: str) -> str:
+    """An interval's end as shown, its sign kept: an upper end just below 0 reads "-0.000" or "-0 pp", never "+0",
+    which would say the interval holds 0."""
+    text = format_delta(displayed_delta(value, kind), kind)
+    return "-" + text[1:] if value < -FLOAT_NOISE and text.startswith("+") else text
 
 
 def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | None,
@@ -130,8 +135,7 @@ def format_delta_cell(change: float | None, kind: str, higher_is_better: bool | 
     judged = verdict(shown, higher_is_better)
     low, high = (as_number((interval or {}).get(end)) for end in ("low", "high"))
     if low is not None and high is not None and change is not None:
-        text += f" [{format_delta(displayed_delta(low, kind, True), kind)}, " \
-                f"{format_delta(displayed_delta(high, kind, True), kind)}]"
+        text += f" [{bound_text(low, kind)}, {bound_text(high, kind)}]"
         if max(abs(low), abs(high), abs(change)) < FLOAT_NOISE:
             judged = verdict(0.0, higher_is_better)
         elif low > FLOAT_NOISE or high < -FLOAT_NOISE:
