@@ -62,12 +62,17 @@ def held_out_source(evaluation: dict[str, Any], run: RunFolder) -> str:
 # ---------------------------------------------------------------------------------------- the evaluation
 
 
+def tuned_name(names, run: RunFolder) -> str | None:
+    """The run's own model among an evaluation's `names`: "tuned" (a single run's evaluation) or the run's name."""
+    return next((name for name in ("tuned", run.name) if name in names), None)
+
+
 def compared(run: RunFolder) -> tuple[dict[str, Any], list[tuple[str, dict, dict, dict]]]:
     """(the evaluation, [(metric, info, base aggregate, tuned aggregate)]): each metric both models were scored
     on, once, in the evaluation's order; ({}, []) before any evaluation."""
     evaluation = run.evaluation() or {}
     metrics = evaluation.get("metrics", {})
-    tuned = next((name for name in ("tuned", run.name) if name in evaluation.get("models", [])), None)
+    tuned = tuned_name(evaluation.get("models", []), run)
     rows = [(key, info, metrics[key]["base"], metrics[key][tuned])
             for key, info in (evaluation.get("metric_info") or METRIC_INFO).items()
             if tuned and "base" in metrics.get(key, {}) and tuned in metrics[key]]
@@ -114,7 +119,7 @@ def general_lines(evaluation: dict[str, Any], run: RunFolder) -> list[str]:
     """The no-harm check's verdict, where the evaluation made one: what the fine-tune cost (or not) on questions it
     was not about, which a reader of the task's table alone would never learn."""
     general = evaluation.get("general") or {}
-    tuned = next((name for name in ("tuned", run.name) if name in general.get("changes", {})), None)
+    tuned = tuned_name(general.get("changes", {}), run)
     if tuned is None:
         return []
     return ["### General ability (no-harm check)", "",

@@ -24,7 +24,6 @@ from affiner.core.hub import hub_error, hub_kwargs, hub_options
 from affiner.core.runfolder import ADAPTER_CONFIG, require_adapter_weights
 
 
-
 @functools.cache  # read once per process: the loader and the loop both ask, maybe over the network
 def model_config_of(base: str, revision: str | None = None, trust_remote_code: bool = False):
     """The base's transformers config (config.json alone, without its weights); None when it cannot be read

@@ -114,8 +114,9 @@ class TurnCutter:
 
 
 class Trim:
-    """Strips a streamed answer as a whole answer is stripped (`Engine.complete`, serve's replies): leading whitespace is dropped and
-    trailing whitespace held back until more text follows, so the pieces add up to the stripped answer."""
+    """Strips a streamed answer as a whole answer is stripped (`Engine.complete`, serve's replies, chat): leading
+    whitespace is dropped and trailing whitespace held back until more text follows, so the pieces add up to the
+    stripped answer."""
 
     def __init__(self) -> None:
         self.started, self.pending = False, ""

@@ -25,8 +25,8 @@ from typing import Callable
 from affiner.core.errors import AffinerError
 from affiner.core.formatting import format_value
 from affiner.core.net import is_loopback
-from affiner.interfaces.quiet import quiet_libraries
 from affiner.core.runfolder import RunFolder, base_key, model_names, require_adapter_weights, require_one_base
+from affiner.interfaces.quiet import quiet_libraries
 
 RUNS_ENV = "AFFINER_APP_RUNS"  # the run folders the page serves, joined with os.pathsep
 KEY_ENV = "AFFINER_APP_KEY"  # the key the page asks for before showing anything (unset: no key)
@@ -178,8 +178,6 @@ def runs_from_environment(argv: list[str] | None = None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------- generation
-
-
 
 
 def hide_library_deprecations() -> None:

@@ -123,7 +123,7 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
     """Stream one answer to stdout, stripped as a whole answer is; Ctrl-C ends the answer early and keeps what was
     said. `one_shot` (--prompt): Ctrl-C is passed on once the line is ended, so that a script reading stdout gets a
     non-zero exit for a cut answer, and the notes go to stderr alone."""
-    reply, stop, trim = Reply(), threading.Event(), Trim()
+    reply, stop, trim, interrupted = Reply(), threading.Event(), Trim(), False
     try:
         with _said_when_stopping(stop, lambda: trim.started):
             for piece in engine.stream(name, messages, settings, stop=stop, reply=reply):
@@ -138,11 +138,11 @@ def answer(engine: Engine, name: str, messages: list[dict[str, str]], settings: 
             sys.stdout.flush()
             raise
         sys.stdout.write(" [stopped]")
-        trim.started = True
+        interrupted = True
         reply.stopped = True  # by the user: nothing more to say about how it ended
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if not trim.started:  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
+    if not (trim.started or interrupted):  # an empty line alone would look like a hang or a bug: say what happened (not on stdout,
         # which a script reads as the answer)
         print("(empty answer: the model ended its turn at once)", file=sys.stderr, flush=True)
     elif reply.new_turn or (not reply.stopped and reply.tokens >= settings.max_new_tokens):
