@@ -390,16 +390,19 @@ def test_a_batch_answers_as_one_at_a_time(qa_engine, model):
     questions = ["What does QUILT stand for?", "Define FROND.", "And MAPLE?", "What is a glossary?"]
     asks = [Ask([{"role": "user", "content": q}], max_new_tokens=n) for q, n in zip(questions, (3, 30, 17, 8))]
     asks.append(Ask(raw_prompt=RAW_PROMPT, max_new_tokens=11))
+    asks.append(Ask([{"role": "user", "content": questions[1]}], max_new_tokens=30, stop=("e", "a")))  # stop texts
     gone = Ask([{"role": "user", "content": questions[0]}], max_new_tokens=30, cancel=threading.Event())
     gone.cancel.set()  # a client that hung up: its row leaves the batch at once
     batch = qa_engine.complete_batch(model, [*asks, gone])
     for ask, together in zip(asks, batch):
         alone = Reply()
-        for _ in qa_engine.stream(model, ask.messages, greedy(ask.max_new_tokens), reply=alone, raw_prompt=ask.raw_prompt):
+        for _ in qa_engine.stream(model, ask.messages, greedy(ask.max_new_tokens), reply=alone, raw_prompt=ask.raw_prompt,
+                                  stop_texts=ask.stop):
             pass
         assert (together.text, together.tokens, together.stopped, together.new_turn, together.prompt_tokens) == \
             (alone.text, alone.tokens, alone.stopped, alone.new_turn, alone.prompt_tokens)
     assert len({reply.tokens for reply in batch[:len(asks)]}) > 1 and batch[-1].tokens <= 1
+    assert batch[len(asks) - 1].stopped and batch[len(asks) - 1].tokens < 30  # a stop text ended it
 
 
 def test_a_long_stop_text_ends_its_row_in_a_batch_once_written(qa_engine, monkeypatch):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import json
 import sys
 import threading
@@ -33,9 +32,8 @@ from starlette.types import Message, Receive, Scope, Send
 
 from affiner.core.errors import AffinerError
 from affiner.core.net import is_loopback
-from affiner.core.decoding import tokens_for
 from affiner.core.settings import Settings
-from affiner.core.stopping import Trim, TurnCutter
+from affiner.core.stopping import Trim
 from affiner.interfaces.engine import Ask, Engine, Reply
 from affiner.interfaces.openai_api import Answer, ApiError, Body, finish_reason, parse_request, require_model
 
@@ -121,21 +119,13 @@ class Scheduler:
                               if self.closing and cut else reply)
 
     async def _alone(self, job: Job) -> None:
-        """One generation, its pieces passed on as they come (for a stream), cut at the request's stop texts:
-        a piece that could begin one is held back (TurnCutter), and the generation ends where one appears."""
-        request, reply, cutter, kept = job.request, Reply(), TurnCutter(job.request.stop, anywhere=True), []
+        """One generation, its pieces passed on as they come (for a stream)."""
+        request, reply = job.request, Reply()
         pieces = self.engine.stream(request.model, request.messages, job.settings, stop=job.stop, reply=reply,
-                                    raw_prompt=request.prompt)
-        async for piece in iterate_in_threadpool(itertools.chain(pieces, [None])):  # None: the end
-            piece = cutter.feed(piece) if piece is not None else cutter.flush()  # flush: what the cutter held
-            if cutter.cut:
-                job.stop.set()
-            kept += [piece] if piece else []
-            if piece and request.stream:
+                                    raw_prompt=request.prompt, stop_texts=request.stop)
+        async for piece in iterate_in_threadpool(pieces):
+            if request.stream:
                 job.events.put_nowait(piece)
-        if cutter.cut:
-            reply.text, reply.stopped = "".join(kept), True
-            reply.tokens = tokens_for(reply.text, reply.ids, self.engine.tokenizer)
         self._deliver(job, reply)
 
 

@@ -213,10 +213,21 @@ class Engine:
             raise AffinerError(f"the prompt has {length} tokens: with {max_new_tokens} new tokens it does not fit "
                                f"{window} (at most {room} new tokens).")
 
-    def prompt_ids(self, messages: list[dict[str, str]], max_new_tokens: int | None = 100) -> list[int]:
-        """The token ids the model is conditioned on for this conversation, as in training."""
-        example, _ = self.example(messages, max_new_tokens)
-        return encode_prompt(self._template(messages), self.tokenizer, example)
+    def prompt_ids(self, messages: list[dict[str, str]] | None, max_new_tokens: int | None = 100,
+                   raw_prompt: str | None = None, reply: Reply | None = None) -> list[int]:
+        """The token ids the model is conditioned on, as in training: the conversation rendered by the run's
+        template (oldest turns dropped to fit), or a `raw_prompt` as it is; refused (AffinerError) when it leaves
+        less than `max_new_tokens` (None: one) of the context window. `reply` learns the prompt's length and how
+        many turns were dropped."""
+        if raw_prompt is not None:
+            prompt, dropped = self.raw_prompt_ids(raw_prompt), 0
+            self.check_fits(len(prompt), max_new_tokens)
+        else:
+            example, dropped = self.example(messages or [], max_new_tokens)
+            prompt = encode_prompt(self._template(messages), self.tokenizer, example)
+        if reply is not None:
+            reply.prompt_tokens, reply.dropped_turns = len(prompt), dropped
+        return prompt
 
     def prompt_text(self, messages: list[dict[str, str]], max_new_tokens: int = 100) -> str:
         """The exact text the model sees for this conversation (for `show the prompt`)."""
@@ -236,35 +247,28 @@ class Engine:
 
     def stream(self, name: str, messages: list[dict[str, str]] | None, settings: Settings = Settings(),
                stop: threading.Event | None = None, reply: Reply | None = None,
-               raw_prompt: str | None = None) -> Iterator[str]:
+               raw_prompt: str | None = None, stop_texts: tuple[str, ...] = ()) -> Iterator[str]:
         """Yield the answer's text as it is generated; `reply` (when given) is filled with counts and timings.
 
         `messages` are rendered by the run's template (the last user message may carry an "input"
         for templates with an input field); `raw_prompt` is continued as it is, without template.
-        Holds the engine's lock until the answer ends, so concurrent callers are served one after another.
+        The answer ends at a new turn of the template or at one of the `stop_texts` (found anywhere, cut from it,
+        as `complete_batch` cuts them). Holds the engine's lock until the answer ends, so concurrent callers are
+        served one after another.
         """
         reply = reply if reply is not None else Reply()
-        prompt = self._prompt(name, messages, settings.max_new_tokens, raw_prompt, reply)
+        self._require(name)
+        prompt = self.prompt_ids(messages, settings.max_new_tokens, raw_prompt, reply)
         markers = () if raw_prompt is not None else turn_markers(self.template)  # a raw prompt is the caller's
         with self.lock:
-            yield from self._generate(name, prompt, settings, stop or threading.Event(), reply, markers)
+            yield from self._generate(name, prompt, settings, stop or threading.Event(), reply, markers, stop_texts)
 
-    def _prompt(self, name: str, messages: list[dict[str, str]] | None, max_new_tokens: int,
-                raw_prompt: str | None, reply: Reply) -> list[int]:
-        """The prompt's token ids, checked to leave room for the answer; notes what was dropped in `reply`."""
+    def _require(self, name: str) -> None:
         if name not in self.names:
             raise AffinerError(f"unknown model '{name}' (models: {', '.join(self.names)}).")
-        if raw_prompt is not None:
-            prompt = self.raw_prompt_ids(raw_prompt)
-            self.check_fits(len(prompt), max_new_tokens)
-        else:
-            example, reply.dropped_turns = self.example(messages or [], max_new_tokens)
-            prompt = encode_prompt(self._template(messages), self.tokenizer, example)
-        reply.prompt_tokens = len(prompt)
-        return prompt
 
     def _generate(self, name: str, prompt: list[int], settings: Settings, stop: threading.Event,
-                  reply: Reply, markers: tuple[str, ...] = ()) -> Iterator[str]:
+                  reply: Reply, markers: tuple[str, ...], stop_texts: tuple[str, ...]) -> Iterator[str]:
         """Generate in a thread and yield what it streams; called with the lock held, and returns only once
         the thread has ended, whatever ends the iteration (the answer, an error, Ctrl-C, a caller gone)."""
         from transformers import TextIteratorStreamer
@@ -277,18 +281,18 @@ class Engine:
         # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
         worker = threading.Thread(target=self._run_generation, daemon=False,
                                   args=(name, ids, settings, stop, stop_ids, streamer, output))
-        cutter = TurnCutter(markers)
+        turn, texts = TurnCutter(markers), TurnCutter(stop_texts, anywhere=True)  # the turn first, as `_fill` cuts
         try:
             worker.start()
-            for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutter held back
+            for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutters held back
                 if piece is None:  # the generation is over: whether a stop token ended it decides the flush
                     _join_through_interrupts(worker)
                     new, cut = _answer_ids(output, len(prompt), stop_ids)  # the loop always ends here
-                    piece = cutter.flush(trim=cut is None)
+                    piece = texts.feed(turn.flush(trim=cut is None)) + texts.flush()
                 else:
-                    piece = cutter.feed(piece)
-                if cutter.cut:
-                    stop.set()  # a new turn began: the answer a reader wants is complete
+                    piece = texts.feed(turn.feed(piece))
+                if turn.cut or texts.cut:
+                    stop.set()  # a new turn began, or a stop text was written: the answer wanted is complete
                 if not piece:
                     continue
                 if piece.strip() and reply.first_token_seconds is None:  # the first visible word, not a space
@@ -301,10 +305,9 @@ class Engine:
             reply.seconds = time.perf_counter() - started
         if "error" in output:
             raise output["error"]
-        reply.new_turn = cutter.cut
-        reply.ids = new if cut is None else new[:cut]
-        reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if cutter.cut else len(reply.ids)
-        reply.stopped = cut is not None and not cutter.cut
+        reply.new_turn, reply.ids = turn.cut, new if cut is None else new[:cut]
+        reply.stopped = texts.cut or (cut is not None and not turn.cut)
+        reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if turn.cut or texts.cut else len(reply.ids)
 
     def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
                         stop_ids: list[int], streamer, output: dict) -> None:
@@ -339,7 +342,8 @@ class Engine:
         (text unstripped, cut at the first new turn or stop text, tokens counted up to the cut), token for
         token in fp32 (in bf16 the batch's shapes round differently and can flip a near-tie)."""
         replies = [Reply() for _ in asks]
-        prompts = [self._prompt(name, a.messages, a.max_new_tokens, a.raw_prompt, r) for a, r in zip(asks, replies)]
+        self._require(name)
+        prompts = [self.prompt_ids(a.messages, a.max_new_tokens, a.raw_prompt, r) for a, r in zip(asks, replies)]
         markers = [() if a.raw_prompt is not None else turn_markers(self.template) for a in asks]
         stop_ids = list(self.template.stop_token_ids) or [self.tokenizer.eos_token_id]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else stop_ids[0]

@@ -172,12 +172,8 @@ def fit_max_tokens(engine: Engine, messages: list[dict[str, str]] | None, prompt
     """The answer's token limit: the request's, which must fit the context window with the prompt, or else
     DEFAULT_MAX_TOKENS, shortened to what the window leaves. Checked before answering, so that a stream
     never starts for a request that cannot be served."""
-    try:  # for messages, what the engine will render (oldest turns dropped first), checked as it renders them
-        if prompt is not None:
-            length = len(engine.raw_prompt_ids(prompt))
-            engine.check_fits(length, max_tokens)
-        else:
-            length = len(engine.prompt_ids(messages or [], max_tokens))
+    try:  # for messages, what the engine will render (oldest turns dropped first)
+        length = len(engine.prompt_ids(messages, max_tokens, prompt))
     except AffinerError as error:  # too long (for messages: even without the earlier turns)
         raise ApiError(400, str(error), param="max_tokens" if max_tokens else "prompt" if messages is None else
                        "messages", code="context_length_exceeded") from None
