@@ -426,3 +426,19 @@ def test_a_test_file_asking_a_question_twice_says_so(tmp_path, tiny_llama):
     assert evaluation["settings"][ev.REPEATED] == 2
     assert ev.REPEATED in (folder / "report.md").read_text(encoding="utf-8")
     assert ev.REPEATED not in ev.evaluate(folder, max_questions=2)["settings"]
+
+
+def test_paraphrases_of_one_acronym_are_resampled_together_and_the_report_says_so(tmp_path, tiny_llama):
+    folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json"))))
+    rows = [{"question": f"{ask} {word} stand for?", "answer": "Something", "group": word}
+            for word in ("ZORBLE", "QAXEL") for ask in ("What does", "Tell me what")]
+    rows.append({"question": "What does FLIMP stand for?", "answer": "Nothing"})  # no group: a group of its own
+    test = tmp_path / "grouped.json"
+    test.write_text(json.dumps(rows), encoding="utf-8")
+    evaluation = ev.evaluate(folder, test=str(test))
+    assert evaluation["settings"][ev.GROUPED] == "3 groups of the 5 questions"
+    assert ev.GROUPED in (folder / "report.md").read_text(encoding="utf-8")
+    for row in rows:
+        row.pop("group", None)
+    test.write_text(json.dumps(rows), encoding="utf-8")
+    assert ev.GROUPED not in ev.evaluate(folder, test=str(test))["settings"]

@@ -133,3 +133,18 @@ def test_dropped_held_out_rows_are_counted_by_reason_beyond_those_listed():
     dropped = dropped_rows(rows)
     assert dropped["count"] == 250 and len(dropped["rows"]) == 200
     assert dropped["reasons"] == {"too long": 150, "same question as a training row": 100}
+
+
+def test_paraphrases_of_one_item_are_resampled_together():
+    """Five paraphrases of one acronym are one piece of evidence, not five: the interval is the one of the
+    acronyms' own values, wider than the one that counts every paraphrase as independent."""
+    per_item = [0.5] * 8 + [-0.5] * 4
+    values, groups = [v for v in per_item for _ in range(5)], [f"A{i}" for i in range(12) for _ in range(5)]
+    grouped = metrics.bootstrap_interval(values, groups=groups)
+    assert grouped == metrics.bootstrap_interval(per_item)  # equal groups: the same picks, the same means
+    independent = metrics.bootstrap_interval(values)
+    assert grouped[0] < 0 < independent[0]  # only the ungrouped interval excludes 0: it over-claims
+    assert metrics.bootstrap_interval(values, groups=[""] * 60) == independent  # no group: each its own
+    assert metrics.aggregate(values[:40], groups[:40])["low"] is None  # 8 groups: too few for an interval
+    with pytest.raises(ValueError, match="59 group labels for 60 examples"):
+        metrics.bootstrap_interval(values, groups=groups[1:])

@@ -416,6 +416,29 @@ def test_a_change_is_better_only_when_its_paired_interval_excludes_zero(tmp_path
     assert json.loads((tmp_path / "metrics.json").read_text())["changes"]["chrf"]["tuned"]["mean"] == pytest.approx(0.0125)
 
 
+def test_a_gain_on_paraphrases_of_few_items_is_not_over_claimed(tmp_path: Path) -> None:
+    """Twelve acronyms asked five ways each: a change up on 8 acronyms and down on 4 is within noise once each
+    acronym's paraphrases are resampled together, though it would read better from 60 independent questions."""
+    from affiner.core.templates import Example
+    from affiner.evaluation.evaluate import build_evaluation
+    from affiner.evaluation.generation import Answer
+
+    def evaluation_of(grouped: bool) -> dict:
+        examples = [Example(instruction=f"q{i}-{k}", response=f"r{i}", group=f"A{i}" if grouped else "")
+                    for i in range(12) for k in range(5)]
+        answers = {m: [Answer(text="a", stopped=True, tokens=1)] * 60 for m in ("base", "tuned")}
+        change = [0.5] * 8 + [-0.5] * 4
+        scores = {"base": [{"rouge_l": 0.5}] * 60, "tuned": [{"rouge_l": 0.5 + change[i // 5]} for i in range(60)]}
+        losses = {"base": ([10.0] * 60, [10] * 60), "tuned": ([10.0 - 2 * change[i // 5] for i in range(60)], [10] * 60)}
+        return build_evaluation("t", examples, answers, scores, losses, None, {})
+
+    for grouped, verdict in ((True, "≈ within noise"), (False, "▲ better")):
+        write_report(tmp_path, evaluation_of(grouped))
+        table = _headline((tmp_path / "report.md").read_text(encoding="utf-8"))
+        assert table["ROUGE-L F1"][2].endswith(verdict), (grouped, table["ROUGE-L F1"])
+        assert table["test loss (held-out answers)"][2].endswith(verdict), (grouped, table["test loss (held-out answers)"])
+
+
 def test_perplexity_and_judge_changes_have_paired_intervals_and_one_question_gives_no_verdict(tmp_path: Path) -> None:
     from affiner.core.templates import Example
     from affiner.evaluation.evaluate import build_evaluation

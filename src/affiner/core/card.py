@@ -110,8 +110,8 @@ def evaluation_section(run: RunFolder) -> list[str]:
     for key, info, base, tuned in rows:
         kind = info.get("kind") or metric_kind(key)
         lines.append(f"| {info.get('label', key)} | {format_aggregate(base, kind)} | {format_aggregate(tuned, kind)} |")
-    lines += ["", "Intervals are 95 % bootstrap intervals over the questions; the front matter's "
-              "`model-index` holds the same means.", ""]
+    lines += ["", "Intervals are 95 % bootstrap intervals over the questions (a group of questions, such as one "
+              "acronym's paraphrases, resampled as one); the front matter's `model-index` holds the same means.", ""]
     return lines + general_lines(evaluation, run)
 
 

@@ -71,6 +71,16 @@ REPEATED = ("questions asked more than once (each copy counts as a question of i
             "narrower than the questions warrant)")
 
 
+GROUPED = ("intervals resample whole groups (one group's questions, such as one acronym's paraphrases, rise or fall "
+           "together)")
+
+
+def resampled_groups(examples: list[Example]) -> int | None:
+    """How many groups the intervals resample, when the test file groups some of its questions; else None."""
+    units = len(metrics.group_members([e.group for e in examples], len(examples)))
+    return units if units < len(examples) else None
+
+
 def repeated_questions(examples: list[Example]) -> int:
     """How many held-out rows repeat an earlier row's question and input, word for word."""
     return len(examples) - len({(e.instruction.strip(), e.input.strip()) for e in examples})
@@ -135,6 +145,8 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
            if (without := sum(not has_answer(e) for e in examples)) else {}),
         **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
         **({REPEATED: repeated} if (repeated := repeated_questions(examples)) else {}),
+        **({GROUPED: f"{units} group{'s' * (units > 1)} of the {len(examples)} questions"}
+           if (units := resampled_groups(examples)) else {}),
         "generation time": ", ".join(f"{name} {value:.0f} s" for name, value in done.seconds.items())
                            + (f" (with the {len(general)} general questions)" if general else ""),
         **({"base answers and losses": "from an earlier evaluation with the same base weights, questions, template "
@@ -310,26 +322,29 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
     if "tokens" in info and (reference := settings.get(REFERENCE_LENGTH)) is not None:  # what lengths to compare
         label = f"{info['tokens']['label'].removesuffix(')')}; references {reference:.1f})"  # "(tokens; refer..."
         info["tokens"] = {**info["tokens"], "label": label}
-    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]]) for m in models} for k in measured}
+    groups = [e.group for e in examples]  # one acronym's paraphrases resampled together (metrics.bootstrap_interval)
+    aggregates = {k: {m: metrics.aggregate([s[k] for s in scores[m]], groups) for m in models} for k in measured}
     if all(losses[m][0] for m in models):
-        per_model = {m: metrics.aggregate_loss(*losses[m]) for m in models}
+        per_model = {m: metrics.aggregate_loss(*losses[m], groups) for m in models}
         for key in ("loss", "perplexity"):
             info[key] = METRIC_INFO[key]
             aggregates[key] = {m: per_model[m][key] for m in models}
     base, paired = models[0], {}
     for key in measured:  # each tuned model's change on the same questions, with a paired interval
-        paired[key] = {m: metrics.aggregate([t[key] - b[key] for t, b in zip(scores[m], scores[base])])
+        paired[key] = {m: metrics.aggregate([t[key] - b[key] for t, b in zip(scores[m], scores[base])], groups)
                        for m in models[1:]}
     if "loss" in aggregates:
-        paired["loss"] = {m: metrics.paired_loss_change(losses[base], losses[m]) for m in models[1:]}
-        paired["perplexity"] = {m: metrics.paired_loss_change(losses[base], losses[m], perplexity=True)
+        paired["loss"] = {m: metrics.paired_loss_change(losses[base], losses[m], groups=groups) for m in models[1:]}
+        paired["perplexity"] = {m: metrics.paired_loss_change(losses[base], losses[m], True, groups)
                                 for m in models[1:]}
     if verdicts:
         info["judge"] = JUDGE_INFO
-        aggregates["judge"] = {m: metrics.aggregate([s["judge"] for s in scores[m] if "judge" in s]) for m in models}
+        aggregates["judge"] = {m: metrics.aggregate(*_columns([(s["judge"], g) for s, g in zip(scores[m], groups)
+                                                               if "judge" in s])) for m in models}
         # Paired over the questions both models got a verdict on: a verdict missing for one is no evidence either way.
-        paired["judge"] = {m: metrics.aggregate([t["judge"] - b["judge"] for t, b in zip(scores[m], scores[base])
-                                                 if "judge" in t and "judge" in b]) for m in models[1:]}
+        paired["judge"] = {m: metrics.aggregate(*_columns([(t["judge"] - b["judge"], g) for t, b, g in
+                                                           zip(scores[m], scores[base], groups)
+                                                           if "judge" in t and "judge" in b])) for m in models[1:]}
     return {
         "title": title, "models": models, "settings": settings,
         "primary_metric": headline if headline != "auto" else "contains_key" if "contains_key" in measured else "contains",
@@ -338,6 +353,11 @@ def build_evaluation(title: str, examples: list[Example], answers: dict, scores:
                       "answers": {m: {**answers[m][i].__dict__, "scores": scores[m][i]} for m in models}}
                      for i, e in enumerate(examples)],
     }
+
+
+def _columns(pairs: list[tuple[float, str]]) -> tuple[list[float], list[str]]:
+    """(value, group) pairs as the values and their groups, which `metrics.aggregate` takes."""
+    return [value for value, _ in pairs], [group for _, group in pairs]
 
 
 def reference_length(tokenizer, examples: list[Example]) -> float:

@@ -50,8 +50,9 @@ def no_harm(examples: list[Example], answers: dict[str, list[Answer]], scores: d
     base = models[0]
     per_token = {m: np.asarray(losses[m][0], dtype=float) / np.maximum(np.asarray(losses[m][1], dtype=float), 1)
                  for m in models}
-    figures = {m: {"loss": metrics.aggregate_loss(*losses[m])["loss"],
-                   **{k: metrics.aggregate([s[k] for s in scores[m]]) for k in TEXT_METRICS}} for m in models}
+    groups = [e.group for e in examples]
+    figures = {m: {"loss": metrics.aggregate_loss(*losses[m], groups)["loss"],
+                   **{k: metrics.aggregate([s[k] for s in scores[m]], groups) for k in TEXT_METRICS}} for m in models}
     changes = {m: _change(examples, answers, per_token, base, m) for m in models[1:]}
     return {"set": GENERAL_SET, "items": len(examples), "models": models, "figures": figures, "changes": changes,
             "harmed_item": HARMED_ITEM}
@@ -60,7 +61,7 @@ def no_harm(examples: list[Example], answers: dict[str, list[Answer]], scores: d
 def _change(examples: list[Example], answers: dict[str, list[Answer]], per_token: dict[str, np.ndarray],
             base: str, model: str) -> dict:
     difference = per_token[model] - per_token[base]
-    low, high = metrics.bootstrap_interval(difference)
+    low, high = metrics.bootstrap_interval(difference, groups=[e.group for e in examples])
     harmed = [int(i) for i in np.argsort(-difference) if difference[i] > HARMED_ITEM]
     verdict = ("measurable harm" if low > 0 else "better" if high < 0 else "no measurable harm")
     shown = [{"question": examples[i].instruction, "input": examples[i].input, "reference": examples[i].expected,

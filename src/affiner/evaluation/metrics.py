@@ -158,30 +158,51 @@ def per_example_scores(question: str, reference: str, answer: str, input: str = 
             "repetition": repetition(answer), "empty": float(is_empty(answer)), "echo": float(echoes(answer, question, input))}
 
 
-# Examples an interval needs. Below, a percentile bootstrap is far narrower than the truth: with 2 examples it is
-# just their range, so two changes of one sign would read "better"; an exact sign test needs 6 changes of one sign
-# for p < 0.05, and mixed signs need more.
+# Examples (or groups of them) an interval needs. Below, a percentile bootstrap is far narrower than the truth: with
+# 2 examples it is just their range, so two changes of one sign would read "better"; an exact sign test needs 6
+# changes of one sign for p < 0.05, and mixed signs need more.
 MIN_EXAMPLES = 10
 
 
 def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable[[np.ndarray], float] = np.mean,
-                       resamples: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
+                       resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                       groups: Sequence[str] | None = None) -> tuple[float, float]:
     """Percentile bootstrap over examples, one value (or one row of values, read by `statistic`) per example;
-    seeded so that a report is reproducible."""
+    seeded so that a report is reproducible. With `groups` (a label per example, "" for none), each group is
+    resampled whole: one acronym's paraphrases share what makes them easy or hard for a model, and resampled one
+    by one they would count as independent evidence, giving an interval too narrow (quickstart: 7-22 %)."""
     data = np.asarray(values, dtype=float)
-    if len(data) < MIN_EXAMPLES:  # no interval, so no better/worse verdict (the report says why)
+    members = group_members(groups, len(data))
+    if len(members) < MIN_EXAMPLES:  # no interval, so no better/worse verdict (the report says why)
         return float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(data), size=(resamples, len(data)))
-    stats = np.array([statistic(data[row]) for row in picks])
+    picks = rng.integers(0, len(members), size=(resamples, len(members)))
+    if len(members) == len(data):  # every example its own group: the picks are the rows
+        rows = picks
+    else:
+        rows = [np.concatenate([members[g] for g in row]) for row in picks]
+    stats = np.array([statistic(data[row]) for row in rows])
     tail = (1 - level) / 2 * 100
     return float(np.percentile(stats, tail)), float(np.percentile(stats, 100 - tail))
 
 
-def aggregate(values: Sequence[float]) -> dict[str, float | None]:
+def group_members(groups: Sequence[str] | None, count: int) -> list[np.ndarray]:
+    """The examples' indices, group by group in order of first appearance; an example without a group ("") is a
+    group of its own."""
+    if groups is None:
+        return [np.array([i]) for i in range(count)]
+    if len(groups) != count:
+        raise ValueError(f"{len(groups)} group labels for {count} examples")
+    indices: dict[str | int, list[int]] = {}
+    for i, label in enumerate(groups):
+        indices.setdefault(label or i, []).append(i)  # an int: never a data file's label, which is a string
+    return [np.array(members) for members in indices.values()]
+
+
+def aggregate(values: Sequence[float], groups: Sequence[str] | None = None) -> dict[str, float | None]:
     if not len(values):
         return {"mean": None, "low": None, "high": None}
-    return {"mean": float(np.mean(values)), **_ends(bootstrap_interval(values))}
+    return {"mean": float(np.mean(values)), **_ends(bootstrap_interval(values, groups=groups))}
 
 
 def _ends(interval: tuple[float, float]) -> dict[str, float | None]:
@@ -190,7 +211,7 @@ def _ends(interval: tuple[float, float]) -> dict[str, float | None]:
 
 
 def paired_loss_change(before: tuple[Sequence[float], Sequence[int]], after: tuple[Sequence[float], Sequence[int]],
-                       perplexity: bool = False) -> dict[str, float | None]:
+                       perplexity: bool = False, groups: Sequence[str] | None = None) -> dict[str, float | None]:
     """The change of the token-weighted held-out loss (or, with `perplexity`, of its perplexity) from `before` to
     `after` (each: per-example summed losses and token counts, over the same examples), with an interval from
     resampling the examples for both at once: paired, so that what the questions share (some are harder for every
@@ -204,18 +225,19 @@ def paired_loss_change(before: tuple[Sequence[float], Sequence[int]], after: tup
         loss_before, loss_after = r[:, 0].sum() / max(r[:, 1].sum(), 1), r[:, 2].sum() / max(r[:, 3].sum(), 1)
         return float(np.exp(loss_after) - np.exp(loss_before) if perplexity else loss_after - loss_before)
 
-    return {"mean": change(rows), **_ends(bootstrap_interval(rows, change))}
+    return {"mean": change(rows), **_ends(bootstrap_interval(rows, change, groups=groups))}
 
 
-def aggregate_loss(sums: Sequence[float], counts: Sequence[int]) -> dict[str, dict[str, float | None]]:
-    """Token-weighted held-out loss and its perplexity, with intervals from resampling examples."""
+def aggregate_loss(sums: Sequence[float], counts: Sequence[int],
+                   groups: Sequence[str] | None = None) -> dict[str, dict[str, float | None]]:
+    """Token-weighted held-out loss and its perplexity, with intervals from resampling examples (or `groups`)."""
     pairs = np.column_stack([np.asarray(sums, dtype=float), np.asarray(counts, dtype=float)])
 
     def loss_of(rows: np.ndarray) -> float:
         return float(rows[:, 0].sum() / max(rows[:, 1].sum(), 1))
 
     loss = loss_of(pairs)
-    ends = _ends(bootstrap_interval(pairs, loss_of))  # resampling whole examples: each row is (summed loss, tokens)
+    ends = _ends(bootstrap_interval(pairs, loss_of, groups=groups))  # each row: one example's (summed loss, tokens)
     return {"loss": {"mean": loss, **ends},
             "perplexity": {"mean": float(np.exp(loss)),
                            **{end: None if value is None else float(np.exp(value)) for end, value in ends.items()}}}

@@ -20,10 +20,11 @@ EMPTY_TEXT = "—"  # an empty answer or cell; "-" (formatting.MISSING) is a mis
 PREFERRED_TIE_BREAK = "rouge_l"
 VERDICT_MARKS = {"better": "▲ better", "worse": "▼ worse", "same": "= same", "noise": "≈ within noise"}
 HEADLINE_NOTE = ("Means with 95 % bootstrap intervals in brackets. Δ is tuned − base (rates in percentage "
-                 "points), with its paired 95 % interval (the same questions resampled for both models); ▲ better / "
-                 "▼ worse takes into account whether higher is better for that metric, and needs that interval to "
-                 "exclude 0: otherwise ≈ within noise. Fewer than 10 questions get no interval, so no verdict. The "
-                 "test loss and perplexity weigh every reference token alike: a long reference counts for more.")
+                 "points), with its paired 95 % interval (the same questions resampled for both models, a group of "
+                 "questions as one); ▲ better / ▼ worse takes into account whether higher is better for that metric, "
+                 "and needs that interval to exclude 0: otherwise ≈ within noise. Fewer than 10 questions (or groups) "
+                 "get no interval, so no verdict. The test loss and perplexity weigh every reference token alike: a "
+                 "long reference counts for more.")
 
 # One colour per role everywhere (table cells, answer boxes, plot bars), so that the reader learns
 # "blue is base, green is tuned" once.
