@@ -191,6 +191,19 @@ def test_a_link_opens_on_a_prompt_and_generates_once(monkeypatch, runs):
     assert len(at.session_state["comparisons"]) == 1 and len(boxes(at, "tuned")) == 1
 
 
+def test_a_link_with_a_greedy_value_it_cannot_read_says_so(monkeypatch, runs):
+    at = page(monkeypatch, runs[:1])
+    at.query_params.update(greedy="maybe", temperature="0.5")
+    at.run()
+    assert not at.exception, at.exception
+    assert any("greedy='maybe'" in w.value for w in at.warning)  # not silently taken as "no"
+    assert not at.session_state["greedy"] and at.session_state["temperature"] == 0.5
+    at = page(monkeypatch, runs[:1])
+    at.query_params.update(greedy="off")
+    at.run()
+    assert not at.warning and not at.session_state["greedy"]
+
+
 def test_runs_page_shows_curves_config_and_report(monkeypatch, runs):
     at = page(monkeypatch, runs).run()
     at.text_area(key="instruction").input("Define GLINT.")

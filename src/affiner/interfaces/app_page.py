@@ -36,7 +36,7 @@ from affiner.interfaces.engine import BASE, Reply  # noqa: E402
 DEFAULTS = {"instruction": "", "input": "", "greedy": False, **asdict(Settings())}
 WIDGET_KEYS = (*DEFAULTS, "models", "page")
 PAGES = ("Compare", "Runs")
-TRUE = {"1", "true", "yes", "on"}
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
 
 
 @st.cache_resource(show_spinner="Loading the base model and its adapters (once for every session)…")
@@ -68,8 +68,10 @@ def initial_state(params, names: list[str], penalty: float = 1.0) -> tuple[dict,
     notes: list[str] = []
     state["instruction"] = params.get("prompt", "")
     state["input"] = params.get("input", "")
-    if "greedy" in params:
-        state["greedy"] = params["greedy"].strip().lower() in TRUE
+    if (greedy := params.get("greedy", "").strip().lower()) in TRUE | FALSE:
+        state["greedy"] = greedy in TRUE
+    elif "greedy" in params:
+        notes.append(f"greedy={params['greedy']!r} is neither 1, true, yes, on nor 0, false, no, off")
     for key, kind, low, high in (("temperature", float, 0.0, 2.0), ("top_p", float, 0.01, 1.0),
                                  ("top_k", int, 0, 1000), ("max_new_tokens", int, 1, 4096),
                                  ("seed", int, 0, 2**31 - 1), ("repetition_penalty", float, 1.0, MAX_PENALTY)):
@@ -115,20 +117,17 @@ def current_settings() -> Settings:
 def share_query(comparison: dict) -> dict:
     """The query parameters that reopen the page on this comparison (defaults left out)."""
     settings = comparison["settings"]
-    query = {"prompt": comparison["instruction"]}
-    if comparison["input"]:
-        query["input"] = comparison["input"]
+    query = {"prompt": comparison["instruction"], **({"input": comparison["input"]} if comparison["input"] else {})}
     if settings["temperature"] == 0:
         query["greedy"] = "1"
     elif settings["temperature"] != DEFAULTS["temperature"]:
         query["temperature"] = str(settings["temperature"])
     for key in ("top_p", "top_k", "max_new_tokens", "seed"):
-        if settings.get(key) is not None and settings[key] is not None and settings[key] != DEFAULTS[key]:
+        if settings.get(key) is not None and settings[key] != DEFAULTS[key]:
             query[key] = str(settings[key])
     if settings.get("repetition_penalty") is not None:  # always: a new page starts from the run's own penalty
         query["repetition_penalty"] = str(settings["repetition_penalty"])
-    tuned = [n for n in comparison["answers"] if n != BASE]
-    if tuned:
+    if tuned := [n for n in comparison["answers"] if n != BASE]:
         query["models"] = ",".join(tuned)
     return query
 
