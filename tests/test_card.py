@@ -130,7 +130,7 @@ def test_a_pushed_card_loads_from_the_repository(trained):
     run = RunFolder(folder)
     config = run.config()
     text = model_card(run, config, run.template(), tokenizer_for(config, folder), ["adapter/", "merged/"],
-                      push="my-org/glossary-card", output=folder.parent / "export")
+                      push="my-org/glossary-card")
     assert "PeftModel.from_pretrained(base, 'my-org/glossary-card', subfolder='adapter')" in text
     assert "from_pretrained('my-org/glossary-card', subfolder='merged')" in text
     assert_no_local_path(text, folder)

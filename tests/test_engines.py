@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import copy_run, make_gemma_shaped, run_cli, write_config
 
+from affiner.core.card import ABSOLUTE_PATH
 from affiner.core.config import load_config
 from affiner.core.errors import AffinerError
 from affiner.core.files import read_json
@@ -244,6 +245,14 @@ def test_export_for_every_engine(tmp_path, run, tiny_llama):
     assert (out / "adapter.gguf").is_file()
     files = read_json(out / "export.json")["files"]
     assert {"chat_template.jinja", "stop.json", "base.gguf", "adapter.gguf", "Modelfile"} <= set(files)
+    card = (out / "README.md").read_text()  # each launch command is in the card too, as its script runs it
+    for script in ("serve-vllm.sh", "serve-llama-cpp.sh", "create-ollama.sh"):
+        command = (out / script).read_text().split("\n")[-2].removeprefix("exec ").removesuffix(' "$@"')
+        command = command.replace(str(Path(tiny_llama).resolve()), Path(tiny_llama).name)  # the card's, no local path
+        assert f"`./{script}`" in card and f"```sh\n{command}\n```" in card, script
+    assert f"`{Path(tiny_llama).name}` is a folder of the machine that trained this model" in card
+    assert str(tmp_path) not in card and ABSOLUTE_PATH.findall(card) == []
+    assert card.count('add "stop": ["### Question:", "### Answer:"] to each request') == 2  # vLLM, llama-server
 
 
 def test_export_for_refuses_bad_options_before_writing_anything(tmp_path, capfd, run):

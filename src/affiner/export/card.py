@@ -9,7 +9,9 @@ export folder: never a path of the machine that exported it.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
+from typing import NamedTuple
 
 from affiner.core.card import (CARD_FILE, base_section, card_data, card_text, data_section, evaluation_section, heading,
                                hub_id, shown, training_section)
@@ -22,20 +24,29 @@ from affiner.export.hub import base_licence
 from affiner.export.merge import EXAMPLE_QUESTION
 from affiner.export.ollama import GGUF_FILE, MODELFILE, slug
 
-__all__ = ["CARD_FILE", "model_card"]
+__all__ = ["CARD_FILE", "Launch", "model_card"]
+
+
+class Launch(NamedTuple):
+    """A launch script of `export --for`, as the card shows it: which engine, its command, what it serves."""
+
+    engine: str
+    argv: list[str]
+    serves: str
 
 
 def model_card(run: RunFolder, config: RunConfig, template: Template, tokenizer, files: list[str],
-               push: str | None = None, gguf_report: GgufReport | None = None, output: Path | None = None) -> str:
-    """README.md: Hub front matter, then what the model is, how it was trained and evaluated, and how to use it.
-
-    `output` is not written into the card (it is a path of this machine); usage names `push` or the export's
-    own folders."""
+               push: str | None = None, gguf_report: GgufReport | None = None,
+               launches: dict[str, Launch] | None = None) -> str:
+    """README.md: Hub front matter, then what the model is, how it was trained and evaluated, and how to use it
+    (from `push` or the export's own folders, never a path of this machine), with the command of each launch
+    script `export --for` wrote."""
     licence_id, licence_text = base_licence(config.model.base, config.model.revision)
     data = card_data(run, config, licence=licence_id or "other", tags=("gguf",) if gguf_report is not None else ())
     body = [*heading(run, config), *evaluation_section(run), *base_section(config, licence_text),
             *training_section(config, run.info()), *data_section(run.data_info()),
             *_template_section(run, template, tokenizer), *_usage_section(config, template, tokenizer, files, push),
+            *_engines_section(launches or {}),
             "## Files", "", *[f"- `{name}`" for name in files], ""]
     return card_text(data, body)
 
@@ -89,6 +100,22 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
                   # took llama-cli -no-cnv)
                   f"llama-completion -m {GGUF_FILE} -p {json.dumps(cli_prompt)} -n 64 --temp 0",
                   "# older llama.cpp builds: llama-cli -no-cnv with the same arguments", "```", ""]
+    return lines
+
+
+def _engines_section(launches: dict[str, Launch]) -> list[str]:
+    """Each serving engine's launch script and the command it runs from the export folder (arguments given to the
+    script are passed on, e.g. --port 8080)."""
+    if not launches:
+        return []
+    lines = ["### With a serving engine", "",
+             "Each script runs its command from the export folder; arguments given to it are passed on (e.g. "
+             "`--port 8080`).", ""]
+    for script, launch in launches.items():
+        argv = [shown(arg) for arg in launch.argv]  # a local base as its folder's name, as everywhere in the card
+        local = "".join(f" `{new}` is a folder of the machine that trained this model: put its path there."
+                        for old, new in zip(launch.argv, argv) if old != new)
+        lines += [f"{launch.engine}, `./{script}`: {launch.serves}.{local}", "", "```sh", shlex.join(argv), "```", ""]
     return lines
 
 

@@ -25,7 +25,7 @@ from affiner.core.gguf_cache import save_tokenizer
 from affiner.core.models import model_type_of, tokenizer_for
 from affiner.core.runfolder import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunFolder
 from affiner.core.templates import Template, save_template
-from affiner.export.card import CARD_FILE, model_card
+from affiner.export.card import CARD_FILE, Launch, model_card
 from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE, GGUF_ENGINES, SCRIPTS, STOP_FILE,
                                     TUNED_NAME, VLLM_CONFIG_DIR, chat_template, check_chat_template, llama_server_argv,
                                     ollama_argv, parse_targets, portable_base, stop_notes, stop_settings, vllm_argv,
@@ -38,6 +38,8 @@ from affiner.export.ollama import (GGUF_FILE, MODELFILE, check_gguf_architecture
                                    write_base_gguf, write_gguf_files)
 
 EXPORT_FILE = "export.json"  # what was exported from which run; marks a folder --overwrite may replace
+SERVED_AT = "the OpenAI API on http://127.0.0.1:8000/v1"  # where every --for script's server listens by default
+SERVED_MODELS = f"the base as model `base` and the adapter as model `{TUNED_NAME}`, {SERVED_AT}"
 
 
 @dataclass(frozen=True)
@@ -113,12 +115,12 @@ def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig,
     if full and merged:
         print("note: a full fine-tune has no adapter to merge; model/ is the whole tuned model.")
     tokenizer = with_run_chat_template(tokenizer_for(config, run.path), template)
-    written, record = [], {}
+    written, record, launches = [], {}, {}
     if not full:
         _write_adapter(run, config, template, tokenizer, target / "adapter")
         written.append("adapter/")
     if targets:
-        written += _write_for_engines(target, run, config, template, tokenizer, targets, gguf_type)
+        written += _write_for_engines(target, run, config, template, tokenizer, targets, gguf_type, launches)
     model = tuned_model(run.path, config, tokenizer, template, options.merge_device) if full or merged or gguf \
         else None
     if model is not None:
@@ -135,7 +137,7 @@ def _write_export(target: Path, output: Path, run: RunFolder, config: RunConfig,
         print(f"note: {sub}/ was {'merged' if merged and not full else 'checked'} in float32 on "
               f"{record['merge_device']} and saved in {record['dtype']}.")
     del model  # the card needs no model; free its memory before the last files
-    write_atomic(target / CARD_FILE, model_card(run, config, template, tokenizer, written, push, gguf_report, output))
+    write_atomic(target / CARD_FILE, model_card(run, config, template, tokenizer, written, push, gguf_report, launches))
     written.append(CARD_FILE)
     files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
     write_json(target / EXPORT_FILE, {"run": str(run), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -203,9 +205,9 @@ def _check_gguf_targets(run: RunFolder, config: RunConfig, targets: tuple[str, .
 
 
 def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template: Template, tokenizer,
-                      targets: tuple[str, ...], gguf_type: str) -> list[str]:
+                      targets: tuple[str, ...], gguf_type: str, launches: dict[str, Launch]) -> list[str]:
     """Each engine's files in `target` (the export's staging folder, whose adapter/ vLLM loads); returns
-    what was written."""
+    what was written, and puts each launch script's command in `launches` for the card."""
     stops = stop_settings(template, tokenizer)
     write_json(target / STOP_FILE, stops)
     written = [STOP_FILE]
@@ -220,17 +222,21 @@ def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template
                          CHAT_TEMPLATE_FILE, VLLM_CONFIG_DIR, revision=config.model.revision,
                          trust_remote_code=config.model.trust_remote_code, quantized=config.method == "qlora")
         write_script(target / SCRIPTS["vllm"], argv, vllm_script_comments(stops, config.model.base))
+        launches[SCRIPTS["vllm"]] = Launch("vLLM (a CUDA GPU, pip install vllm)", argv,
+                                           "; ".join([SERVED_MODELS, *stop_notes(stops)]))
         written += [f"{VLLM_CONFIG_DIR}/", SCRIPTS["vllm"]]
     if any(t in GGUF_ENGINES for t in targets):
         write_adapter_gguf(run, config, target / ADAPTER_GGUF)  # first: it refuses what llama.cpp cannot apply
         write_base_gguf(run, config, template, tokenizer, target / BASE_GGUF, gguf_type)
         written += [BASE_GGUF, ADAPTER_GGUF]
     if "llama.cpp" in targets:
-        write_script(target / SCRIPTS["llama.cpp"], llama_server_argv(BASE_GGUF, [ADAPTER_GGUF], CHAT_TEMPLATE_FILE),
-                     _llama_cpp_comments(stops))
+        argv = llama_server_argv(BASE_GGUF, [ADAPTER_GGUF], CHAT_TEMPLATE_FILE)
+        write_script(target / SCRIPTS["llama.cpp"], argv, _llama_cpp_comments(stops))
+        launches[SCRIPTS["llama.cpp"]] = Launch("llama.cpp's llama-server", argv, "; ".join(
+            [f"the adapter applied to {BASE_GGUF}, {SERVED_AT}", *stop_notes(stops)]))
         written.append(SCRIPTS["llama.cpp"])
     if "ollama" in targets:
-        written += _write_ollama(target, run, template, tokenizer)
+        written += _write_ollama(target, run, template, tokenizer, launches)
     return written
 
 
@@ -250,10 +256,12 @@ def _llama_cpp_comments(stops: dict[str, list]) -> list[str]:
             "llama-server comes with llama.cpp: https://github.com/ggml-org/llama.cpp", *stop_notes(stops)]
 
 
-def _write_ollama(target: Path, run: RunFolder, template: Template, tokenizer) -> list[str]:
+def _write_ollama(target: Path, run: RunFolder, template: Template, tokenizer, launches: dict[str, Launch]) -> list[str]:
     write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, model_file=BASE_GGUF,
                                                adapter_file=ADAPTER_GGUF))
     name = slug(run.name)
     write_script(target / SCRIPTS["ollama"], ollama_argv(name, MODELFILE),
                  [f"Creates the Ollama model {name} from base.gguf and adapter.gguf; then: ollama run {name}"])
+    launches[SCRIPTS["ollama"]] = Launch("Ollama", ollama_argv(name, MODELFILE),
+                                         f"the model {name} (base.gguf with adapter.gguf); then: ollama run {name}")
     return [MODELFILE, SCRIPTS["ollama"]]
