@@ -170,7 +170,8 @@ def bootstrap_interval(values: Sequence[float] | np.ndarray, statistic: Callable
     """Percentile bootstrap over examples, one value (or one row of values, read by `statistic`) per example;
     seeded so that a report is reproducible. With `groups` (a label per example, "" for none), each group is
     resampled whole: one acronym's paraphrases share what makes them easy or hard for a model, and resampled one
-    by one they would count as independent evidence, giving an interval too narrow (quickstart: 7-22 %)."""
+    by one they would count as independent evidence, giving an interval too narrow (quickstart: by up to
+    30 %)."""
     data = np.asarray(values, dtype=float)
     members = group_members(groups, len(data))
     if len(members) < MIN_EXAMPLES:  # no interval, so no better/worse verdict (the report says why)
