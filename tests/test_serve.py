@@ -425,6 +425,83 @@ def test_a_long_stop_text_ends_its_row_in_a_batch_once_written(qa_engine, monkey
     assert len(generated[0][0]) <= 35  # ended once the stop text was written
 
 
+class ScriptedModel:
+    """A model that writes a given text, token by token, through `generate` (what `Engine.stream` calls); with
+    `lag`, it runs ahead of the reader, as a fast model does."""
+
+    def __init__(self, ids: list[int], lag: bool):
+        self.ids, self.lag = ids, lag
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, max_new_tokens, eos_token_id, streamer, stopping_criteria, **_):
+        import torch
+
+        out = input_ids[0].tolist()
+        streamer.put(input_ids[0])  # the prompt, which the streamer skips
+        for token in self.ids[:max_new_tokens]:
+            out.append(token)
+            streamer.put(torch.tensor([token]))
+            if token in eos_token_id:
+                break
+            time.sleep(0 if self.lag else 0.02)
+            if stopping_criteria(torch.tensor([out]), None).all():
+                break
+        streamer.end()
+        return torch.tensor([out])
+
+
+def scripted_rows(ids: list[int], eos: int):
+    """`decode_rows` writing the same text for every row, each row ending where `done` (RowEnds) ends it."""
+    def decode(model, input_ids, attention, max_new, stop_ids, settings, done):
+        new, rows = [[] for _ in range(input_ids.shape[0])], list(range(input_ids.shape[0]))
+        for step in range(max_new):
+            for row in rows:
+                new[row].append(ids[step] if step < len(ids) else eos)
+            ends = done(rows, [new[row] for row in rows])
+            rows = [r for r, end in zip(rows, ends) if not end and new[r][-1] not in stop_ids and len(new[r]) < max_new]
+            if not rows:
+                break
+        return new
+    return decode
+
+
+@pytest.mark.parametrize("text,stops,limit,eos,lag", [
+    (" Paris is ni|ce. The end.", ("is nice",), 50, True, False),  # a stop text across pieces
+    (" Paris is nice.", (" Par",), 50, True, False),  # at the very start
+    (" Paris. X\n### Question: more", ("X",), 50, False, False),  # a stop text, then a turn
+    (" Paris.\n### Question: X more", ("X",), 50, False, False),  # a turn, then a stop text
+    (" Paris.\n### Question: more", ("###",), 50, False, False),  # a stop text inside a turn marker
+    (" Paris.\n### Question: more", ("Question",), 50, False, True),
+    (" Paris.\n### Quest", ("###",), None, False, False),  # ... and the limit reached in the marker
+    (" Paris is ni", ("nice",), None, False, False),  # the limit with a stop text's start held back
+    (" Paris is ni", ("nice",), 50, True, False),  # a stop token with it
+    (" Paris\n### Quest", ("zz",), None, False, False),  # the limit inside a marker
+    (" Paris. X and more words here\n### Question: y", ("X",), 60, False, True),  # a turn after the stop text
+])
+def test_stop_texts_end_a_streamed_answer_as_they_end_a_batch_row(tiny_gpt2, monkeypatch, text, stops, limit, eos, lag):
+    """Where stop texts and the template's turns meet (a stop text that is part of "### Question:", a model running
+    ahead of the reader), `stream` (one request) gives the reply `complete_batch` gives: text, tokens, how it ended."""
+    from transformers import AutoTokenizer
+
+    from affiner.core.templates import build_template
+    from affiner.interfaces import engine as engine_module
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_gpt2))
+    ids = [token for piece in text.split("|") for token in tokenizer.encode(piece)] + [tokenizer.eos_token_id] * eos
+    limit = limit or len(ids)
+    engine = Engine(template=build_template("qa", tokenizer), tokenizer=tokenizer, model=ScriptedModel(ids, lag))
+    monkeypatch.setattr(engine_module, "decode_rows", scripted_rows(ids, tokenizer.eos_token_id))
+    question = [{"role": "user", "content": "Where?"}]
+    (together,) = engine.complete_batch("base", [Ask(question, max_new_tokens=limit, stop=stops)])
+    alone = Reply()
+    pieces = list(engine.stream("base", question, greedy(limit), reply=alone, stop_texts=stops))
+    assert "".join(pieces) == alone.text
+    assert (alone.text, alone.tokens, alone.stopped, alone.new_turn) == \
+        (together.text, together.tokens, together.stopped, together.new_turn)
+
+
 # ---------------------------------------------------------------------------------------- bad requests
 
 

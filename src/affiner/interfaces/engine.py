@@ -281,16 +281,18 @@ class Engine:
         # Not a daemon: the interpreter waits for it at exit instead of killing it inside torch (an abort).
         worker = threading.Thread(target=self._run_generation, daemon=False,
                                   args=(name, ids, settings, stop, stop_ids, streamer, output))
-        turn, texts = TurnCutter(markers), TurnCutter(stop_texts, anywhere=True)  # the turn first, as `_fill` cuts
+        # Stop texts are looked for in the raw text, as a batch row looks for them (RowEnds), then the template's turn
+        # in what they leave: a stop text that is part of a marker ("###") ends the answer as it does in a batch.
+        texts, turn = TurnCutter(stop_texts, anywhere=True), TurnCutter(markers)
         try:
             worker.start()
             for piece in itertools.chain(streamer, [None]):  # None: the end, what the cutters held back
                 if piece is None:  # the generation is over: whether a stop token ended it decides the flush
                     _join_through_interrupts(worker)
                     new, cut = _answer_ids(output, len(prompt), stop_ids)  # the loop always ends here
-                    piece = texts.feed(turn.flush(trim=cut is None)) + texts.flush()
+                    piece = turn.feed(texts.flush()) + turn.flush(trim=cut is None and not texts.cut)
                 else:
-                    piece = texts.feed(turn.feed(piece))
+                    piece = turn.feed(texts.feed(piece))
                 if turn.cut or texts.cut:
                     stop.set()  # a new turn began, or a stop text was written: the answer wanted is complete
                 if not piece:
@@ -306,7 +308,7 @@ class Engine:
         if "error" in output:
             raise output["error"]
         reply.new_turn, reply.ids = turn.cut, new if cut is None else new[:cut]
-        reply.stopped = texts.cut or (cut is not None and not turn.cut)
+        reply.stopped = (texts.cut or cut is not None) and not turn.cut  # a turn seen first is what ended it
         reply.tokens = tokens_for(reply.text, reply.ids, self.tokenizer) if turn.cut or texts.cut else len(reply.ids)
 
     def _run_generation(self, name: str, ids: torch.Tensor, settings: Settings, stop: threading.Event,
