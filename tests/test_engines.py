@@ -250,9 +250,25 @@ def test_export_for_every_engine(tmp_path, run, tiny_llama):
         command = (out / script).read_text().split("\n")[-2].removeprefix("exec ").removesuffix(' "$@"')
         command = command.replace(str(Path(tiny_llama).resolve()), Path(tiny_llama).name)  # the card's, no local path
         assert f"`./{script}`" in card and f"```sh\n{command}\n```" in card, script
-    assert f"`{Path(tiny_llama).name}` is a folder of the machine that trained this model" in card
+    assert f"`{Path(tiny_llama).name}` names the base on the machine that trained this model" in card
     assert str(tmp_path) not in card and ABSOLUTE_PATH.findall(card) == []
     assert card.count('add "stop": ["### Question:", "### Answer:"] to each request') == 2  # vLLM, llama-server
+
+
+def test_the_card_names_the_base_as_the_run_did_not_as_this_machine_stores_it(tmp_path, run, tiny_llama, monkeypatch):
+    """vLLM is given this machine's copy of the base (a GGUF base's conversion in the cache): the card names the base
+    the run was trained on, whole even when its folder's name has spaces, and says to put its path there."""
+    from affiner.export import export as export_module
+
+    converted = str(tmp_path / "my cache" / "gguf" / "base-0123456789abcdef")
+    monkeypatch.setattr(export_module, "portable_base", lambda base: converted)
+    out = tmp_path / "export"
+    assert run_cli("export", str(run), "--output", str(out), "--for", "vllm") == 0
+    assert f"exec vllm serve '{converted}' " in (out / "serve-vllm.sh").read_text()
+    card = (out / "README.md").read_text()
+    assert "0123456789abcdef" not in card and "my cache" not in card and str(tmp_path) not in card
+    assert f"vllm serve {Path(tiny_llama).name} --served-model-name base" in card
+    assert f"`{Path(tiny_llama).name}` names the base on the machine that trained this model" in card
 
 
 def test_export_for_refuses_bad_options_before_writing_anything(tmp_path, capfd, run):

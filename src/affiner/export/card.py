@@ -112,8 +112,9 @@ def _engines_section(launches: dict[str, Launch]) -> list[str]:
              "Each script runs its command from the export folder; arguments given to it are passed on (e.g. "
              "`--port 8080`).", ""]
     for script, launch in launches.items():
-        argv = [shown(arg) for arg in launch.argv]  # a local base as its folder's name, as everywhere in the card
-        local = "".join(f" `{new}` is a folder of the machine that trained this model: put its path there."
+        # A local base by its last part, as everywhere in the card (whole: a folder's name may hold spaces)
+        argv = [Path(arg).name if Path(arg).expanduser().is_absolute() else arg for arg in launch.argv]
+        local = "".join(f" `{new}` names the base on the machine that trained this model: put its path there."
                         for old, new in zip(launch.argv, argv) if old != new)
         lines += [f"{launch.engine}, `./{script}`: {launch.serves}.{local}", "", "```sh", shlex.join(argv), "```", ""]
     return lines

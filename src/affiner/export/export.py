@@ -222,8 +222,13 @@ def _write_for_engines(target: Path, run: RunFolder, config: RunConfig, template
                          CHAT_TEMPLATE_FILE, VLLM_CONFIG_DIR, revision=config.model.revision,
                          trust_remote_code=config.model.trust_remote_code, quantized=config.method == "qlora")
         write_script(target / SCRIPTS["vllm"], argv, vllm_script_comments(stops, config.model.base))
-        launches[SCRIPTS["vllm"]] = Launch("vLLM (a CUDA GPU, pip install vllm)", argv,
-                                           "; ".join([SERVED_MODELS, *stop_notes(stops)]))
+        # The card names the base as the config does (a GGUF file, not this machine's conversion of it), and says
+        # when the weights vLLM loads are not the very ones trained.
+        shown_argv = [config.model.base if arg == argv[2] and not hub_id(arg) else arg for arg in argv]
+        caveat = [f"the base is {argv[2]}, the original of the 4-bit weights trained on: answers can differ a "
+                  "little"] if config.model.base.startswith("embedded:") else []
+        launches[SCRIPTS["vllm"]] = Launch("vLLM (a CUDA GPU, pip install vllm)", shown_argv,
+                                           "; ".join([SERVED_MODELS, *caveat, *stop_notes(stops)]))
         written += [f"{VLLM_CONFIG_DIR}/", SCRIPTS["vllm"]]
     if any(t in GGUF_ENGINES for t in targets):
         write_adapter_gguf(run, config, target / ADAPTER_GGUF)  # first: it refuses what llama.cpp cannot apply
