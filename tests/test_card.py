@@ -3,7 +3,9 @@ with huggingface_hub as the Hub reads them: front matter, `model-index` with eac
 
 from __future__ import annotations
 
+import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,6 @@ from affiner.core.models import tokenizer_for
 from affiner.core.runfolder import RunFolder
 from affiner.export import export as export_mod
 from affiner.export.card import model_card
-from affiner.export.merge import EXAMPLE_QUESTION
 from affiner.training.run import train
 
 NAME = "glossary-card"
@@ -176,6 +177,22 @@ def test_the_cards_usage_code_gives_the_model_the_token_ids_it_was_trained_on(tm
     line = next(line for line in text.splitlines() if line.startswith("inputs = tokenizer("))
     scope = {"tokenizer": tokenizer}
     exec(line, scope)
-    trained_ids = encode_prompt(template, tokenizer, Example(instruction=EXAMPLE_QUESTION))
+    trained_ids = encode_prompt(template, tokenizer, Example(instruction=RunFolder(folder).held_out()[0].instruction))
     assert scope["inputs"]["input_ids"][0].tolist() == trained_ids
     assert trained_ids.count(tokenizer.bos_token_id) == 1
+
+
+def test_the_cards_examples_ask_the_runs_own_held_out_question(tmp_path, tiny_llama):
+    """A French run's card and Modelfile show a French question, quoted for the shell, not the glossary's."""
+    question = "Qu’est-ce qu’un « adjectif » ? L'exemple"
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"question": question, "answer": "Un mot."}] * 2), encoding="utf-8")
+    folder = train(load_config(str(write_config(tmp_path, tiny_llama, "embedded:glossary-train.json",
+                                                data={"test": str(test)}, train={"max_steps": 1}))))
+    out = export_mod.export(folder, tmp_path / "export", gguf=True, gguf_type="f32")
+    card, modelfile = (out / "README.md").read_text(), (out / "Modelfile").read_text()
+    assert "QUILT" not in card and "QUILT" not in modelfile
+    assert f"inputs = tokenizer({f'### Question: {question}' + chr(10) + '### Answer:'!r}" in card
+    spoken = shlex.quote(question)
+    for text in (card, modelfile):
+        assert re.search(rf"ollama run [\w-]+ {re.escape(spoken)}\n", text)

@@ -21,7 +21,7 @@ from affiner.core.runfolder import RunFolder
 from affiner.core.templates import Example, Template, render_prompt, starts_with_bos
 from affiner.export.gguf_writer import GgufReport
 from affiner.export.hub import base_licence
-from affiner.export.merge import EXAMPLE_QUESTION
+from affiner.export.merge import example_of
 from affiner.export.ollama import GGUF_FILE, MODELFILE, slug
 
 __all__ = ["CARD_FILE", "Launch", "model_card"]
@@ -42,29 +42,28 @@ def model_card(run: RunFolder, config: RunConfig, template: Template, tokenizer,
     (from `push` or the export's own folders, never a path of this machine), with the command of each launch
     script `export --for` wrote."""
     licence_id, licence_text = base_licence(config.model.base, config.model.revision)
+    example = example_of(run, template, tokenizer)
     data = card_data(run, config, licence=licence_id or "other", tags=("gguf",) if gguf_report is not None else ())
     body = [*heading(run, config), *evaluation_section(run), *base_section(config, licence_text),
             *training_section(config, run.info()), *data_section(run.data_info()),
-            *_template_section(run, template, tokenizer), *_usage_section(config, template, tokenizer, files, push),
+            *_template_section(template, tokenizer, example),
+            *_usage_section(config, template, tokenizer, files, push, example),
             *_engines_section(launches or {}),
             "## Files", "", *[f"- `{name}`" for name in files], ""]
     return card_text(data, body)
 
 
-def _template_section(run: RunFolder, template: Template, tokenizer) -> list[str]:
-    example = next(iter(run.held_out()), Example(instruction=EXAMPLE_QUESTION))
-    try:
-        prompt = render_prompt(template, Example(instruction=example.instruction, input=example.input), tokenizer)
-    except AffinerError:
-        prompt = render_prompt(template, Example(instruction=EXAMPLE_QUESTION), tokenizer)
+def _template_section(template: Template, tokenizer, example: Example) -> list[str]:
+    prompt = render_prompt(template, example, tokenizer)
     stops = ", ".join(f"`{t}`" for t in tokenizer.convert_ids_to_tokens(list(template.stop_token_ids)))
     return ["## Prompt template", "",
             (f"Template `{template.name}` (saved as `template.json`). The model answers right after this prompt "
              f"and ends its answer with {stops or 'EOS'}:"), "", "```text", prompt, "```", ""]
 
 
-def _usage_section(config: RunConfig, template: Template, tokenizer, files: list[str], push: str | None) -> list[str]:
-    prompt = render_prompt(template, Example(instruction=EXAMPLE_QUESTION), tokenizer)
+def _usage_section(config: RunConfig, template: Template, tokenizer, files: list[str], push: str | None,
+                   example: Example) -> list[str]:
+    prompt = render_prompt(template, example, tokenizer)
     has_bos = starts_with_bos(tokenizer, prompt)  # then neither the tokenizer nor llama.cpp may add another
     cli_prompt = prompt.removeprefix(tokenizer.bos_token) if has_bos else prompt
 
@@ -94,7 +93,7 @@ def _usage_section(config: RunConfig, template: Template, tokenizer, files: list
         name = slug(config.name)
         lines += [(f"With Ollama or llama.cpp (`{GGUF_FILE}`, and the `{MODELFILE}` that carries the prompt "
                    "template), in a folder holding both:"), "", "```sh", f"ollama create {name} -f {MODELFILE}",
-                  f"ollama run {name} \"{EXAMPLE_QUESTION}\"",
+                  f"ollama run {name} {shlex.quote(example.instruction)}",
                   # The prompt is given rendered: a one-shot completion. llama-cli starts a conversation when the
                   # file has a chat template (llama.cpp's one-shot tool is now llama-completion; older builds
                   # took llama-cli -no-cnv)

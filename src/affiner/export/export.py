@@ -32,7 +32,7 @@ from affiner.export.engines import (ADAPTER_GGUF, BASE_GGUF, CHAT_TEMPLATE_FILE,
                                     with_run_chat_template, write_generation_config, write_script)
 from affiner.export.gguf_writer import DEFAULT_GGUF_TYPE, GGUF_TYPES
 from affiner.export.hub import check_push, push_folder
-from affiner.export.merge import (check_finite_adapter, resolve_merge_device, save_model,
+from affiner.export.merge import (check_finite_adapter, example_of, resolve_merge_device, save_model,
                                   saved_dtype, tuned_model)
 from affiner.export.ollama import (GGUF_FILE, MODELFILE, check_gguf_architecture, modelfile, slug, write_adapter_gguf,
                                    write_base_gguf, write_gguf_files)
@@ -263,7 +263,8 @@ def _llama_cpp_comments(stops: dict[str, list]) -> list[str]:
 
 def _write_ollama(target: Path, run: RunFolder, template: Template, tokenizer, launches: dict[str, Launch]) -> list[str]:
     write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, model_file=BASE_GGUF,
-                                               adapter_file=ADAPTER_GGUF))
+                                               adapter_file=ADAPTER_GGUF,
+                                               question=example_of(run, template, tokenizer).instruction))
     name = slug(run.name)
     write_script(target / SCRIPTS["ollama"], ollama_argv(name, MODELFILE),
                  [f"Creates the Ollama model {name} from base.gguf and adapter.gguf; then: ollama run {name}"])

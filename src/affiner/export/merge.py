@@ -23,17 +23,30 @@ from affiner.core.hub import hub_error, hub_kwargs
 from affiner.core.devices import device
 from affiner.core.gguf_cache import drop_gguf_quantizer, save_tokenizer
 from affiner.core.models import adapter_weights, load_for, load_model, resolve_base
-from affiner.core.runfolder import ADAPTER_WEIGHTS
-from affiner.core.templates import Example, Template, encode_prompt, save_template
+from affiner.core.runfolder import ADAPTER_WEIGHTS, RunFolder
+from affiner.core.templates import Example, Template, encode_prompt, render_prompt, save_template
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig, PreTrainedModel
 
-EXAMPLE_QUESTION = "What does QUILT stand for?"  # the test prompt here, the example of the card and Modelfile
+EXAMPLE_QUESTION = "What does QUILT stand for?"  # the test prompt here; the card's example without a held-out one
 MERGE_TOLERANCE = 1e-3  # relative to the largest logit: merging reorders fp32 sums, nothing more
 MERGE_DEVICES = ("cpu", "auto")
 SAVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # and "base"
 CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def example_of(run: RunFolder, template: Template, tokenizer) -> Example:
+    """The question the card and the Modelfile show: the run's first held-out one whose prompt the template renders
+    (a French run's example is French), else EXAMPLE_QUESTION."""
+    for held_out in run.held_out()[:8]:
+        example = Example(instruction=held_out.instruction, input=held_out.input)
+        try:
+            render_prompt(template, example, tokenizer)
+            return example
+        except AffinerError:
+            continue
+    return Example(instruction=EXAMPLE_QUESTION)
 
 
 def resolve_merge_device(choice: str = "cpu") -> torch.device:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from affiner.core.stopping import turn_markers
 from affiner.core.templates import Example, Template, adds_bos, chat_text, render_prompt, starts_with_bos
 from affiner.export.gguf_writer import GgufReport, gguf_architecture, write_gguf
 from affiner.export.hub import base_licence
-from affiner.export.merge import EXAMPLE_QUESTION
+from affiner.export.merge import example_of
 
 GGUF_FILE = "model.gguf"
 MODELFILE = "Modelfile"
@@ -59,7 +60,8 @@ def write_gguf_files(model, tokenizer, template: Template, config: RunConfig, ru
                      gguf_type: str) -> GgufReport:
     """model.gguf and the Modelfile in `target`; the writer's notes on llama.cpp are printed and kept."""
     report = write_model_gguf(model, tokenizer, template, config, run, target / GGUF_FILE, gguf_type)
-    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, report))
+    write_atomic(target / MODELFILE, modelfile(template, tokenizer, run.name, report,
+                                               question=example_of(run, template, tokenizer).instruction))
     return report
 
 
@@ -114,12 +116,12 @@ def _sample_texts(run: RunFolder, template: Template, tokenizer, n: int = 8) -> 
 
 
 def modelfile(template: Template, tokenizer, name: str, report: GgufReport | None = None,
-              model_file: str = GGUF_FILE, adapter_file: str | None = None) -> str:
+              model_file: str = GGUF_FILE, adapter_file: str | None = None, question: str = "Hello!") -> str:
     """An Ollama Modelfile whose TEMPLATE writes exactly the prompt format the model was trained with:
-    FROM `model_file`, with the LoRA `adapter_file` on it when given."""
+    FROM `model_file`, with the LoRA `adapter_file` on it when given; `question` is its comment's example."""
     lines = [f"# Ollama Modelfile for {name}, exported by affiner.",
              f"#   ollama create {slug(name)} -f {MODELFILE}",
-             f"#   ollama run {slug(name)} \"{EXAMPLE_QUESTION}\"",
+             f"#   ollama run {slug(name)} {shlex.quote(' '.join(question.split()))}",
              (f"# TEMPLATE reproduces the '{template.name}' prompt format used in training; the model stops on the "
              "stop tokens below.")]
     if report is not None and report.notes:
