@@ -411,6 +411,9 @@ def test_model_card_describes_the_run_from_its_files(tmp_path, llama_run, tiny_l
         assert format_aggregate(metrics["metrics"]["contains"][model], "rate") in card
         assert format_aggregate(metrics["metrics"]["rouge_l"][model], "score") in card
     assert f"{summary['tuned']['questions']} held-out questions" in card and summary["decoding"] in card
+    # two questions: no interval in the table, so the card does not announce any (nor does the report's plot)
+    assert "Too few questions for intervals" in card and "Intervals are 95 %" not in card
+    assert "too few questions for intervals" in (llama_run / "report.html").read_text()
     assert "Template `qa`" in card and "### Question:" in card
     assert "licence: not stated in the base model folder" in card
     assert f"| steps trained | {read_json(llama_run / 'run.json')['steps']} |" in card

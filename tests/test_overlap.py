@@ -61,6 +61,9 @@ def test_keep_overlap_scores_them_and_still_says_so(run, test_file, capsys):
     settings = json.loads((run / "metrics.json").read_text())["settings"]
     assert settings["questions"] == 3
     assert settings["overlap with the training rows"].endswith("kept in the scores (--keep-overlap)")
+    card = (run / "README.md").read_text()  # the run's model card: no "held-out" figures on trained questions
+    assert "3 test questions" in card and "**Not held out:** 2 of 3 test questions also in the training rows" in card
+    assert "dataset_type: held-out" not in card and "held-out questions" not in card
 
 
 def test_a_test_file_without_overlap_says_it_was_checked(run, tmp_path):

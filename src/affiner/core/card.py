@@ -23,6 +23,15 @@ METHOD_TAGS = {"lora": "lora", "qlora": "qlora", "full": "full-fine-tune"}
 EMBEDDED_HUB_IDS = {"embedded:gemma-3-270m": "google/gemma-3-270m"}
 DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}  # a source with one is a file, not a Hub dataset
 RUN_SPLIT = "held-out split of the run"  # how an evaluation names the run's own held-out questions
+OVERLAP = "overlap with the training rows"  # the evaluation's settings line on --test questions the run trained on
+KEPT_OVERLAP = "kept in the scores (--keep-overlap)"  # ... when they were scored all the same
+
+
+def kept_overlap(evaluation: dict[str, Any]) -> str | None:
+    """The settings line saying that questions the run trained on were scored (--keep-overlap), else None: such
+    figures measure memory, and the card must not call them held-out."""
+    line = evaluation.get("settings", {}).get(OVERLAP)
+    return line if isinstance(line, str) and line.endswith(KEPT_OVERLAP) else None
 # A path of this machine, not the //host/x of a URL: what shown() reduces to its last part (group 1).
 ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:/|~/|[A-Za-z]:\\)(?:[^\s/\\`'\"]+[/\\])*([^\s/\\`'\"]+)")
 
@@ -86,7 +95,8 @@ def eval_results(run: RunFolder) -> list:
     evaluation, rows = compared(run)
     test = evaluation.get("settings", {}).get("test")
     dataset = {"task_type": "text-generation", "dataset_name": held_out_source(evaluation, run),
-               "dataset_type": test if is_hub_name(test) else "held-out"}
+               "dataset_type": test if is_hub_name(test) else "held-out" if not kept_overlap(evaluation) else
+               "test-overlapping-training"}
     results = []
     for key, info, base, tuned in rows:
         for suffix, aggregate, who in (("", tuned, ""), ("_base", base, " (base model)")):
@@ -101,17 +111,24 @@ def evaluation_section(run: RunFolder) -> list[str]:
     evaluation, rows = compared(run)
     if not rows:
         return ["## Evaluation", "", f"Not evaluated yet: run `affiner evaluate` on the run folder `{run.name}`.", ""]
-    settings = evaluation.get("settings", {})
+    settings, overlap = evaluation.get("settings", {}), kept_overlap(evaluation)
     lines = ["## Evaluation", "",
-             (f"{settings.get('questions', '?')} held-out questions ({held_out_source(evaluation, run)}), "
+             (f"{settings.get('questions', '?')} {'test' if overlap else 'held-out'} questions "
+              f"({held_out_source(evaluation, run)}), "
               f"{settings.get('decoding', 'greedy')} decoding, at most {settings.get('max_new_tokens', '?')} new "
               f"tokens, template `{settings.get('template', '?')}`."),
+             *(["", f"**Not held out:** {overlap}. These figures measure what the model memorised, not what it "
+                "learnt."] if overlap else []),
              "", "| metric | base | tuned |", "|---|---:|---:|"]
     for key, info, base, tuned in rows:
         kind = info.get("kind") or metric_kind(key)
         lines.append(f"| {info.get('label', key)} | {format_aggregate(base, kind)} | {format_aggregate(tuned, kind)} |")
-    lines += ["", "Intervals are 95 % bootstrap intervals over the questions (a group of questions, such as one "
-              "acronym's paraphrases, resampled as one); the front matter's `model-index` holds the same means.", ""]
+    if any(aggregate.get("low") is not None for *_, base, tuned in rows for aggregate in (base, tuned)):
+        lines += ["", "Intervals are 95 % bootstrap intervals over the questions (a group of questions, such as one "
+                  "acronym's paraphrases, resampled as one)."]
+    else:  # fewer than 10 questions (or groups): no interval, so the table has none
+        lines += ["", "Too few questions for intervals (at least 10, or 10 groups of them, are needed)."]
+    lines += ["The front matter's `model-index` holds the same means.", ""]
     return lines + general_lines(evaluation, run)
 
 

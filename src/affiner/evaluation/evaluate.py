@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from affiner.core.card import write_run_card
+from affiner.core.card import OVERLAP, write_run_card
 from affiner.core.config import JudgeConfig
 from affiner.core.errors import AffinerError, Incomplete
 from affiner.core.files import json_text
@@ -143,7 +143,7 @@ def evaluate(folders: Path | list[Path] | None = None, test: str | None = None, 
         **_left_out(plan.dropped, done.past_context),
         **({"questions without an answer to take the loss of (a reference only)": without}
            if (without := sum(not has_answer(e) for e in examples)) else {}),
-        **({"overlap with the training rows": plan.overlap} if plan.overlap else {}),
+        **({OVERLAP: plan.overlap} if plan.overlap else {}),
         **({REPEATED: repeated} if (repeated := repeated_questions(examples)) else {}),
         **({GROUPED: f"{units} group{'s' * (units > 1)} of the {len(examples)} questions"}
            if (units := resampled_groups(examples)) else {}),

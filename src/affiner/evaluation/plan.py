@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from affiner.core.card import RUN_SPLIT
+from affiner.core.card import KEPT_OVERLAP, RUN_SPLIT
 from affiner.core.config import JudgeConfig, RunConfig
 from affiner.core.errors import AffinerError, first_line
 from affiner.core.models import (base_context_length, context_length, dtype_for, dtype_of, load_for, load_model,
@@ -90,7 +90,7 @@ def _overlap(run: RunFolder, config: RunConfig, examples: list[Example],
     if not found:
         return examples, [], line
     if keep:
-        return examples, [], line + ", kept in the scores (--keep-overlap)"
+        return examples, [], f"{line}, {KEPT_OVERLAP}"
     overlapping = {id(e) for e, _ in found}
     print(f"note: {line}: left out of the scores and listed in the report (--keep-overlap keeps them).",
           file=sys.stderr)

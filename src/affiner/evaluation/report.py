@@ -64,8 +64,11 @@ def _contents(evaluation: dict) -> dict[str, str | bytes]:
     if not evaluation["models"]:
         raise ValueError("evaluation['models'] is empty: there is no model to report on.")
     plots = {METRICS_PLOT: metrics_plot(evaluation), LENGTHS_PLOT: lengths_plot(evaluation)}
+    captions = dict(CAPTIONS)
+    if not any(value.get("low") is not None for by_model in evaluation["metrics"].values() for value in by_model.values()):
+        captions[METRICS_PLOT] = "Rates and scores per model (0–1); too few questions for intervals"
     return {**plots, ANSWERS_CSV: answers_csv(evaluation), METRICS_JSON: metrics_json(evaluation),
-            REPORT_MD: render_markdown(evaluation), REPORT_HTML: render_html(evaluation, plots, CAPTIONS)}
+            REPORT_MD: render_markdown(evaluation), REPORT_HTML: render_html(evaluation, plots, captions)}
 
 
 def answers_csv(evaluation: dict) -> str:
