@@ -100,6 +100,8 @@ ERRORS = [
          error="'output' must be text"),
     Case("damaged-parquet", {"d.parquet": b"PAR1 this is not parquet"}, error="is not a readable Parquet file"),
     Case("no-rows", {"d.jsonl": "\n\n"}, error="holds no rows"),
+    Case("test-file-without-rows", {"d.jsonl": jsonl(GOOD), "t.csv": "instruction,output\n"},
+         data={"test": "{in}/t.csv"}, error="t.csv (data.test) holds no rows: the held-out questions need at least one"),
     Case("nothing-survives", {"d.jsonl": jsonl([{"instruction": "q", "output": " "}, {"instruction": "", "output": "a"}])},
          error="survives cleaning (1 empty answer; 1 empty question)"),
     Case("invalid-regex", {"d.jsonl": jsonl(GOOD)}, data={"drop_matching": "(unclosed"},

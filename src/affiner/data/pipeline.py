@@ -160,6 +160,10 @@ def build(data: DataConfig, tokenizer, template: Template, context: int | None =
         mark = len(ledger.dropped)
         test_split = "test" if is_prepared(test_source) else data.split
         test = read_examples(test_source, data, test_split, ledger, "test")
+        if data.test and not test:  # refused before any training: an evaluation after it would have nothing to ask
+            raise AffinerError(f"{data.test} (data.test) holds no rows: the held-out questions need at least one. "
+                               "Give a file with rows, or set data.test: null to hold out data.test_size of the "
+                               "training rows instead.")
         test, test_lengths = clean(test, data, tokenizer, template, ledger, "test", context)
         origin = test_source
     else:
