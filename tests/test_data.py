@@ -28,14 +28,17 @@ def test_json_jsonl_csv_parquet_read_the_same_rows(tmp_path):
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in ALPACA) + "\n", encoding="utf-8")
     (tmp_path / "a.csv").write_text('instruction,input,output\nGive three colours.,,"Red, green and blue."\n'
                                     "Translate.,bonjour,hello\n", encoding="utf-8")
+    # French Excel's "CSV": semicolons between cells (the comma is its decimal mark), a BOM, CR LF line ends
+    (tmp_path / "b.csv").write_bytes('\ufeffinstruction;input;output\r\nGive three colours.;;Red, green and blue.\r\n'
+                                     "Translate.;bonjour;hello\r\n".encode("utf-8"))
     pq.write_table(pa.Table.from_pylist(ALPACA), tmp_path / "a.parquet")
     expected = to_examples(read_rows(str(tmp_path / "a.json")))
     assert [e.instruction for e in expected] == ["Give three colours.", "Translate."]
     assert expected[1].input == "bonjour" and expected[0].response == "Red, green and blue."
-    for suffix in ("jsonl", "csv", "parquet"):
-        got = to_examples(read_rows(str(tmp_path / f"a.{suffix}")))
+    for name in ("a.jsonl", "a.csv", "b.csv", "a.parquet"):
+        got = to_examples(read_rows(str(tmp_path / name)))
         assert [(e.instruction, e.input, e.response) for e in got] == \
-            [(e.instruction, e.input, e.response) for e in expected], suffix
+            [(e.instruction, e.input, e.response) for e in expected], name
 
 
 def test_qa_columns_are_mapped_and_detected(tmp_path):

@@ -128,6 +128,12 @@ ERRORS = [
          error="the quote opened on line 5 is never closed"),
     Case("csv-text-after-closing-quote", {"d.csv": 'instruction,output\nq1,a1\nq2,"a2" and more\n'},
          error="d.csv:3 is not valid CSV: a quoted cell has text after its closing quote"),
+    Case("csv-quote-never-closed-before-a-quoted-cell",  # the next line's opening quote closes it: name both lines
+         {"d.csv": 'instruction,output\nq1,"a1 never closed\nq2,"a2"\n'},
+         error="d.csv:3 is not valid CSV: a quoted cell has text after its closing quote. The cell's quote opened "
+               "on line 2"),
+    Case("semicolon-csv-cell-with-a-semicolon", {"d.csv": "instruction;output\nq1;a1\nq2;a2; and more\n"},
+         error="d.csv:3 has more fields than the header (instruction, output); quote a cell that holds the separator"),
     Case("csv-unquoted-line-break", {"d.csv": "instruction,output\nq1,first line\nsecond line\n"},
          error="d.csv:3 has 1 of the header's 2 fields"),
     Case("number-cell", {"d.jsonl": jsonl([*GOOD[:2], {"instruction": "q", "output": 42}])},

@@ -22,7 +22,9 @@ MESSAGE_KEYS = {"role", "content", "from", "value"}  # a message's keys (ShareGP
 DEEP = 100  # lists or objects nested deeper than this are no training record; where they start is the line we name
 _STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 _QUOTED_REST = re.compile(r'[^"]*(?:""[^"]*)*')  # the inside of a quoted cell, up to its closing quote
-_UNQUOTED = re.compile(r"[^,\r\n]*")
+# An unquoted cell, up to its separator: a comma, or the semicolon that spreadsheets write where the comma is the
+# decimal mark (French Excel's "CSV"), found in the header.
+_UNQUOTED = {separator: re.compile(rf"[^{separator}\r\n]*") for separator in ",;"}
 
 
 # ---------------------------------------------------------------------------------------- UTF-8
@@ -144,7 +146,8 @@ def as_record(item: Any, where: str) -> dict[str, Any]:
 
 
 def read_csv(path: Path, label: str) -> list[Row]:
-    """Rows of a CSV file with a header, read strictly (RFC 4180, as Excel writes it): a quote that never
+    """Rows of a CSV file with a header, comma- or (as the header shows) semicolon-separated, read strictly (RFC
+    4180, as Excel writes it): a quote that never
     closes, or text after a closing quote, stops with its line instead of merging the lines after it
     into one cell. Parsed here rather than by the csv module, which holds a cell at 4 bytes a character."""
     records = _csv_records(path, label)
@@ -160,7 +163,8 @@ def read_csv(path: Path, label: str) -> list[Row]:
             continue  # a blank line
         if len(cells) > len(header):
             raise AffinerError(f"{label}:{start} has more fields than the header ({', '.join(header)}); quote a "
-                               "cell that holds a comma.")
+                               "cell that holds the separator (a comma; a semicolon where the header is separated "
+                               "by semicolons).")
         if len(cells) < len(header) and any(cell.strip() for cell in cells):
             raise AffinerError(f"{label}:{start} has {len(cells)} of the header's {len(header)} fields "
                                f"({', '.join(header)}); a cell that holds a line break must be quoted.")
@@ -170,26 +174,29 @@ def read_csv(path: Path, label: str) -> list[Row]:
 
 def _csv_records(path: Path, label: str) -> Iterator[tuple[int, list[str]]]:
     """(first line, cells) of each record; a quoted cell may span lines. A blank line gives no cells."""
-    lines = _universal_lines(path, label)
+    lines, separator = _universal_lines(path, label), None
     for start, line in lines:
         if line in ("\n", "\r", "\r\n"):
             yield start, []
             continue
+        separator = separator or (";" if ";" in line and "," not in line else ",")  # decided by the header
         cells, at, number = [], 0, start
         while True:
             if line.startswith('"', at):
                 cell, number, line, at = _quoted_cell(lines, start, line, at + 1, label)
                 cells.append(cell)
             else:
-                end = _UNQUOTED.match(line, at).end()
+                end = _UNQUOTED[separator].match(line, at).end()
                 cells.append(line[at:end])
                 at = end
-            if not line.startswith(",", at):
+            if not line.startswith(separator, at):
                 break
             at += 1
         if line[at:] not in ("", "\n", "\r", "\r\n"):  # only a closing quote stops a cell elsewhere
-            raise AffinerError(f"{label}:{number} is not valid CSV: a quoted cell has text after its closing quote. "
-                               "Quote the whole cell, and write a quote inside it as two (\"\").")
+            unclosed = (f" The cell's quote opened on line {start}: most likely it is never closed there, and "
+                        f"line {number}'s own opening quote was read as its end." if number != start else "")
+            raise AffinerError(f"{label}:{number} is not valid CSV: a quoted cell has text after its closing quote."
+                               f"{unclosed} Quote the whole cell, and write a quote inside it as two (\"\").")
         yield start, cells
 
 
