@@ -85,6 +85,18 @@ def test_bad_configs_name_the_key(tmp_path, text, message):
         load_config(str(path))
 
 
+def test_a_problem_given_by_set_is_blamed_on_set_not_on_the_file(tmp_path):
+    config = tmp_path / "mine.yaml"
+    config.write_text("data: {train: x.jsonl}\ntrain: {epochs: 1}\n", encoding="utf-8")
+    with pytest.raises(AffinerError, match=r"^--set has 1 problem\(s\): data\.maxlength: unknown key, did you mean "
+                                           r"'max_length'.* \(from --set data\.maxlength=64\)\.$"):
+        load_config(str(config), ["data.maxlength=64"])
+    config.write_text("data: {train: x.jsonl}\ntrain: {epochs: one}\n", encoding="utf-8")
+    with pytest.raises(AffinerError, match=r"^.*mine\.yaml has 2 problem\(s\): (?=.*train\.epochs: )(?=.*train\.max_steps: .* "
+                                           r"\(from --set train\.max_steps=huit\))"):
+        load_config(str(config), ["train.max_steps=huit"])
+
+
 def test_unknown_recipe_and_missing_file():
     with pytest.raises(AffinerError, match="neither a YAML file nor a shipped recipe.*quickstart"):
         load_config("no-such-recipe")

@@ -320,7 +320,7 @@ def _read_text(path: Path) -> str:
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     label, text = resolve_config_path(config)
     raw = apply_overrides(parse_yaml(label, text), overrides or [])
-    return validate_config(raw, label)
+    return validate_config(raw, label, overrides or [])
 
 
 def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
@@ -332,7 +332,9 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
-def validate_config(raw: dict[str, Any], label: str) -> RunConfig:
+def validate_config(raw: dict[str, Any], label: str, overrides: list[str] = ()) -> RunConfig:
+    """The config `raw` (read from `label`, then changed by the `--set` `overrides`), checked; a problem is
+    named by its key and blamed on the --set that gave the key, if one did, else on `label`."""
     raw = _migrate(raw)
     if (where := first_non_text(raw)) is not None:
         raise AffinerError(f"{label}: {where or '(top level)'} holds a lone UTF-16 surrogate (an escape such as "
@@ -340,8 +342,11 @@ def validate_config(raw: dict[str, Any], label: str) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = _problems(exc.errors())
-        raise AffinerError(f"{label} has {len(problems)} problem(s): " + "; ".join(problems) + ".") from None
+        given = {item.partition("=")[0].strip(): item for item in overrides}
+        problems = [(problem, given.get(problem.partition(":")[0])) for problem in _problems(exc.errors())]
+        lines = [f"{problem} (from --set {item})" if item else problem for problem, item in problems]
+        source = "--set" if all(item for _, item in problems) else label
+        raise AffinerError(f"{source} has {len(lines)} problem(s): " + "; ".join(lines) + ".") from None
 
 
 def _problems(errors: list[dict[str, Any]]) -> list[str]:
