@@ -62,6 +62,8 @@ ERRORS = [
          error="d.json:2 is not valid JSON"),
     Case("invalid-jsonl-line", {"d.jsonl": jsonl(GOOD[:2]) + '{"instruction": "x", "output": }\n'},
          error="d.jsonl:3 is not valid JSON"),
+    Case("jsonl-line-cut-short", {"d.jsonl": jsonl(GOOD[:2]) + '{"instruction": "x", "output": "y"\n'},
+         error="d.jsonl:3 is not valid JSON: Expecting ',' delimiter (column 35)"),  # its end, not "column 1"
     Case("latin-1-bytes", {"d.jsonl": jsonl(GOOD[:2]).encode() + '{"instruction": "café", "output": "x"}\n'
                                                                  .encode("latin-1")},
          error="d.jsonl:3 is not valid UTF-8"),

@@ -104,8 +104,8 @@ def _checked_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def loads(text: str, label: str, line: int | None = None) -> Any:
     """json.loads naming `label`:line on failure; `line` is the JSONL line (None: a whole JSON file)."""
-    try:
-        return json.loads(text, object_pairs_hook=_checked_object)
+    try:  # a JSONL line without its line break: a record cut short is then told at its end, not "column 1" after it
+        return json.loads(text.rstrip("\r\n") if line else text, object_pairs_hook=_checked_object)
     except _NotOneText as exc:
         raise AffinerError(f"{label}{f':{line}' if line else ''} {exc}.") from None
     except json.JSONDecodeError as exc:
