@@ -313,3 +313,14 @@ def test_csv_reads_as_the_csv_module_does(tmp_path):
         with path.open(encoding="utf-8", newline="") as stream:
             assert list(csv.reader(stream)) == table
         assert [[r[k] for k in table[0]] for r, _ in read_rows(str(path))] == table[1:], repr(terminator)
+
+
+def test_a_column_that_looks_like_a_misspelt_field_is_noted(capsys):
+    """`groupe` (French for group) would be ignored, and the paraphrases it groups split across train and test."""
+    rows = [({"groupe": "g1", "question": "q", "answer": "a", "notes": "x"}, "vocab.csv:2")]
+    assert to_examples(rows)[0].group == ""
+    note = capsys.readouterr().err
+    assert "vocab.csv has a column 'groupe' that affiner does not read" in note and "{group: groupe}" in note
+    assert "notes" not in note
+    to_examples([({"group": "g1", "question": "q", "answer": "a", "notes": "x"}, "vocab.csv:2")])
+    assert capsys.readouterr().err == ""

@@ -319,8 +319,7 @@ def _read_text(path: Path) -> str:
 
 def load_config(config: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     label, text = resolve_config_path(config)
-    raw = apply_overrides(parse_yaml(label, text), overrides or [])
-    return validate_config(raw, label, overrides or [])
+    return validate_config(apply_overrides(parse_yaml(label, text), overrides or []), label, overrides or [])
 
 
 def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
@@ -333,8 +332,7 @@ def _migrate(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_config(raw: dict[str, Any], label: str, overrides: list[str] = ()) -> RunConfig:
-    """The config `raw` (read from `label`, then changed by the `--set` `overrides`), checked; a problem is
-    named by its key and blamed on the --set that gave the key, if one did, else on `label`."""
+    """`raw` (from `label`, then the --set `overrides`) checked: a problem is blamed on the --set giving its key."""
     raw = _migrate(raw)
     if (where := first_non_text(raw)) is not None:
         raise AffinerError(f"{label}: {where or '(top level)'} holds a lone UTF-16 surrogate (an escape such as "
@@ -342,11 +340,10 @@ def validate_config(raw: dict[str, Any], label: str, overrides: list[str] = ()) 
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:
-        given = {item.partition("=")[0].strip(): item for item in overrides}
-        problems = [(problem, given.get(problem.partition(":")[0])) for problem in _problems(exc.errors())]
-        lines = [f"{problem} (from --set {item})" if item else problem for problem, item in problems]
-        source = "--set" if all(item for _, item in problems) else label
-        raise AffinerError(f"{source} has {len(lines)} problem(s): " + "; ".join(lines) + ".") from None
+        given = {item.partition("=")[0].strip(): item for item in overrides}  # key: the --set that gave it
+        lines = [(p, given.get(p.partition(":")[0])) for p in _problems(exc.errors())]
+        raise AffinerError(f"{'--set' if all(item for _, item in lines) else label} has {len(lines)} problem(s): "
+                           + "; ".join(f"{p} (from --set {item})" if item else p for p, item in lines) + ".") from None
 
 
 def _problems(errors: list[dict[str, Any]]) -> list[str]:
@@ -371,8 +368,7 @@ def _describe(loc: tuple, errs: list[dict[str, Any]]) -> str:
         return f"{path}: unknown key{_suggestion(loc)}"
     if err["type"] == "missing":
         return f"{path}: required key is missing"
-    given = err.get("input")
-    shown = "" if isinstance(given, dict) else f" (got {shortened(given)})"
+    shown = "" if isinstance(given := err.get("input"), dict) else f" (got {shortened(given)})"
     messages = [e["msg"].removeprefix("Value error, ") for e in errs]  # pydantic's prefix for our own validators
     message = messages[0] + "".join(" or " + m.removeprefix("Input should ") for m in messages[1:])
     return f"{path}: {message[0].lower()}{message[1:]}{shown}"

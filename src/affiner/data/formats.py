@@ -8,6 +8,7 @@ conversation: [[...], ...]}). `data.columns` maps a source's column names to the
 from __future__ import annotations
 
 import difflib
+import sys
 from typing import Any
 
 from affiner.core.errors import AffinerError
@@ -33,6 +34,7 @@ def to_examples(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | No
     _check_column_names(columns or {})
     rename = {source: canonical for canonical, source in (columns or {}).items()}
     rows = [({rename.get(k, k): v for k, v in record.items()}, where) for record, where in rows]
+    _note_unread_columns(rows[0])
     if fmt == "auto":
         fmt = detect_format(rows[0][0])
         if not fmt:
@@ -47,6 +49,18 @@ def to_examples(rows: list[Row], fmt: str = "auto", columns: dict[str, str] | No
 # Every field a row can give, by its canonical name: what data.columns may map a column to.
 FIELDS = ("instruction", "input", "output", "question", "answer", "messages", "conversation", "conversations",
           "reference", "key", "group", "history", "ground_truth", "acronym")
+
+
+def _note_unread_columns(row: Row) -> None:
+    """Say so when a column that is not read looks like a misspelt field (`groupe` for `group`): extra columns are
+    fine, but that one would be ignored, and with it the grouped split or the input."""
+    record, where = row
+    for column in record:
+        close = difflib.get_close_matches(str(column).strip().lower(), FIELDS, n=1, cutoff=0.8)
+        if column not in FIELDS and close:
+            print(f"note: {where.rsplit(':', 1)[0]} has a column '{column}' that affiner does not read; if it is "
+                  f"the '{close[0]}' field, map it with data.columns: {{{close[0]}: {column}}} or rename it.",
+                  file=sys.stderr)
 
 
 def _check_column_names(columns: dict[str, str]) -> None:
