@@ -14,7 +14,8 @@ from typing import Any
 
 from affiner.core.config import RunConfig
 from affiner.core.files import write_atomic
-from affiner.core.formatting import METRIC_INFO, as_number, format_aggregate, general_verdict, metric_kind
+from affiner.core.formatting import (METRIC_INFO, as_number, format_aggregate, general_verdict, has_intervals,
+                                     metric_kind)
 from affiner.core.runfolder import CONFIG_FILE, RunFolder
 
 CARD_FILE = "README.md"
@@ -26,14 +27,15 @@ RUN_SPLIT = "held-out split of the run"  # how an evaluation names the run's own
 OVERLAP = "overlap with the training rows"  # the evaluation's settings line on --test questions the run trained on
 KEPT_OVERLAP = "kept in the scores (--keep-overlap)"  # ... when they were scored all the same
 
+# A path of this machine, not the //host/x of a URL: what shown() reduces to its last part (group 1).
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:/|~/|[A-Za-z]:\\)(?:[^\s/\\`'\"]+[/\\])*([^\s/\\`'\"]+)")
+
 
 def kept_overlap(evaluation: dict[str, Any]) -> str | None:
     """The settings line saying that questions the run trained on were scored (--keep-overlap), else None: such
     figures measure memory, and the card must not call them held-out."""
     line = evaluation.get("settings", {}).get(OVERLAP)
     return line if isinstance(line, str) and line.endswith(KEPT_OVERLAP) else None
-# A path of this machine, not the //host/x of a URL: what shown() reduces to its last part (group 1).
-ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:/|~/|[A-Za-z]:\\)(?:[^\s/\\`'\"]+[/\\])*([^\s/\\`'\"]+)")
 
 
 # ---------------------------------------------------------------------------------------- names without paths
@@ -94,9 +96,9 @@ def eval_results(run: RunFolder) -> list:
 
     evaluation, rows = compared(run)
     test = evaluation.get("settings", {}).get("test")
+    kind = "test-overlapping-training" if kept_overlap(evaluation) else "held-out"
     dataset = {"task_type": "text-generation", "dataset_name": held_out_source(evaluation, run),
-               "dataset_type": test if is_hub_name(test) else "held-out" if not kept_overlap(evaluation) else
-               "test-overlapping-training"}
+               "dataset_type": test if is_hub_name(test) else kind}
     results = []
     for key, info, base, tuned in rows:
         for suffix, aggregate, who in (("", tuned, ""), ("_base", base, " (base model)")):
@@ -123,7 +125,7 @@ def evaluation_section(run: RunFolder) -> list[str]:
     for key, info, base, tuned in rows:
         kind = info.get("kind") or metric_kind(key)
         lines.append(f"| {info.get('label', key)} | {format_aggregate(base, kind)} | {format_aggregate(tuned, kind)} |")
-    if any(aggregate.get("low") is not None for *_, base, tuned in rows for aggregate in (base, tuned)):
+    if has_intervals(evaluation):
         lines += ["", "Intervals are 95 % bootstrap intervals over the questions (a group of questions, such as one "
                   "acronym's paraphrases, resampled as one)."]
     else:  # fewer than 10 questions (or groups): no interval, so the table has none

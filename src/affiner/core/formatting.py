@@ -75,6 +75,13 @@ def format_aggregate(aggregate: dict, kind: str) -> str:
     return f"{value} {interval}" if interval and value != MISSING else value
 
 
+def has_intervals(evaluation: dict) -> bool:
+    """Whether any figure of an evaluation has an interval: none has below 10 questions (or groups), and then no
+    text may announce one."""
+    return any(value.get("low") is not None for by_model in evaluation.get("metrics", {}).values()
+               for value in by_model.values())
+
+
 def format_delta(change: Any, kind: str) -> str:
     """A signed difference; a difference of rates is in percentage points, not per cent: '+12.5 pp'."""
     number = as_number(change)

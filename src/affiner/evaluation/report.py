@@ -27,6 +27,7 @@ import io
 from pathlib import Path
 
 from affiner.core.files import json_text, write_together
+from affiner.core.formatting import has_intervals
 from affiner.evaluation.plots import lengths_plot, metrics_plot
 from affiner.evaluation.report_content import answer_of, example_score, per_example_metrics
 from affiner.evaluation.report_html import render_html
@@ -65,7 +66,7 @@ def _contents(evaluation: dict) -> dict[str, str | bytes]:
         raise ValueError("evaluation['models'] is empty: there is no model to report on.")
     plots = {METRICS_PLOT: metrics_plot(evaluation), LENGTHS_PLOT: lengths_plot(evaluation)}
     captions = dict(CAPTIONS)
-    if not any(value.get("low") is not None for by_model in evaluation["metrics"].values() for value in by_model.values()):
+    if not has_intervals(evaluation):
         captions[METRICS_PLOT] = "Rates and scores per model (0–1); too few questions for intervals"
     return {**plots, ANSWERS_CSV: answers_csv(evaluation), METRICS_JSON: metrics_json(evaluation),
             REPORT_MD: render_markdown(evaluation), REPORT_HTML: render_html(evaluation, plots, captions)}
